@@ -1,0 +1,83 @@
+"""The `nfed` command line: a click group whose subcommands live in nfed/commands/ and load lazily.
+
+Lazy loading keeps `nfed --help` fast and lets each area own its command module. Errors the user can act
+on (nfed.errors.NfedError, missing files, bad options) print as one line and exit non-zero; set
+NFED_DEBUG=1 to see the traceback of unexpected errors.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import NfedError
+
+# command name -> (module, attribute). A command whose module is absent is simply not listed.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("nfed.commands.data", "synth"),
+    "pack": ("nfed.commands.data", "pack"),
+    "info": ("nfed.commands.data", "info"),
+    "model-info": ("nfed.commands.model", "model_info"),
+    "train-local": ("nfed.commands.model", "train_local"),
+    "evaluate": ("nfed.commands.model", "evaluate"),
+    "predict": ("nfed.commands.model", "predict"),
+    "federate": ("nfed.commands.federation", "federate"),
+    "report": ("nfed.commands.federation", "report"),
+    "demo": ("nfed.commands.demo", "demo"),
+    "bench": ("nfed.commands.bench", "bench"),
+    "flower-app": ("nfed.commands.flower", "flower_app"),
+}
+
+
+class LazyGroup(click.Group):
+    """Group that imports a subcommand's module only when that subcommand is used or listed."""
+
+    def list_commands(self, ctx):
+        return sorted(name for name, (module, _) in COMMANDS.items()
+                      if importlib.util.find_spec(module) is not None)
+
+    def get_command(self, ctx, name):
+        entry = COMMANDS.get(name)
+        if entry is None or importlib.util.find_spec(entry[0]) is None:
+            return None
+        module = importlib.import_module(entry[0])
+        return getattr(module, entry[1])
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except NfedError as exc:
+            raise click.ClickException(str(exc)) from None
+        except FileNotFoundError as exc:
+            raise click.ClickException(f"file not found: {exc.filename or exc}") from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted") from None
+        except Exception as exc:  # unexpected: one line by default, traceback on request
+            if os.environ.get("NFED_DEBUG"):
+                raise
+            raise click.ClickException(
+                f"{type(exc).__name__}: {exc} (set NFED_DEBUG=1 for the traceback)") from None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nfed")
+def cli():
+    """nfed: federated building-change detection (W-Net-CD, FedAvg) on NumPy/CuPy.
+
+    Typical flow: nfed synth -> nfed pack -> nfed train-local / nfed federate -> nfed report.
+    `nfed demo` runs the whole synthetic study on CPU.
+    """
+
+
+def main(argv=None):
+    cli.main(args=argv, prog_name="nfed")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Click commands of the `nfed` CLI, one module per area; `nfed.cli` loads them lazily."""

@@ -1,0 +1,21 @@
+"""Error types whose message is shown to the user as one line (the CLI prints them without a traceback)."""
+
+
+class NfedError(Exception):
+    """Base class: a problem the user can act on (bad input, missing file, unavailable device)."""
+
+
+class DataError(NfedError):
+    """A data file or folder is missing, unreadable or does not follow its format."""
+
+
+class CheckpointError(NfedError):
+    """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
+
+
+class DeviceError(NfedError):
+    """The requested compute device cannot be used on this machine."""
+
+
+class ConfigError(NfedError):
+    """Options or a configuration that contradict each other or are out of range."""
