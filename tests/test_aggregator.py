@@ -1,0 +1,159 @@
+"""FedAvg against hand computations, update validation, server optimisers and the three stop rules."""
+from __future__ import annotations
+
+import logging
+import numpy as np
+import pytest
+
+from nfed.aggregator import (FedAdam, FedAvgAggregator, FedAvgM, ServerOptimizer, StopRules,
+                             build_server_optimizer, fedavg, global_norm, relative_norm_difference,
+                             update_problem)
+from nfed.errors import CheckpointError, ConfigError
+
+
+def _model(a, b, mean, var):
+    return {"conv.weight": np.array(a, dtype=np.float32), "conv.bias": np.array(b, dtype=np.float32),
+            "bn.running_mean": np.array(mean, dtype=np.float32),
+            "bn.running_var": np.array(var, dtype=np.float32)}
+
+
+def test_fedavg_matches_hand_computation_weighted_by_samples():
+    one = _model([[1.0, 2.0], [3.0, 4.0]], [1.0], [0.0, 1.0], [1.0, 1.0])
+    two = _model([[3.0, 6.0], [-1.0, 0.0]], [5.0], [2.0, 3.0], [3.0, 5.0])
+    # weights 1 and 3 samples: average = (1*x1 + 3*x2) / 4
+    averaged = fedavg([(one, 1), (two, 3)])
+    np.testing.assert_allclose(averaged["conv.weight"], [[2.5, 5.0], [0.0, 1.0]])
+    np.testing.assert_allclose(averaged["conv.bias"], [4.0])
+    # BatchNorm running statistics are averaged too
+    np.testing.assert_allclose(averaged["bn.running_mean"], [1.5, 2.5])
+    np.testing.assert_allclose(averaged["bn.running_var"], [2.5, 4.0])
+    assert averaged["conv.weight"].dtype == np.float32
+
+
+def test_equal_samples_give_the_plain_mean_and_order_does_not_matter():
+    rng = np.random.default_rng(0)
+    models = [{"w": rng.normal(size=(3, 4)).astype(np.float32)} for _ in range(5)]
+    counts = [7, 1, 30, 2, 11]
+    forward = fedavg(list(zip(models, counts)))
+    backward = fedavg(list(zip(models[::-1], counts[::-1])))
+    expected = sum(m["w"].astype(np.float64) * n for m, n in zip(models, counts)) / sum(counts)
+    np.testing.assert_allclose(forward["w"], expected, rtol=1e-6)
+    np.testing.assert_allclose(forward["w"], backward["w"], rtol=1e-6)
+    plain = fedavg([(m, 4) for m in models])
+    np.testing.assert_allclose(plain["w"], np.mean([m["w"] for m in models], axis=0), rtol=1e-6)
+
+
+def test_streaming_sum_keeps_one_model_of_memory():
+    reference = {"w": np.zeros((4,), np.float32)}
+    aggregator = FedAvgAggregator(reference)
+    first_sum = None
+    for n in range(1, 6):
+        assert aggregator.add({"w": np.full(4, float(n), np.float32)}, n, client=f"c{n}")
+        first_sum = first_sum if first_sum is not None else aggregator._sum["w"]
+        assert aggregator._sum["w"] is first_sum  # accumulated in place, never a list of updates
+    assert aggregator.total_samples == 15
+    np.testing.assert_allclose(aggregator.finish()["w"], np.full(4, 55 / 15), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"w": np.array([1.0, np.nan], np.float32)}, "NaN"),
+    ({"w": np.array([1.0, np.inf], np.float32)}, "NaN or infinite"),
+    ({"w": np.zeros(3, np.float32)}, "shape"),
+    ({}, "missing"),
+    ({"w": np.zeros(2, np.float32), "extra": np.zeros(1, np.float32)}, "unexpected"),
+])
+def test_bad_update_is_rejected_with_a_logged_reason_and_the_round_goes_on(bad, reason, caplog):
+    reference = {"w": np.zeros(2, np.float32)}
+    aggregator = FedAvgAggregator(reference)
+    with caplog.at_level(logging.WARNING, logger="nfed.aggregator"):
+        assert not aggregator.add(bad, 10, client="Bad-gu")
+    assert "Bad-gu" in caplog.text and reason in caplog.text
+    assert reason in aggregator.rejected["Bad-gu"]
+    assert aggregator.add({"w": np.array([2.0, 4.0], np.float32)}, 3, client="Good-gu")
+    np.testing.assert_allclose(aggregator.finish()["w"], [2.0, 4.0])
+    assert aggregator.accepted == ["Good-gu"]
+
+
+def test_zero_samples_rejected_and_empty_round_gives_none():
+    aggregator = FedAvgAggregator({"w": np.zeros(2, np.float32)})
+    assert not aggregator.add({"w": np.ones(2, np.float32)}, 0, client="Empty-gu")
+    assert "positive" in aggregator.rejected["Empty-gu"]
+    assert aggregator.finish() is None
+    assert update_problem({"w": np.ones(2, np.float32)}, {"w": np.zeros(2, np.float32)}) is None
+
+
+def test_norms():
+    old = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([4.0], np.float32)}
+    new = {"a": np.array([3.0, 1.0], np.float32), "b": np.array([4.0], np.float32)}
+    assert global_norm(old) == pytest.approx(5.0)
+    assert relative_norm_difference(new, old) == pytest.approx(0.2)
+    assert relative_norm_difference(old, old) == 0.0
+
+
+def test_server_optimisers():
+    current = _model([1.0, 1.0], [0.0], [0.0], [1.0])
+    averaged = _model([0.0, 2.0], [1.0], [2.0], [3.0])
+    # plain FedAvg: the average
+    plain = ServerOptimizer().step(current, averaged)
+    np.testing.assert_allclose(plain["conv.weight"], [0.0, 2.0])
+    # FedAvgM with momentum 0 and lr 1 equals FedAvg; with momentum the second step goes further
+    same = FedAvgM(lr=1.0, momentum=0.0).step(current, averaged)
+    np.testing.assert_allclose(same["conv.weight"], [0.0, 2.0])
+    momentum = FedAvgM(lr=1.0, momentum=0.5)
+    first = momentum.step(current, averaged)          # v = [1,-1] -> w = [0, 2]
+    second = momentum.step(first, {k: v.copy() for k, v in first.items()})  # v = 0.5*[1,-1] -> [-0.5, 2.5]
+    np.testing.assert_allclose(second["conv.weight"], [-0.5, 2.5])
+    # statistics always take the plain average, never a momentum step
+    np.testing.assert_allclose(second["bn.running_var"], [3.0])
+    # FedAdam (no bias correction, betas 0.9/0.99): m = 0.1 * delta, v = 0.01 * delta^2, so the first
+    # step is lr * (1 - b1) / sqrt(1 - b2) = lr in the direction of the average
+    adam = FedAdam(lr=0.1, tau=1e-9)
+    stepped = adam.step(current, averaged)
+    np.testing.assert_allclose(stepped["conv.weight"], [0.9, 1.1], rtol=1e-5)
+    np.testing.assert_allclose(stepped["bn.running_mean"], [2.0])
+
+
+def test_server_optimiser_state_round_trips():
+    current = {"w": np.ones(3, np.float32)}
+    averaged = {"w": np.zeros(3, np.float32)}
+    for name in ("fedavg", "fedavgm", "fedadam"):
+        original = build_server_optimizer(name)
+        original.step(current, averaged)
+        restored = build_server_optimizer(name)
+        restored.load_state_dict(original.state_dict())
+        a = original.step(current, {"w": np.full(3, 0.5, np.float32)})
+        b = restored.step(current, {"w": np.full(3, 0.5, np.float32)})
+        np.testing.assert_array_equal(a["w"], b["w"])
+        assert restored.steps == original.steps == 2
+    with pytest.raises(CheckpointError):
+        FedAvgM().load_state_dict({"steps": np.asarray(1), "bogus.w": np.zeros(1)})
+    with pytest.raises(ConfigError):
+        build_server_optimizer("sgd")
+
+
+def test_stop_rule_norm_difference():
+    rules = StopRules(max_rounds=10, eps=1e-3)
+    assert rules.check(1, 0.5, None) is None
+    reason = rules.check(2, 5e-4, None)
+    assert reason is not None and "norm difference" in reason
+
+
+def test_stop_rule_validation_loss_patience():
+    rules = StopRules(max_rounds=10, patience_rounds=2, delta=0.01)
+    assert rules.check(1, None, 1.0) is None
+    assert rules.check(2, None, 0.9) is None       # improved by 0.1
+    assert rules.check(3, None, 0.895) is None     # improved by less than delta: 1 round without
+    reason = rules.check(4, None, 0.91)            # 2 rounds without
+    assert reason is not None and "validation loss" in reason
+
+
+def test_stop_rule_round_budget_and_state():
+    rules = StopRules(max_rounds=3, eps=1e-9, patience_rounds=5)
+    assert rules.check(1, 1.0, 2.0) is None
+    assert rules.check(2, 1.0, 3.0) is None
+    assert "budget" in rules.check(3, 1.0, 3.0)
+    restored = StopRules(max_rounds=3, patience_rounds=5)
+    restored.load_state_dict(rules.state_dict())
+    assert restored.best_val_loss == 2.0 and restored.rounds_since_best == 2
+    with pytest.raises(ConfigError):
+        StopRules(max_rounds=0)
