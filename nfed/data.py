@@ -1,0 +1,201 @@
+"""Reading district packs (HDF5 written by nfed.pack) as shuffled, augmented batches on a device.
+
+A batch reads only its own tiles from disk (each tile is one HDF5 chunk), so a pack larger than memory
+trains fine. The shuffle order and the augmentation (one of the 8 flips/90-degree rotations per tile,
+identical for past, current and mask) depend only on the seed, so runs repeat exactly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import h5py
+import numpy as np
+
+from . import backend
+from .districts import district_order_key
+from .errors import DataError
+
+SPLITS = ("train", "val", "test")
+REQUIRED_ATTRS = ("district", "tile_size", "format_version")
+SUPPORTED_FORMAT_VERSIONS = (1,)
+_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
+
+
+class Batch(NamedTuple):
+    """past/current float32 [B,3,H,W] in [0,1] and mask int64 [B,H,W] on the device; ids of the tiles."""
+
+    past: object
+    current: object
+    mask: object
+    ids: list
+
+
+def _attr_value(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def augment_tiles(past: np.ndarray, current: np.ndarray, mask: np.ndarray,
+                  transforms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Apply per-tile dihedral transforms (code 0..7: rot90 k = code % 4, then a left-right flip when
+    code >= 4) to NHWC images and NHW masks, the same one to both dates and the mask."""
+    past, current, mask = past.copy(), current.copy(), mask.copy()
+    for i, code in enumerate(transforms):
+        k, flip = int(code) % 4, int(code) >= 4
+        for array in (past, current, mask):
+            tile = np.rot90(array[i], k, axes=(0, 1))
+            array[i] = tile[:, ::-1] if flip else tile
+    return past, current, mask
+
+
+class DistrictPack:
+    """One district's pack: `with DistrictPack(path) as pack: for batch in pack.batches("train", 8): ...`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"{self.path}: pack not found")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise DataError(f"{self.path}: not a readable HDF5 pack (truncated or corrupt: "
+                            f"{str(exc).splitlines()[0][:120]})") from None
+        try:
+            self._validate()
+        except DataError:
+            self._file.close()
+            raise
+        except _READ_ERRORS as exc:
+            self._file.close()
+            raise DataError(f"{self.path}: damaged pack ({str(exc).splitlines()[0][:120]})") from None
+
+    def _validate(self) -> None:
+        attrs = {key: _attr_value(value) for key, value in self._file.attrs.items()}
+        missing = [name for name in REQUIRED_ATTRS if name not in attrs]
+        if missing:
+            raise DataError(f"{self.path}: not an nfed pack (missing attribute(s) {', '.join(missing)})")
+        if attrs["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
+            raise DataError(f"{self.path}: pack format version {attrs['format_version']} is not supported "
+                            f"(this nfed reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})")
+        self.attrs = attrs
+        self.district = str(attrs["district"])
+        self.tile = int(attrs["tile_size"])
+        t = self.tile
+        self._counts = {}
+        for split in SPLITS:
+            if split not in self._file:
+                raise DataError(f"{self.path}: not an nfed pack (group '{split}' missing)")
+            group = self._file[split]
+            expected = {"past": (t, t, 3), "current": (t, t, 3), "mask": (t, t), "ids": ()}
+            n = None
+            for name, tail in expected.items():
+                if name not in group:
+                    raise DataError(f"{self.path}: not an nfed pack (dataset '{split}/{name}' missing)")
+                shape = group[name].shape
+                if shape[1:] != tail or (n is not None and shape[0] != n):
+                    raise DataError(f"{self.path}: dataset '{split}/{name}' has shape {shape}, "
+                                    f"inconsistent with tile size {t} and the other datasets")
+                n = shape[0]
+            self._counts[split] = int(n)
+
+    def __enter__(self) -> "DistrictPack":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def close(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None and file.id.valid:
+            file.close()
+
+    def __del__(self):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DistrictPack({str(self.path)!r}, district={self.district!r}, tile={self.tile}, " \
+               f"samples={self._counts})"
+
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise DataError(f"{self.path}: unknown split '{split}' (use {', '.join(SPLITS)})")
+
+    def num_samples(self, split: str) -> int:
+        self._check_split(split)
+        return self._counts[split]
+
+    def read(self, split: str, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """Raw tiles at `indices` (any order, repeats allowed): past/current [B,H,W,3] uint8, mask [B,H,W]
+        uint8, ids. Reads only those tiles (HDF5 fancy indexing over sorted unique indices)."""
+        self._check_split(split)
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = self._counts[split]
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            raise DataError(f"{self.path}: index out of range for split '{split}' with {n} tiles")
+        unique, inverse = np.unique(indices, return_inverse=True)
+        group = self._file[split]
+        try:
+            past = group["past"][unique][inverse]
+            current = group["current"][unique][inverse]
+            mask = group["mask"][unique][inverse]
+            ids = group["ids"].asstr()[unique]
+        except _READ_ERRORS as exc:
+            raise DataError(f"{self.path}: cannot read split '{split}' (truncated or corrupt pack: "
+                            f"{str(exc).splitlines()[0][:120]})") from None
+        return past, current, mask, [str(ids[i]) for i in inverse]
+
+    def ids(self, split: str) -> list[str]:
+        self._check_split(split)
+        try:
+            return [str(s) for s in self._file[split]["ids"].asstr()[:]]
+        except _READ_ERRORS as exc:
+            raise DataError(f"{self.path}: cannot read ids of split '{split}' ({exc})") from None
+
+    def iter_masks(self, split: str, block: int = 64) -> Iterator[np.ndarray]:
+        """Masks in blocks of `block` tiles (bounded memory), e.g. for statistics."""
+        for start in range(0, self.num_samples(split), block):
+            stop = min(start + block, self._counts[split])
+            yield self.read(split, np.arange(start, stop))[2]
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = True, augment: bool = False,
+                seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
+        """Batches of one pass over a split; order and augmentation are fixed by `seed` (vary it per
+        epoch for fresh shuffles)."""
+        if batch_size < 1:
+            raise DataError(f"batch size must be positive, got {batch_size}")
+        target = backend.parse_device(device)
+        n = self.num_samples(split)
+        order = np.random.default_rng([int(seed), 0]).permutation(n) if shuffle else np.arange(n)
+        transforms = np.random.default_rng([int(seed), 1]).integers(0, 8, size=n) if augment else None
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            indices = order[start:start + batch_size]
+            past, current, mask, ids = self.read(split, indices)
+            if transforms is not None:
+                past, current, mask = augment_tiles(past, current, mask, transforms[start:start + len(indices)])
+            yield Batch(past=backend.to_device(_to_nchw_float(past), target),
+                        current=backend.to_device(_to_nchw_float(current), target),
+                        mask=backend.to_device(mask.astype(np.int64), target), ids=ids)
+
+
+def _to_nchw_float(images: np.ndarray) -> np.ndarray:
+    """[B,H,W,3] uint8 -> [B,3,H,W] float32 in [0, 1]."""
+    out = np.empty((images.shape[0], images.shape[3], images.shape[1], images.shape[2]), np.float32)
+    np.multiply(images.transpose(0, 3, 1, 2), np.float32(1 / 255), out=out, casting="unsafe")
+    return out
+
+
+def list_packs(directory: str | Path) -> list[Path]:
+    """The packs (*.h5) in a folder, in the study's district order (unknown names last, alphabetic)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: pack folder not found")
+    packs = [p for p in directory.glob("*.h5") if p.is_file() and not p.name.startswith(".")]
+    return sorted(packs, key=lambda p: district_order_key(p.stem))
