@@ -298,6 +298,7 @@ class StopRules:
     delta: float = 0.0
     best_val_loss: float = math.inf
     rounds_since_best: int = 0
+    fired: str | None = None  # "norm", "val_loss" or "budget" once a rule has fired
 
     def __post_init__(self):
         if self.max_rounds < 1:
@@ -313,13 +314,17 @@ class StopRules:
                 self.rounds_since_best = 0
             else:
                 self.rounds_since_best += 1
+        self.fired = None
         if self.eps > 0 and norm_difference is not None and norm_difference < self.eps:
+            self.fired = "norm"
             return (f"converged: relative norm difference {norm_difference:.3g} < eps {self.eps:g} "
                     f"after round {round_number}")
         if self.patience_rounds > 0 and self.rounds_since_best >= self.patience_rounds:
+            self.fired = "val_loss"
             return (f"validation loss has not improved by more than {self.delta:g} for "
                     f"{self.rounds_since_best} round(s) (best {self.best_val_loss:.4f})")
         if round_number >= self.max_rounds:
+            self.fired = "budget"
             return f"round budget of {self.max_rounds} spent"
         return None
 

@@ -1,0 +1,537 @@
+"""In-process orchestration of federated rounds (the study's Figure 1), with deadline, sampling and resume.
+
+Round r: pick the participating districts (seeded by (seed, r)), send them the global weights w_{r-1} and the
+round's set-up, run them (in turn with simulated speeds, or in parallel worker subprocesses with a real
+deadline), drop late and failed clients, average the responders' updates (FedAvg, then the server optimiser),
+evaluate w_r on every district's validation split (federated evaluation, per-district F1 for the study's
+Fig. 5), test the stop rules, append the round to RUN/rounds.jsonl and checkpoint RUN/global.h5 atomically.
+
+A late update is never averaged into a later round: each round's aggregator only sees that round's updates.
+A round with fewer responders than `min_clients` keeps the previous global weights and says so.
+
+Run folder layout:
+    RUN/global.h5            global weights after the last finished round (+ server optimiser, stop-rule state)
+    RUN/rounds.jsonl         one JSON line per finished round
+    RUN/federated.csv        the final global model on every district's test split
+    RUN/client_state/        per-client optimiser state with --client-state keep (<district>.r<round>.h5)
+    RUN/work/                worker task/result files (--workers), removed after each round
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .aggregator import FedAvgAggregator, StopRules, build_server_optimizer, relative_norm_difference
+from .atomic import atomic_path, write_text_atomic
+from .checkpoint import load_checkpoint, save_checkpoint
+from .client import ClientOutcome, ClientResult, ClientTask, make_round_setup, one_line
+from .errors import CheckpointError, ConfigError, DataError, NfedError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "global.h5"
+ROUNDS_NAME = "rounds.jsonl"
+RESULTS_NAME = "federated.csv"
+RESULT_COLUMNS = ("district", "samples", "precision", "recall", "f1", "iou")
+
+SPEED_PROFILES = ("uniform", "study")
+# Fields that change the arithmetic of the federation: a resumed run must use the values it started with.
+RESUME_FIELDS = ("local_epochs", "fraction", "min_clients", "server_opt", "server_lr", "server_momentum",
+                 "client_state", "seed", "eps", "patience_rounds", "delta")
+
+
+@dataclass
+class FederationConfig:
+    """Options of `nfed federate` that shape the protocol (the model/optimiser set-up is a TrainConfig)."""
+
+    rounds: int = 20
+    local_epochs: int = 1
+    eps: float = 0.0
+    patience_rounds: int = 0
+    delta: float = 0.0
+    deadline: float | None = None
+    fraction: float = 1.0
+    min_clients: int = 1
+    workers: int = 0
+    server_opt: str = "fedavg"
+    server_lr: float | None = None
+    server_momentum: float = 0.9
+    client_state: str = "reset"
+    client_speeds: dict[str, float] | None = None
+    seed: int = 0
+    gpus: tuple[int, ...] = ()
+    evaluate_rounds: bool = True
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.min_clients < 1:
+            raise ConfigError(f"--min-clients must be >= 1, got {self.min_clients}")
+        if self.deadline is not None and not self.deadline > 0:
+            raise ConfigError(f"--deadline must be > 0 seconds, got {self.deadline}")
+        if self.client_state not in ("reset", "keep"):
+            raise ConfigError(f"--client-state must be reset or keep, got {self.client_state}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        self.gpus = tuple(int(g) for g in self.gpus)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ client speeds
+
+def load_client_speeds(spec: str | None, districts: Sequence[str]) -> dict[str, float] | None:
+    """Relative client speeds from a named profile (`uniform`, `study`) or a JSON / CSV file district -> speed.
+
+    `study` puts the districts, in table order, into three tiers of hardware (1.0, 0.5, 0.25), like the
+    study's mix of faster and slower district machines. Districts missing from a file run at speed 1.
+    """
+    if spec is None or spec == "":
+        return None
+    if spec == "uniform":
+        return {name: 1.0 for name in districts}
+    if spec == "study":
+        tiers = (1.0, 0.5, 0.25)
+        return {name: tiers[i % 3] for i, name in enumerate(districts)}
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--client-speeds: '{spec}' is neither a profile ({', '.join(SPEED_PROFILES)}) "
+                          f"nor an existing JSON/CSV file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError("expected an object district -> speed")
+            pairs = raw.items()
+        else:
+            rows = [row for row in csv.reader(io.StringIO(text)) if row and row[0].strip()]
+            if rows and rows[0][0].strip().lower() == "district":
+                rows = rows[1:]
+            pairs = [(row[0].strip(), row[1]) for row in rows]
+        speeds = {str(name): float(value) for name, value in pairs}
+    except (ValueError, IndexError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read client speeds ({exc})") from None
+    bad = {name: s for name, s in speeds.items() if not s > 0}
+    if bad:
+        raise ConfigError(f"{path}: speeds must be > 0 (got {bad})")
+    unknown = sorted(set(speeds) - set(districts))
+    if unknown:
+        log.warning("%s: speeds for unknown district(s) ignored: %s", path, ", ".join(unknown))
+    return {name: speeds.get(name, 1.0) for name in districts}
+
+
+# ------------------------------------------------------------------------------------------ client runs
+
+TrainFn = Callable[..., ClientResult]
+
+
+class SequentialRunner:
+    """Runs the clients one after the other in this process; speeds turn their times into simulated times.
+
+    With a deadline, a client whose simulated time (its compute time / its relative speed) exceeds the
+    deadline is late and left out of the round, so the policy is exercised without real slow machines.
+    """
+
+    def __init__(self, train_fn: TrainFn | None = None, speeds: Mapping[str, float] | None = None):
+        if train_fn is None:
+            from .client import train_round as train_fn
+        self.train_fn = train_fn
+        self.speeds = dict(speeds or {})
+
+    def run(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None) -> list[ClientOutcome]:
+        outcomes = []
+        for task in tasks:
+            started = time.perf_counter()
+            try:
+                result = self.train_fn(global_weights, task.setup, task.pack_path,
+                                       optimizer_state=task.optimizer_state, device=task.device)
+            except Exception as exc:  # a crashing client is logged and skipped, the round goes on
+                outcomes.append(ClientOutcome(task.district, "failed", time.perf_counter() - started,
+                                              reason=one_line(exc)))
+                continue
+            seconds = float(result.metrics.get("wall_time_s", time.perf_counter() - started))
+            simulated = seconds / self.speeds.get(task.district, 1.0)
+            status = "late" if deadline is not None and simulated > deadline else "ok"
+            outcomes.append(ClientOutcome(task.district, status, seconds, simulated, result))
+        return outcomes
+
+
+# ------------------------------------------------------------------------------------------ run folder
+
+def _state_file(run_dir: Path, district: str, round_number: int) -> Path:
+    return run_dir / "client_state" / f"{district}.r{round_number:04d}.h5"
+
+
+def _client_state_files(run_dir: Path, district: str) -> list[tuple[int, Path]]:
+    folder = run_dir / "client_state"
+    found = []
+    if folder.is_dir():
+        pattern = re.compile(re.escape(district) + r"\.r(\d{4,})\.h5$")
+        for path in folder.iterdir():
+            match = pattern.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _latest_client_state(run_dir: Path, district: str, before_round: int) -> dict | None:
+    candidates = [(r, p) for r, p in _client_state_files(run_dir, district) if r < before_round]
+    if not candidates:
+        return None
+    return load_checkpoint(candidates[-1][1]).optimizer_state
+
+
+def _prune_client_states(run_dir: Path, district: str, finished_round: int) -> None:
+    """Keep, per district, only the newest state of a finished round (and drop states of unfinished ones)."""
+    files = _client_state_files(run_dir, district)
+    kept = [r for r, _ in files if r <= finished_round]
+    newest = max(kept) if kept else None
+    for r, path in files:
+        if r != newest:
+            path.unlink(missing_ok=True)
+
+
+def read_rounds(path: Path) -> list[dict]:
+    """The records of RUN/rounds.jsonl (DataError naming the line when one is not JSON)."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}: line {number} is not valid JSON") from None
+    return records
+
+
+def _write_rounds(path: Path, records: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def write_results_csv(path: Path, rows: list[dict]) -> None:
+    """district, samples, precision, recall, f1, iou: the columns of train-local's local.csv."""
+    with atomic_path(path) as tmp:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k])
+                                 for k in RESULT_COLUMNS})
+
+
+# ------------------------------------------------------------------------------------------ the rounds
+
+@dataclass
+class FederationResult:
+    global_weights: dict
+    rounds: list[dict]
+    stop_reason: str
+    results: list[dict] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+def select_clients(districts: Sequence[str], fraction: float, seed: int, round_number: int) -> list[str]:
+    """The districts taking part in a round: all, or a seeded random fraction (at least one)."""
+    if fraction >= 1.0:
+        return list(districts)
+    count = max(1, math.ceil(fraction * len(districts)))
+    rng = np.random.default_rng([int(seed), int(round_number)])
+    chosen = set(rng.choice(len(districts), size=count, replace=False).tolist())
+    return [name for i, name in enumerate(districts) if i in chosen]
+
+
+def _weighted_mean(pairs):
+    pairs = [(v, n) for v, n in pairs if v is not None and math.isfinite(v) and n > 0]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+class Federation:
+    """The server of one federated run: owns the global weights, the run folder and the round loop.
+
+    `train_fn` / `evaluate_fn` default to nfed.client.train_round / evaluate_weights; tests inject fakes.
+    """
+
+    def __init__(self, packs: Mapping[str, Path], run_dir: str | Path, train_config, fed_config: FederationConfig,
+                 *, train_fn: TrainFn | None = None, evaluate_fn: Callable | None = None,
+                 initial_weights: Mapping | None = None, runner=None,
+                 echo: Callable[[str], None] | None = None):
+        if not packs:
+            raise DataError("no district packs to federate")
+        self.packs = dict(packs)
+        self.districts = list(self.packs)
+        self.run_dir = Path(run_dir)
+        self.train_config = train_config
+        self.config = fed_config
+        self.train_fn = train_fn
+        self.evaluate_fn = evaluate_fn
+        self.echo = echo or (lambda text: None)
+        self._initial_weights = initial_weights
+        self._runner_override = runner
+        if fed_config.min_clients > len(self.districts):
+            raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.districts)} "
+                              f"district(s) available")
+
+    # -- set-up / resume --------------------------------------------------------------------------------
+    def _fresh_state(self):
+        if self._initial_weights is not None:
+            weights = {k: np.array(v) for k, v in self._initial_weights.items()}
+        else:
+            from .client import host_state
+            from .training import build_model
+
+            weights = host_state(build_model(self.train_config))
+        return weights
+
+    def _checkpoint_config(self) -> dict:
+        return {"federation": self.config.to_dict(), "train": self.train_config.to_dict()}
+
+    def _save(self, weights, round_number: int, server, stop: StopRules, stop_reason: str | None) -> None:
+        extra = {f"server.{k}": v for k, v in server.state_dict().items()}
+        extra.update({f"stop.{k}": v for k, v in stop.state_dict().items()})
+        extra["rng.seed"] = np.asarray(self.config.seed, dtype=np.int64)
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, weights, config=self._checkpoint_config(),
+                        metrics={"stop_reason": stop_reason, "stop_rule": stop.fired,
+                                 "districts": self.districts},
+                        round=round_number, extra=extra)
+
+    def _resume(self, server, stop: StopRules):
+        path = self.run_dir / CHECKPOINT_NAME
+        if not path.is_file():
+            raise CheckpointError(f"{path}: nothing to resume (no checkpoint in the run folder)")
+        checkpoint = load_checkpoint(path)
+        saved = checkpoint.config.get("federation", {})
+        changed = [f"{k} {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in RESUME_FIELDS
+                   if k in saved and _normalise(saved[k]) != _normalise(getattr(self.config, k))]
+        saved_train = checkpoint.config.get("train", {})
+        changed += [f"{k} {saved_train[k]!r} -> {v!r}" for k, v in self.train_config.to_dict().items()
+                    if k in saved_train and k != "device" and saved_train[k] != v]
+        if changed:
+            raise ConfigError(f"{path}: --resume with different settings than the run was started with: "
+                              f"{'; '.join(changed)}")
+        from .checkpoint import check_state_matches
+
+        reference = self._fresh_state()
+        check_state_matches(reference, checkpoint.model_state, path)
+        extra = checkpoint.extra
+        server.load_state_dict({k[len("server."):]: v for k, v in extra.items() if k.startswith("server.")})
+        stop.load_state_dict({k[len("stop."):]: v for k, v in extra.items() if k.startswith("stop.")})
+        round_number = int(checkpoint.round or 0)
+        records = [r for r in read_rounds(self.run_dir / ROUNDS_NAME) if r.get("round", 0) <= round_number]
+        stop_reason = checkpoint.metrics.get("stop_reason")
+        if checkpoint.metrics.get("stop_rule") == "budget" and round_number < self.config.rounds:
+            stop_reason = None  # a larger budget continues a run that only ran out of rounds
+        return checkpoint.model_state, round_number, records, stop_reason
+
+    # -- one round ---------------------------------------------------------------------------------------
+    def _runner(self):
+        if self._runner_override is not None:
+            return self._runner_override
+        if self.config.workers and self.config.workers > 1:
+            from .worker import WorkerRunner
+
+            return WorkerRunner(self.config.workers, self.run_dir / "work", gpus=self.config.gpus)
+        return SequentialRunner(self.train_fn, self.config.client_speeds)
+
+    def _tasks(self, round_number: int, selected: Sequence[str]) -> list[ClientTask]:
+        keep = self.config.client_state == "keep"
+        setup = make_round_setup(self.train_config, round_number, self.config.local_epochs,
+                                 keep_optimizer_state=keep)
+        tasks = []
+        for index, district in enumerate(selected):
+            device = None
+            if self.config.gpus:
+                device = f"cuda:{self.config.gpus[index % len(self.config.gpus)]}"
+            state = _latest_client_state(self.run_dir, district, round_number) if keep else None
+            tasks.append(ClientTask(district, self.packs[district], setup, state, device))
+        return tasks
+
+    def _evaluate_all(self, weights, round_number: int, split: str) -> dict[str, dict]:
+        evaluate_fn = self.evaluate_fn
+        if evaluate_fn is None:
+            from .client import evaluate_weights as evaluate_fn
+        setup = make_round_setup(self.train_config, max(1, round_number), self.config.local_epochs)
+        device = f"cuda:{self.config.gpus[0]}" if self.config.gpus else None
+        results = {}
+        for district in self.districts:
+            try:
+                results[district] = evaluate_fn(weights, setup, self.packs[district], split=split, device=device)
+            except NfedError as exc:
+                log.warning("evaluation of %s on %s failed: %s", district, split, exc)
+                self.echo(f"  evaluation of {district} ({split}) failed: {exc}")
+        return results
+
+    def run(self, *, resume: bool = False) -> FederationResult:
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        server = build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum)
+        stop = StopRules(max_rounds=cfg.rounds, eps=cfg.eps, patience_rounds=cfg.patience_rounds, delta=cfg.delta)
+        if resume:
+            weights, done, records, stop_reason = self._resume(server, stop)
+            self.echo(f"resuming {self.run_dir} after round {done}" + (f" (stopped: {stop_reason})"
+                                                                        if stop_reason else ""))
+            for district in self.districts:
+                _prune_client_states(self.run_dir, district, done)
+        else:
+            weights, done, records, stop_reason = self._fresh_state(), 0, [], None
+            _write_rounds(self.run_dir / ROUNDS_NAME, [])
+            self._save(weights, 0, server, stop, None)
+        if stop_reason is None and done >= cfg.rounds:
+            stop_reason = f"round budget of {cfg.rounds} spent"
+        runner = self._runner()
+        while stop_reason is None:
+            round_number = done + 1
+            weights, record = self._round(runner, server, weights, round_number)
+            stop_reason = stop.check(round_number, record["norm_difference"], record["mean_val_loss"])
+            record["stop"] = stop_reason
+            records.append(record)
+            _write_rounds(self.run_dir / ROUNDS_NAME, records)
+            self._save(weights, round_number, server, stop, stop_reason)
+            if cfg.client_state == "keep":
+                for district in self.districts:
+                    _prune_client_states(self.run_dir, district, round_number)
+            self.echo(_round_line(record, cfg.rounds))
+            done = round_number
+        self.echo(f"stopped after round {done}: {stop_reason}")
+        return FederationResult(weights, records, stop_reason, run_dir=self.run_dir)
+
+    def _round(self, runner, server, weights, round_number: int):
+        cfg = self.config
+        started = time.perf_counter()
+        selected = select_clients(self.districts, cfg.fraction, cfg.seed, round_number)
+        outcomes = runner.run(weights, self._tasks(round_number, selected), cfg.deadline)
+        aggregator = FedAvgAggregator(weights)
+        clients = {}
+        for outcome in outcomes:
+            entry = {"status": outcome.status, "seconds": round(outcome.seconds, 3)}
+            if outcome.simulated_seconds is not None:
+                entry["simulated_seconds"] = round(outcome.simulated_seconds, 3)
+            if outcome.reason:
+                entry["reason"] = outcome.reason
+            result = outcome.result
+            if result is not None:
+                entry["num_samples"] = result.num_samples
+                entry.update({k: v for k, v in result.metrics.items() if k != "wall_time_s"})
+                if cfg.client_state == "keep" and result.optimizer_state and outcome.status != "failed":
+                    save_checkpoint(_state_file(self.run_dir, outcome.district, round_number), {},
+                                    optimizer_state=result.optimizer_state, round=round_number)
+            if outcome.status == "ok" and not aggregator.add(result.weights, result.num_samples, outcome.district):
+                entry["status"] = "rejected"
+                entry["reason"] = aggregator.rejected[outcome.district]
+            clients[outcome.district] = entry
+        averaged = aggregator.finish()
+        answered = aggregator.accepted
+        kept_previous = len(answered) < cfg.min_clients or averaged is None
+        if kept_previous:
+            new_weights, norm_difference = weights, None
+        else:
+            new_weights = server.step(weights, averaged)
+            norm_difference = relative_norm_difference(new_weights, weights)
+        record = {
+            "round": round_number, "selected": list(selected), "answered": list(answered),
+            "late": [d for d, e in clients.items() if e["status"] == "late"],
+            "failed": {d: e.get("reason", "") for d, e in clients.items() if e["status"] == "failed"},
+            "rejected": {d: e.get("reason", "") for d, e in clients.items() if e["status"] == "rejected"},
+            "kept_previous": kept_previous, "norm_difference": norm_difference, "clients": clients,
+            "mean_client_val_f1": _mean([clients[d].get("val_f1") for d in answered]),
+        }
+        evaluated = self._evaluate_all(new_weights, round_number, "val") if cfg.evaluate_rounds else {}
+        record["global_val"] = {d: {"loss": m.get("loss"), "f1": m.get("f1"), "samples": m.get("samples")}
+                                for d, m in evaluated.items()}
+        if evaluated:
+            record["mean_val_f1"] = _mean([m.get("f1") for m in evaluated.values()])
+            record["mean_val_loss"] = _weighted_mean((m.get("loss"), m.get("samples", 1) or 1)
+                                                     for m in evaluated.values())
+        else:
+            record["mean_val_f1"] = record["mean_client_val_f1"]
+            record["mean_val_loss"] = _weighted_mean((clients[d].get("val_loss"), clients[d]["num_samples"])
+                                                     for d in answered)
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        return new_weights, record
+
+    # -- after the rounds ----------------------------------------------------------------------------------
+    def evaluate_test(self, weights, round_number: int = 0) -> list[dict]:
+        """The global model on every district's test split -> RUN/federated.csv rows."""
+        rows = []
+        for district, metrics in self._evaluate_all(weights, round_number, "test").items():
+            rows.append({"district": district, "samples": int(metrics.get("samples", 0)),
+                         **{k: float(metrics.get(k, float("nan"))) for k in ("precision", "recall", "f1", "iou")}})
+        write_results_csv(self.run_dir / RESULTS_NAME, rows)
+        return rows
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _normalise(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _round_line(record: dict, budget: int) -> str:
+    clients = record["clients"]
+    answered = record["answered"]
+    times = [clients[d].get("simulated_seconds", clients[d]["seconds"]) for d in answered]
+    parts = [f"round {record['round']}/{budget}: {len(answered)}/{len(record['selected'])} answered"]
+    if times:
+        parts.append(f"client time {min(times):.1f}-{max(times):.1f} s")
+    if record["late"]:
+        parts.append("late (dropped): " + ", ".join(
+            f"{d} {clients[d].get('simulated_seconds', clients[d]['seconds']):.1f}s" for d in record["late"]))
+    for key in ("failed", "rejected"):
+        if record[key]:
+            parts.append(f"{key}: " + ", ".join(f"{d} ({why})" for d, why in record[key].items()))
+    if record["kept_previous"]:
+        parts.append("fewer responders than --min-clients: previous global weights kept")
+    if record.get("mean_val_f1") is not None:
+        parts.append(f"mean val F1 {record['mean_val_f1']:.4f}")
+    if record["norm_difference"] is not None:
+        parts.append(f"norm diff {record['norm_difference']:.4g}")
+    parts.append(f"{record['seconds']:.1f} s")
+    return "; ".join(parts)
+
+
+def find_packs(data_dir: str | Path) -> dict[str, Path]:
+    """district name -> pack path for every pack in `data_dir` (DataError when missing or empty)."""
+    from .data import DistrictPack, list_packs
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: packs folder not found")
+    paths = list_packs(data_dir)
+    if not paths:
+        raise DataError(f"{data_dir}: no district packs (*.h5) found")
+    packs = {}
+    for path in paths:
+        with DistrictPack(path) as pack:
+            packs[pack.district] = Path(path)
+    return packs
+
+
+def federate(packs: Mapping[str, Path], run_dir: str | Path, train_config, fed_config: FederationConfig, *,
+             resume: bool = False, echo: Callable[[str], None] | None = None, evaluate_test: bool = True,
+             **hooks) -> FederationResult:
+    """Run (or resume) a whole federation, then evaluate the global model on every test split."""
+    federation = Federation(packs, run_dir, train_config, fed_config, echo=echo, **hooks)
+    result = federation.run(resume=resume)
+    if evaluate_test:
+        result.results = federation.evaluate_test(result.global_weights,
+                                                  result.rounds[-1]["round"] if result.rounds else 0)
+    return result
