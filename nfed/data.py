@@ -164,6 +164,35 @@ class DistrictPack:
             stop = min(start + block, self._counts[split])
             yield self.read(split, np.arange(start, stop))[2]
 
+    def summary(self) -> dict:
+        """What `nfed info` shows: counts per split, change-pixel share, pixels and tiles per mask value."""
+        mask_values = str(self.attrs.get("mask_values", "0=none,1=change"))
+        names = dict(item.split("=", 1) for item in mask_values.split(",") if "=" in item)
+        pixels = np.zeros(256, np.int64)
+        tiles_with = np.zeros(256, np.int64)
+        splits = {}
+        for split in SPLITS:
+            split_pixels = np.zeros(256, np.int64)
+            for masks in self.iter_masks(split):
+                flat = masks.reshape(masks.shape[0], -1)
+                split_pixels += np.bincount(flat.ravel(), minlength=256)
+                for value in np.unique(flat):
+                    tiles_with[value] += int(np.count_nonzero((flat == value).any(axis=1)))
+            total = int(split_pixels.sum())
+            splits[split] = {"tiles": self._counts[split],
+                             "change_pixel_share": float(split_pixels[1:].sum() / total) if total else 0.0}
+            pixels += split_pixels
+        total = int(pixels.sum())
+        change_types = {names.get(str(v), f"value {v}"): {"pixels": int(pixels[v]), "tiles": int(tiles_with[v])}
+                        for v in range(1, 256) if pixels[v] or str(v) in names}
+        return {"path": str(self.path), "district": self.district, "tile_size": self.tile,
+                "source": str(self.attrs.get("source", "")), "split_seed": self.attrs.get("split_seed"),
+                "format_version": self.attrs.get("format_version"),
+                "nfed_version": str(self.attrs.get("nfed_version", "")),
+                "tiles": sum(self._counts.values()), "splits": splits,
+                "change_pixel_share": float(pixels[1:].sum() / total) if total else 0.0,
+                "change_types": change_types}
+
     def batches(self, split: str, batch_size: int, *, shuffle: bool = True, augment: bool = False,
                 seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
         """Batches of one pass over a split; order and augmentation are fixed by `seed` (vary it per
