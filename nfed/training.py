@@ -1,0 +1,295 @@
+"""Training W-Net-CD on one district pack: the study's recipe (Adam, batch 8, early stopping) made seedable.
+
+Used by `nfed train-local` and by the federation client (one call of `fit` per round). With the same
+config and seed on CPU, training produces the same weights bit for bit: the model is initialised from
+`default_rng(seed)` and every epoch's shuffle/augmentation seed is derived from (seed, offset, epoch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import backend, optim
+from .autograd import no_grad
+from .checkpoint import Checkpoint, check_state_matches, load_checkpoint
+from .errors import CheckpointError, ConfigError
+from .metrics import ConfusionMatrix
+from .progress import progress as progress_bar
+from .wnet import WNetCD
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (what the federation server sends to its clients)."""
+
+    width: int = 8
+    classes: int = 2
+    lambda_rec: float = 0.1
+    lr: float = 1e-4
+    batch_size: int = 8
+    epochs: int = 50
+    patience: int = 3
+    seed: int = 0
+    device: str = "cpu"
+    augment: bool = True
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ConfigError(f"width {self.width}: must be >= 1")
+        if self.classes not in (2, 5):
+            raise ConfigError(f"classes {self.classes}: use 2 (change / no change) or 5 (no change + 4 types)")
+        if self.lambda_rec < 0:
+            raise ConfigError(f"lambda_rec {self.lambda_rec}: must be >= 0")
+        if not self.lr > 0:
+            raise ConfigError(f"lr {self.lr}: must be > 0")
+        if self.batch_size < 1 or self.epochs < 1 or self.patience < 1:
+            raise ConfigError(f"batch_size, epochs and patience must be >= 1 "
+                              f"(got {self.batch_size}, {self.epochs}, {self.patience})")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
+        self.device = str(self.device)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A config from a dict (e.g. a checkpoint's or the server's); keys that are not fields are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# TrainConfig overrides per profile. "paper" is the study's set-up (Table 2). "demo" is sized so `nfed demo`
+# (25 local trainings + federated rounds) re-runs on 2 CPU cores in minutes: small width, a higher lr.
+PROFILES: dict[str, dict] = {
+    "paper": {"width": 64, "lr": 1e-4, "batch_size": 8, "epochs": 50, "patience": 3},
+    "demo": {"width": 8, "lr": 1e-3, "batch_size": 8, "epochs": 8, "patience": 3},
+}
+# Tile size each profile is meant for (a property of the packs, not of TrainConfig): used by synth/pack.
+PROFILE_TILES: dict[str, int] = {"paper": 256, "demo": 64}
+
+
+def profile_config(name: str, **overrides) -> TrainConfig:
+    """TrainConfig of a profile with `overrides` applied (None values leave the profile's value)."""
+    if name not in PROFILES:
+        raise ConfigError(f"profile '{name}': use one of {', '.join(PROFILES)}")
+    return TrainConfig(**PROFILES[name]).replace(**overrides)
+
+
+@dataclass
+class FitResult:
+    """What one `fit` call did. `best_state` is the state the model ends with (the best epoch's when
+    early stopping is on); `stop_epoch` is the epoch at which early stopping fired (None if it did not)."""
+
+    best_state: dict
+    history: list
+    epochs_run: int
+    stop_epoch: int | None
+    best_val_loss: float
+    train_loss: float
+    wall_time_s: float
+    images_per_s: float
+    num_train_samples: int
+    best_epoch: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def build_model(config: TrainConfig) -> WNetCD:
+    """A freshly initialised W-Net-CD (weights from default_rng(config.seed)) on config.device."""
+    model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,
+                   rng=np.random.default_rng(config.seed))
+    return model.to(config.device)
+
+
+def build_optimizer(model: WNetCD, config: TrainConfig):
+    """The config's optimiser over the model's named parameters (state keyed by parameter name)."""
+    params = list(model.named_parameters())
+    if config.optimizer == "adam":
+        return optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def epoch_seed(seed: int, offset: int, epoch: int) -> int:
+    """The shuffle/augmentation seed of one epoch (distinct per run seed, per round offset and per epoch)."""
+    return int(np.random.SeedSequence([int(seed), int(offset), int(epoch)]).generate_state(1)[0])
+
+
+def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, early_stopping: bool = True,
+        progress: bool = False, log_path: str | os.PathLike | None = None, epoch_seed_offset: int = 0) -> FitResult:
+    """Train on the pack's train split for up to `epochs` epochs, validating after each on its val split.
+
+    Early stopping watches the validation loss (the training loss when the pack has no val tiles): after
+    `config.patience` epochs without improvement training stops and the best epoch's weights are restored.
+    Each epoch appends one JSON line to `log_path` (when given) and, with `progress`, shows a bar and a
+    summary line on stderr.
+    """
+    if epochs < 1:
+        raise ConfigError(f"epochs {epochs}: must be >= 1")
+    n_train = pack.num_samples("train")
+    if n_train == 0:
+        raise ConfigError(f"{pack.path}: the pack has no training tiles")
+    has_val = pack.num_samples("val") > 0
+    steps = -(-n_train // config.batch_size)
+    log = _open_log(log_path)
+    history: list[dict] = []
+    best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
+    stop_epoch = None
+    train_seconds = 0.0
+    start = time.perf_counter()
+    try:
+        for epoch in range(1, epochs + 1):
+            epoch_start = time.perf_counter()
+            model.train()
+            total, seen = 0.0, 0
+            batches = pack.batches("train", config.batch_size, shuffle=True, augment=config.augment,
+                                   seed=epoch_seed(config.seed, epoch_seed_offset, epoch), device=config.device)
+            label = f"{pack.district} epoch {epoch}/{epochs}"
+            for batch in progress_bar(batches, label=label, length=steps, enabled=progress):
+                optimizer.zero_grad()
+                loss, _, _ = model.loss(batch.past, batch.current, batch.mask)
+                loss.backward()
+                optimizer.step()
+                count = len(batch.ids)
+                total += float(loss.item()) * count
+                seen += count
+            train_seconds += time.perf_counter() - epoch_start
+            train_loss = total / max(seen, 1)
+            val = evaluate(model, pack, "val", config.batch_size, device=config.device) if has_val else None
+            val_loss = val["loss"] if val else train_loss
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                   "val_f1": val["f1"] if val else None, "seconds": time.perf_counter() - epoch_start}
+            history.append(row)
+            if log is not None:
+                log.write(json.dumps({"district": pack.district, **row}) + "\n")
+                log.flush()
+            improved = val_loss < best_loss
+            if improved:
+                best_loss, best_epoch, stale = val_loss, epoch, 0
+                if early_stopping:
+                    best_state = model.state_dict()   # a copy
+            else:
+                stale += 1
+            if progress:
+                _print_epoch(pack.district, row, epochs, improved)
+            if early_stopping and stale >= config.patience:
+                stop_epoch = epoch
+                break
+    finally:
+        if log is not None:
+            log.close()
+    if early_stopping and best_state is not None:
+        model.load_state_dict(best_state)
+    final_state = best_state if early_stopping and best_state is not None else model.state_dict()
+    images = n_train * len(history)
+    return FitResult(best_state=final_state, history=history, epochs_run=len(history), stop_epoch=stop_epoch,
+                     best_val_loss=best_loss, train_loss=history[-1]["train_loss"],
+                     wall_time_s=time.perf_counter() - start,
+                     images_per_s=images / train_seconds if train_seconds > 0 else 0.0,
+                     num_train_samples=n_train, best_epoch=best_epoch)
+
+
+def evaluate(model: WNetCD, pack, split: str = "test", batch_size: int = 8, *, device=None,
+             confusion: ConfusionMatrix | None = None) -> dict:
+    """Loss and pooled change metrics of the model on one split (eval mode, no graph).
+
+    The model's device is used unless `device` is given; pass `confusion` to also pool into it.
+    """
+    device = device if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix()
+    total, ce_total, rec_total, seen = 0.0, 0.0, 0.0, 0
+    try:
+        with no_grad():
+            for batch in pack.batches(split, batch_size, shuffle=False, augment=False, device=device):
+                logits, reconstruction = model(batch.past, batch.current)
+                loss, ce, rec = model.loss_of_outputs(logits, reconstruction, batch.past, batch.current,
+                                                      batch.mask)
+                count = len(batch.ids)
+                total += float(loss.item()) * count
+                ce_total += float(ce.item()) * count
+                rec_total += float(rec.item()) * count
+                seen += count
+                data = logits.data
+                matrix.update(backend.array_module(data).argmax(data, axis=1), batch.mask)
+    finally:
+        model.train(was_training)
+    if confusion is not None:
+        confusion.merge(matrix)
+    denominator = max(seen, 1)
+    return {"loss": total / denominator, "ce_loss": ce_total / denominator, "rec_loss": rec_total / denominator,
+            "samples": seen, **matrix.metrics()}
+
+
+def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[WNetCD, Checkpoint]:
+    """Rebuild the checkpoint's model (width, classes, lambda_rec from its config) with its weights."""
+    checkpoint = load_checkpoint(path)
+    try:
+        config = TrainConfig.from_dict(checkpoint_train_config(checkpoint))
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint config is invalid ({exc})") from None
+    model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,
+                   rng=np.random.default_rng(0))
+    load_weights(model, checkpoint, path)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, checkpoint
+
+
+def checkpoint_train_config(checkpoint: Checkpoint) -> dict:
+    """The training config a checkpoint was made with: top-level for train-local, under "train" for
+    the federation's global checkpoints."""
+    nested = checkpoint.config.get("train")
+    return nested if isinstance(nested, dict) else checkpoint.config
+
+
+def checkpoint_tile(checkpoint: Checkpoint, default: int = 256) -> int:
+    """The tile size the checkpoint's model was trained on (`default` when it was not recorded)."""
+    for config in (checkpoint.config, checkpoint_train_config(checkpoint)):
+        if isinstance(config.get("tile"), int):
+            return config["tile"]
+    return default
+
+
+def load_weights(model: WNetCD, checkpoint: Checkpoint, source: str | os.PathLike) -> None:
+    """Copy a checkpoint's weights into `model`; CheckpointError naming every kind of mismatch."""
+    check_state_matches(model.state_dict(), checkpoint.model_state, source)
+    model.load_state_dict(checkpoint.model_state)
+
+
+def _model_device(model: WNetCD):
+    first = next(iter(model.parameters()))
+    return backend.device_of(first.data)
+
+
+def _open_log(log_path):
+    if log_path is None:
+        return None
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a", encoding="utf-8")
+
+
+def _print_epoch(district: str, row: dict, epochs: int, improved: bool) -> None:
+    import click
+
+    f1 = "-" if row["val_f1"] is None else f"{row['val_f1']:.4f}"
+    mark = " *" if improved else ""
+    click.echo(f"{district} epoch {row['epoch']}/{epochs}: train_loss {row['train_loss']:.4f} "
+               f"val_loss {row['val_loss']:.4f} val_f1 {f1} ({row['seconds']:.1f}s){mark}", err=True)
