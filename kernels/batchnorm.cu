@@ -1,0 +1,218 @@
+// Batch normalisation over NCHW (per-channel statistics over N, H, W), optionally fused with ReLU.
+//
+// Training forward = bn_partial_sums -> bn_finalize_stats -> bn_forward_apply.
+//   * bn_partial_sums: grid (S, C); block (s, c) sums (x - shift_c) and (x - shift_c)^2 over a strided
+//     share of channel c, where shift_c = x[0, c, 0, 0].  The shift keeps the one-pass variance accurate
+//     when |mean| >> std (the "shifted data" algorithm), so x is read only once for the statistics.
+//   * bn_finalize_stats: one thread per channel adds the S partials in double, writes mean and
+//     1/sqrt(var + eps) (biased var) and, when asked, updates running_mean/running_var in place with the
+//     unbiased variance and the given momentum (PyTorch semantics).
+//   * bn_forward_apply: y = (x - mean) * invstd * gamma + beta, then max(y, 0) when relu != 0.
+// Backward (training) = bn_backward_partial_sums -> (host: add the S partials) -> bn_backward_apply:
+//   g = gy * [y > 0] (fused ReLU; y recomputed from x, so only x is kept for backward),
+//   dbeta = sum g, dgamma = sum g * xhat,
+//   gx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M)        (training, M = N*H*W)
+//   gx = gamma * invstd * g                                          (eval: statistics are constants)
+// Grids for the apply kernels: y over the N*C planes, x over the H*W pixels of a plane.
+
+template <typename T>
+__device__ __forceinline__ T nfed_warp_sum(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Sums two values over the block; thread 0 gets the totals. blockDim.x must be a multiple of 32 (<= 1024).
+template <typename T>
+__device__ __forceinline__ void nfed_block_sum2(T& a, T& b) {
+    __shared__ T shared_a[32];
+    __shared__ T shared_b[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    a = nfed_warp_sum(a);
+    b = nfed_warp_sum(b);
+    if (lane == 0) { shared_a[warp] = a; shared_b[warp] = b; }
+    __syncthreads();
+    const int warps = (blockDim.x + 31) >> 5;
+    if (warp == 0) {
+        a = lane < warps ? shared_a[lane] : (T)0;
+        b = lane < warps ? shared_b[lane] : (T)0;
+        a = nfed_warp_sum(a);
+        b = nfed_warp_sum(b);
+    }
+}
+
+template <typename T>
+__device__ void bn_partial_sums_NCHW(const T* __restrict__ x, int N, int C, int HW, T* __restrict__ partial) {
+    const int c = blockIdx.y;
+    const int S = gridDim.x;
+    const T shift = x[(long long)c * HW];
+    const long long M = (long long)N * HW;
+    T sum = 0, sumsq = 0;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < M; e += (long long)S * blockDim.x) {
+        const long long n = e / HW;
+        const long long q = e - n * HW;
+        const T d = x[(n * C + c) * HW + q] - shift;
+        sum += d;
+        sumsq += d * d;
+    }
+    nfed_block_sum2(sum, sumsq);
+    if (threadIdx.x == 0) {
+        partial[((long long)c * S + blockIdx.x) * 2 + 0] = sum;
+        partial[((long long)c * S + blockIdx.x) * 2 + 1] = sumsq;
+    }
+}
+
+template <typename T>
+__device__ void bn_finalize_stats(const T* __restrict__ partial, const T* __restrict__ x, int C, int S, int HW,
+                                  long long M, double momentum, double eps, int update_running,
+                                  T* __restrict__ running_mean, T* __restrict__ running_var,
+                                  T* __restrict__ mean_out, T* __restrict__ invstd_out) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += blockDim.x * gridDim.x) {
+        double sum = 0.0, sumsq = 0.0;
+        for (int s = 0; s < S; ++s) {
+            sum += (double)partial[((long long)c * S + s) * 2 + 0];
+            sumsq += (double)partial[((long long)c * S + s) * 2 + 1];
+        }
+        const double shift = (double)x[(long long)c * HW];
+        const double mean_shifted = sum / (double)M;
+        double var = sumsq / (double)M - mean_shifted * mean_shifted;
+        if (var < 0.0) var = 0.0;
+        const double mean = shift + mean_shifted;
+        mean_out[c] = (T)mean;
+        invstd_out[c] = (T)(1.0 / sqrt(var + eps));
+        if (update_running) {
+            const double unbiased = M > 1 ? var * (double)M / (double)(M - 1) : var;
+            running_mean[c] = (T)((1.0 - momentum) * (double)running_mean[c] + momentum * mean);
+            running_var[c] = (T)((1.0 - momentum) * (double)running_var[c] + momentum * unbiased);
+        }
+    }
+}
+
+template <typename T>
+__device__ void bn_forward_apply_NCHW(const T* __restrict__ x, const T* __restrict__ mean,
+                                      const T* __restrict__ invstd, const T* __restrict__ gamma,
+                                      const T* __restrict__ beta, T* __restrict__ y, int N, int C, int HW,
+                                      int relu) {
+    for (long long plane = blockIdx.y; plane < (long long)N * C; plane += gridDim.y) {
+        const int c = (int)(plane % C);
+        const T scale = gamma[c] * invstd[c];
+        const T offset = beta[c] - mean[c] * scale;
+        const T* __restrict__ xin = x + plane * HW;
+        T* __restrict__ out = y + plane * HW;
+        for (int q = blockIdx.x * blockDim.x + threadIdx.x; q < HW; q += blockDim.x * gridDim.x) {
+            T v = xin[q] * scale + offset;
+            if (relu && !(v > (T)0)) v = (T)0;
+            out[q] = v;
+        }
+    }
+}
+
+// Partial sums of g and g * xhat per channel (g = gy, masked by the recomputed ReLU when relu != 0).
+template <typename T>
+__device__ void bn_backward_partial_sums_NCHW(const T* __restrict__ gy, const T* __restrict__ x,
+                                              const T* __restrict__ mean, const T* __restrict__ invstd,
+                                              const T* __restrict__ gamma, const T* __restrict__ beta,
+                                              int N, int C, int HW, int relu, T* __restrict__ partial) {
+    const int c = blockIdx.y;
+    const int S = gridDim.x;
+    const T m = mean[c];
+    const T is = invstd[c];
+    const T scale = gamma[c] * is;                 // same expressions as bn_forward_apply, so the
+    const T offset = beta[c] - m * scale;          // recomputed ReLU mask matches the forward exactly
+    const long long M = (long long)N * HW;
+    T sum_g = 0, sum_gx = 0;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < M; e += (long long)S * blockDim.x) {
+        const long long n = e / HW;
+        const long long q = e - n * HW;
+        const long long idx = (n * C + c) * HW + q;
+        const T xv = x[idx];
+        const T xhat = (xv - m) * is;
+        T g = gy[idx];
+        if (relu && !(xv * scale + offset > (T)0)) g = (T)0;
+        sum_g += g;
+        sum_gx += g * xhat;
+    }
+    nfed_block_sum2(sum_g, sum_gx);
+    if (threadIdx.x == 0) {
+        partial[((long long)c * S + blockIdx.x) * 2 + 0] = sum_g;
+        partial[((long long)c * S + blockIdx.x) * 2 + 1] = sum_gx;
+    }
+}
+
+// sums: [C, 2] = (sum g, sum g * xhat) per channel (ignored when training == 0).
+template <typename T>
+__device__ void bn_backward_apply_NCHW(const T* __restrict__ gy, const T* __restrict__ x,
+                                       const T* __restrict__ mean, const T* __restrict__ invstd,
+                                       const T* __restrict__ gamma, const T* __restrict__ beta,
+                                       const T* __restrict__ sums, int N, int C, int HW, int relu,
+                                       int training, T* __restrict__ gx) {
+    const T inv_m = (T)1 / (T)((long long)N * HW);
+    for (long long plane = blockIdx.y; plane < (long long)N * C; plane += gridDim.y) {
+        const int c = (int)(plane % C);
+        const T m = mean[c];
+        const T is = invstd[c];
+        const T k = gamma[c] * is;
+        const T offset = beta[c] - m * k;
+        const T mean_g = training ? sums[2 * c] * inv_m : (T)0;
+        const T mean_gx = training ? sums[2 * c + 1] * inv_m : (T)0;
+        const T* __restrict__ gin = gy + plane * HW;
+        const T* __restrict__ xin = x + plane * HW;
+        T* __restrict__ out = gx + plane * HW;
+        for (int q = blockIdx.x * blockDim.x + threadIdx.x; q < HW; q += blockDim.x * gridDim.x) {
+            const T xv = xin[q];
+            const T xhat = (xv - m) * is;
+            T g = gin[q];
+            if (relu && !(xv * k + offset > (T)0)) g = (T)0;
+            out[q] = training ? k * (g - mean_g - xhat * mean_gx) : k * g;
+        }
+    }
+}
+
+// Plain per-channel partial sums (conv bias gradient): partial [C, S].
+template <typename T>
+__device__ void channel_partial_sums_NCHW(const T* __restrict__ x, int N, int C, int HW, T* __restrict__ partial) {
+    const int c = blockIdx.y;
+    const int S = gridDim.x;
+    const long long M = (long long)N * HW;
+    T sum = 0, unused = 0;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < M; e += (long long)S * blockDim.x) {
+        const long long n = e / HW;
+        sum += x[(n * C + c) * HW + (e - n * HW)];
+    }
+    nfed_block_sum2(sum, unused);
+    if (threadIdx.x == 0) partial[(long long)c * S + blockIdx.x] = sum;
+}
+
+#define NFED_BN_INSTANTIATE(T, SUFFIX)                                                                        \
+    extern "C" __global__ void bn_partial_sums_NCHW_##SUFFIX(const T* x, int N, int C, int HW, T* partial) {    \
+        bn_partial_sums_NCHW<T>(x, N, C, HW, partial);                                                        \
+    }                                                                                                         \
+    extern "C" __global__ void bn_finalize_stats_##SUFFIX(const T* partial, const T* x, int C, int S, int HW,   \
+                                                          long long M, double momentum, double eps,           \
+                                                          int update_running, T* running_mean,                \
+                                                          T* running_var, T* mean_out, T* invstd_out) {       \
+        bn_finalize_stats<T>(partial, x, C, S, HW, M, momentum, eps, update_running, running_mean,            \
+                             running_var, mean_out, invstd_out);                                              \
+    }                                                                                                         \
+    extern "C" __global__ void bn_forward_apply_NCHW_##SUFFIX(const T* x, const T* mean, const T* invstd,       \
+                                                              const T* gamma, const T* beta, T* y, int N,     \
+                                                              int C, int HW, int relu) {                      \
+        bn_forward_apply_NCHW<T>(x, mean, invstd, gamma, beta, y, N, C, HW, relu);                            \
+    }                                                                                                         \
+    extern "C" __global__ void bn_backward_partial_sums_NCHW_##SUFFIX(                                        \
+        const T* gy, const T* x, const T* mean, const T* invstd, const T* gamma, const T* beta, int N, int C, \
+        int HW, int relu, T* partial) {                                                                       \
+        bn_backward_partial_sums_NCHW<T>(gy, x, mean, invstd, gamma, beta, N, C, HW, relu, partial);          \
+    }                                                                                                         \
+    extern "C" __global__ void bn_backward_apply_NCHW_##SUFFIX(                                               \
+        const T* gy, const T* x, const T* mean, const T* invstd, const T* gamma, const T* beta,               \
+        const T* sums, int N, int C, int HW, int relu, int training, T* gx) {                                 \
+        bn_backward_apply_NCHW<T>(gy, x, mean, invstd, gamma, beta, sums, N, C, HW, relu, training, gx);      \
+    }                                                                                                         \
+    extern "C" __global__ void channel_partial_sums_NCHW_##SUFFIX(const T* x, int N, int C, int HW,            \
+                                                                  T* partial) {                               \
+        channel_partial_sums_NCHW<T>(x, N, C, HW, partial);                                                   \
+    }
+
+NFED_BN_INSTANTIATE(float, f32)
+NFED_BN_INSTANTIATE(double, f64)
