@@ -1,0 +1,219 @@
+"""Model commands: `nfed model-info`, `nfed train-local`, `nfed evaluate`, `nfed predict`."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import click
+
+from .. import backend
+from ..atomic import atomic_path, write_json_atomic
+from ..errors import ConfigError, DataError
+
+DEVICE_HELP = "cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)"
+METRIC_KEYS = ("precision", "recall", "f1", "iou", "oa", "kappa")
+
+
+@click.command("model-info")
+@click.option("--width", type=int, default=8, show_default=True, help="base width w (study: 64)")
+@click.option("--classes", type=click.Choice(["2", "5"]), default="2", show_default=True,
+              help="2 = change / no change, 5 = no change + 4 change types")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def model_info(width, classes, as_json):
+    """Print W-Net-CD's weighted layers, their count and the trainable parameter count."""
+    from ..wnet import WNetCD, count_parameters, weighted_layers
+    import numpy as np
+
+    if width < 1:
+        raise ConfigError(f"--width {width}: must be >= 1")
+    model = WNetCD(width=width, classes=int(classes), rng=np.random.default_rng(0))
+    layers = weighted_layers(model)
+    info = {"model": "W-Net-CD", "width": width, "classes": int(classes), "weighted_layers": len(layers),
+            "parameters": count_parameters(model), "layers": layers}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"W-Net-CD  width {width}, classes {classes}")
+    click.echo(f"{'#':>3}  {'layer':<20} {'kind':<6} {'in':>5} {'out':>5} {'kernel':>6} {'parameters':>12}")
+    for i, row in enumerate(layers, 1):
+        click.echo(f"{i:>3}  {row['name']:<20} {row['kind']:<6} {row['in']:>5} {row['out']:>5} "
+                   f"{row['kernel']:>6} {row['parameters']:>12,}")
+    click.echo(f"weighted_layers: {info['weighted_layers']}")
+    click.echo(f"parameters: {info['parameters']:,} (trainable; BatchNorm running statistics are state)")
+
+
+@click.command("train-local")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="a district pack (.h5), or a folder of packs with --all")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="run folder")
+@click.option("--all", "train_all", is_flag=True, help="train every district pack of the --data folder")
+@click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
+              help="demo: small and fast on CPU; paper: the study's set-up (w 64, lr 1e-4, 50 epochs)")
+@click.option("--epochs", type=int, help="maximum epochs (profile's value by default)")
+@click.option("--patience", type=int, help="early-stopping patience in epochs")
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float, help="Adam learning rate")
+@click.option("--width", type=int, help="W-Net base width w")
+@click.option("--classes", type=click.Choice(["2", "5"]), help="2 (default) or 5 (change types)")
+@click.option("--lambda-rec", type=float, help="weight of the U-Decoder's reconstruction loss (0 skips it)")
+@click.option("--seed", type=int, help="seed of initialisation, shuffling and augmentation (default 0)")
+@click.option("--no-augment", is_flag=True, help="train without flips/rotations")
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def train_local(data_path, out_dir, train_all, profile, epochs, patience, batch_size, lr, width, classes,
+                lambda_rec, seed, no_augment, device, quiet):
+    """Train W-Net-CD on one district's own data (the study's "before FL" column).
+
+    Writes OUT/<district>/best.h5 (checkpoint of the best epoch), OUT/<district>/metrics.json (test
+    metrics and run facts) and OUT/<district>/epochs.jsonl (one line per epoch). With --all, every pack
+    of the folder is trained in turn and OUT/local.csv lists district, samples (all tiles of the district's
+    pack: train + val + test), precision, recall, f1 and iou on its test split.
+    """
+    from ..data import list_packs
+    from ..training import profile_config
+
+    device = str(backend.parse_device(device))
+    config = profile_config(profile, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
+                            width=width, classes=int(classes) if classes else None, lambda_rec=lambda_rec,
+                            seed=seed, device=device, augment=False if no_augment else None)
+    if train_all:
+        packs = list_packs(data_path)
+        if not packs:
+            raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
+    else:
+        if data_path.is_dir():
+            raise ConfigError(f"--data {data_path} is a folder: add --all to train every district in it")
+        packs = [data_path]
+    rows = []
+    for path in packs:
+        summary = train_district(path, out_dir, config, quiet=quiet)
+        rows.append(summary)
+        click.echo(f"{summary['district']}: f1 {summary['f1']:.4f} precision {summary['precision']:.4f} "
+                   f"recall {summary['recall']:.4f} iou {summary['iou']:.4f} "
+                   f"({summary['epochs_run']} epochs, {summary['wall_time_s']:.1f}s) -> "
+                   f"{out_dir / summary['district']}")
+    if train_all:
+        write_local_csv(out_dir / "local.csv", rows)
+        click.echo(f"wrote {out_dir / 'local.csv'} ({len(rows)} districts)")
+
+
+def train_district(pack_path: Path, out_dir: Path, config, *, quiet: bool = True) -> dict:
+    """Train one district from scratch, evaluate on its test split, write best.h5/metrics.json/epochs.jsonl."""
+    from ..checkpoint import save_checkpoint
+    from ..data import DistrictPack
+    from ..training import build_model, build_optimizer, evaluate, fit
+
+    with DistrictPack(pack_path) as pack:
+        run_dir = out_dir / pack.district
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir / "epochs.jsonl"
+        log_path.unlink(missing_ok=True)
+        model = build_model(config)
+        optimizer = build_optimizer(model, config)
+        result = fit(model, optimizer, pack, config, epochs=config.epochs, early_stopping=True,
+                     progress=not quiet, log_path=log_path)
+        split = "test" if pack.num_samples("test") else "val"
+        scores = evaluate(model, pack, split, config.batch_size, device=config.device)
+        samples = sum(pack.num_samples(s) for s in ("train", "val", "test"))
+        summary = {"district": pack.district, "samples": samples, "train_samples": result.num_train_samples,
+                   "split": split, **{k: scores[k] for k in METRIC_KEYS},
+                   **{k: scores[k] for k in ("tp", "fp", "fn", "tn", "loss")},
+                   "epochs_run": result.epochs_run, "stop_epoch": result.stop_epoch,
+                   "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                   "wall_time_s": result.wall_time_s, "images_per_s": result.images_per_s,
+                   "tile": pack.tile, "config": config.to_dict()}
+        save_checkpoint(run_dir / "best.h5", model.state_dict(), optimizer_state=optimizer.state_dict(),
+                        config={**config.to_dict(), "tile": pack.tile, "district": pack.district},
+                        metrics=summary)
+        write_json_atomic(run_dir / "metrics.json", summary)
+    return summary
+
+
+def write_local_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["district", "samples", "precision", "recall", "f1", "iou"])
+    for row in rows:
+        writer.writerow([row["district"], row["samples"]] + [f"{row[k]:.4f}" for k in ("precision", "recall",
+                                                                                       "f1", "iou")])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+@click.command("evaluate")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="checkpoint (.h5)")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="a district pack (.h5) or a folder of packs")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--device", default=None, help=DEVICE_HELP)
+def evaluate(model_path, data_path, split, batch_size, as_json, device):
+    """Pooled change metrics of a checkpoint per district and over all districts together."""
+    from ..data import DistrictPack, list_packs
+    from ..metrics import ConfusionMatrix
+    from ..training import evaluate as evaluate_split, model_from_checkpoint
+
+    device = backend.parse_device(device)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
+    model, _ = model_from_checkpoint(model_path, device=device)
+    packs = list_packs(data_path) if data_path.is_dir() else [data_path]
+    if not packs:
+        raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
+    overall = ConfusionMatrix()
+    districts = []
+    for path in packs:
+        with DistrictPack(path) as pack:
+            scores = evaluate_split(model, pack, split, batch_size, device=device, confusion=overall)
+            districts.append({"district": pack.district, **scores})
+    report = {"model": str(model_path), "split": split, "districts": districts,
+              "overall": {"samples": sum(d["samples"] for d in districts), **overall.metrics()}}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{'district':<24} {'samples':>7} " + " ".join(f"{k:>9}" for k in METRIC_KEYS))
+    for row in districts + [{"district": "overall (pooled)", **report["overall"]}]:
+        click.echo(f"{row['district']:<24} {row['samples']:>7} " + " ".join(f"{row[k]:>9.4f}" for k in METRIC_KEYS))
+
+
+@click.command("predict")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="checkpoint (.h5)")
+@click.option("--past", type=click.Path(path_type=Path), help="past image")
+@click.option("--current", type=click.Path(path_type=Path), help="current image (same size as --past)")
+@click.option("--pairs", type=click.Path(path_type=Path), help="folder with A/ (past) and B/ (current)")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="mask PNG (with --past/--current) or output folder (with --pairs)")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="tiles per forward pass")
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def predict(model_path, past, current, pairs, out_path, batch_size, device, quiet):
+    """Write 0/255 change masks (PNG) for image pairs of any size (tiled at the model's tile size)."""
+    from ..predict import check_pair_sizes, find_pairs, predict_files
+    from ..progress import progress
+    from ..training import checkpoint_tile, model_from_checkpoint
+
+    if (pairs is None) == (past is None and current is None) or (pairs is None and (past is None or current is None)):
+        raise ConfigError("give either --past and --current, or --pairs DIR")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
+    device = backend.parse_device(device)
+    if pairs is None:
+        jobs = [(past, current, out_path)]
+    else:
+        jobs = [(a, b, out_path / a.with_suffix(".png").name) for a, b in find_pairs(pairs)]
+    for a, b, _ in jobs:     # every pair is checked before any work is done
+        check_pair_sizes(a, b)
+    model, checkpoint = model_from_checkpoint(model_path, device=device)
+    tile = checkpoint_tile(checkpoint)
+    start = time.perf_counter()
+    for a, b, target in progress(jobs, label="predicting", length=len(jobs), enabled=not quiet and len(jobs) > 1):
+        summary = predict_files(model, a, b, target, tile, device=device, batch_size=batch_size)
+        if len(jobs) == 1:
+            click.echo(f"wrote {target} ({summary['width']}x{summary['height']}, "
+                       f"{summary['changed_fraction']:.2%} changed)")
+    if len(jobs) > 1:
+        click.echo(f"wrote {len(jobs)} masks to {out_path} in {time.perf_counter() - start:.1f}s")
