@@ -1,0 +1,23 @@
+"""Differentiable operations on Tensors (raw arrays accepted as inputs): `from nfed import functions as F`.
+
+One family per module: arithmetic, reduction, shape, activation, conv, pooling, normalization, loss.
+Each op is a Function class with forward/backward on raw arrays plus a lowercase wrapper; the heavy ops
+keep their raw-array compute in module-level functions (e.g. `conv.conv2d_forward`) so a device backend
+can replace them one by one.
+"""
+from .activation import log_softmax, relu, sigmoid, softmax
+from .arithmetic import add, div, exp, log, mul, neg, pow, sub
+from .conv import conv2d, conv_transpose2d
+from .loss import bce_with_logits, cross_entropy, mse_loss, soft_dice_loss
+from .normalization import batch_norm
+from .pooling import max_pool2d
+from .reduction import mean, sum
+from .shape import concat, getitem, reshape, transpose
+
+__all__ = [
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "log",
+    "sum", "mean", "reshape", "transpose", "concat", "getitem",
+    "relu", "sigmoid", "softmax", "log_softmax",
+    "conv2d", "conv_transpose2d", "max_pool2d", "batch_norm",
+    "cross_entropy", "mse_loss", "bce_with_logits", "soft_dice_loss",
+]

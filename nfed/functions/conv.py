@@ -1,0 +1,222 @@
+"""2-D convolution and transposed convolution (PyTorch layouts and semantics).
+
+The heavy lifting is in module-level functions on raw arrays (`conv2d_forward`, `conv2d_backward_input`,
+`conv2d_backward_weight`, `conv2d_backward_bias`, `conv_transpose2d_*`), so a device backend can swap in
+its own kernels function by function; the Function classes only decide what to save and call these.
+Transposed convolution is the adjoint of convolution: its forward is conv2d's input gradient and its
+input gradient is conv2d's forward.
+"""
+from __future__ import annotations
+
+from .. import backend
+from ..autograd import Function
+from .im2col import col2im, conv_output_size, flat_cols, im2col, padded_flat
+from .utils import pair
+
+# Patch-matrix memory per chunk of samples: bounds peak memory and keeps the matrix cache-friendly.
+COLS_CHUNK_BYTES = 24 << 20
+
+
+def _chunk(n: int, bytes_per_sample: int) -> int:
+    return max(1, min(n, COLS_CHUNK_BYTES // max(1, bytes_per_sample)))
+
+
+def _is_pointwise(kh, kw, sh, sw, ph, pw) -> bool:
+    return kh == kw == 1 and sh == sw == 1 and ph == pw == 0
+
+
+def _flat_ok(sh, sw) -> bool:
+    return sh == 1 and sw == 1
+
+
+def conv2d_forward(x, w, b=None, stride=1, padding=0):
+    """y[n, o] = sum_c x[n, c] (cross-correlated with) w[o, c] + b[o]; x [N, C, H, W], w [O, C, kh, kw]."""
+    xp = backend.array_module(x, w)
+    n, c, h, wd = x.shape
+    o, cw, kh, kw = w.shape
+    if cw != c:
+        raise ValueError(f"conv2d: input has {c} channels, weight expects {cw}")
+    (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    ho, wo = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"conv2d: kernel {kh}x{kw} larger than padded input {h + 2 * ph}x{wd + 2 * pw}")
+    w2 = w.reshape(o, c * kh * kw)
+    if _is_pointwise(kh, kw, sh, sw, ph, pw):
+        out = xp.matmul(w2, x.reshape(n, c, h * wd)).reshape(n, o, h, wd)
+        if b is not None:
+            out += b.reshape(1, o, 1, 1)
+        return out
+    if _flat_ok(sh, sw):
+        return _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo)
+    out = xp.matmul(w2, im2col(x, kh, kw, sh, sw, ph, pw)).reshape(n, o, ho, wo)
+    if b is not None:
+        out += b.reshape(1, o, 1, 1)
+    return out
+
+
+def _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo):
+    xp = backend.array_module(x, w2)
+    n, c, h, wd = x.shape
+    o, k = w2.shape
+    wp = wd + 2 * pw
+    length = ho * wp
+    dtype = xp.result_type(x.dtype, w2.dtype)
+    xflat = padded_flat(x, ph, pw, kw - 1)
+    out = xp.empty((n, o, ho, wo), dtype=dtype)
+    chunk = _chunk(n, k * length * x.itemsize)
+    cols = xp.empty((chunk, k, length), dtype=x.dtype)
+    y = xp.empty((chunk, o, length), dtype=dtype)
+    bias = None if b is None else b.reshape(1, o, 1, 1)
+    for n0 in range(0, n, chunk):
+        m = min(chunk, n - n0)
+        flat_cols(xflat[n0:n0 + m], kh, kw, wp, length, out=cols[:m])
+        xp.matmul(w2, cols[:m], out=y[:m])
+        valid = y[:m].reshape(m, o, ho, wp)[:, :, :, :wo]
+        if bias is None:
+            out[n0:n0 + m] = valid
+        else:
+            xp.add(valid, bias, out=out[n0:n0 + m])
+    return out
+
+
+def conv2d_backward_input(gout, w, x_shape, stride=1, padding=0):
+    """d(loss)/dx of conv2d, given d(loss)/dy `gout` [N, O, Ho, Wo]: a transposed convolution."""
+    xp = backend.array_module(gout, w)
+    n, o, ho, wo = gout.shape
+    _, c, kh, kw = w.shape
+    h, wd = x_shape[2], x_shape[3]
+    (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    w2 = w.reshape(o, c * kh * kw)
+    if _is_pointwise(kh, kw, sh, sw, ph, pw):
+        return xp.matmul(w2.T, gout.reshape(n, o, ho * wo)).reshape(n, c, h, wd)
+    if _flat_ok(sh, sw) and ph <= kh - 1 and pw <= kw - 1:
+        # Stride 1: the input gradient is a plain convolution with the flipped, transposed kernel.
+        flipped = xp.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        return conv2d_forward(gout, flipped, None, 1, (kh - 1 - ph, kw - 1 - pw))
+    dcols = xp.matmul(w2.T, gout.reshape(n, o, ho * wo))
+    return col2im(dcols, (n, c, h, wd), kh, kw, sh, sw, ph, pw)
+
+
+def conv2d_backward_weight(x, gout, w_shape, stride=1, padding=0):
+    """d(loss)/dw of conv2d [O, C, kh, kw]: patches of x against the output gradient."""
+    xp = backend.array_module(x, gout)
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w_shape
+    _, _, ho, wo = gout.shape
+    (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    if _is_pointwise(kh, kw, sh, sw, ph, pw):
+        gw = xp.matmul(gout.reshape(n, o, ho * wo), x.reshape(n, c, h * wd).transpose(0, 2, 1)).sum(axis=0)
+        return gw.reshape(w_shape)
+    if not _flat_ok(sh, sw):
+        cols = im2col(x, kh, kw, sh, sw, ph, pw)
+        gw = xp.matmul(gout.reshape(n, o, ho * wo), cols.transpose(0, 2, 1)).sum(axis=0)
+        return gw.reshape(w_shape)
+    wp = wd + 2 * pw
+    length = ho * wp
+    k = c * kh * kw
+    xflat = padded_flat(x, ph, pw, kw - 1)
+    chunk = _chunk(n, k * length * x.itemsize)
+    cols = xp.empty((chunk, k, length), dtype=x.dtype)
+    # The output gradient on the same Ho x Wp grid as the patches; the Wp - Wo extra columns stay zero.
+    gpad = xp.zeros((chunk, o, ho, wp), dtype=gout.dtype)
+    gw = xp.zeros((o, k), dtype=xp.result_type(x.dtype, gout.dtype))
+    for n0 in range(0, n, chunk):
+        m = min(chunk, n - n0)
+        flat_cols(xflat[n0:n0 + m], kh, kw, wp, length, out=cols[:m])
+        gpad[:m, :, :, :wo] = gout[n0:n0 + m]
+        gw += xp.matmul(gpad[:m].reshape(m, o, length), cols[:m].transpose(0, 2, 1)).sum(axis=0)
+    return gw.reshape(w_shape)
+
+
+def conv2d_backward_bias(gout):
+    """d(loss)/db: the output gradient summed over batch and pixels, per channel."""
+    n, o = gout.shape[:2]
+    return gout.reshape(n, o, -1).sum(axis=2).sum(axis=0)
+
+
+def conv_transpose2d_output_shape(x_shape, w_shape, stride=2, padding=0) -> tuple:
+    n, _, h, wd = x_shape
+    _, c_out, kh, kw = w_shape
+    (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    return n, c_out, (h - 1) * sh - 2 * ph + kh, (wd - 1) * sw - 2 * pw + kw
+
+
+def conv_transpose2d_forward(x, w, b=None, stride=2, padding=0):
+    """Transposed convolution; x [N, C_in, H, W], w [C_in, C_out, kh, kw] (PyTorch layout)."""
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(f"conv_transpose2d: input has {x.shape[1]} channels, weight expects {w.shape[0]}")
+    out_shape = conv_transpose2d_output_shape(x.shape, w.shape, stride, padding)
+    if out_shape[2] <= 0 or out_shape[3] <= 0:
+        raise ValueError(f"conv_transpose2d: empty output {out_shape[2]}x{out_shape[3]}")
+    out = conv2d_backward_input(x, w, out_shape, stride, padding)
+    if b is not None:
+        out += b.reshape(1, -1, 1, 1)
+    return out
+
+
+def conv_transpose2d_backward_input(gout, w, stride=2, padding=0):
+    """d(loss)/dx of conv_transpose2d: a plain convolution of the output gradient."""
+    return conv2d_forward(gout, w, None, stride, padding)
+
+
+def conv_transpose2d_backward_weight(x, gout, w_shape, stride=2, padding=0):
+    """d(loss)/dw of conv_transpose2d [C_in, C_out, kh, kw]."""
+    return conv2d_backward_weight(gout, x, w_shape, stride, padding)
+
+
+class Conv2d(Function):
+    def __init__(self, stride=1, padding=0):
+        self.stride = stride
+        self.padding = padding
+
+    def forward(self, x, w, b=None):
+        if self.recording:
+            needs = self.needs_input_grad
+            self.x = x if needs[1] else None
+            self.w = w if needs[0] else None
+            self.x_shape = x.shape
+            self.w_shape = w.shape
+        return conv2d_forward(x, w, b, self.stride, self.padding)
+
+    def backward(self, g):
+        needs = self.needs_input_grad
+        gx = conv2d_backward_input(g, self.w, self.x_shape, self.stride, self.padding) if needs[0] else None
+        gw = conv2d_backward_weight(self.x, g, self.w_shape, self.stride, self.padding) if needs[1] else None
+        if len(needs) == 2:
+            return gx, gw
+        return gx, gw, conv2d_backward_bias(g) if needs[2] else None
+
+
+class ConvTranspose2d(Function):
+    def __init__(self, stride=2, padding=0):
+        self.stride = stride
+        self.padding = padding
+
+    def forward(self, x, w, b=None):
+        if self.recording:
+            needs = self.needs_input_grad
+            self.x = x if needs[1] else None
+            self.w = w if needs[0] else None
+            self.w_shape = w.shape
+        return conv_transpose2d_forward(x, w, b, self.stride, self.padding)
+
+    def backward(self, g):
+        needs = self.needs_input_grad
+        gx = conv_transpose2d_backward_input(g, self.w, self.stride, self.padding) if needs[0] else None
+        gw = (conv_transpose2d_backward_weight(self.x, g, self.w_shape, self.stride, self.padding)
+              if needs[1] else None)
+        if len(needs) == 2:
+            return gx, gw
+        return gx, gw, conv2d_backward_bias(g) if needs[2] else None
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """2-D cross-correlation like torch.nn.functional.conv2d: x [N, C, H, W], weight [O, C, kh, kw]."""
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return Conv2d(stride, padding)(*inputs)
+
+
+def conv_transpose2d(x, weight, bias=None, stride=2, padding=0):
+    """Transposed convolution like torch.nn.functional.conv_transpose2d: weight [C_in, C_out, kh, kw]."""
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return ConvTranspose2d(stride, padding)(*inputs)
