@@ -88,6 +88,8 @@ class DistrictPack:
         self.tile = int(attrs["tile_size"])
         t = self.tile
         self._counts = {}
+        self._ids: dict[str, list[str]] = {}
+        self._datasets: dict[str, dict] = {}  # h5py lookups by name are slow; keep the handles
         for split in SPLITS:
             if split not in self._file:
                 raise DataError(f"{self.path}: not an nfed pack (group '{split}' missing)")
@@ -103,6 +105,7 @@ class DistrictPack:
                                     f"inconsistent with tile size {t} and the other datasets")
                 n = shape[0]
             self._counts[split] = int(n)
+            self._datasets[split] = {name: group[name] for name in expected}
 
     def __enter__(self) -> "DistrictPack":
         return self
@@ -140,23 +143,29 @@ class DistrictPack:
         if indices.size and (indices.min() < 0 or indices.max() >= n):
             raise DataError(f"{self.path}: index out of range for split '{split}' with {n} tiles")
         unique, inverse = np.unique(indices, return_inverse=True)
-        group = self._file[split]
+        group = self._datasets[split]
+        # h5py point selections over scattered rows are very slow; contiguous slices are fast
+        runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1) if unique.size else []
         try:
-            past = group["past"][unique][inverse]
-            current = group["current"][unique][inverse]
-            mask = group["mask"][unique][inverse]
-            ids = group["ids"].asstr()[unique]
+            arrays = [np.concatenate([group[name][run[0]:run[-1] + 1] for run in runs])[inverse]
+                      if runs else np.empty((0,) + group[name].shape[1:], np.uint8)
+                      for name in ("past", "current", "mask")]
         except _READ_ERRORS as exc:
             raise DataError(f"{self.path}: cannot read split '{split}' (truncated or corrupt pack: "
                             f"{str(exc).splitlines()[0][:120]})") from None
-        return past, current, mask, [str(ids[i]) for i in inverse]
+        self.ids(split)  # fills the cache
+        all_ids = self._ids[split]
+        return arrays[0], arrays[1], arrays[2], [all_ids[i] for i in indices]
 
     def ids(self, split: str) -> list[str]:
+        """Tile ids of a split in stored order (read once, then cached: they are small)."""
         self._check_split(split)
-        try:
-            return [str(s) for s in self._file[split]["ids"].asstr()[:]]
-        except _READ_ERRORS as exc:
-            raise DataError(f"{self.path}: cannot read ids of split '{split}' ({exc})") from None
+        if split not in self._ids:
+            try:
+                self._ids[split] = [str(s) for s in self._datasets[split]["ids"].asstr()[:]]
+            except _READ_ERRORS as exc:
+                raise DataError(f"{self.path}: cannot read ids of split '{split}' ({exc})") from None
+        return list(self._ids[split])
 
     def iter_masks(self, split: str, block: int = 64) -> Iterator[np.ndarray]:
         """Masks in blocks of `block` tiles (bounded memory), e.g. for statistics."""

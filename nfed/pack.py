@@ -50,10 +50,13 @@ class PackWriter:
 
     Use as a context manager; the file appears under its final name only when the block ends without an
     exception. Datasets are chunked per tile and gzip-compressed, so readers fetch single tiles cheaply.
+    Tiles are buffered and written BLOCK at a time.
     """
 
+    BLOCK = 64
+
     def __init__(self, path: str | Path, *, district: str, tile: int, source: str, split_seed: int,
-                 mask_values: str = MASK_VALUES_TYPED, compression_level: int = 4,
+                 mask_values: str = MASK_VALUES_TYPED, compression_level: int = 1,
                  extra_attrs: dict | None = None):
         self.path = Path(path)
         self.district = district
@@ -66,6 +69,7 @@ class PackWriter:
         self._atomic = None
         self._file: h5py.File | None = None
         self.counts = {split: 0 for split in SPLITS}
+        self._buffers: dict[str, list] = {split: [] for split in SPLITS}
 
     def __enter__(self) -> "PackWriter":
         self._atomic = atomic_path(self.path, suffix=".h5")
@@ -94,19 +98,37 @@ class PackWriter:
         if past.shape != (t, t, 3) or current.shape != (t, t, 3) or mask.shape != (t, t):
             raise DataError(f"{tile_id}: tile shapes {past.shape}, {current.shape}, {mask.shape} "
                             f"do not match the pack's tile size {t}")
+        if split not in self._buffers:
+            raise DataError(f"unknown split '{split}' (use {', '.join(SPLITS)})")
+        buffer = self._buffers[split]
+        buffer.append((tile_id, np.asarray(past, np.uint8), np.asarray(current, np.uint8),
+                       np.asarray(mask, np.uint8)))
+        self.counts[split] += 1
+        if len(buffer) >= self.BLOCK:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        """Write buffered tiles of a split in one resize (h5py resizes per tile are slow)."""
+        buffer = self._buffers[split]
+        if not buffer:
+            return
         group = self._file[split]
-        n = self.counts[split]
-        for name, value in (("past", past), ("current", current), ("mask", mask)):
+        start = group["ids"].shape[0]
+        stop = start + len(buffer)
+        for position, name in enumerate(("ids", "past", "current", "mask"), start=0):
             dataset = group[name]
-            dataset.resize(n + 1, axis=0)
-            dataset[n] = np.asarray(value, dtype=np.uint8)
-        group["ids"].resize(n + 1, axis=0)
-        group["ids"][n] = tile_id
-        self.counts[split] = n + 1
+            dataset.resize(stop, axis=0)
+            if name == "ids":
+                dataset[start:stop] = [entry[0] for entry in buffer]
+            else:
+                dataset[start:stop] = np.stack([entry[position] for entry in buffer])
+        buffer.clear()
 
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
+                for split in SPLITS:
+                    self._flush(split)
                 self._file.attrs["num_samples"] = np.array([self.counts[s] for s in SPLITS], np.int64)
             self._file.close()
         finally:
@@ -432,7 +454,8 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
                 district_map: str | Path | None = None, skip_bad: bool = False,
                 progress: Callable[[Iterable, int, str], Iterable] | None = None) -> PackReport:
     """Pack SRC into <out_dir>/<district>.h5, one per district. Without skip_bad the first bad item
-    raises DataError (problems visible from names and headers are found before any pack is written); with skip_bad bad items and empty districts are skipped and
+    raises DataError (problems visible from names and headers are found before any pack is written);
+    with skip_bad bad items and empty districts are skipped and
     listed in the report. Packs are complete or absent: a district whose write fails leaves no file."""
     src, out_dir = Path(src), Path(out_dir)
     if not src.exists():
@@ -492,6 +515,9 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
         district_tile = tile or district_items[0].size[0]
         if tile is None:  # JSON without --tile: every label must have the district's tile size
             for item in district_items:
+                if item.size[0] != item.size[1]:
+                    raise DataError(f"{item.name}: tile is {item.size[0]}x{item.size[1]}, not square "
+                                    "(use --tile to cut it into square tiles)")
                 if item.size != (district_tile, district_tile):
                     raise DataError(f"{item.name}: tile is {item.size[0]}x{item.size[1]} but {district}'s "
                                     f"tiles are {district_tile}x{district_tile} (use --tile to cut)")
