@@ -4,12 +4,14 @@
 //   * bn_partial_sums: grid (S, C); block (s, c) sums (x - shift_c) and (x - shift_c)^2 over a strided
 //     share of channel c, where shift_c = x[0, c, 0, 0].  The shift keeps the one-pass variance accurate
 //     when |mean| >> std (the "shifted data" algorithm), so x is read only once for the statistics.
-//   * bn_finalize_stats: one thread per channel adds the S partials in double, writes mean and
-//     1/sqrt(var + eps) (biased var) and, when asked, updates running_mean/running_var in place with the
+//   * bn_finalize_stats: one thread per channel adds the S partials in double, writes mean, the biased
+//     variance and 1/sqrt(var + eps) and, when asked, updates running_mean/running_var in place with the
 //     unbiased variance and the given momentum (PyTorch semantics).
-//   * bn_forward_apply: y = (x - mean) * invstd * gamma + beta, then max(y, 0) when relu != 0.
+//   * bn_forward_apply: y = (x - mean) * invstd * gamma + beta, then max(y, 0) when relu != 0; also
+//     writes xhat = (x - mean) * invstd when xhat_out is not null (for callers that keep xhat).
 // Backward (training) = bn_backward_partial_sums -> (host: add the S partials) -> bn_backward_apply:
 //   g = gy * [y > 0] (fused ReLU; y recomputed from x, so only x is kept for backward),
+//   the saved input is x (input_is_xhat = 0) or xhat itself (input_is_xhat = 1, no ReLU then),
 //   dbeta = sum g, dgamma = sum g * xhat,
 //   gx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M)        (training, M = N*H*W)
 //   gx = gamma * invstd * g                                          (eval: statistics are constants)
@@ -66,7 +68,8 @@ template <typename T>
 __device__ void bn_finalize_stats(const T* __restrict__ partial, const T* __restrict__ x, int C, int S, int HW,
                                   long long M, double momentum, double eps, int update_running,
                                   T* __restrict__ running_mean, T* __restrict__ running_var,
-                                  T* __restrict__ mean_out, T* __restrict__ invstd_out) {
+                                  T* __restrict__ mean_out, T* __restrict__ var_out,
+                                  T* __restrict__ invstd_out) {
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += blockDim.x * gridDim.x) {
         double sum = 0.0, sumsq = 0.0;
         for (int s = 0; s < S; ++s) {
@@ -79,6 +82,7 @@ __device__ void bn_finalize_stats(const T* __restrict__ partial, const T* __rest
         if (var < 0.0) var = 0.0;
         const double mean = shift + mean_shifted;
         mean_out[c] = (T)mean;
+        var_out[c] = (T)var;
         invstd_out[c] = (T)(1.0 / sqrt(var + eps));
         if (update_running) {
             const double unbiased = M > 1 ? var * (double)M / (double)(M - 1) : var;
@@ -91,18 +95,23 @@ __device__ void bn_finalize_stats(const T* __restrict__ partial, const T* __rest
 template <typename T>
 __device__ void bn_forward_apply_NCHW(const T* __restrict__ x, const T* __restrict__ mean,
                                       const T* __restrict__ invstd, const T* __restrict__ gamma,
-                                      const T* __restrict__ beta, T* __restrict__ y, int N, int C, int HW,
-                                      int relu) {
+                                      const T* __restrict__ beta, T* __restrict__ y,
+                                      T* __restrict__ xhat_out, int N, int C, int HW, int relu) {
     for (long long plane = blockIdx.y; plane < (long long)N * C; plane += gridDim.y) {
         const int c = (int)(plane % C);
         const T scale = gamma[c] * invstd[c];
         const T offset = beta[c] - mean[c] * scale;
+        const T m = mean[c];
+        const T is = invstd[c];
         const T* __restrict__ xin = x + plane * HW;
         T* __restrict__ out = y + plane * HW;
+        T* __restrict__ xhat = xhat_out != nullptr ? xhat_out + plane * HW : nullptr;
         for (int q = blockIdx.x * blockDim.x + threadIdx.x; q < HW; q += blockDim.x * gridDim.x) {
-            T v = xin[q] * scale + offset;
+            const T xv = xin[q];
+            T v = xv * scale + offset;
             if (relu && !(v > (T)0)) v = (T)0;
             out[q] = v;
+            if (xhat != nullptr) xhat[q] = (xv - m) * is;
         }
     }
 }
@@ -112,7 +121,8 @@ template <typename T>
 __device__ void bn_backward_partial_sums_NCHW(const T* __restrict__ gy, const T* __restrict__ x,
                                               const T* __restrict__ mean, const T* __restrict__ invstd,
                                               const T* __restrict__ gamma, const T* __restrict__ beta,
-                                              int N, int C, int HW, int relu, T* __restrict__ partial) {
+                                              int N, int C, int HW, int relu, int input_is_xhat,
+                                              T* __restrict__ partial) {
     const int c = blockIdx.y;
     const int S = gridDim.x;
     const T m = mean[c];
@@ -126,7 +136,7 @@ __device__ void bn_backward_partial_sums_NCHW(const T* __restrict__ gy, const T*
         const long long q = e - n * HW;
         const long long idx = (n * C + c) * HW + q;
         const T xv = x[idx];
-        const T xhat = (xv - m) * is;
+        const T xhat = input_is_xhat ? xv : (xv - m) * is;
         T g = gy[idx];
         if (relu && !(xv * scale + offset > (T)0)) g = (T)0;
         sum_g += g;
@@ -145,7 +155,7 @@ __device__ void bn_backward_apply_NCHW(const T* __restrict__ gy, const T* __rest
                                        const T* __restrict__ mean, const T* __restrict__ invstd,
                                        const T* __restrict__ gamma, const T* __restrict__ beta,
                                        const T* __restrict__ sums, int N, int C, int HW, int relu,
-                                       int training, T* __restrict__ gx) {
+                                       int input_is_xhat, int training, T* __restrict__ gx) {
     const T inv_m = (T)1 / (T)((long long)N * HW);
     for (long long plane = blockIdx.y; plane < (long long)N * C; plane += gridDim.y) {
         const int c = (int)(plane % C);
@@ -160,7 +170,7 @@ __device__ void bn_backward_apply_NCHW(const T* __restrict__ gy, const T* __rest
         T* __restrict__ out = gx + plane * HW;
         for (int q = blockIdx.x * blockDim.x + threadIdx.x; q < HW; q += blockDim.x * gridDim.x) {
             const T xv = xin[q];
-            const T xhat = (xv - m) * is;
+            const T xhat = input_is_xhat ? xv : (xv - m) * is;
             T g = gin[q];
             if (relu && !(xv * k + offset > (T)0)) g = (T)0;
             out[q] = training ? k * (g - mean_g - xhat * mean_gx) : k * g;
@@ -190,24 +200,27 @@ __device__ void channel_partial_sums_NCHW(const T* __restrict__ x, int N, int C,
     extern "C" __global__ void bn_finalize_stats_##SUFFIX(const T* partial, const T* x, int C, int S, int HW,   \
                                                           long long M, double momentum, double eps,           \
                                                           int update_running, T* running_mean,                \
-                                                          T* running_var, T* mean_out, T* invstd_out) {       \
+                                                          T* running_var, T* mean_out, T* var_out,            \
+                                                          T* invstd_out) {                                    \
         bn_finalize_stats<T>(partial, x, C, S, HW, M, momentum, eps, update_running, running_mean,            \
-                             running_var, mean_out, invstd_out);                                              \
+                             running_var, mean_out, var_out, invstd_out);                                     \
     }                                                                                                         \
     extern "C" __global__ void bn_forward_apply_NCHW_##SUFFIX(const T* x, const T* mean, const T* invstd,       \
-                                                              const T* gamma, const T* beta, T* y, int N,     \
-                                                              int C, int HW, int relu) {                      \
-        bn_forward_apply_NCHW<T>(x, mean, invstd, gamma, beta, y, N, C, HW, relu);                            \
+                                                              const T* gamma, const T* beta, T* y,            \
+                                                              T* xhat_out, int N, int C, int HW, int relu) {  \
+        bn_forward_apply_NCHW<T>(x, mean, invstd, gamma, beta, y, xhat_out, N, C, HW, relu);                  \
     }                                                                                                         \
     extern "C" __global__ void bn_backward_partial_sums_NCHW_##SUFFIX(                                        \
         const T* gy, const T* x, const T* mean, const T* invstd, const T* gamma, const T* beta, int N, int C, \
-        int HW, int relu, T* partial) {                                                                       \
-        bn_backward_partial_sums_NCHW<T>(gy, x, mean, invstd, gamma, beta, N, C, HW, relu, partial);          \
+        int HW, int relu, int input_is_xhat, T* partial) {                                                    \
+        bn_backward_partial_sums_NCHW<T>(gy, x, mean, invstd, gamma, beta, N, C, HW, relu, input_is_xhat,     \
+                                         partial);                                                            \
     }                                                                                                         \
     extern "C" __global__ void bn_backward_apply_NCHW_##SUFFIX(                                               \
         const T* gy, const T* x, const T* mean, const T* invstd, const T* gamma, const T* beta,               \
-        const T* sums, int N, int C, int HW, int relu, int training, T* gx) {                                 \
-        bn_backward_apply_NCHW<T>(gy, x, mean, invstd, gamma, beta, sums, N, C, HW, relu, training, gx);      \
+        const T* sums, int N, int C, int HW, int relu, int input_is_xhat, int training, T* gx) {              \
+        bn_backward_apply_NCHW<T>(gy, x, mean, invstd, gamma, beta, sums, N, C, HW, relu, input_is_xhat,      \
+                                  training, gx);                                                              \
     }                                                                                                         \
     extern "C" __global__ void channel_partial_sums_NCHW_##SUFFIX(const T* x, int N, int C, int HW,            \
                                                                   T* partial) {                               \

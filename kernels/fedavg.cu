@@ -5,7 +5,8 @@
 // the minimum any implementation must move.  The float kernel uses 16-byte loads/stores when every
 // pointer is 16-byte aligned (the caller checks) and finishes the n % 4 tail with scalar accesses.
 // Accumulation is in float for float data (K is small and the weights sum to 1).
-// weighted_accumulate is the streaming form for clients that arrive one by one: acc += weight * src.
+// weighted_accumulate is the streaming form for clients that arrive one by one: acc += weight * src;
+// weighted_accumulate_f32_to_f64 does it into a float64 sum without a float64 copy of src.
 
 template <typename T>
 __device__ void weighted_sum(const unsigned long long* __restrict__ sources, const T* __restrict__ weights,
@@ -67,4 +68,12 @@ extern "C" __global__ void weighted_accumulate_f32(float* acc, const float* src,
 
 extern "C" __global__ void weighted_accumulate_f64(double* acc, const double* src, double weight, long long n) {
     weighted_accumulate<double>(acc, src, weight, n);
+}
+
+extern "C" __global__ void weighted_accumulate_f32_to_f64(double* __restrict__ acc, const float* __restrict__ src,
+                                                          double weight, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        acc[i] += weight * (double)src[i];
+    }
 }

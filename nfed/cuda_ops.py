@@ -31,16 +31,16 @@ _ARG_KINDS = {
     },
     "batchnorm.cu": {
         "bn_partial_sums_NCHW_{t}": "piiip",
-        "bn_finalize_stats_{t}": "ppiiilddipppp",
-        "bn_forward_apply_NCHW_{t}": "pppppp" + "iiii",
-        "bn_backward_partial_sums_NCHW_{t}": "pppppp" + "iiiip",
-        "bn_backward_apply_NCHW_{t}": "ppppppp" + "iiiiip",
+        "bn_finalize_stats_{t}": "ppiiilddippppp",
+        "bn_forward_apply_NCHW_{t}": "ppppppp" + "iiii",
+        "bn_backward_partial_sums_NCHW_{t}": "pppppp" + "iiiiip",
+        "bn_backward_apply_NCHW_{t}": "ppppppp" + "iiiiiip",
         "channel_partial_sums_NCHW_{t}": "piiip",
     },
     "pooling.cu": {
-        "max_pool2d_forward_NCHW_{t}": "ppp" + "l" + "iiiiii",
-        "max_pool2d_backward_gather_NCHW_{t}": "ppp" + "l" + "iiiiii",
-        "max_pool2d_backward_scatter_NCHW_{t}": "ppp" + "l" + "iiii",
+        "max_pool2d_forward_NCHW_{t}_{i}": "ppp" + "l" + "iiiiii",
+        "max_pool2d_backward_gather_NCHW_{t}_{i}": "ppp" + "l" + "iiiiii",
+        "max_pool2d_backward_scatter_NCHW_{t}_{i}": "ppp" + "l" + "iiiiii",
     },
     "softmax_ce.cu": {
         "softmax_NKHW_{t}": "pplili",
@@ -57,6 +57,7 @@ _ARG_KINDS = {
         "weighted_sum_vec4_f32": "ppipl",
         "weighted_accumulate_f32": "ppfl",
         "weighted_accumulate_f64": "ppdl",
+        "weighted_accumulate_f32_to_f64": "ppdl",
     },
     "elementwise.cu": {
         "add_channel_bias_NCHW_{t}": "pplii",
@@ -70,12 +71,17 @@ def _expand_kernels() -> dict[str, tuple[str, str]]:
     table = {}
     for source, kernels in _ARG_KINDS.items():
         for name, kinds in kernels.items():
-            for suffix in (("f32", "f64") if "{t}" in name else ("",)):
-                table[name.format(t=suffix)] = (source, kinds)
+            for t in (("f32", "f64") if "{t}" in name else ("",)):
+                for i in (("u8", "i32") if "{i}" in name else ("",)):
+                    table[name.format(t=t, i=i)] = (source, kinds)
     return table
 
 
 KERNELS: dict[str, tuple[str, str]] = _expand_kernels()
+
+class Unsupported(Exception):
+    """A GPU op cannot handle these arguments; the dispatcher then runs the array-agnostic CPU function."""
+
 
 _BLOCK = 256
 _MAX_GRID_Y = 65535
@@ -87,7 +93,7 @@ def _suffix(dtype) -> str:
         return "f32"
     if dtype == np.float64:
         return "f64"
-    raise TypeError(f"GPU ops support float32 and float64 arrays, got {dtype}")
+    raise Unsupported(f"GPU ops support float32 and float64 arrays, got {dtype}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,7 +116,9 @@ def _launch(name: str, grid, args, device_index: int, block: int = _BLOCK) -> No
         raise TypeError(f"kernel {name} takes {len(kinds)} arguments, got {len(args)}")
     converted = []
     for kind, value in zip(kinds, args):
-        if kind == "p":
+        if kind == "p" and value is None:
+            converted.append(np.uint64(0))  # a null pointer (8 bytes, like any device pointer)
+        elif kind == "p":
             if not isinstance(value, cp.ndarray):
                 raise TypeError(f"kernel {name}: expected a device array, got {type(value).__name__}")
             if not value.flags.c_contiguous:
@@ -183,7 +191,7 @@ def im2col(x, kernel_size, stride=1, padding=0, out_bf16: bool = False):
     kh, kw = _pair(kernel_size)
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     if sh != sw or ph != pw:
-        raise ValueError("GPU im2col supports equal strides and paddings in both directions")
+        raise Unsupported("GPU im2col supports equal strides and paddings in both directions")
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     if ho <= 0 or wo <= 0:
         raise ValueError(f"convolution window {kh}x{kw} larger than the padded input {h}x{w}")
@@ -208,7 +216,7 @@ def col2im(col, x_shape, kernel_size, stride=1, padding=0):
     kh, kw = _pair(kernel_size)
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     if sh != sw or ph != pw:
-        raise ValueError("GPU col2im supports equal strides and paddings in both directions")
+        raise Unsupported("GPU col2im supports equal strides and paddings in both directions")
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     if col.shape != (n, c * kh * kw, ho * wo):
         raise ValueError(f"col2im: col shape {col.shape} does not match {(n, c * kh * kw, ho * wo)}")
@@ -232,6 +240,13 @@ def _gemm_operand(a):
 
 def _out_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
+
+
+def _square(stride, padding) -> tuple[int, int]:
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    if sh != sw or ph != pw:
+        raise Unsupported("GPU convolutions take equal strides and paddings in both directions")
+    return sh, ph
 
 
 def _is_pointwise(kh: int, kw: int, stride: int, padding: int) -> bool:
@@ -271,7 +286,9 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     o, c_w, kh, kw = weight.shape
     if c_w != c:
         raise ValueError(f"conv2d: input has {c} channels, weight expects {c_w}")
-    s, p = _pair(stride)[0], _pair(padding)[0]
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise Unsupported("GPU conv2d needs input, weight and bias of one dtype")
+    s, p = _square(stride, padding)
     ho, wo = _out_size(h, kh, s, p), _out_size(w, kw, s, p)
     k = c * kh * kw
     y = cp.empty((n, o, ho, wo), dtype=x.dtype)
@@ -294,7 +311,7 @@ def conv2d_backward_input(grad_output, weight, x_shape, stride=1, padding=0):
     gy, weight = _contiguous(grad_output), _contiguous(weight)
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = weight.shape
-    s, p = _pair(stride)[0], _pair(padding)[0]
+    s, p = _square(stride, padding)
     ho, wo = gy.shape[2], gy.shape[3]
     k = c * kh * kw
     w_mat = _gemm_operand(weight.reshape(o, k))
@@ -312,13 +329,13 @@ def conv2d_backward_input(grad_output, weight, x_shape, stride=1, padding=0):
     return parts[0] if len(parts) == 1 else cp.concatenate(parts, axis=0)
 
 
-def conv2d_backward_weight(grad_output, x, weight_shape, stride=1, padding=0):
+def conv2d_backward_weight(x, grad_output, weight_shape, stride=1, padding=0):
     """Gradient of conv2d with respect to its weight: sum_n grad_output[n] @ im2col(x)[n]^T."""
     cp = backend.cupy_module()
     gy, x = _contiguous(grad_output), _contiguous(x)
     o, c, kh, kw = (int(v) for v in weight_shape)
     n = x.shape[0]
-    s, p = _pair(stride)[0], _pair(padding)[0]
+    s, p = _square(stride, padding)
     ho, wo = gy.shape[2], gy.shape[3]
     k = c * kh * kw
     bf16 = _bf16_mode(x.dtype)
@@ -348,7 +365,7 @@ def conv_transpose2d_forward(x, weight, bias=None, stride=2, padding=0):
     c_w, c_out, kh, kw = weight.shape
     if c_w != c_in:
         raise ValueError(f"conv_transpose2d: input has {c_in} channels, weight expects {c_w}")
-    s, p = _pair(stride)[0], _pair(padding)[0]
+    s, p = _square(stride, padding)
     out_shape = (n, c_out, (h - 1) * s - 2 * p + kh, (w - 1) * s - 2 * p + kw)
     y = conv2d_backward_input(x, weight, out_shape, s, p)
     return add_channel_bias(y, bias)
@@ -359,9 +376,9 @@ def conv_transpose2d_backward_input(grad_output, weight, stride=2, padding=0):
     return conv2d_forward(grad_output, weight, None, stride, padding)
 
 
-def conv_transpose2d_backward_weight(grad_output, x, weight_shape, stride=2, padding=0):
+def conv_transpose2d_backward_weight(x, grad_output, weight_shape, stride=2, padding=0):
     """Weight gradient of conv_transpose2d ([C_in, C_out, kh, kw]): roles of input and output swapped."""
-    return conv2d_backward_weight(x, grad_output, weight_shape, stride, padding)
+    return conv2d_backward_weight(grad_output, x, weight_shape, stride, padding)
 
 
 def conv_transpose2d_backward_bias(grad_output):
@@ -370,40 +387,54 @@ def conv_transpose2d_backward_bias(grad_output):
 
 # --- pooling -------------------------------------------------------------------------------------------
 
+def _square_pool(kernel_size, stride) -> tuple[int, int]:
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(kernel_size if stride is None else stride)
+    if kh != kw or sh != sw:
+        raise Unsupported("GPU max_pool2d supports square windows and equal strides")
+    return kh, sh
+
+
+def _pool_index_suffix(k: int) -> tuple[str, type]:
+    return ("u8", np.uint8) if k * k <= 256 else ("i32", np.int32)
+
+
 def max_pool2d_forward(x, kernel_size=2, stride=None):
-    """-> (y [N, C, HO, WO], argmax int32 plane indices [N, C, HO, WO]); no padding, floor sizes."""
+    """-> (y [N, C, HO, WO], index [N, C, HO, WO]): window position i*k + j of each maximum (uint8 when
+    k*k <= 256, else int32), the CPU function's format; no padding, floor sizes, first maximum wins."""
     cp = backend.cupy_module()
     x = _contiguous(x)
-    k = _pair(kernel_size)[0]
-    s = k if stride is None else _pair(stride)[0]
+    k, s = _square_pool(kernel_size, stride)
     n, c, h, w = x.shape
     ho, wo = (h - k) // s + 1, (w - k) // s + 1
     if ho <= 0 or wo <= 0:
-        raise ValueError(f"max_pool2d: window {k} larger than the input {h}x{w}")
+        raise ValueError(f"max_pool2d: window {k}x{k} larger than input {h}x{w}")
+    index_suffix, index_dtype = _pool_index_suffix(k)
     y = cp.empty((n, c, ho, wo), dtype=x.dtype)
-    argmax = cp.empty((n, c, ho, wo), dtype=np.int32)
-    _launch(f"max_pool2d_forward_NCHW_{_suffix(x.dtype)}", _grid_planes(n * c, ho * wo),
-            (x, y, argmax, n * c, h, w, k, s, ho, wo), _device_index(x))
-    return y, argmax
+    index = cp.empty((n, c, ho, wo), dtype=index_dtype)
+    _launch(f"max_pool2d_forward_NCHW_{_suffix(x.dtype)}_{index_suffix}", _grid_planes(n * c, ho * wo),
+            (x, y, index, n * c, h, w, k, s, ho, wo), _device_index(x))
+    return y, index
 
 
-def max_pool2d_backward(grad_output, argmax, x_shape, kernel_size=2, stride=None):
-    """Gradient of max_pool2d: grad_output routed to the winning input of each window."""
+def max_pool2d_backward(grad_output, index, x_shape, kernel_size=2, stride=None):
+    """Gradient of max_pool2d: each output gradient goes to its window's maximum."""
     cp = backend.cupy_module()
     gy = _contiguous(grad_output)
-    k = _pair(kernel_size)[0]
-    s = k if stride is None else _pair(stride)[0]
+    k, s = _square_pool(kernel_size, stride)
+    index_suffix, index_dtype = _pool_index_suffix(k)
+    index = _contiguous(index.astype(index_dtype, copy=False))
     n, c, h, w = (int(v) for v in x_shape)
     ho, wo = gy.shape[2], gy.shape[3]
-    suffix = _suffix(gy.dtype)
-    if k <= s:
+    name = f"{_suffix(gy.dtype)}_{index_suffix}"
+    if k <= s:  # windows do not overlap: a gather writes every input gradient exactly once
         gx = cp.empty((n, c, h, w), dtype=gy.dtype)
-        _launch(f"max_pool2d_backward_gather_NCHW_{suffix}", _grid_planes(n * c, h * w),
-                (gy, argmax, gx, n * c, h, w, k, s, ho, wo), _device_index(gy))
+        _launch(f"max_pool2d_backward_gather_NCHW_{name}", _grid_planes(n * c, h * w),
+                (gy, index, gx, n * c, h, w, k, s, ho, wo), _device_index(gy))
     else:
         gx = cp.zeros((n, c, h, w), dtype=gy.dtype)
-        _launch(f"max_pool2d_backward_scatter_NCHW_{suffix}", _grid_planes(n * c, ho * wo),
-                (gy, argmax, gx, n * c, h, w, ho, wo), _device_index(gy))
+        _launch(f"max_pool2d_backward_scatter_NCHW_{name}", _grid_planes(n * c, ho * wo),
+                (gy, index, gx, n * c, h, w, k, s, ho, wo), _device_index(gy))
     return gx
 
 
@@ -415,67 +446,118 @@ def _splits(elements_per_channel: int, channels: int, device_index: int) -> int:
     return max(1, min(wanted, math.ceil(elements_per_channel / (_BLOCK * 8)), 1024))
 
 
+def _bn_layout(x):
+    n, c = x.shape[0], x.shape[1]
+    return n, c, int(np.prod(x.shape[2:], dtype=np.int64))
+
+
+def _bn_vector(v, dtype):
+    return _contiguous(v.astype(dtype, copy=False))
+
+
+def _bn_batch_stats(x, running_mean=None, running_var=None, momentum=0.1, eps=1e-5):
+    """(mean, biased var, invstd) of x per channel; running statistics updated in place when given."""
+    cp = backend.cupy_module()
+    n, c, hw = _bn_layout(x)
+    dev = _device_index(x)
+    suffix = _suffix(x.dtype)
+    splits = _splits(n * hw, c, dev)
+    partial = cp.empty((c, splits, 2), dtype=x.dtype)
+    _launch(f"bn_partial_sums_NCHW_{suffix}", (splits, c), (x, n, c, hw, partial), dev)
+    mean, var, invstd = (cp.empty(c, dtype=x.dtype) for _ in range(3))
+    update = running_mean is not None and running_var is not None
+    if update:
+        for r in (running_mean, running_var):
+            if r.dtype != x.dtype or not r.flags.c_contiguous or r.shape != (c,):
+                raise Unsupported("running statistics are not contiguous vectors of the input's dtype")
+    _launch(f"bn_finalize_stats_{suffix}", _grid_1d(c, dev),
+            (partial, x, c, splits, hw, n * hw, momentum, eps, int(update),
+             running_mean if update else None, running_var if update else None, mean, var, invstd), dev)
+    return mean, var, invstd
+
+
+def _bn_apply(x, mean, invstd, gamma, beta, relu=False, want_xhat=False):
+    cp = backend.cupy_module()
+    n, c, hw = _bn_layout(x)
+    y = cp.empty_like(x)
+    xhat = cp.empty_like(x) if want_xhat else None
+    _launch(f"bn_forward_apply_NCHW_{_suffix(x.dtype)}", _grid_planes(n * c, hw),
+            (x, mean, invstd, _bn_vector(gamma, x.dtype), _bn_vector(beta, x.dtype), y, xhat, n, c, hw,
+             int(bool(relu))), _device_index(x))
+    return y, xhat
+
+
+def _bn_backward(gy, saved, mean, invstd, gamma, beta, training, relu, saved_is_xhat):
+    """(dx, dgamma, dbeta); `saved` is x (or xhat when saved_is_xhat)."""
+    cp = backend.cupy_module()
+    gy, saved = _contiguous(gy), _contiguous(saved)
+    n, c, hw = _bn_layout(saved)
+    dev = _device_index(saved)
+    suffix = _suffix(saved.dtype)
+    gamma = _bn_vector(gamma, saved.dtype)
+    beta = gamma if beta is None else _bn_vector(beta, saved.dtype)  # beta only shapes the ReLU mask
+    mean = gamma if mean is None else _bn_vector(mean, saved.dtype)  # unused when saved is xhat
+    invstd = _bn_vector(invstd, saved.dtype)
+    splits = _splits(n * hw, c, dev)
+    partial = cp.empty((c, splits, 2), dtype=saved.dtype)
+    flags = (int(bool(relu)), int(bool(saved_is_xhat)))
+    _launch(f"bn_backward_partial_sums_NCHW_{suffix}", (splits, c),
+            (gy, saved, mean, invstd, gamma, beta, n, c, hw) + flags + (partial,), dev)
+    sums = cp.ascontiguousarray(partial.sum(axis=1))  # [C, 2] = (sum g, sum g * xhat)
+    gx = cp.empty_like(saved)
+    _launch(f"bn_backward_apply_NCHW_{suffix}", _grid_planes(n * c, hw),
+            (gy, saved, mean, invstd, gamma, beta, sums, n, c, hw) + flags + (int(bool(training)), gx), dev)
+    return gx, sums[:, 1].copy(), sums[:, 0].copy()
+
+
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5,
                        relu=False):
-    """Batch norm over N, H, W (optionally followed by ReLU) -> (y, mean, invstd).
+    """Batch norm over N, H, W, optionally fused with the following ReLU -> (y, mean, invstd).
 
     Training uses the batch statistics and updates running_mean/running_var IN PLACE (unbiased variance,
-    PyTorch semantics); eval uses the running statistics. mean and invstd are what backward needs
-    (together with x; y is recomputed there, so the ReLU output is not kept).
+    PyTorch semantics); eval uses the running statistics. Backward needs x, mean and invstd only: the
+    ReLU mask is recomputed from x, so neither the normalised values nor the ReLU output are kept.
     """
     cp = backend.cupy_module()
     x = _contiguous(x)
-    n, c = x.shape[0], x.shape[1]
-    hw = int(np.prod(x.shape[2:], dtype=np.int64))
-    dev = _device_index(x)
-    suffix = _suffix(x.dtype)
-    gamma = _contiguous(gamma.astype(x.dtype, copy=False))
-    beta = _contiguous(beta.astype(x.dtype, copy=False))
     if training:
-        if n * hw < 2 and running_var is not None:
-            raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got {tuple(x.shape)}")
-        splits = _splits(n * hw, c, dev)
-        partial = cp.empty((c, splits, 2), dtype=x.dtype)
-        _launch(f"bn_partial_sums_NCHW_{suffix}", (splits, c), (x, n, c, hw, partial), dev)
-        mean = cp.empty(c, dtype=x.dtype)
-        invstd = cp.empty(c, dtype=x.dtype)
-        update = running_mean is not None and running_var is not None
-        if update and (running_mean.dtype != x.dtype or not running_mean.flags.c_contiguous
-                       or running_var.dtype != x.dtype or not running_var.flags.c_contiguous):
-            raise TypeError("batch_norm: running statistics must be contiguous arrays of the input's dtype")
-        rm = running_mean if update else mean
-        rv = running_var if update else invstd
-        _launch(f"bn_finalize_stats_{suffix}", _grid_1d(c, dev),
-                (partial, x, c, splits, hw, n * hw, momentum, eps, int(update), rm, rv, mean, invstd), dev)
+        mean, _, invstd = _bn_batch_stats(x, running_mean, running_var, momentum, eps)
     else:
-        mean = _contiguous(running_mean.astype(x.dtype, copy=False))
+        mean = _bn_vector(running_mean, x.dtype)
         invstd = 1.0 / cp.sqrt(running_var.astype(x.dtype, copy=False) + x.dtype.type(eps))
-    y = cp.empty_like(x)
-    _launch(f"bn_forward_apply_NCHW_{suffix}", _grid_planes(n * c, hw),
-            (x, mean, invstd, gamma, beta, y, n, c, hw, int(bool(relu))), dev)
+    y, _ = _bn_apply(x, mean, invstd, gamma, beta, relu=relu)
     return y, mean, invstd
 
 
 def batch_norm_backward(grad_output, x, gamma, beta, mean, invstd, training, relu=False):
-    """-> (grad_x, grad_gamma, grad_beta) of batch_norm_forward (with the same relu flag)."""
-    cp = backend.cupy_module()
-    gy, x = _contiguous(grad_output), _contiguous(x)
-    n, c = x.shape[0], x.shape[1]
-    hw = int(np.prod(x.shape[2:], dtype=np.int64))
-    dev = _device_index(x)
-    suffix = _suffix(x.dtype)
-    gamma = _contiguous(gamma.astype(x.dtype, copy=False))
-    beta = _contiguous(beta.astype(x.dtype, copy=False))
-    mean, invstd = _contiguous(mean), _contiguous(invstd)
-    splits = _splits(n * hw, c, dev)
-    partial = cp.empty((c, splits, 2), dtype=x.dtype)
-    _launch(f"bn_backward_partial_sums_NCHW_{suffix}", (splits, c),
-            (gy, x, mean, invstd, gamma, beta, n, c, hw, int(bool(relu)), partial), dev)
-    sums = cp.ascontiguousarray(partial.sum(axis=1))  # [C, 2] = (sum g, sum g * xhat)
-    gx = cp.empty_like(x)
-    _launch(f"bn_backward_apply_NCHW_{suffix}", _grid_planes(n * c, hw),
-            (gy, x, mean, invstd, gamma, beta, sums, n, c, hw, int(bool(relu)), int(bool(training)), gx), dev)
-    return gx, sums[:, 1].copy(), sums[:, 0].copy()
+    """-> (grad_x, grad_gamma, grad_beta) of batch_norm_forward (same relu flag)."""
+    return _bn_backward(grad_output, x, mean, invstd, gamma, beta, training, relu, saved_is_xhat=False)
+
+
+# The CPU module's raw functions (nfed.functions.normalization), same signatures and results:
+
+def batch_norm_train_forward(x, gamma, beta, eps=1e-5):
+    """(y, xhat, mean, var, invstd) with batch statistics (biased var), like the CPU function."""
+    x = _contiguous(x)
+    mean, var, invstd = _bn_batch_stats(x, eps=eps)
+    y, xhat = _bn_apply(x, mean, invstd, gamma, beta, want_xhat=True)
+    return y, xhat, mean, var, invstd
+
+
+def batch_norm_train_backward(gout, xhat, gamma, invstd):
+    """(dx, dgamma, dbeta) of the training-mode forward, from the saved xhat."""
+    return _bn_backward(gout, xhat, None, invstd, gamma, None, True, False, saved_is_xhat=True)
+
+
+def batch_norm_eval_forward(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    """y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta."""
+    y, _, _ = batch_norm_forward(x, gamma, beta, running_mean, running_var, False, eps=eps)
+    return y
+
+
+def batch_norm_eval_backward(g, x, gamma, mean, invstd):
+    """(dx, dgamma, dbeta) of the evaluation-mode forward (fixed statistics)."""
+    return _bn_backward(g, x, mean, invstd, gamma, None, False, False, saved_is_xhat=False)
 
 
 # --- activations, softmax, cross-entropy ---------------------------------------------------------------
@@ -662,12 +744,132 @@ def weighted_sum(arrays, weights, out=None):
 
 
 def weighted_accumulate(acc, x, weight):
-    """acc += weight * x, in place (streaming FedAvg as clients arrive)."""
-    if acc.shape != x.shape or acc.dtype != x.dtype:
-        raise ValueError("weighted_accumulate: shapes or dtypes differ")
+    """acc += weight * x, in place (streaming FedAvg as clients arrive); acc may be float64 for float32 x
+    (a float64 running sum without a float64 copy of x)."""
+    if acc.shape != x.shape or not acc.flags.c_contiguous:
+        raise ValueError("weighted_accumulate: shapes differ or the sum is not contiguous")
     x = _contiguous(x)
+    if acc.dtype == x.dtype:
+        name = f"weighted_accumulate_{_suffix(acc.dtype)}"
+    elif acc.dtype == np.float64 and x.dtype == np.float32:
+        name = "weighted_accumulate_f32_to_f64"
+    else:
+        raise Unsupported(f"weighted_accumulate: {x.dtype} into {acc.dtype}")
     if acc.size:
         dev = _device_index(acc)
-        suffix = _suffix(acc.dtype)
-        _launch(f"weighted_accumulate_{suffix}", _grid_1d(acc.size, dev), (acc, x, weight, acc.size), dev)
+        _launch(name, _grid_1d(acc.size, dev), (acc, x, weight, acc.size), dev)
     return acc
+
+
+# --- dispatch into the array-agnostic CPU code -----------------------------------------------------------
+
+# (module, function) of nfed's CPU code -> the GPU function here with the same signature.
+DISPATCH = {
+    ("nfed.functions.conv", "conv2d_forward"): "conv2d_forward",
+    ("nfed.functions.conv", "conv2d_backward_input"): "conv2d_backward_input",
+    ("nfed.functions.conv", "conv2d_backward_weight"): "conv2d_backward_weight",
+    ("nfed.functions.conv", "conv2d_backward_bias"): "conv2d_backward_bias",
+    ("nfed.functions.conv", "conv_transpose2d_forward"): "conv_transpose2d_forward",
+    ("nfed.functions.conv", "conv_transpose2d_backward_input"): "conv_transpose2d_backward_input",
+    ("nfed.functions.conv", "conv_transpose2d_backward_weight"): "conv_transpose2d_backward_weight",
+    ("nfed.functions.pooling", "max_pool2d_forward"): "max_pool2d_forward",
+    ("nfed.functions.pooling", "max_pool2d_backward"): "max_pool2d_backward",
+    ("nfed.functions.normalization", "batch_norm_train_forward"): "batch_norm_train_forward",
+    ("nfed.functions.normalization", "batch_norm_train_backward"): "batch_norm_train_backward",
+    ("nfed.functions.normalization", "batch_norm_eval_forward"): "batch_norm_eval_forward",
+    ("nfed.functions.normalization", "batch_norm_eval_backward"): "batch_norm_eval_backward",
+}
+
+_originals: dict[tuple[str, str], object] = {}
+
+
+def _dispatching(cpu_function, gpu_function):
+    """CPU function whose calls with a CuPy first argument run gpu_function (unless it is Unsupported)."""
+
+    @functools.wraps(cpu_function)
+    def op(*args, **kwargs):
+        if args and backend.is_gpu_array(args[0]):
+            try:
+                return gpu_function(*args, **kwargs)
+            except Unsupported:
+                pass
+        return cpu_function(*args, **kwargs)
+
+    op.cpu_function = cpu_function
+    op.gpu_function = gpu_function
+    return op
+
+
+def _adam_update(cpu_update):
+    @functools.wraps(cpu_update)
+    def update(self, name, p, grad):
+        data = p.data
+        if (backend.is_gpu_array(data) and backend.is_gpu_array(grad) and data.flags.c_contiguous
+                and grad.dtype == data.dtype and data.dtype in (np.float32, np.float64)):
+            m = self._buffer("exp_avg", name, p)
+            v = self._buffer("exp_avg_sq", name, p)
+            adam_update(data, _contiguous(grad), m, v, self.step_count, self.lr, self.betas, self.eps,
+                        self.weight_decay, self.decoupled)
+            return
+        cpu_update(self, name, p, grad)
+
+    return update
+
+
+def _sgd_update(cpu_update):
+    @functools.wraps(cpu_update)
+    def update(self, name, p, grad):
+        data = p.data
+        if (backend.is_gpu_array(data) and backend.is_gpu_array(grad) and data.flags.c_contiguous
+                and grad.dtype == data.dtype and data.dtype in (np.float32, np.float64)):
+            buf = self._buffer("momentum_buffer", name, p) if self.momentum else None
+            sgd_update(data, _contiguous(grad), buf, self.lr, self.momentum, 0.0, self.weight_decay,
+                       self.nesterov)
+            return
+        cpu_update(self, name, p, grad)
+
+    return update
+
+
+def install() -> None:
+    """Route nfed's CPU ops and optimiser updates to these GPU implementations for CuPy arrays.
+
+    Wraps the module-level raw-array functions of nfed.functions (table DISPATCH) and Adam/SGD._update
+    with a type check: NumPy calls are untouched, CuPy calls run here (falling back to the array-agnostic
+    code for arguments the GPU path does not handle). Idempotent; `uninstall()` restores the originals.
+    """
+    import importlib  # noqa: PLC0415
+
+    for (module_name, attribute), gpu_name in DISPATCH.items():
+        if (module_name, attribute) in _originals:
+            continue
+        module = importlib.import_module(module_name)
+        cpu_function = getattr(module, attribute, None)
+        if cpu_function is None:
+            continue
+        _originals[(module_name, attribute)] = cpu_function
+        setattr(module, attribute, _dispatching(cpu_function, globals()[gpu_name]))
+    optim = importlib.import_module("nfed.optim")
+    for cls_name, wrapper in (("Adam", _adam_update), ("SGD", _sgd_update)):
+        cls = getattr(optim, cls_name, None)
+        if cls is None or ("nfed.optim", cls_name) in _originals:
+            continue
+        _originals[("nfed.optim", cls_name)] = cls._update
+        cls._update = wrapper(cls._update)
+
+
+def uninstall() -> None:
+    """Undo install()."""
+    import importlib  # noqa: PLC0415
+
+    for (module_name, attribute), original in list(_originals.items()):
+        module = importlib.import_module(module_name)
+        if module_name == "nfed.optim":
+            getattr(module, attribute)._update = original
+        else:
+            setattr(module, attribute, original)
+        del _originals[(module_name, attribute)]
+
+
+def installed() -> bool:
+    return bool(_originals)
