@@ -131,7 +131,9 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
 
 def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
                      split: str = "val", device: str | None = None) -> dict:
-    """Loss and change-class metrics of `weights` on one split of the pack (federated evaluation)."""
+    """Loss and change-class metrics of `weights` on one split of the pack (federated evaluation).
+
+    `samples` counts the evaluated tiles, `pack_samples` all tiles of the pack (local.csv's `samples`)."""
     from .data import DistrictPack
     from .training import evaluate
 
@@ -139,7 +141,7 @@ def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_pat
     model = _model_with(weights, config)
     with DistrictPack(pack_path) as pack:
         metrics = evaluate(model, pack, split=split, batch_size=config.batch_size)
-        metrics["samples"] = int(pack.num_samples(split))
+        metrics["pack_samples"] = sum(int(pack.num_samples(s)) for s in ("train", "val", "test"))
     return metrics
 
 

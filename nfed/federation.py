@@ -37,6 +37,7 @@ from .atomic import atomic_path, write_text_atomic
 from .checkpoint import load_checkpoint, save_checkpoint
 from .client import ClientOutcome, ClientResult, ClientTask, make_round_setup, one_line
 from .errors import CheckpointError, ConfigError, DataError, NfedError
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +148,18 @@ class SequentialRunner:
     deadline is late and left out of the round, so the policy is exercised without real slow machines.
     """
 
-    def __init__(self, train_fn: TrainFn | None = None, speeds: Mapping[str, float] | None = None):
+    def __init__(self, train_fn: TrainFn | None = None, speeds: Mapping[str, float] | None = None,
+                 show_progress: bool = False):
         if train_fn is None:
             from .client import train_round as train_fn
         self.train_fn = train_fn
         self.speeds = dict(speeds or {})
+        self.show_progress = show_progress
 
     def run(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None) -> list[ClientOutcome]:
         outcomes = []
-        for task in tasks:
+        label = f"round {tasks[0].setup.get('round', '?')}" if tasks else ""
+        for task in progress(tasks, label=label, enabled=self.show_progress):
             started = time.perf_counter()
             try:
                 result = self.train_fn(global_weights, task.setup, task.pack_path,
@@ -271,7 +275,7 @@ class Federation:
     def __init__(self, packs: Mapping[str, Path], run_dir: str | Path, train_config, fed_config: FederationConfig,
                  *, train_fn: TrainFn | None = None, evaluate_fn: Callable | None = None,
                  initial_weights: Mapping | None = None, runner=None,
-                 echo: Callable[[str], None] | None = None):
+                 echo: Callable[[str], None] | None = None, show_progress: bool = False):
         if not packs:
             raise DataError("no district packs to federate")
         self.packs = dict(packs)
@@ -284,6 +288,7 @@ class Federation:
         self.echo = echo or (lambda text: None)
         self._initial_weights = initial_weights
         self._runner_override = runner
+        self.show_progress = show_progress
         if fed_config.min_clients > len(self.districts):
             raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.districts)} "
                               f"district(s) available")
@@ -347,7 +352,7 @@ class Federation:
             from .worker import WorkerRunner
 
             return WorkerRunner(self.config.workers, self.run_dir / "work", gpus=self.config.gpus)
-        return SequentialRunner(self.train_fn, self.config.client_speeds)
+        return SequentialRunner(self.train_fn, self.config.client_speeds, show_progress=self.show_progress)
 
     def _tasks(self, round_number: int, selected: Sequence[str]) -> list[ClientTask]:
         keep = self.config.client_state == "keep"
@@ -470,7 +475,8 @@ class Federation:
         """The global model on every district's test split -> RUN/federated.csv rows."""
         rows = []
         for district, metrics in self._evaluate_all(weights, round_number, "test").items():
-            rows.append({"district": district, "samples": int(metrics.get("samples", 0)),
+            samples = metrics.get("pack_samples", metrics.get("samples", 0))
+            rows.append({"district": district, "samples": int(samples),
                          **{k: float(metrics.get(k, float("nan"))) for k in ("precision", "recall", "f1", "iou")}})
         write_results_csv(self.run_dir / RESULTS_NAME, rows)
         return rows

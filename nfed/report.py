@@ -237,7 +237,7 @@ def draw_figures(comparison: Comparison, rounds: list[dict], out_dir: Path) -> l
 
 
 def _results_file(path: Path, name: str) -> Path:
-    return path / name if path.is_dir() else path
+    return path if path.suffix.lower() == ".csv" and not path.is_dir() else path / name
 
 
 def make_report(local: str | Path, federated: str | Path, out_dir: str | Path, *, figures: bool = True) -> Comparison:

@@ -207,3 +207,72 @@ def test_worker_mode_kills_a_hung_client_at_the_deadline(tmp_path, monkeypatch):
     assert record["answered"] == ["A-gu"]
     np.testing.assert_array_equal(result.global_weights["w"], np.ones(3))
     assert not (tmp_path / "run" / "work" / "round-1").exists()
+
+
+# ------------------------------------------------------------------------------- real clients, tiny
+
+@pytest.fixture(scope="module")
+def tiny_packs(tmp_path_factory):
+    from nfed.federation import find_packs
+    from nfed.pack import pack_folder
+    from nfed.synth import synthesise
+
+    root = tmp_path_factory.mktemp("tiny")
+    synthesise(root / "synth", scale=0.002, tile=32, seed=1, districts="Gangseo-gu,Nowon-gu,Jung-gu",
+               min_per_district=6)
+    pack_folder(root / "synth", root / "packs", seed=1)
+    return find_packs(root / "packs")
+
+
+def _tiny_config():
+    from nfed.training import profile_config
+
+    return profile_config("demo", width=2, batch_size=4, lr=1e-3)
+
+
+def test_tiny_federation_end_to_end_and_resume_is_exact(tiny_packs, tmp_path):
+    lines = []
+    config = FederationConfig(rounds=2, server_opt="fedavgm", client_state="keep")
+    full = federate(tiny_packs, tmp_path / "full", _tiny_config(), config, echo=lines.append)
+    assert [r["answered"] for r in full.rounds] == [list(tiny_packs)] * 2
+    assert all(r["norm_difference"] > 0 for r in full.rounds)
+    assert sum(line.startswith("round ") for line in lines) == 2
+    rows = (tmp_path / "full" / "federated.csv").read_text().splitlines()
+    assert rows[0] == "district,samples,precision,recall,f1,iou" and len(rows) == 4
+    record = full.rounds[-1]
+    assert set(record["global_val"]) == set(tiny_packs)
+    assert {"train_loss", "val_loss", "val_f1", "num_samples"} <= set(record["clients"]["Gangseo-gu"])
+
+    # killed after round 1, resumed: the same weights bit for bit
+    federate(tiny_packs, tmp_path / "split", _tiny_config(), FederationConfig(
+        rounds=1, server_opt="fedavgm", client_state="keep", evaluate_rounds=False), evaluate_test=False)
+    resumed = federate(tiny_packs, tmp_path / "split", _tiny_config(), config, resume=True)
+    assert full.global_weights.keys() == resumed.global_weights.keys()
+    for name, value in full.global_weights.items():
+        np.testing.assert_array_equal(value, resumed.global_weights[name], err_msg=name)
+    from nfed.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "split" / "global.h5")
+    assert saved.round == 2 and any(k.startswith("server.velocity.") for k in saved.extra)
+
+
+def test_federate_command_line(tiny_packs, tmp_path):
+    from click.testing import CliRunner
+
+    from nfed.cli import cli
+
+    data_dir = next(iter(tiny_packs.values())).parent
+    runner = CliRunner()
+    result = runner.invoke(cli, ["federate", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                                 "--rounds", "1", "--width", "2", "--batch-size", "4", "--quiet",
+                                 "--no-round-eval", "--client-speeds", "study", "--deadline", "1000"])
+    assert result.exit_code == 0, result.output
+    assert "round 1/1: 3/3 answered" in result.output and "federated.csv" in result.output
+    missing = runner.invoke(cli, ["federate", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")])
+    assert missing.exit_code == 1 and "packs folder not found" in missing.output
+    assert "Traceback" not in missing.output
+    (tmp_path / "run" / "global.h5").write_bytes(b"garbage")
+    corrupt = runner.invoke(cli, ["federate", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                                  "--rounds", "2", "--width", "2", "--batch-size", "4", "--quiet", "--resume"])
+    assert corrupt.exit_code == 1 and "Traceback" not in corrupt.output
+    assert "global.h5: unreadable or corrupt checkpoint" in corrupt.output.splitlines()[-1]

@@ -85,3 +85,19 @@ def test_bad_inputs(tmp_path, runs):
     _write(other, [("Atlantis-gu", 10, 0.5)])
     with pytest.raises(DataError, match="no district in common"):
         compare(read_results(local / "local.csv"), read_results(other))
+
+
+def test_report_command_line(runs, tmp_path):
+    from click.testing import CliRunner
+
+    from nfed.cli import cli
+
+    local, fed, names = runs
+    result = CliRunner().invoke(cli, ["report", "--local", str(local), "--federated", str(fed / "federated.csv"),
+                                      "--out", str(tmp_path / "rep"), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    assert names[0] in result.output and "mean F1 local -> federated" in result.output
+    assert (tmp_path / "rep" / "table.csv").is_file() and not (tmp_path / "rep" / "fig4_before_after.png").exists()
+    bad = CliRunner().invoke(cli, ["report", "--local", str(tmp_path / "none"), "--federated", str(fed),
+                                   "--out", str(tmp_path / "rep2")])
+    assert bad.exit_code == 1 and "local.csv" in bad.output and "Traceback" not in bad.output

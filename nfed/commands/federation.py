@@ -1,0 +1,113 @@
+"""Federation commands: `nfed federate` (rounds of FedAvg over district packs) and `nfed report`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import backend
+from ..errors import ConfigError
+
+DEVICE_HELP = "cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)"
+
+
+def parse_gpus(text: str | None) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2); empty -> ()."""
+    if not text:
+        return ()
+    try:
+        gpus = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--gpus '{text}': expected comma-separated GPU ids such as 0,1,2") from None
+    if any(g < 0 for g in gpus):
+        raise ConfigError(f"--gpus '{text}': GPU ids must be >= 0")
+    return gpus
+
+
+@click.command("federate")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="folder of district packs (<district>.h5), one client each")
+@click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="run folder")
+@click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
+              help="model/optimiser set-up sent to the clients (see train-local)")
+@click.option("--rounds", type=int, default=20, show_default=True, help="round budget")
+@click.option("--local-epochs", type=int, default=1, show_default=True, help="epochs per client per round")
+@click.option("--eps", type=float, default=1e-3, show_default=True,
+              help="stop when ||w_r+1 - w_r|| / ||w_r|| < eps (0 disables)")
+@click.option("--patience-rounds", type=int, default=0, show_default=True,
+              help="stop when the validation loss has not improved by --delta for this many rounds (0 disables)")
+@click.option("--delta", type=float, default=0.0, show_default=True, help="minimum validation-loss improvement")
+@click.option("--deadline", type=float, default=None,
+              help="seconds a round waits for its clients; later ones are left out of the round")
+@click.option("--fraction", type=float, default=1.0, show_default=True,
+              help="share of the districts sampled per round (seeded)")
+@click.option("--min-clients", type=int, default=1, show_default=True,
+              help="a round with fewer responders keeps the previous global weights")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="run clients in N parallel worker processes with a real deadline (0/1: in turn, in process)")
+@click.option("--gpus", default="", help="spread worker clients over these GPUs round-robin, e.g. 0,1,2")
+@click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), default="fedavg",
+              show_default=True, help="server optimiser (FedAvgM: server momentum; FedAdam: Adam on the server)")
+@click.option("--server-lr", type=float, default=None, help="server learning rate (fedavg/fedavgm 1, fedadam 0.01)")
+@click.option("--server-momentum", type=float, default=0.9, show_default=True, help="FedAvgM momentum")
+@click.option("--client-state", type=click.Choice(["reset", "keep"]), default="reset", show_default=True,
+              help="keep: each client keeps its Adam state between rounds (stored in RUN/client_state)")
+@click.option("--client-speeds", default=None,
+              help="relative client speeds: 'uniform', 'study' (3 tiers) or a JSON/CSV file district -> speed; "
+                   "simulated times = compute time / speed, checked against --deadline")
+@click.option("--lr", type=float, help="client learning rate (profile's by default)")
+@click.option("--batch-size", type=int)
+@click.option("--width", type=int, help="W-Net base width w")
+@click.option("--no-round-eval", is_flag=True,
+              help="skip evaluating the global model on every validation split after each round")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last finished round")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
+             min_clients, workers, gpus, server_opt, server_lr, server_momentum, client_state, client_speeds, lr,
+             batch_size, width, no_round_eval, resume, seed, device, quiet):
+    """Federated training over district packs (FedAvg weighted by sample count), one line per round.
+
+    Writes RUN/rounds.jsonl, an atomic checkpoint RUN/global.h5 after every round (--resume continues from
+    it with the same result as an uninterrupted run) and RUN/federated.csv: the global model on every
+    district's test split (district, samples, precision, recall, f1, iou).
+    """
+    from ..federation import FederationConfig, federate as run_federation, find_packs, load_client_speeds
+    from ..training import profile_config
+
+    gpu_ids = parse_gpus(gpus)
+    device = f"cuda:{gpu_ids[0]}" if gpu_ids and device is None else device
+    device = str(backend.parse_device(device))
+    train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed, device=device)
+    packs = find_packs(data_dir)
+    config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
+                              delta=delta, deadline=deadline, fraction=fraction, min_clients=min_clients,
+                              workers=workers, server_opt=server_opt, server_lr=server_lr,
+                              server_momentum=server_momentum, client_state=client_state,
+                              client_speeds=load_client_speeds(client_speeds, list(packs)), seed=seed,
+                              gpus=gpu_ids, evaluate_rounds=not no_round_eval)
+    click.echo(f"federating {len(packs)} district(s) from {data_dir}: {server_opt}, up to {rounds} round(s) of "
+               f"{local_epochs} local epoch(s), device {device}" + (f", deadline {deadline:g} s" if deadline else ""))
+    result = run_federation(packs, run_dir, train_config, config, resume=resume, echo=click.echo,
+                            show_progress=not quiet)
+    f1 = [row["f1"] for row in result.results]
+    click.echo(f"wrote {run_dir / 'federated.csv'}: mean test F1 {sum(f1) / max(len(f1), 1):.4f} over "
+               f"{len(f1)} district(s); global weights in {run_dir / 'global.h5'}")
+
+
+@click.command("report")
+@click.option("--local", "local_run", required=True, type=click.Path(path_type=Path),
+              help="train-local --all run folder (or its local.csv)")
+@click.option("--federated", "federated_run", required=True, type=click.Path(path_type=Path),
+              help="federate run folder (or its federated.csv)")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="report folder")
+@click.option("--no-figures", is_flag=True, help="skip the PNG figures")
+def report(local_run, federated_run, out_dir, no_figures):
+    """Compare local and federated F1 per district beside the study's Table 4 (table.csv, table.md, figures)."""
+    from ..report import make_report, table_text
+
+    comparison = make_report(local_run, federated_run, out_dir, figures=not no_figures)
+    click.echo(table_text(comparison))
+    click.echo(f"wrote {out_dir / 'table.csv'}, {out_dir / 'table.md'}"
+               + ("" if no_figures else " and figures"))
