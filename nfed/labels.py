@@ -101,8 +101,14 @@ def validate_schema(value: Any, schema: dict, path: str = "") -> None:
         if "maxItems" in schema and len(value) > schema["maxItems"]:
             raise SchemaViolation(path, f"has {len(value)} item(s), allows at most {schema['maxItems']}")
         if "items" in schema:
+            items = schema["items"]
+            if items.keys() <= {"type", "minimum"} and items.get("type") == "number":
+                # fast path for coordinate lists (most of a label's values); errors via the general path
+                minimum = items.get("minimum", -math.inf)
+                if all(type(v) in (int, float) and math.isfinite(v) and v >= minimum for v in value):
+                    return
             for index, item in enumerate(value):
-                validate_schema(item, schema["items"], _child(path, index))
+                validate_schema(item, items, _child(path, index))
 
 
 @functools.lru_cache(maxsize=1)

@@ -26,14 +26,16 @@ def _bar(enabled: bool):
               help="'all' or comma-separated district names (e.g. Gangnam-gu,Jung-gu).")
 @click.option("--min-per-district", default=8, show_default=True, type=int,
               help="Least number of tiles per district.")
+@click.option("--jobs", default=0, show_default=True, type=int,
+              help="Worker processes (0: one per CPU, at most 4); the output does not depend on it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def synth(out_dir, scale, tile, seed, districts, min_per_district, quiet):
+def synth(out_dir, scale, tile, seed, districts, min_per_district, jobs, quiet):
     """Generate synthetic bi-temporal tiles with JSON change labels for Seoul's districts."""
     from ..synth import synthesise
 
     start = time.perf_counter()
     summary = synthesise(out_dir, scale=scale, tile=tile, seed=seed, districts=districts,
-                         min_per_district=min_per_district, progress=_bar(not quiet))
+                         min_per_district=min_per_district, jobs=jobs, progress=_bar(not quiet))
     seconds = time.perf_counter() - start
     tiles = sum(n for n, _ in summary.values())
     share = sum(n * s for n, s in summary.values()) / max(tiles, 1)
