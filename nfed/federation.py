@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -395,6 +396,9 @@ class Federation:
                 _prune_client_states(self.run_dir, district, done)
         else:
             weights, done, records, stop_reason = self._fresh_state(), 0, [], None
+            # a fresh run in a used folder must not pick up another run's client state or results
+            shutil.rmtree(self.run_dir / "client_state", ignore_errors=True)
+            (self.run_dir / RESULTS_NAME).unlink(missing_ok=True)
             _write_rounds(self.run_dir / ROUNDS_NAME, [])
             self._save(weights, 0, server, stop, None)
         if stop_reason is None and done >= cfg.rounds:

@@ -24,40 +24,54 @@ def parse_gpus(text: str | None) -> tuple[int, ...]:
     return gpus
 
 
+# Options of the federated protocol shared by `nfed federate` and `nfed flower-app` (same names, same defaults).
+PROTOCOL_OPTIONS = [
+    click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
+                 help="model/optimiser set-up sent to the clients (see train-local)"),
+    click.option("--rounds", type=int, default=20, show_default=True, help="round budget"),
+    click.option("--local-epochs", type=int, default=1, show_default=True, help="epochs per client per round"),
+    click.option("--eps", type=float, default=1e-3, show_default=True,
+                 help="stop when ||w_r+1 - w_r|| / ||w_r|| < eps (0 disables)"),
+    click.option("--patience-rounds", type=int, default=0, show_default=True,
+                 help="stop when the validation loss has not improved by --delta for this many rounds (0 disables)"),
+    click.option("--delta", type=float, default=0.0, show_default=True, help="minimum validation-loss improvement"),
+    click.option("--fraction", type=float, default=1.0, show_default=True,
+                 help="share of the districts sampled per round (seeded)"),
+    click.option("--min-clients", type=int, default=1, show_default=True,
+                 help="a round with fewer responders keeps the previous global weights"),
+    click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), default="fedavg",
+                 show_default=True, help="server optimiser (FedAvgM: server momentum; FedAdam: Adam on the server)"),
+    click.option("--server-lr", type=float, default=None, help="server learning rate (fedavg/fedavgm 1, fedadam 0.01)"),
+    click.option("--server-momentum", type=float, default=0.9, show_default=True, help="FedAvgM momentum"),
+    click.option("--lr", type=float, help="client learning rate (profile's by default)"),
+    click.option("--batch-size", type=int),
+    click.option("--width", type=int, help="W-Net base width w"),
+]
+
+
+def protocol_options(command):
+    """Apply PROTOCOL_OPTIONS (profile, rounds, local epochs, stop rules, sampling, server optimiser, client
+    set-up) to a click command."""
+    for option in reversed(PROTOCOL_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.command("federate")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="folder of district packs (<district>.h5), one client each")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="run folder")
-@click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
-              help="model/optimiser set-up sent to the clients (see train-local)")
-@click.option("--rounds", type=int, default=20, show_default=True, help="round budget")
-@click.option("--local-epochs", type=int, default=1, show_default=True, help="epochs per client per round")
-@click.option("--eps", type=float, default=1e-3, show_default=True,
-              help="stop when ||w_r+1 - w_r|| / ||w_r|| < eps (0 disables)")
-@click.option("--patience-rounds", type=int, default=0, show_default=True,
-              help="stop when the validation loss has not improved by --delta for this many rounds (0 disables)")
-@click.option("--delta", type=float, default=0.0, show_default=True, help="minimum validation-loss improvement")
+@protocol_options
 @click.option("--deadline", type=float, default=None,
               help="seconds a round waits for its clients; later ones are left out of the round")
-@click.option("--fraction", type=float, default=1.0, show_default=True,
-              help="share of the districts sampled per round (seeded)")
-@click.option("--min-clients", type=int, default=1, show_default=True,
-              help="a round with fewer responders keeps the previous global weights")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="run clients in N parallel worker processes with a real deadline (0/1: in turn, in process)")
 @click.option("--gpus", default="", help="spread worker clients over these GPUs round-robin, e.g. 0,1,2")
-@click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), default="fedavg",
-              show_default=True, help="server optimiser (FedAvgM: server momentum; FedAdam: Adam on the server)")
-@click.option("--server-lr", type=float, default=None, help="server learning rate (fedavg/fedavgm 1, fedadam 0.01)")
-@click.option("--server-momentum", type=float, default=0.9, show_default=True, help="FedAvgM momentum")
 @click.option("--client-state", type=click.Choice(["reset", "keep"]), default="reset", show_default=True,
               help="keep: each client keeps its Adam state between rounds (stored in RUN/client_state)")
 @click.option("--client-speeds", default=None,
               help="relative client speeds: 'uniform', 'study' (3 tiers) or a JSON/CSV file district -> speed; "
                    "simulated times = compute time / speed, checked against --deadline")
-@click.option("--lr", type=float, help="client learning rate (profile's by default)")
-@click.option("--batch-size", type=int)
-@click.option("--width", type=int, help="W-Net base width w")
 @click.option("--no-round-eval", is_flag=True,
               help="skip evaluating the global model on every validation split after each round")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last finished round")
