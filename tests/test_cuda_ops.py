@@ -318,7 +318,7 @@ def test_weighted_sum_and_accumulate(rng):
     weights = rng.random(5)
     expected = sum(w * a.astype(np.float64) for w, a in zip(weights, arrays))
     assert_close(cuda_ops.weighted_sum([gpu(a) for a in arrays], weights), expected, 1e-6)
-    odd = [gpu(np.concatenate([[0], a]))[1:] for a in arrays]  # misaligned views: the scalar kernel
+    odd = [gpu(np.concatenate([np.zeros(1, np.float32), a]))[1:] for a in arrays]  # misaligned: scalar kernel
     assert_close(cuda_ops.weighted_sum(odd, weights), expected, 1e-6)
     acc = cp().zeros(1001, dtype=np.float64)
     for w, a in zip(weights, arrays):
