@@ -343,12 +343,13 @@ def _size_note(past: Path, current: Path) -> str:
     return f"; sizes differ (past {sizes[0][0]}x{sizes[0][1]}, current {sizes[1][0]}x{sizes[1][1]})"
 
 
-def discover_json(src: Path) -> tuple[list[Item], list[tuple[str, str]]]:
-    """Items of a folder of JSON labels (validated here: schema errors come back as problems)."""
+def discover_json(src: Path, exclude: Path | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Items of a folder of JSON labels (validated here: schema errors come back as problems).
+    `exclude` (the output folder, when it lies inside SRC) is not searched."""
     labels = sorted(p for p in src.rglob("*.json") if not any(part.startswith(".")
                                                                for part in p.relative_to(src).parts))
     problems = []
-    subfolders = _subdirs(src)
+    subfolders = [sub for sub in _subdirs(src) if exclude is None or sub.resolve() != exclude]
     if any(p.parent != src for p in labels):  # district-per-folder layout: every folder must hold labels
         for sub in subfolders:
             if not any(sub.rglob("*.json")):
@@ -477,7 +478,7 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
         items, problems = discover_levir(src, mapping)
         tile = tile or DEFAULT_LEVIR_TILE
     else:
-        items, problems = discover_json(src)
+        items, problems = discover_json(src, exclude=out_dir.resolve())
     report = PackReport(source_format=fmt)
 
     def reject(name: str, message: str) -> None:

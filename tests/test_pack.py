@@ -80,6 +80,14 @@ def test_pack_json_folder_writes_one_pack_per_district(tmp_path):
         assert set(np.unique(train["mask"][0])) == {0, 1, 4}
 
 
+def test_packs_may_be_written_inside_the_source_folder(tmp_path):
+    src = make_source(tmp_path / "src", {"Jung-gu": 3})
+    for _ in range(2):  # the second run must not take the pack folder for an empty district
+        code, output = run("pack", src, "--out", src / "packs", "--quiet")
+        assert code == 0, output
+    assert [p.name for p in (src / "packs").iterdir()] == ["Jung-gu.h5"]
+
+
 def test_split_is_deterministic_and_never_empty(tmp_path):
     src = make_source(tmp_path / "src", {"Jung-gu": 3})
     splits = []
