@@ -119,8 +119,22 @@ class _MemoryPool:
         pass
 
 
+class _MemoryHook:
+    name = "hook"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 class _Runtime:
     memcpyDeviceToDevice = 3
+
+    @staticmethod
+    def memcpyAsync(dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
 
     @staticmethod
     def getDeviceCount():
@@ -151,7 +165,7 @@ def fake_cupy() -> types.ModuleType:
     module.asnumpy = lambda a: np.array(a, copy=True).view(np.ndarray)
     module.get_default_memory_pool = _MemoryPool
     module.cuda = types.SimpleNamespace(
-        Device=lambda index=0: _Device(), runtime=_Runtime,
+        Device=lambda index=0: _Device(), runtime=_Runtime, MemoryHook=_MemoryHook,
         device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
         get_current_stream=lambda: types.SimpleNamespace(ptr=0))
     return module

@@ -385,3 +385,24 @@ def test_full_wnet_training_step_gpu_matches_cpu():
         assert error < 1e-3, f"gradient of {name}: normalised error {error:.3g}"
     for name, value in cpu_state.items():
         assert_close(gpu_state[name], value, 1e-3)
+
+
+# --- the GPU branches of the benches (tiny sizes; gpu_check.sh runs the real ones) ----------------------------
+
+@pytest.mark.parametrize("mode", precision.MODES)
+def test_kernels_bench_runs_on_the_gpu(mode):
+    from nfed.commands.bench_gpu import run_kernels_bench
+
+    result = run_kernels_bench(backend.Device("cuda", 0), mode, 1, 16, 1, 1, 0, reference=False)
+    assert result["precision"] == mode and sum(r["layers"] for r in result["layers"]) == 46
+    assert all(r["nfed_forward_s"] > 0 and r["nfed_backward_s"] > 0 for r in result["layers"])
+    assert all(r["nfed_peak_bytes"] is not None for r in result["layers"])
+    assert precision.get_precision() == precision.parse_precision(None)
+
+
+def test_aggregate_bench_runs_on_the_gpu():
+    from nfed.commands.bench_gpu import run_aggregate_bench
+
+    result = run_aggregate_bench(backend.Device("cuda", 0), 3, 1003, 1, 0, reference=False)
+    assert result["check_max_error"] < 1e-4
+    assert result["copy_gb_s"] > 0 and result["nfed_kernel_gb_s"] > 0 and result["aggregator_gb_s"] > 0

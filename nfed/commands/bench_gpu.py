@@ -13,6 +13,7 @@ GPU-only code reaches CuPy through nfed.backend; torch is imported only here, on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,6 +50,13 @@ def device_name(device: backend.Device) -> str:
     cp = backend.cupy_module()
     name = cp.cuda.runtime.getDeviceProperties(device.index)["name"]
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def on_device(device: backend.Device):
+    """Context that makes `device` current (backend.Device's own `with` cannot be used: it is frozen)."""
+    if device.is_gpu:
+        return backend.cupy_module().cuda.Device(device.index)
+    return contextlib.nullcontext()
 
 
 def median_seconds(fn, sync, repeat: int, warmup: int) -> float:
@@ -237,7 +245,7 @@ def _nfed_layer_calls(layer: dict, device: backend.Device):
 
 def _measure_nfed_layer(layer, device, repeat, warmup) -> dict:
     sync = lambda: backend.synchronize(device)  # noqa: E731
-    with device:
+    with on_device(device):
         forward, backward, arrays = _nfed_layer_calls(layer, device)
         t_fwd = median_seconds(forward, sync, repeat, warmup)
         t_bwd = median_seconds(backward, sync, repeat, warmup)
@@ -426,7 +434,7 @@ def run_aggregate_bench(device: backend.Device, models: int, parameters: int, re
     result = {"device": str(device), "device_name": device_name(device), "models": models,
               "parameters": parameters, "bytes_moved": moved}
     sync = lambda: backend.synchronize(device)  # noqa: E731
-    with device:
+    with on_device(device):
         stack = [xp.full(parameters, float(i), dtype=np.float32) for i in range(models)]
         copy_bw = _copy_bandwidth(device, parameters * 4, repeat, warmup)
         result["copy_gb_s"] = copy_bw / 1e9
