@@ -14,7 +14,7 @@ import numpy as np
 
 from . import backend
 from .districts import district_order_key
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 REQUIRED_ATTRS = ("district", "tile_size", "format_version")
@@ -207,7 +207,9 @@ class DistrictPack:
         """Batches of one pass over a split; order and augmentation are fixed by `seed` (vary it per
         epoch for fresh shuffles)."""
         if batch_size < 1:
-            raise DataError(f"batch size must be positive, got {batch_size}")
+            raise ConfigError(f"batch size must be positive, got {batch_size}")
+        if seed < 0:
+            raise ConfigError(f"seed must not be negative, got {seed}")
         target = backend.parse_device(device)
         n = self.num_samples(split)
         order = np.random.default_rng([int(seed), 0]).permutation(n) if shuffle else np.arange(n)

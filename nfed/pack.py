@@ -467,6 +467,8 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
         fmt = detect_format(src)
     if fmt not in ("json", "levir"):
         raise ConfigError(f"--format '{fmt}': use auto, json or levir")
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: must not be negative")
     if tile is not None and tile < 1:
         raise ConfigError(f"--tile {tile}: must be positive")
     if fmt == "json" and district_map is not None:

@@ -61,7 +61,7 @@ class DistrictStyle:
     road_probability: float
     l_shape_probability: float
     rotation_spread: float       # degrees of footprint rotation around the grid direction
-    change_rate: float           # expected number of changed buildings per tile (Poisson mean, +1)
+    change_rate: float           # mean changed buildings per tile: 1 + Poisson(rate - 1), at most 6
     type_weights: np.ndarray     # [4] relative frequency of new, demolished, renewed, recoloured
     gain: np.ndarray             # [3] mean per-channel gain of the current date
     offset: float                # mean brightness offset of the current date
@@ -512,6 +512,8 @@ def synthesise(out_dir: str | Path, *, scale: float = 0.025, tile: int = 64, see
         raise ConfigError(f"--tile {tile}: must be at least 16")
     if min_per_district < 1:
         raise ConfigError(f"--min-per-district {min_per_district}: must be at least 1")
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: must not be negative")
     jobs = default_jobs() if jobs is None or jobs <= 0 else int(jobs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
