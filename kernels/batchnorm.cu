@@ -43,25 +43,42 @@ __device__ __forceinline__ void nfed_block_sum2(T& a, T& b) {
     }
 }
 
-template <typename T>
-__device__ void bn_partial_sums_NCHW(const T* __restrict__ x, int N, int C, int HW, T* __restrict__ partial) {
+// The shared shape of every per-channel reduction: block (s, c) walks its strided share of channel c's
+// N*HW elements, accumulates the two values `term` returns for each element index, reduces them over
+// the block and writes them to partial[c, s, 0..1].
+template <typename T, typename Term>
+__device__ void nfed_channel_partial_sums2(int N, int C, int HW, T* __restrict__ partial, Term term) {
     const int c = blockIdx.y;
     const int S = gridDim.x;
-    const T shift = x[(long long)c * HW];
     const long long M = (long long)N * HW;
-    T sum = 0, sumsq = 0;
+    T a = 0, b = 0;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < M; e += (long long)S * blockDim.x) {
         const long long n = e / HW;
-        const long long q = e - n * HW;
-        const T d = x[(n * C + c) * HW + q] - shift;
+        term((n * C + c) * HW + (e - n * HW), a, b);
+    }
+    nfed_block_sum2(a, b);
+    if (threadIdx.x == 0) {
+        partial[((long long)c * S + blockIdx.x) * 2 + 0] = a;
+        partial[((long long)c * S + blockIdx.x) * 2 + 1] = b;
+    }
+}
+
+// (x - shift, (x - shift)^2) with shift = the channel's first value.
+template <typename T>
+struct NfedShiftedMoments {
+    const T* x;
+    T shift;
+    __device__ void operator()(long long idx, T& sum, T& sumsq) const {
+        const T d = x[idx] - shift;
         sum += d;
         sumsq += d * d;
     }
-    nfed_block_sum2(sum, sumsq);
-    if (threadIdx.x == 0) {
-        partial[((long long)c * S + blockIdx.x) * 2 + 0] = sum;
-        partial[((long long)c * S + blockIdx.x) * 2 + 1] = sumsq;
-    }
+};
+
+template <typename T>
+__device__ void bn_partial_sums_NCHW(const T* __restrict__ x, int N, int C, int HW, T* __restrict__ partial) {
+    const NfedShiftedMoments<T> term{x, x[(long long)blockIdx.y * HW]};
+    nfed_channel_partial_sums2(N, C, HW, partial, term);
 }
 
 template <typename T>
@@ -116,7 +133,24 @@ __device__ void bn_forward_apply_NCHW(const T* __restrict__ x, const T* __restri
     }
 }
 
-// Partial sums of g and g * xhat per channel (g = gy, masked by the recomputed ReLU when relu != 0).
+// (g, g * xhat) with g = gy, masked by the recomputed ReLU when relu != 0; the saved input is x, or
+// xhat itself when input_is_xhat (no ReLU then).
+template <typename T>
+struct NfedBackwardTerms {
+    const T* gy;
+    const T* x;
+    T mean, invstd, scale, offset;
+    int relu, input_is_xhat;
+    __device__ void operator()(long long idx, T& sum_g, T& sum_gx) const {
+        const T xv = x[idx];
+        const T xhat = input_is_xhat ? xv : (xv - mean) * invstd;
+        T g = gy[idx];
+        if (relu && !(xv * scale + offset > (T)0)) g = (T)0;  // same expression as bn_forward_apply
+        sum_g += g;
+        sum_gx += g * xhat;
+    }
+};
+
 template <typename T>
 __device__ void bn_backward_partial_sums_NCHW(const T* __restrict__ gy, const T* __restrict__ x,
                                               const T* __restrict__ mean, const T* __restrict__ invstd,
@@ -124,29 +158,10 @@ __device__ void bn_backward_partial_sums_NCHW(const T* __restrict__ gy, const T*
                                               int N, int C, int HW, int relu, int input_is_xhat,
                                               T* __restrict__ partial) {
     const int c = blockIdx.y;
-    const int S = gridDim.x;
-    const T m = mean[c];
-    const T is = invstd[c];
-    const T scale = gamma[c] * is;                 // same expressions as bn_forward_apply, so the
-    const T offset = beta[c] - m * scale;          // recomputed ReLU mask matches the forward exactly
-    const long long M = (long long)N * HW;
-    T sum_g = 0, sum_gx = 0;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < M; e += (long long)S * blockDim.x) {
-        const long long n = e / HW;
-        const long long q = e - n * HW;
-        const long long idx = (n * C + c) * HW + q;
-        const T xv = x[idx];
-        const T xhat = input_is_xhat ? xv : (xv - m) * is;
-        T g = gy[idx];
-        if (relu && !(xv * scale + offset > (T)0)) g = (T)0;
-        sum_g += g;
-        sum_gx += g * xhat;
-    }
-    nfed_block_sum2(sum_g, sum_gx);
-    if (threadIdx.x == 0) {
-        partial[((long long)c * S + blockIdx.x) * 2 + 0] = sum_g;
-        partial[((long long)c * S + blockIdx.x) * 2 + 1] = sum_gx;
-    }
+    const T scale = gamma[c] * invstd[c];
+    const NfedBackwardTerms<T> term{gy, x, mean[c], invstd[c], scale, beta[c] - mean[c] * scale, relu,
+                                    input_is_xhat};
+    nfed_channel_partial_sums2(N, C, HW, partial, term);
 }
 
 // sums: [C, 2] = (sum g, sum g * xhat) per channel (ignored when training == 0).
@@ -178,19 +193,16 @@ __device__ void bn_backward_apply_NCHW(const T* __restrict__ gy, const T* __rest
     }
 }
 
-// Plain per-channel partial sums (conv bias gradient): partial [C, S].
+// Plain per-channel partial sums (conv bias gradient): partial [C, S, 2], the second value 0.
+template <typename T>
+struct NfedPlainSum {
+    const T* x;
+    __device__ void operator()(long long idx, T& sum, T&) const { sum += x[idx]; }
+};
+
 template <typename T>
 __device__ void channel_partial_sums_NCHW(const T* __restrict__ x, int N, int C, int HW, T* __restrict__ partial) {
-    const int c = blockIdx.y;
-    const int S = gridDim.x;
-    const long long M = (long long)N * HW;
-    T sum = 0, unused = 0;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < M; e += (long long)S * blockDim.x) {
-        const long long n = e / HW;
-        sum += x[(n * C + c) * HW + (e - n * HW)];
-    }
-    nfed_block_sum2(sum, unused);
-    if (threadIdx.x == 0) partial[(long long)c * S + blockIdx.x] = sum;
+    nfed_channel_partial_sums2(N, C, HW, partial, NfedPlainSum<T>{x});
 }
 
 #define NFED_BN_INSTANTIATE(T, SUFFIX)                                                                        \

@@ -272,10 +272,10 @@ def channel_sum(x):
     hw = int(np.prod(x.shape[2:], dtype=np.int64))
     splits = _splits(n * hw, c, _device_index(x))
     cp = backend.cupy_module()
-    partial = cp.empty((c, splits), dtype=x.dtype)
+    partial = cp.empty((c, splits, 2), dtype=x.dtype)
     _launch(f"channel_partial_sums_NCHW_{_suffix(x.dtype)}", (splits, c), (x, n, c, hw, partial),
             _device_index(x))
-    return partial.sum(axis=1)
+    return partial[:, :, 0].sum(axis=1)
 
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
@@ -800,33 +800,27 @@ def _dispatching(cpu_function, gpu_function):
     return op
 
 
-def _adam_update(cpu_update):
+def _fused_adam(self, name, p, grad) -> None:
+    adam_update(p.data, _contiguous(grad), self._buffer("exp_avg", name, p), self._buffer("exp_avg_sq", name, p),
+                self.step_count, self.lr, self.betas, self.eps, self.weight_decay, self.decoupled)
+
+
+def _fused_sgd(self, name, p, grad) -> None:
+    buffer = self._buffer("momentum_buffer", name, p) if self.momentum else None
+    sgd_update(p.data, _contiguous(grad), buffer, self.lr, self.momentum, 0.0, self.weight_decay, self.nesterov)
+
+
+def _fused_update(cpu_update, fused):
+    """Optimizer._update that runs `fused` (one kernel per parameter) for float CuPy parameters."""
+
     @functools.wraps(cpu_update)
     def update(self, name, p, grad):
         data = p.data
         if (backend.is_gpu_array(data) and backend.is_gpu_array(grad) and data.flags.c_contiguous
                 and grad.dtype == data.dtype and data.dtype in (np.float32, np.float64)):
-            m = self._buffer("exp_avg", name, p)
-            v = self._buffer("exp_avg_sq", name, p)
-            adam_update(data, _contiguous(grad), m, v, self.step_count, self.lr, self.betas, self.eps,
-                        self.weight_decay, self.decoupled)
-            return
-        cpu_update(self, name, p, grad)
-
-    return update
-
-
-def _sgd_update(cpu_update):
-    @functools.wraps(cpu_update)
-    def update(self, name, p, grad):
-        data = p.data
-        if (backend.is_gpu_array(data) and backend.is_gpu_array(grad) and data.flags.c_contiguous
-                and grad.dtype == data.dtype and data.dtype in (np.float32, np.float64)):
-            buf = self._buffer("momentum_buffer", name, p) if self.momentum else None
-            sgd_update(data, _contiguous(grad), buf, self.lr, self.momentum, 0.0, self.weight_decay,
-                       self.nesterov)
-            return
-        cpu_update(self, name, p, grad)
+            fused(self, name, p, grad)
+        else:
+            cpu_update(self, name, p, grad)
 
     return update
 
@@ -850,12 +844,12 @@ def install() -> None:
         _originals[(module_name, attribute)] = cpu_function
         setattr(module, attribute, _dispatching(cpu_function, globals()[gpu_name]))
     optim = importlib.import_module("nfed.optim")
-    for cls_name, wrapper in (("Adam", _adam_update), ("SGD", _sgd_update)):
+    for cls_name, fused in (("Adam", _fused_adam), ("SGD", _fused_sgd)):
         cls = getattr(optim, cls_name, None)
         if cls is None or ("nfed.optim", cls_name) in _originals:
             continue
         _originals[("nfed.optim", cls_name)] = cls._update
-        cls._update = wrapper(cls._update)
+        cls._update = _fused_update(cls._update, fused)
 
 
 def uninstall() -> None:
