@@ -52,6 +52,9 @@ _ARG_KINDS = {
         "adam_update_{t}": "ppppl" + "dddddd" + "d" + "i",
         "sgd_update_{t}": "pppl" + "dddd" + "ii",
     },
+    "conv_direct.cu": {
+        "conv2d_direct_NCHW_{t}": "pppp" + "i" * 11,
+    },
     "fedavg.cu": {
         "weighted_sum_{t}": "ppipl",
         "weighted_sum_vec4_f32": "ppipl",
@@ -278,6 +281,31 @@ def channel_sum(x):
     return partial[:, :, 0].sum(axis=1)
 
 
+DIRECT_OUT_CHANNELS = 16  # NFED_DIRECT_OB in kernels/conv_direct.cu
+
+
+def direct_reduction_limit() -> int:
+    """Largest C*kh*kw convolved directly, without im2col (env NFED_CONV_DIRECT_MAX_K, default 32; 0 = never)."""
+    return int(os.environ.get("NFED_CONV_DIRECT_MAX_K", "32"))
+
+
+def conv2d_forward_path(channels: int, kh: int, kw: int, stride: int = 1, padding: int = 0) -> str:
+    """Which forward algorithm conv2d_forward uses: 'direct', 'gemm' (1x1) or 'im2col+gemm'."""
+    if channels * kh * kw <= direct_reduction_limit():
+        return "direct"
+    return "gemm" if _is_pointwise(kh, kw, stride, padding) else "im2col+gemm"
+
+
+def _conv2d_direct(x, weight, bias, y, s, p):
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    ho, wo = y.shape[2], y.shape[3]
+    rows = n * math.ceil(o / DIRECT_OUT_CHANNELS)
+    _launch(f"conv2d_direct_NCHW_{_suffix(x.dtype)}", _grid_planes(rows, ho * wo),
+            (x, weight, bias, y, n, c, h, w, o, kh, kw, s, p, ho, wo), _device_index(x))
+    return y
+
+
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     """y = conv2d(x, weight) + bias; x [N, C, H, W], weight [O, C, kh, kw] -> y [N, O, HO, WO]."""
     cp = backend.cupy_module()
@@ -292,9 +320,12 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     ho, wo = _out_size(h, kh, s, p), _out_size(w, kw, s, p)
     k = c * kh * kw
     y = cp.empty((n, o, ho, wo), dtype=x.dtype)
+    path = conv2d_forward_path(c, kh, kw, s, p)
+    if path == "direct":
+        return _conv2d_direct(x, weight, None if bias is None else _contiguous(bias), y, s, p)
     bf16 = _bf16_mode(x.dtype)
     w_mat = _gemm_operand(weight.reshape(o, k))
-    if _is_pointwise(kh, kw, s, p):
+    if path == "gemm":
         precision.gemm(w_mat, x.reshape(n, c, h * w), out=y.reshape(n, o, ho * wo))
     else:
         step = _chunk(n, k * ho * wo * (2 if bf16 else x.dtype.itemsize))

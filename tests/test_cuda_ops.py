@@ -97,6 +97,7 @@ def test_im2col_matches_cpu_and_col2im_is_its_adjoint(rng, k, s, p):
 
 CONV_CASES = [  # (N, C, H, W, O, k, stride, padding)
     (2, 3, 16, 16, 8, 3, 1, 1),
+    (2, 2, 9, 12, 20, 3, 1, 1),  # 20 output channels: one full and one partial block of the direct kernel
     (3, 8, 9, 7, 5, 3, 1, 1),
     (2, 6, 10, 10, 4, 1, 1, 0),
     (2, 4, 11, 9, 6, 3, 2, 1),
@@ -104,11 +105,13 @@ CONV_CASES = [  # (N, C, H, W, O, k, stride, padding)
 ]
 
 
+@pytest.mark.parametrize("direct_limit", ["0", "32"])  # im2col/GEMM everywhere, or direct for small C*k*k
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d_forward_and_backward_match_cpu(rng, monkeypatch, case, dtype):
+def test_conv2d_forward_and_backward_match_cpu(rng, monkeypatch, case, dtype, direct_limit):
     from nfed.functions import conv
 
+    monkeypatch.setenv("NFED_CONV_DIRECT_MAX_K", direct_limit)
     monkeypatch.setenv("NFED_IM2COL_BUDGET_MB", "0.001")  # force one sample per chunk: the chunk loop runs
     n, c, h, w, o, k, s, p = case
     x, wt, b = randn(rng, n, c, h, w, dtype=dtype), randn(rng, o, c, k, k, dtype=dtype), randn(rng, o, dtype=dtype)

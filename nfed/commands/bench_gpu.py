@@ -243,12 +243,35 @@ def _nfed_layer_calls(layer: dict, device: backend.Device):
     return forward, backward, (x, weight, bias, gy)
 
 
+def _forward_path(layer, device) -> str | None:
+    """The GPU forward algorithm of a layer (deconv forward is a col2im of a GEMM)."""
+    if not device.is_gpu:
+        return None
+    from .. import cuda_ops  # noqa: PLC0415
+
+    if layer["kind"] == "deconv":
+        return "gemm+col2im"
+    k = layer["kernel"]
+    return cuda_ops.conv2d_forward_path(layer["c_in"], k, k, layer["stride"], layer["padding"])
+
+
 def _measure_nfed_layer(layer, device, repeat, warmup) -> dict:
     sync = lambda: backend.synchronize(device)  # noqa: E731
+    result = {"forward_path": _forward_path(layer, device)}
     with on_device(device):
         forward, backward, arrays = _nfed_layer_calls(layer, device)
         t_fwd = median_seconds(forward, sync, repeat, warmup)
         t_bwd = median_seconds(backward, sync, repeat, warmup)
+        if result["forward_path"] == "direct":  # the alternative, for the record: which wins per shape
+            saved = os.environ.get("NFED_CONV_DIRECT_MAX_K")
+            os.environ["NFED_CONV_DIRECT_MAX_K"] = "0"
+            try:
+                result["forward_s_im2col_gemm"] = median_seconds(forward, sync, repeat, warmup)
+            finally:
+                if saved is None:
+                    del os.environ["NFED_CONV_DIRECT_MAX_K"]
+                else:
+                    os.environ["NFED_CONV_DIRECT_MAX_K"] = saved
         del forward, backward, arrays
         peak = None
         if device.is_gpu:
@@ -262,7 +285,8 @@ def _measure_nfed_layer(layer, device, repeat, warmup) -> dict:
                 del f, b, arrays
             peak = tracker.peak
             cp.get_default_memory_pool().free_all_blocks()
-    return {"forward_s": t_fwd, "backward_s": t_bwd, "peak_bytes": peak}
+    result.update({"forward_s": t_fwd, "backward_s": t_bwd, "peak_bytes": peak})
+    return result
 
 
 def _measure_torch_layer(torch, layer, device, precision, repeat, warmup) -> dict:
@@ -354,6 +378,8 @@ def _kernels_table(result: dict) -> None:
                    f"{'ratio':>8}{'peak MB':>9}{'ref MB':>8}")
         for r in dev["layers"]:
             name = f"{r['kind']} {r['c_in']}->{r['c_out']} {r['kernel']}x{r['kernel']}/{r['stride']} @{r['h']}x{r['w']}"
+            if r.get("nfed_forward_path") == "direct":
+                name += " D"
             ref = (f"{r['reference_forward_tflops']:>10.3g}{r['reference_backward_tflops']:>8.3g}{r['ratio']:>8.2f}"
                    if "ratio" in r else f"{'-':>10}{'-':>8}{'-':>8}")
             mem = lambda v: f"{v / 2**20:.0f}" if v is not None else "-"  # noqa: E731
@@ -362,7 +388,8 @@ def _kernels_table(result: dict) -> None:
         if dev["geomean_ratio"] is not None:
             click.echo(f"geometric mean ratio (reference time / nfed time): fwd+bwd {dev['geomean_ratio']:.2f}, "
                        f"fwd {dev['geomean_ratio_forward']:.2f}, bwd {dev['geomean_ratio_backward']:.2f}")
-        click.echo("TFLOP/s; backward = input + weight + bias gradients (2x the forward FLOPs)")
+        click.echo("TFLOP/s; backward = input + weight + bias gradients (2x the forward FLOPs); "
+                   "D = direct convolution (no im2col), its im2col+GEMM time is in the JSON")
 
 
 def _common_options(fn):
