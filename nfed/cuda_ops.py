@@ -794,21 +794,14 @@ def weighted_accumulate(acc, x, weight):
 
 # --- dispatch into the array-agnostic CPU code -----------------------------------------------------------
 
-# (module, function) of nfed's CPU code -> the GPU function here with the same signature.
+# nfed's CPU modules -> their raw-array functions that this module replaces (same names and signatures).
 DISPATCH = {
-    ("nfed.functions.conv", "conv2d_forward"): "conv2d_forward",
-    ("nfed.functions.conv", "conv2d_backward_input"): "conv2d_backward_input",
-    ("nfed.functions.conv", "conv2d_backward_weight"): "conv2d_backward_weight",
-    ("nfed.functions.conv", "conv2d_backward_bias"): "conv2d_backward_bias",
-    ("nfed.functions.conv", "conv_transpose2d_forward"): "conv_transpose2d_forward",
-    ("nfed.functions.conv", "conv_transpose2d_backward_input"): "conv_transpose2d_backward_input",
-    ("nfed.functions.conv", "conv_transpose2d_backward_weight"): "conv_transpose2d_backward_weight",
-    ("nfed.functions.pooling", "max_pool2d_forward"): "max_pool2d_forward",
-    ("nfed.functions.pooling", "max_pool2d_backward"): "max_pool2d_backward",
-    ("nfed.functions.normalization", "batch_norm_train_forward"): "batch_norm_train_forward",
-    ("nfed.functions.normalization", "batch_norm_train_backward"): "batch_norm_train_backward",
-    ("nfed.functions.normalization", "batch_norm_eval_forward"): "batch_norm_eval_forward",
-    ("nfed.functions.normalization", "batch_norm_eval_backward"): "batch_norm_eval_backward",
+    "nfed.functions.conv": ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
+                            "conv2d_backward_bias", "conv_transpose2d_forward", "conv_transpose2d_backward_input",
+                            "conv_transpose2d_backward_weight"),
+    "nfed.functions.pooling": ("max_pool2d_forward", "max_pool2d_backward"),
+    "nfed.functions.normalization": ("batch_norm_train_forward", "batch_norm_train_backward",
+                                     "batch_norm_eval_forward", "batch_norm_eval_backward"),
 }
 
 _originals: dict[tuple[str, str], object] = {}
@@ -865,15 +858,14 @@ def install() -> None:
     """
     import importlib  # noqa: PLC0415
 
-    for (module_name, attribute), gpu_name in DISPATCH.items():
-        if (module_name, attribute) in _originals:
-            continue
+    for module_name, attributes in DISPATCH.items():
         module = importlib.import_module(module_name)
-        cpu_function = getattr(module, attribute, None)
-        if cpu_function is None:
-            continue
-        _originals[(module_name, attribute)] = cpu_function
-        setattr(module, attribute, _dispatching(cpu_function, globals()[gpu_name]))
+        for attribute in attributes:
+            cpu_function = getattr(module, attribute, None)
+            if cpu_function is None or (module_name, attribute) in _originals:
+                continue
+            _originals[(module_name, attribute)] = cpu_function
+            setattr(module, attribute, _dispatching(cpu_function, globals()[attribute]))
     optim = importlib.import_module("nfed.optim")
     for cls_name, fused in (("Adam", _fused_adam), ("SGD", _fused_sgd)):
         cls = getattr(optim, cls_name, None)
