@@ -83,9 +83,17 @@ def test_flat_cols_equal_im2col_on_valid_columns(kernel, padding):
     x = rng.standard_normal((2, 3, 5, 6))
     ho, wo = 5 + 2 * ph - kh + 1, 6 + 2 * pw - kw + 1
     wp = 6 + 2 * pw
-    cols = flat_cols(padded_flat(x, ph, pw, kw - 1), kh, kw, wp, ho * wp)
-    valid = cols.reshape(2, -1, ho, wp)[..., :wo].reshape(2, -1, ho * wo)
-    np.testing.assert_array_equal(valid, im2col_oracle(x, kh, kw, 1, 1, ph, pw))
+    flat = padded_flat(x, ph, pw, kw - 1)
+    expected = im2col_oracle(x, kh, kw, 1, 1, ph, pw)
+    for n in range(2):
+        cols = flat_cols(flat[n], kh, kw, wp, 0, ho * wp)
+        valid = cols.reshape(-1, ho, wp)[..., :wo].reshape(-1, ho * wo)
+        np.testing.assert_array_equal(valid, expected[n])
+        # a block of rows starting further down is the matching slice of the whole
+        block = flat_cols(flat[n], kh, kw, wp, wp, (ho - 1) * wp)
+        np.testing.assert_array_equal(block, cols[:, wp:])
+    with pytest.raises(ValueError, match="past the padded planes"):
+        flat_cols(flat[0], kh, kw, wp, wp, ho * wp)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,12 +177,12 @@ def test_float32_matches_float64(op):
         np.testing.assert_allclose(lo, hi, rtol=2e-4, atol=2e-3 * np.abs(hi).max())
 
 
-def test_chunked_patch_matrix_gives_the_same_result(monkeypatch):
+def test_blocked_patch_matrix_gives_the_same_result(monkeypatch):
     rng = np.random.default_rng(8)
     x, w = rng.standard_normal((5, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
     g = rng.standard_normal((5, 4, 6, 6))
     whole = (conv_module.conv2d_forward(x, w, None, 1, 1), conv_module.conv2d_backward_weight(x, g, w.shape, 1, 1))
-    monkeypatch.setattr(conv_module, "COLS_CHUNK_BYTES", 1)  # one sample per chunk
+    monkeypatch.setattr(conv_module, "CPU_BLOCK_BYTES", 1)  # one output row per block
     chunked = (conv_module.conv2d_forward(x, w, None, 1, 1), conv_module.conv2d_backward_weight(x, g, w.shape, 1, 1))
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(a, b, rtol=1e-12)

@@ -8,25 +8,41 @@ input gradient is conv2d's forward.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
 from ..autograd import Function
 from .im2col import col2im, conv_output_size, flat_cols, im2col, padded_flat
+from .parallel import run_blocks
 from .utils import pair
 
-# Patch-matrix memory per chunk of samples: bounds peak memory and keeps the matrix cache-friendly.
-COLS_CHUNK_BYTES = 24 << 20
+# Bytes of patch matrix per block on the CPU: small enough to stay in cache between the copy that builds it
+# and the matrix product that consumes it, large enough for an efficient sgemm; blocks run in parallel
+# (see parallel.py). GPUs take whole samples at once.
+CPU_BLOCK_BYTES = 2 << 20
+GPU_BLOCK_BYTES = 256 << 20
 
 
-def _chunk(n: int, bytes_per_sample: int) -> int:
-    return max(1, min(n, COLS_CHUNK_BYTES // max(1, bytes_per_sample)))
+def _row_blocks(xp, n: int, rows: int, row_bytes: int) -> list[tuple[int, int, int]]:
+    """(sample, first row, row count) blocks covering n samples of `rows` output rows."""
+    budget = CPU_BLOCK_BYTES if xp is np else GPU_BLOCK_BYTES
+    step = max(1, min(rows, budget // max(1, row_bytes)))
+    return [(i, r0, min(step, rows - r0)) for i in range(n) for r0 in range(0, rows, step)]
+
+
+# Below this many multiply-adds a whole op runs on the calling thread (pool hand-off costs ~50 us a block).
+PARALLEL_MIN_WORK = 1 << 22
+
+
+def _map(xp, task, items, work: int) -> list:
+    """Run task over items: on the CPU worker pool for NumPy (when worth it), in order for CuPy."""
+    if xp is np and work >= PARALLEL_MIN_WORK:
+        return run_blocks(task, items)
+    return [task(item) for item in items]
 
 
 def _is_pointwise(kh, kw, sh, sw, ph, pw) -> bool:
     return kh == kw == 1 and sh == sw == 1 and ph == pw == 0
-
-
-def _flat_ok(sh, sw) -> bool:
-    return sh == 1 and sw == 1
 
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
@@ -41,12 +57,19 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d: kernel {kh}x{kw} larger than padded input {h + 2 * ph}x{wd + 2 * pw}")
     w2 = w.reshape(o, c * kh * kw)
+    dtype = xp.result_type(x.dtype, w.dtype)
+    bias = None if b is None else b.reshape(o, 1)
     if _is_pointwise(kh, kw, sh, sw, ph, pw):
-        out = xp.matmul(w2, x.reshape(n, c, h * wd)).reshape(n, o, h, wd)
-        if b is not None:
-            out += b.reshape(1, o, 1, 1)
-        return out
-    if _flat_ok(sh, sw):
+        out = xp.empty((n, o, h * wd), dtype=dtype)
+
+        def pointwise(i):
+            xp.matmul(w2, x[i].reshape(c, h * wd), out=out[i])
+            if bias is not None:
+                out[i] += bias
+
+        _map(xp, pointwise, range(n), n * o * c * h * wd)
+        return out.reshape(n, o, h, wd)
+    if sh == 1 and sw == 1:
         return _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo)
     out = xp.matmul(w2, im2col(x, kh, kw, sh, sw, ph, pw)).reshape(n, o, ho, wo)
     if b is not None:
@@ -55,27 +78,27 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
 
 
 def _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo):
+    """Stride-1 convolution block by block: a few output rows' patch matrix, one sgemm, store."""
     xp = backend.array_module(x, w2)
     n, c, h, wd = x.shape
     o, k = w2.shape
     wp = wd + 2 * pw
-    length = ho * wp
     dtype = xp.result_type(x.dtype, w2.dtype)
     xflat = padded_flat(x, ph, pw, kw - 1)
     out = xp.empty((n, o, ho, wo), dtype=dtype)
-    chunk = _chunk(n, k * length * x.itemsize)
-    cols = xp.empty((chunk, k, length), dtype=x.dtype)
-    y = xp.empty((chunk, o, length), dtype=dtype)
-    bias = None if b is None else b.reshape(1, o, 1, 1)
-    for n0 in range(0, n, chunk):
-        m = min(chunk, n - n0)
-        flat_cols(xflat[n0:n0 + m], kh, kw, wp, length, out=cols[:m])
-        xp.matmul(w2, cols[:m], out=y[:m])
-        valid = y[:m].reshape(m, o, ho, wp)[:, :, :, :wo]
+    bias = None if b is None else b.reshape(o, 1, 1)
+
+    def block(item):
+        i, r0, r = item
+        length = r * wp
+        cols = flat_cols(xflat[i], kh, kw, wp, r0 * wp, length)
+        valid = xp.matmul(w2, cols).reshape(o, r, wp)[:, :, :wo]
         if bias is None:
-            out[n0:n0 + m] = valid
+            out[i, :, r0:r0 + r] = valid
         else:
-            xp.add(valid, bias, out=out[n0:n0 + m])
+            xp.add(valid, bias, out=out[i, :, r0:r0 + r])
+
+    _map(xp, block, _row_blocks(xp, n, ho, k * wp * x.itemsize), n * o * k * ho * wp)
     return out
 
 
@@ -89,7 +112,7 @@ def conv2d_backward_input(gout, w, x_shape, stride=1, padding=0):
     w2 = w.reshape(o, c * kh * kw)
     if _is_pointwise(kh, kw, sh, sw, ph, pw):
         return xp.matmul(w2.T, gout.reshape(n, o, ho * wo)).reshape(n, c, h, wd)
-    if _flat_ok(sh, sw) and ph <= kh - 1 and pw <= kw - 1:
+    if sh == 1 and sw == 1 and ph <= kh - 1 and pw <= kw - 1:
         # Stride 1: the input gradient is a plain convolution with the flipped, transposed kernel.
         flipped = xp.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         return conv2d_forward(gout, flipped, None, 1, (kh - 1 - ph, kw - 1 - pw))
@@ -104,28 +127,37 @@ def conv2d_backward_weight(x, gout, w_shape, stride=1, padding=0):
     o, _, kh, kw = w_shape
     _, _, ho, wo = gout.shape
     (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    dtype = xp.result_type(x.dtype, gout.dtype)
     if _is_pointwise(kh, kw, sh, sw, ph, pw):
-        gw = xp.matmul(gout.reshape(n, o, ho * wo), x.reshape(n, c, h * wd).transpose(0, 2, 1)).sum(axis=0)
-        return gw.reshape(w_shape)
-    if not _flat_ok(sh, sw):
+        parts = _map(xp, lambda i: xp.matmul(gout[i].reshape(o, ho * wo), x[i].reshape(c, h * wd).T), range(n),
+                     n * o * c * h * wd)
+        return _total(xp, parts, (o, c), dtype).reshape(w_shape)
+    if not (sh == 1 and sw == 1):
         cols = im2col(x, kh, kw, sh, sw, ph, pw)
         gw = xp.matmul(gout.reshape(n, o, ho * wo), cols.transpose(0, 2, 1)).sum(axis=0)
         return gw.reshape(w_shape)
     wp = wd + 2 * pw
-    length = ho * wp
     k = c * kh * kw
     xflat = padded_flat(x, ph, pw, kw - 1)
-    chunk = _chunk(n, k * length * x.itemsize)
-    cols = xp.empty((chunk, k, length), dtype=x.dtype)
-    # The output gradient on the same Ho x Wp grid as the patches; the Wp - Wo extra columns stay zero.
-    gpad = xp.zeros((chunk, o, ho, wp), dtype=gout.dtype)
-    gw = xp.zeros((o, k), dtype=xp.result_type(x.dtype, gout.dtype))
-    for n0 in range(0, n, chunk):
-        m = min(chunk, n - n0)
-        flat_cols(xflat[n0:n0 + m], kh, kw, wp, length, out=cols[:m])
-        gpad[:m, :, :, :wo] = gout[n0:n0 + m]
-        gw += xp.matmul(gpad[:m].reshape(m, o, length), cols[:m].transpose(0, 2, 1)).sum(axis=0)
-    return gw.reshape(w_shape)
+
+    def block(item):
+        i, r0, r = item
+        length = r * wp
+        cols = flat_cols(xflat[i], kh, kw, wp, r0 * wp, length)
+        # The output gradient on the same rows x Wp grid as the patches; the Wp - Wo extra columns are 0.
+        g = xp.zeros((o, r, wp), dtype=gout.dtype)
+        g[:, :, :wo] = gout[i, :, r0:r0 + r]
+        return xp.matmul(g.reshape(o, length), cols.T)
+
+    parts = _map(xp, block, _row_blocks(xp, n, ho, k * wp * x.itemsize), n * o * k * ho * wp)
+    return _total(xp, parts, (o, k), dtype).reshape(w_shape)
+
+
+def _total(xp, parts, shape, dtype):
+    total = xp.zeros(shape, dtype=dtype)
+    for part in parts:
+        total += part
+    return total
 
 
 def conv2d_backward_bias(gout):

@@ -73,14 +73,16 @@ def padded_flat(x, ph: int, pw: int, tail: int):
     return out
 
 
-def flat_cols(xflat, kh: int, kw: int, wp: int, length: int, out=None):
-    """Stride-1 patch matrix [N, C*kh*kw, length] from `padded_flat` planes: row (c, i, j) is the slice
-    xflat[:, c, i*wp + j : i*wp + j + length]."""
-    xp = backend.array_module(xflat)
-    n, c, _ = xflat.shape
-    s0, s1, s2 = xflat.strides
-    view = _as_strided(xp, xflat, (n, c, kh, kw, length), (s0, s1, wp * s2, s2, s2))
+def flat_cols(planes, kh: int, kw: int, wp: int, start: int, length: int, out=None):
+    """Stride-1 patch matrix [C*kh*kw, length] of one sample's `padded_flat` planes [C, F]: row (c, i, j) is
+    planes[c, start + i*wp + j : start + i*wp + j + length] (columns start..start+length of the Ho x Wp grid)."""
+    xp = backend.array_module(planes)
+    c, size = planes.shape
+    if start + length + (kh - 1) * wp + kw - 1 > size:
+        raise ValueError("flat_cols: window reaches past the padded planes")
+    s1, s2 = planes.strides
+    view = _as_strided(xp, planes[:, start:], (c, kh, kw, length), (s1, wp * s2, s2, s2))
     if out is None:
-        out = xp.empty((n, c * kh * kw, length), dtype=xflat.dtype)
-    out.reshape(n, c, kh, kw, length)[...] = view
+        out = xp.empty((c * kh * kw, length), dtype=planes.dtype)
+    out.reshape(c, kh, kw, length)[...] = view
     return out

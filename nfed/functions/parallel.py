@@ -1,0 +1,112 @@
+"""CPU parallelism for the heavy ops: a small worker pool over independent blocks of work.
+
+OpenBLAS parallelises each matrix product internally, which pays off for a few huge products but turns
+pathological for many cache-sized ones on a busy machine (every call waits for its slowest, possibly
+descheduled, thread). The convolution code instead splits work into many independent blocks (sample x
+row block) and runs them on this pool with single-threaded BLAS: a delayed worker only delays its own
+block and the others take the rest. NumPy releases the GIL inside copies and matrix products, so Python
+threads give real parallelism here.
+
+Workers: $NFED_NUM_THREADS, else the CPUs this process may run on. The BLAS thread count is found through
+OpenBLAS's C API (the library NumPy loaded); with another BLAS the pool still works, only less well.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+ENV_THREADS = "NFED_NUM_THREADS"
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def num_workers() -> int:
+    """Worker threads for CPU ops ($NFED_NUM_THREADS, else the usable CPU count)."""
+    text = os.environ.get(ENV_THREADS, "").strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != workers:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nfed-cpu")
+        return _pool
+
+
+class _OpenBLAS:
+    """get/set of OpenBLAS's thread count through ctypes (None when NumPy is not on OpenBLAS)."""
+
+    SUFFIXES = ("scipy_openblas{}64_", "scipy_openblas{}", "openblas{}64_", "openblas{}")
+
+    def __init__(self):
+        self.get = self.set = None
+        for path in self._loaded_libraries():
+            try:
+                lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+            for pattern in self.SUFFIXES:
+                getter = getattr(lib, pattern.format("_get_num_threads"), None)
+                setter = getattr(lib, pattern.format("_set_num_threads"), None)
+                if getter is not None and setter is not None:
+                    getter.restype = ctypes.c_int
+                    setter.argtypes = [ctypes.c_int]
+                    self.get, self.set = getter, setter
+                    return
+
+    @staticmethod
+    def _loaded_libraries() -> list[str]:
+        import numpy  # noqa: F401 - make sure NumPy's BLAS is loaded before looking
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
+        except OSError:  # pragma: no cover - not Linux
+            return []
+        return sorted(paths)
+
+
+_blas = None
+
+
+def _openblas() -> _OpenBLAS:
+    global _blas
+    if _blas is None:
+        _blas = _OpenBLAS()
+    return _blas
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Inside: BLAS calls run on the calling thread only (no-op when the BLAS is not OpenBLAS)."""
+    blas = _openblas()
+    if blas.set is None:
+        yield
+        return
+    previous = blas.get()
+    if previous != 1:
+        blas.set(1)
+    try:
+        yield
+    finally:
+        if previous != 1:
+            blas.set(previous)
+
+
+def run_blocks(task, items, workers: int | None = None) -> list:
+    """[task(item) for item in items], spread over the worker pool with single-threaded BLAS."""
+    items = list(items)
+    workers = num_workers() if workers is None else workers
+    if workers <= 1 or len(items) <= 1:
+        return [task(item) for item in items]
+    with single_threaded_blas():
+        return list(_executor(workers).map(task, items))
