@@ -110,7 +110,7 @@ run gpu_tests 170 "$out/gpu_tests.log" \
 
 for precision in fp32 tf32 bf16; do
   run "kernels_$precision" 70 "$work/kernels_$precision.stdout" \
-    "${nfed_cli[@]}" bench kernels --device cuda --precision "$precision" --repeat 5 --warmup 2 \
+    "${nfed_cli[@]}" bench kernels --device cuda --precision "$precision" --repeat 3 --warmup 1 \
     --out "$out/kernels_$precision.json"
 done
 
