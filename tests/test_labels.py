@@ -110,3 +110,10 @@ def test_rasterise_codes_and_order():
     # the rectangle 2..20 x 2..12 covers its outline pixels inclusive (Pillow fill semantics)
     rect = labels.rasterise_polygons(64, 64, [(1, [(2, 2), (20, 2), (20, 12), (2, 12)])])
     assert rect.sum() == 19 * 11
+
+
+def test_shipped_example_label_is_valid():
+    label = labels.read_label(data_file("fixtures/label_example.json"))
+    assert [c.type for c in label.changes] == list(labels.CHANGE_TYPES)
+    mask = labels.rasterise(label)
+    assert mask.shape == (256, 256) and set(np.unique(mask)) == {0, 1, 2, 3, 4}
