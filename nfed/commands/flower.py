@@ -1,0 +1,155 @@
+"""`nfed flower-app`: write the Flower app folder that runs nfed's federation on a SuperLink + SuperNodes.
+
+The folder holds only pyproject.toml: its [tool.flwr.app.components] point at nfed.flower's ServerApp and
+ClientApp (the code lives in the installed nfed package on every machine), and [tool.flwr.app.config] holds
+the federation set-up, overridable per run with `flwr run APP_DIR CONNECTION --run-config 'rounds=5'`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..atomic import write_text_atomic
+from ..errors import ConfigError
+
+APP_NAME = "nfed-flower"
+PUBLISHER = "nfed"
+FLWR_REQUIREMENT = "flwr>=1.42,<1.43"
+
+
+def toml_value(value) -> str:
+    """A TOML literal for a str, bool, int or float (JSON string escapes are valid TOML basic strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) into a Flower run config")
+
+
+def pyproject_text(run_config: dict) -> str:
+    """pyproject.toml of the Flower app: metadata, components and the (one level nested) run config."""
+    lines = [
+        "# Written by `nfed flower-app`: a Flower app whose ServerApp and ClientApp are nfed's (nfed.flower).",
+        "# Every machine (SuperLink and each SuperNode) needs `pip install 'nfed[flower]'`; start the SuperLink",
+        "# with --disable-runtime-dependency-installation so Flower uses that installation as it is.",
+        "[project]",
+        f"name = {toml_value(APP_NAME)}",
+        f"version = {toml_value(__version__)}",
+        'description = "nfed: federated building-change detection (W-Net-CD, FedAvg) over Flower"',
+        'license = "MIT"',
+        f"dependencies = [{toml_value(FLWR_REQUIREMENT)}, {toml_value('nfed[flower]==' + __version__)}]",
+        "",
+        "[tool.flwr.app]",
+        f"publisher = {toml_value(PUBLISHER)}",
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "nfed.flower:server_app"',
+        'clientapp = "nfed.flower:client_app"',
+        "",
+        "[tool.flwr.app.config]",
+    ]
+    tables = {key: value for key, value in run_config.items() if isinstance(value, dict)}
+    lines += [f"{key} = {toml_value(value)}" for key, value in run_config.items() if key not in tables]
+    for table, values in tables.items():
+        lines += ["", f"[tool.flwr.app.config.{table}]"]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_flower_app(app_dir: Path, run_config: dict) -> Path:
+    """Write APP_DIR/pyproject.toml atomically; returns its path."""
+    app_dir = Path(app_dir)
+    app_dir.mkdir(parents=True, exist_ok=True)
+    path = app_dir / "pyproject.toml"
+    write_text_atomic(path, pyproject_text(run_config))
+    return path
+
+
+@click.command("flower-app")
+@click.option("--out", "app_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="folder to write the Flower app into (pass it to `flwr run`)")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+              help="run folder the ServerApp writes, on the SuperLink's machine (default: APP_DIR-run beside it)")
+@click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
+              help="model/optimiser set-up sent to the clients (see train-local)")
+@click.option("--rounds", type=int, default=20, show_default=True, help="round budget")
+@click.option("--local-epochs", type=int, default=1, show_default=True, help="epochs per client per round")
+@click.option("--eps", type=float, default=1e-3, show_default=True,
+              help="stop when ||w_r+1 - w_r|| / ||w_r|| < eps (0 disables)")
+@click.option("--patience-rounds", type=int, default=0, show_default=True,
+              help="stop when the validation loss has not improved by --delta for this many rounds (0 disables)")
+@click.option("--delta", type=float, default=0.0, show_default=True, help="minimum validation-loss improvement")
+@click.option("--deadline", type=float, default=600.0, show_default=True,
+              help="seconds a round waits for the SuperNodes' replies; later ones are left out (0: wait for all)")
+@click.option("--fraction", type=float, default=1.0, show_default=True,
+              help="share of the districts sampled per round (seeded)")
+@click.option("--min-clients", type=int, default=1, show_default=True,
+              help="a round with fewer responders keeps the previous global weights")
+@click.option("--expected-nodes", type=int, default=0, show_default=True,
+              help="wait for this many SuperNodes before the first round (at least --min-clients)")
+@click.option("--connect-timeout", type=float, default=300.0, show_default=True,
+              help="seconds to wait for the expected SuperNodes to connect")
+@click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), default="fedavg",
+              show_default=True, help="server optimiser (FedAvgM: server momentum; FedAdam: Adam on the server)")
+@click.option("--server-lr", type=float, default=None, help="server learning rate (fedavg/fedavgm 1, fedadam 0.01)")
+@click.option("--server-momentum", type=float, default=0.9, show_default=True, help="FedAvgM momentum")
+@click.option("--lr", type=float, help="client learning rate (profile's by default)")
+@click.option("--batch-size", type=int)
+@click.option("--width", type=int, help="W-Net base width w")
+@click.option("--no-round-eval", is_flag=True,
+              help="skip evaluating the global model on every validation split after each round")
+@click.option("--resume", is_flag=True, help="continue the run in --run-dir from its last finished round")
+@click.option("--seed", type=int, default=0, show_default=True)
+def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
+               min_clients, expected_nodes, connect_timeout, server_opt, server_lr, server_momentum, lr,
+               batch_size, width, no_round_eval, resume, seed):
+    """Write a Flower app folder that runs `nfed federate`'s protocol on a SuperLink and one SuperNode per
+    district.
+
+    Each SuperNode trains on the pack named in its node config (`--node-config 'pack="/data/X.h5"'`); the
+    ServerApp writes the same RUN/rounds.jsonl, RUN/global.h5 (every round) and RUN/federated.csv as
+    `nfed federate`. Run it with `flwr run APP_DIR CONNECTION --stream`.
+    """
+    from ..federation import FederationConfig
+    from ..training import profile_config
+
+    if connect_timeout <= 0:
+        raise ConfigError(f"--connect-timeout must be > 0 seconds, got {connect_timeout}")
+    if expected_nodes < 0:
+        raise ConfigError(f"--expected-nodes must be >= 0, got {expected_nodes}")
+    app_dir = Path(app_dir)
+    run_dir = run_dir if run_dir is not None else app_dir.parent / f"{app_dir.name}-run"
+    train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed)
+    config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
+                              delta=delta, deadline=deadline if deadline > 0 else None, fraction=fraction,
+                              min_clients=min_clients, server_opt=server_opt, server_lr=server_lr,
+                              server_momentum=server_momentum, seed=seed, evaluate_rounds=not no_round_eval)
+    path = write_flower_app(app_dir, flower_run_config(train_config, config, run_dir=run_dir, resume=resume,
+                                                       expected_nodes=expected_nodes,
+                                                       connect_timeout=connect_timeout))
+    click.echo(f"wrote {path}: {server_opt}, up to {rounds} round(s), deadline "
+               + (f"{deadline:g} s" if deadline > 0 else "none") + f"; run folder {Path(run_dir).resolve()}")
+    click.echo(f"run it with: flwr run {app_dir} <connection> --stream")
+
+
+def flower_run_config(train_config, fed_config, **options) -> dict:
+    """nfed.flower's run configuration (imports flwr: a clear error where it is not installed)."""
+    try:
+        from ..flower import run_config_for
+    except ImportError as exc:
+        if getattr(exc, "name", "") and str(exc.name).startswith("flwr"):
+            raise ConfigError("nfed flower-app needs Flower: pip install 'nfed[flower]'") from None
+        raise
+    return run_config_for(train_config, fed_config, **options)

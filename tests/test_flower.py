@@ -1,0 +1,212 @@
+"""nfed over Flower: the app folder, the message round trip, and real SuperLink + SuperNode deployments.
+
+The integration tests start real `flower-superlink` / `flower-supernode` processes on 127.0.0.1 (free ports,
+each stopped by PID afterwards) and run `flwr run APP_DIR CONNECTION --stream`, as the README shows.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+from flower_harness import FlowerDeployment, flwr_available, make_tls_files
+
+pytestmark = [pytest.mark.flower,
+              pytest.mark.skipif(not flwr_available(), reason="flwr is not installed (pip install 'nfed[flower]')")]
+
+DISTRICTS = ("Gangnam-gu", "Gangdong-gu", "Gwangjin-gu")
+TILE = 32
+WIDTH = 4
+
+
+def make_tiny_packs(folder: Path, districts=DISTRICTS, counts=((4, 2, 2), (6, 2, 2), (3, 2, 2))) -> dict[str, Path]:
+    """One small synthetic pack per district (the data helper's generator and pack writer)."""
+    from nfed.pack import write_pack
+    from nfed.synth import district_style, generate_tile, tile_rng
+
+    folder.mkdir(parents=True, exist_ok=True)
+    packs = {}
+    for district, split_counts in zip(districts, counts):
+        style = district_style(district, 0)
+        splits, index = {}, 0
+        for split, count in zip(("train", "val", "test"), split_counts):
+            tiles = [generate_tile(style, tile_rng(0, district, index + i), TILE) for i in range(count)]
+            index += count
+            splits[split] = (np.stack([t.past for t in tiles]), np.stack([t.current for t in tiles]),
+                             np.stack([t.mask() for t in tiles]).astype(np.uint8),
+                             [f"{district}_{split}_{i}" for i in range(count)])
+        packs[district] = write_pack(folder / f"{district}.h5", district, splits, source="nfed synth (test)")
+    return packs
+
+
+def write_app(app_dir: Path, run_dir: Path, *extra: str) -> Path:
+    from nfed.cli import cli
+
+    result = CliRunner().invoke(cli, ["flower-app", "--out", str(app_dir), "--run-dir", str(run_dir),
+                                      "--width", str(WIDTH), "--batch-size", "2", "--lr", "0.001",
+                                      "--eps", "0", *extra])
+    assert result.exit_code == 0, result.output
+    return app_dir
+
+
+def start_nodes(flower: FlowerDeployment, packs: dict[str, Path]) -> None:
+    flower.start_superlink()
+    flower.start_supernodes({name: {"pack": str(path)} for name, path in packs.items()})
+
+
+def load_global(run_dir: Path) -> dict[str, np.ndarray]:
+    from nfed.checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir / "global.h5").model_state
+
+
+# ------------------------------------------------------------------------------------------ fast tests
+
+def test_flower_app_writes_a_valid_app_whose_config_round_trips(tmp_path):
+    from flwr.common.config import get_fused_config_from_dir, validate_config
+
+    from nfed.flower import settings_from_run_config
+
+    app = write_app(tmp_path / "app", tmp_path / "run", "--rounds", "3", "--deadline", "12.5",
+                    "--min-clients", "2", "--server-opt", "fedadam", "--profile", "demo")
+    config = tomllib.loads((app / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(config, check_module=True, project_dir=app)
+    assert valid, errors
+    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "nfed.flower:server_app",
+                                                            "clientapp": "nfed.flower:client_app"}
+    flat = get_fused_config_from_dir(app, {"rounds": 5, "train.lr": 0.01})
+    settings = settings_from_run_config(flat)
+    assert settings.run_dir == (tmp_path / "run").resolve()
+    assert settings.federation_config.rounds == 5
+    assert settings.federation_config.deadline == 12.5
+    assert settings.federation_config.min_clients == 2
+    assert settings.federation_config.server_opt == "fedadam"
+    assert settings.federation_config.server_lr is None
+    assert settings.train_config.width == WIDTH and settings.train_config.lr == 0.01
+    assert settings.train_config.device == "cpu"
+
+
+def test_flower_app_rejects_bad_options(tmp_path):
+    from nfed.cli import cli
+
+    result = CliRunner().invoke(cli, ["flower-app", "--out", str(tmp_path / "app"), "--rounds", "0"])
+    assert result.exit_code == 1 and "--rounds" in result.output
+    assert not (tmp_path / "app" / "pyproject.toml").exists()
+
+
+def test_weights_travel_by_name_packed_as_npy_without_pickle():
+    from nfed.errors import DataError
+    from nfed.flower import record_to_weights, weights_to_record
+
+    weights = {"enc.e1.conv1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+               "enc.e1.bn1.running_var": np.ones(3, np.float32), "step": np.asarray(4, np.int64),
+               "transposed": np.arange(6, dtype=np.float64).reshape(2, 3).T}
+    record = weights_to_record(weights)
+    assert sorted(record) == ["manifest", "packed.<f4", "packed.<f8", "packed.<i8"]
+    for array in record.values():
+        assert array.stype == "numpy.ndarray" and array.data[:6] == b"\x93NUMPY"
+    back = record_to_weights(record)
+    assert list(back) == list(weights)
+    for name, value in weights.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value)
+
+    del record["packed.<f8"]
+    with pytest.raises(DataError, match="unreadable weights record"):
+        record_to_weights(record)
+    with pytest.raises(DataError, match="not numeric"):
+        weights_to_record({"names": np.array(["a", "b"])})
+
+
+# ------------------------------------------------------------------------------------------ integration
+# Each starts a SuperLink, SuperNodes and a run: ~30-60 s on an idle 2-core machine (every Flower message
+# starts a ClientApp process and a SuperNode polls every 3 s), so they run in the slow step of CI.
+
+@pytest.mark.slow
+def test_flower_run_equals_in_process_federation(tmp_path):
+    """3 SuperNodes, 2 rounds: same final global weights, rounds.jsonl and federated.csv as nfed federate."""
+    from nfed.federation import FederationConfig, federate
+    from nfed.training import profile_config
+
+    packs = make_tiny_packs(tmp_path / "packs")
+    app = write_app(tmp_path / "app", tmp_path / "flower-run", "--rounds", "2", "--min-clients", "3",
+                    "--deadline", "120", "--no-round-eval")
+    with FlowerDeployment(tmp_path / "flower") as flower:
+        start_nodes(flower, packs)
+        result = flower.run_app(app, timeout=150)
+        assert result.returncode == 0, result.output + flower.logs()
+    assert "round 2/2: 3/3 answered" in result.output, result.output
+
+    train = profile_config("demo", width=WIDTH, batch_size=2, lr=0.001, seed=0)
+    local = federate(packs, tmp_path / "in-process", train, FederationConfig(rounds=2, eps=0.0, min_clients=3,
+                                                                              seed=0, evaluate_rounds=False))
+    flower_weights = load_global(tmp_path / "flower-run")
+    assert sorted(flower_weights) == sorted(local.global_weights)
+    for name, value in local.global_weights.items():
+        np.testing.assert_allclose(flower_weights[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+    rounds = [json.loads(line) for line in (tmp_path / "flower-run" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["answered"] for r in rounds] == [list(DISTRICTS)] * 2
+    for flower_round, local_round in zip(rounds, local.rounds):
+        assert flower_round["norm_difference"] == pytest.approx(local_round["norm_difference"], rel=1e-4)
+        assert flower_round["mean_val_f1"] == pytest.approx(local_round["mean_val_f1"], abs=1e-6)
+    csv_rows = (tmp_path / "flower-run" / "federated.csv").read_text().splitlines()
+    assert csv_rows == (tmp_path / "in-process" / "federated.csv").read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_killed_supernode_is_left_out_after_the_deadline(tmp_path):
+    """A SuperNode killed during round 1: the round completes with the other two once the deadline passes."""
+    packs = make_tiny_packs(tmp_path / "packs")
+    deadline = 25.0
+    app = write_app(tmp_path / "app", tmp_path / "run", "--rounds", "1", "--min-clients", "2",
+                    "--expected-nodes", "3", "--deadline", str(deadline), "--no-round-eval")
+    victim = DISTRICTS[1]
+    with FlowerDeployment(tmp_path / "flower") as flower:
+        start_nodes(flower, packs)
+
+        def kill_when_round_starts(line: str) -> None:
+            if "sending round 1" in line and victim in flower.supernodes:
+                flower.kill_supernode(victim)
+
+        result = flower.run_app(app, timeout=120, on_line=kill_when_round_starts)
+        assert result.returncode == 0, result.output + flower.logs()
+    assert victim not in flower.supernodes
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert len(rounds) == 1
+    record = rounds[0]
+    assert record["answered"] == [d for d in DISTRICTS if d != victim]
+    assert record["late"] == [victim]
+    assert record["kept_previous"] is False
+    assert record["clients"][victim]["seconds"] >= deadline
+    assert record["seconds"] >= deadline
+    rows = (tmp_path / "run" / "federated.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == [d for d in DISTRICTS if d != victim]
+
+
+@pytest.mark.slow
+def test_flower_run_over_tls_with_certificates_made_here(tmp_path):
+    """SuperLink with a server certificate signed by a CA generated in the test; nodes and flwr trust it."""
+    packs = make_tiny_packs(tmp_path / "packs", DISTRICTS[:2], ((3, 1, 1), (3, 1, 1)))
+    app = write_app(tmp_path / "app", tmp_path / "run", "--rounds", "1", "--min-clients", "2",
+                    "--deadline", "120", "--no-round-eval")
+    tls = make_tls_files(tmp_path / "tls")
+    with FlowerDeployment(tmp_path / "flower", tls=tls) as flower:
+        start_nodes(flower, packs)
+        result = flower.run_app(app, timeout=120)
+        assert result.returncode == 0, result.output + flower.logs()
+        assert "insecure" not in (tmp_path / "flower" / "flwr-home" / "config.toml").read_text()
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[0]["answered"] == list(DISTRICTS[:2])
+    weights = load_global(tmp_path / "run")
+    assert all(np.all(np.isfinite(v)) for v in weights.values())
+    assert not math.isnan(float(rounds[0]["norm_difference"]))
