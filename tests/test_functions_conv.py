@@ -233,3 +233,25 @@ def test_conv_transpose2d_against_torch():
     np.testing.assert_allclose(out.data, ref.detach().numpy(), rtol=1e-10, atol=1e-10)
     for mine, r in zip(ts, tt):
         np.testing.assert_allclose(mine.grad, r.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 1, 0), (3, 2, 1), (2, 2, 0)])
+def test_parallel_blocks_match_serial(monkeypatch, kernel, stride, padding):
+    """The worker-pool path (forced on small inputs, many one-row blocks) equals the serial path."""
+    rng = np.random.default_rng(12)
+    x, w, b = rng.standard_normal((3, 4, 8, 8)), rng.standard_normal((5, 4, kernel, kernel)), rng.standard_normal(5)
+    g = rng.standard_normal(conv_module.conv2d_forward(x, w, b, stride, padding).shape)
+    wt = rng.standard_normal((5, 4, kernel, kernel))
+
+    def everything():
+        y = conv_module.conv2d_forward(x, w, b, stride, padding)
+        return (y, conv_module.conv2d_backward_input(g, w, x.shape, stride, padding),
+                conv_module.conv2d_backward_weight(x, g, w.shape, stride, padding),
+                conv_module.conv_transpose2d_forward(g, wt, b[:4], stride, padding))
+
+    serial = everything()
+    monkeypatch.setattr(conv_module, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(conv_module, "CPU_BLOCK_BYTES", 1)
+    monkeypatch.setenv("NFED_NUM_THREADS", "3")
+    for a, c in zip(serial, everything()):
+        np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-12)

@@ -57,24 +57,20 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d: kernel {kh}x{kw} larger than padded input {h + 2 * ph}x{wd + 2 * pw}")
     w2 = w.reshape(o, c * kh * kw)
-    dtype = xp.result_type(x.dtype, w.dtype)
-    bias = None if b is None else b.reshape(o, 1)
-    if _is_pointwise(kh, kw, sh, sw, ph, pw):
-        out = xp.empty((n, o, h * wd), dtype=dtype)
-
-        def pointwise(i):
-            xp.matmul(w2, x[i].reshape(c, h * wd), out=out[i])
-            if bias is not None:
-                out[i] += bias
-
-        _map(xp, pointwise, range(n), n * o * c * h * wd)
-        return out.reshape(n, o, h, wd)
-    if sh == 1 and sw == 1:
+    if sh == 1 and sw == 1 and not _is_pointwise(kh, kw, sh, sw, ph, pw):
         return _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo)
-    out = xp.matmul(w2, im2col(x, kh, kw, sh, sw, ph, pw)).reshape(n, o, ho, wo)
-    if b is not None:
-        out += b.reshape(1, o, 1, 1)
-    return out
+    out = xp.empty((n, o, ho * wo), dtype=xp.result_type(x.dtype, w.dtype))
+    bias = None if b is None else b.reshape(o, 1)
+
+    def sample(i):  # 1x1: the image itself is the patch matrix; otherwise strided patches
+        cols = x[i].reshape(c, h * wd) if kh * kw == 1 and ph == pw == 0 and sh == sw == 1 \
+            else im2col(x[i:i + 1], kh, kw, sh, sw, ph, pw)[0]
+        xp.matmul(w2, cols, out=out[i])
+        if bias is not None:
+            out[i] += bias
+
+    _map(xp, sample, range(n), n * o * c * kh * kw * ho * wo)
+    return out.reshape(n, o, ho, wo)
 
 
 def _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo):
@@ -104,20 +100,41 @@ def _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo):
 
 def conv2d_backward_input(gout, w, x_shape, stride=1, padding=0):
     """d(loss)/dx of conv2d, given d(loss)/dy `gout` [N, O, Ho, Wo]: a transposed convolution."""
+    return _scatter_patches(gout, w, x_shape, stride, padding, None)
+
+
+def _scatter_patches(gout, w, x_shape, stride, padding, b):
+    """Transposed convolution of gout [N, O, Ho, Wo] with w [O, C, kh, kw] into [N, C, H, W] (+ b[c])."""
     xp = backend.array_module(gout, w)
     n, o, ho, wo = gout.shape
     _, c, kh, kw = w.shape
     h, wd = x_shape[2], x_shape[3]
     (sh, sw), (ph, pw) = pair(stride), pair(padding)
-    w2 = w.reshape(o, c * kh * kw)
-    if _is_pointwise(kh, kw, sh, sw, ph, pw):
-        return xp.matmul(w2.T, gout.reshape(n, o, ho * wo)).reshape(n, c, h, wd)
-    if sh == 1 and sw == 1 and ph <= kh - 1 and pw <= kw - 1:
+    if sh == 1 and sw == 1 and ph <= kh - 1 and pw <= kw - 1 and not _is_pointwise(kh, kw, sh, sw, ph, pw):
         # Stride 1: the input gradient is a plain convolution with the flipped, transposed kernel.
         flipped = xp.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        return conv2d_forward(gout, flipped, None, 1, (kh - 1 - ph, kw - 1 - pw))
-    dcols = xp.matmul(w2.T, gout.reshape(n, o, ho * wo))
-    return col2im(dcols, (n, c, h, wd), kh, kw, sh, sw, ph, pw)
+        return conv2d_forward(gout, flipped, b, 1, (kh - 1 - ph, kw - 1 - pw))
+    w2t = w.reshape(o, c * kh * kw).T
+    dx = xp.empty((n, c, h, wd), dtype=xp.result_type(gout.dtype, w.dtype))
+    disjoint = (sh, sw) == (kh, kw) and ph == pw == 0 and h == ho * kh and wd == wo * kw
+    bias = None if b is None else b.reshape(c, 1, 1, 1, 1)
+
+    def sample(i):
+        dcols = xp.matmul(w2t, gout[i].reshape(o, ho * wo))
+        if disjoint:  # e.g. 1x1, or 2x2 stride 2: every patch entry lands on its own pixel
+            src = dcols.reshape(c, kh, kw, ho, wo).transpose(0, 3, 1, 4, 2)
+            dst = dx[i].reshape(c, ho, kh, wo, kw)
+            if bias is None:
+                dst[...] = src
+            else:
+                xp.add(src, bias, out=dst)
+        else:
+            dx[i] = col2im(dcols[None], (1, c, h, wd), kh, kw, sh, sw, ph, pw)[0]
+            if bias is not None:
+                dx[i] += bias.reshape(c, 1, 1)
+
+    _map(xp, sample, range(n), n * o * c * kh * kw * ho * wo)
+    return dx
 
 
 def conv2d_backward_weight(x, gout, w_shape, stride=1, padding=0):
@@ -128,14 +145,14 @@ def conv2d_backward_weight(x, gout, w_shape, stride=1, padding=0):
     _, _, ho, wo = gout.shape
     (sh, sw), (ph, pw) = pair(stride), pair(padding)
     dtype = xp.result_type(x.dtype, gout.dtype)
-    if _is_pointwise(kh, kw, sh, sw, ph, pw):
-        parts = _map(xp, lambda i: xp.matmul(gout[i].reshape(o, ho * wo), x[i].reshape(c, h * wd).T), range(n),
-                     n * o * c * h * wd)
-        return _total(xp, parts, (o, c), dtype).reshape(w_shape)
-    if not (sh == 1 and sw == 1):
-        cols = im2col(x, kh, kw, sh, sw, ph, pw)
-        gw = xp.matmul(gout.reshape(n, o, ho * wo), cols.transpose(0, 2, 1)).sum(axis=0)
-        return gw.reshape(w_shape)
+    if not (sh == 1 and sw == 1) or _is_pointwise(kh, kw, sh, sw, ph, pw):
+        def sample(i):
+            cols = x[i].reshape(c, h * wd) if _is_pointwise(kh, kw, sh, sw, ph, pw) \
+                else im2col(x[i:i + 1], kh, kw, sh, sw, ph, pw)[0]
+            return xp.matmul(gout[i].reshape(o, ho * wo), cols.T)
+
+        parts = _map(xp, sample, range(n), n * o * c * kh * kw * ho * wo)
+        return _total(xp, parts, (o, c * kh * kw), dtype).reshape(w_shape)
     wp = wd + 2 * pw
     k = c * kh * kw
     xflat = padded_flat(x, ph, pw, kw - 1)
@@ -180,10 +197,7 @@ def conv_transpose2d_forward(x, w, b=None, stride=2, padding=0):
     out_shape = conv_transpose2d_output_shape(x.shape, w.shape, stride, padding)
     if out_shape[2] <= 0 or out_shape[3] <= 0:
         raise ValueError(f"conv_transpose2d: empty output {out_shape[2]}x{out_shape[3]}")
-    out = conv2d_backward_input(x, w, out_shape, stride, padding)
-    if b is not None:
-        out += b.reshape(1, -1, 1, 1)
-    return out
+    return _scatter_patches(x, w, out_shape, stride, padding, b)
 
 
 def conv_transpose2d_backward_input(gout, w, stride=2, padding=0):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ _pool_lock = threading.Lock()
 
 
 def num_workers() -> int:
-    """Worker threads for CPU ops ($NFED_NUM_THREADS, else the usable CPU count)."""
+    """Threads working on CPU ops, the calling thread included ($NFED_NUM_THREADS, else the usable CPU count)."""
     text = os.environ.get(ENV_THREADS, "").strip()
     if text.isdigit() and int(text) > 0:
         return int(text)
@@ -39,6 +40,8 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None or _pool._max_workers != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nfed-cpu")
         return _pool
 
@@ -103,10 +106,26 @@ def single_threaded_blas():
 
 
 def run_blocks(task, items, workers: int | None = None) -> list:
-    """[task(item) for item in items], spread over the worker pool with single-threaded BLAS."""
+    """[task(item) for item in items], spread over the calling thread and the pool, with single-threaded
+    BLAS. Each worker pulls the next item itself, so a delayed worker simply takes fewer items."""
     items = list(items)
     workers = num_workers() if workers is None else workers
     if workers <= 1 or len(items) <= 1:
         return [task(item) for item in items]
+    results = [None] * len(items)
+    next_index = itertools.count()  # next() on a count is atomic under the GIL
+
+    def work():
+        for index in next_index:
+            if index >= len(items):
+                return
+            results[index] = task(items[index])
+
     with single_threaded_blas():
-        return list(_executor(workers).map(task, items))
+        helpers = [_executor(workers - 1).submit(work) for _ in range(min(workers, len(items)) - 1)]
+        try:
+            work()
+        finally:
+            for helper in helpers:
+                helper.result()
+    return results
