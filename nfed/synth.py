@@ -120,9 +120,9 @@ def _rect(x0, x1, y0, y1) -> list[tuple[float, float]]:
     return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
 
 
-def _footprint(rng, style: DistrictStyle, scale: float):
+def _footprint(r: random.Random, style: DistrictStyle, scale: float):
     """Local outline and parts of a rectangle or an L-shape."""
-    u = rng.random(6).tolist()
+    u = [r.random() for _ in range(6)]
     low, high = style.size_range
     w = (low + (high - low) * u[0]) * scale
     h = w * (0.55 + 0.45 * u[1])
@@ -236,37 +236,37 @@ class SynthTile:
         return rasterise_polygons(t, t, [(CHANGE_CODES[kind], poly) for kind, poly in self.changes])
 
 
-def _place(rng, style, scale, size, occupied, roads, count) -> list[Building]:
+def _place(r: random.Random, style, scale, size, occupied, roads, count) -> list[Building]:
     """Up to `count` non-overlapping footprints off the roads (rejection sampling on bounding circles)."""
     buildings = []
     grid = math.radians(style.grid_angle)
     for _ in range(count * 3):
         if len(buildings) >= count:
             break
-        outline, parts, radius = _footprint(rng, style, scale)
-        u, v = rng.random(2).tolist()
+        outline, parts, radius = _footprint(r, style, scale)
+        u, v = r.random(), r.random()
         cx, cy = -radius * 0.3 + u * (size + radius * 0.6), -radius * 0.3 + v * (size + radius * 0.6)
         if any(math.hypot(cx - ox, cy - oy) < radius + orad + scale for ox, oy, orad in occupied):
             continue
         if any(abs((cy if horizontal else cx) - centre) < half + radius * 0.8 for horizontal, centre, half in roads):
             continue
         occupied.append((cx, cy, radius))
-        angle = grid + math.radians(rng.normal(0, style.rotation_spread + 1e-6)) + rng.integers(0, 2) * math.pi / 2
-        colour = style.palette[rng.integers(len(style.palette))] * rng.uniform(0.85, 1.15)
+        angle = grid + math.radians(r.gauss(0, style.rotation_spread)) + r.randrange(2) * math.pi / 2
+        colour = style.palette[r.randrange(len(style.palette))] * r.uniform(0.85, 1.15)
         buildings.append(Building(cx=cx, cy=cy, angle=angle, outline=outline, parts=parts, radius=radius,
                                   colour=tuple(colour.tolist()),
-                                  structure=ROOF_STRUCTURES[rng.integers(len(ROOF_STRUCTURES))],
-                                  height=rng.uniform(1.0, 3.5) * scale, detail=int(rng.integers(2**31))))
+                                  structure=ROOF_STRUCTURES[r.randrange(len(ROOF_STRUCTURES))],
+                                  height=r.uniform(1.0, 3.5) * scale, detail=r.getrandbits(31)))
     return buildings
 
 
-def _other_colour(rng, style, colour) -> tuple:
+def _other_colour(r: random.Random, style, colour) -> tuple:
     """A roof colour clearly different from `colour` (palette colour or a fresh paint)."""
     colour = np.array(colour, np.float32)
     for _ in range(8):
-        candidate = style.palette[rng.integers(len(style.palette))] * rng.uniform(0.85, 1.15)
-        if rng.random() < 0.4:
-            candidate = ROOF_FAMILIES[rng.integers(len(ROOF_FAMILIES))] * rng.uniform(0.85, 1.15)
+        candidate = style.palette[r.randrange(len(style.palette))] * r.uniform(0.85, 1.15)
+        if r.random() < 0.4:
+            candidate = ROOF_FAMILIES[r.randrange(len(ROOF_FAMILIES))] * r.uniform(0.85, 1.15)
         if np.abs(candidate - colour).sum() > 90:
             return tuple(candidate.tolist())
     return tuple(np.clip(255 - colour, 20, 235).tolist())
@@ -277,39 +277,40 @@ def generate_tile(style: DistrictStyle, rng: np.random.Generator, tile: int = 64
     scale = tile / 64.0
     size = tile + 2 * MARGIN
     area = scale ** 2
+    r = random.Random(int(rng.integers(2**62)))  # scalar draws: much cheaper than NumPy's one by one
 
     # static scene: ground, roads, vegetation layout, texture
     ground = style.ground * rng.uniform(0.9, 1.1, 3)
     base = Image.new("RGB", (size, size), _shade(ground, 1.0))
     base_draw = ImageDraw.Draw(base)
     roads = []
-    asphalt = float(rng.uniform(60, 95))
+    asphalt = r.uniform(60, 95)
     for _ in range(2):
-        if rng.random() < style.road_probability:
-            horizontal = bool(rng.integers(2))
-            centre = float(rng.uniform(0.15, 0.85)) * size
-            half = float(rng.uniform(2.5, 5.0)) * scale
+        if r.random() < style.road_probability:
+            horizontal = r.random() < 0.5
+            centre = r.uniform(0.15, 0.85) * size
+            half = r.uniform(2.5, 5.0) * scale
             roads.append((horizontal, centre, half))
             box = (0, centre - half, size, centre + half) if horizontal else (centre - half, 0, centre + half, size)
             base_draw.rectangle(box, fill=_shade((asphalt, asphalt, asphalt * 1.05), 1.0))
     occupied: list[tuple[float, float, float]] = []
     blobs = []
-    for _ in range(rng.poisson(style.vegetation_share * area)):
-        cx, cy = rng.uniform(0, size, 2).tolist()
-        radius = float(rng.uniform(2.5, 7.0)) * scale
-        for _ in range(int(rng.integers(1, 4))):
-            ox, oy = rng.normal(0, radius * 0.5, 2).tolist()
-            r = radius * float(rng.uniform(0.5, 1.0))
-            blobs.append((cx + ox - r, cy + oy - r, cx + ox + r, cy + oy + r, float(rng.uniform(0.85, 1.15))))
+    for _ in range(_poisson(r, style.vegetation_share * area)):
+        cx, cy = r.uniform(0, size), r.uniform(0, size)
+        radius = r.uniform(2.5, 7.0) * scale
+        for _ in range(r.randint(1, 3)):
+            ox, oy = r.gauss(0, radius * 0.5), r.gauss(0, radius * 0.5)
+            rr = radius * r.uniform(0.5, 1.0)
+            blobs.append((cx + ox - rr, cy + oy - rr, cx + ox + rr, cy + oy + rr, r.uniform(0.85, 1.15)))
         occupied.append((cx, cy, radius * 0.6))
-    texture = _texture(rng, size, tile)
+    texture, illumination = _texture(rng, size, tile)
 
     # buildings: static ones plus the changed ones
-    n_static = max(1, rng.poisson(style.density * area))
-    n_changed = min(1 + rng.poisson(max(style.change_rate - 1, 0.0)) if rng.random() > 0.05 else 0, 6)
-    placed = _place(rng, style, scale, size, occupied, roads, n_static + n_changed)
+    n_static = max(1, _poisson(r, style.density * area))
+    n_changed = min(1 + _poisson(r, max(style.change_rate - 1, 0.0)) if r.random() > 0.05 else 0, 6)
+    placed = _place(r, style, scale, size, occupied, roads, n_static + n_changed)
     n_changed = min(n_changed, len(placed))
-    kinds = rng.choice(len(CHANGE_TYPES), size=n_changed, p=style.type_weights).tolist()
+    kinds = r.choices(range(len(CHANGE_TYPES)), weights=style.type_weights.tolist(), k=n_changed)
     changed = list(zip(placed[:n_changed], (CHANGE_TYPES[k] for k in kinds)))
     static = placed[n_changed:]
     past_buildings, current_buildings, changes = list(static), list(static), []
@@ -321,14 +322,14 @@ def generate_tile(style: DistrictStyle, rng: np.random.Generator, tile: int = 64
         elif kind == "renewed":
             past_buildings.append(building)
             choices = [s for s in ROOF_STRUCTURES if s != building.structure]
-            renewed = Building(**{**building.__dict__, "structure": choices[rng.integers(len(choices))],
-                                  "colour": tuple(c * float(rng.uniform(0.8, 1.2)) for c in building.colour),
-                                  "detail": int(rng.integers(2**31))})
+            renewed = Building(**{**building.__dict__, "structure": choices[r.randrange(len(choices))],
+                                  "colour": tuple(c * r.uniform(0.8, 1.2) for c in building.colour),
+                                  "detail": r.getrandbits(31)})
             current_buildings.append(renewed)
         else:  # recoloured
             past_buildings.append(building)
             current_buildings.append(Building(**{**building.__dict__,
-                                                 "colour": _other_colour(rng, style, building.colour)}))
+                                                 "colour": _other_colour(r, style, building.colour)}))
         polygon = clip_polygon(building.polygon((-MARGIN, -MARGIN)), float(tile))
         if _polygon_area(polygon) >= 2.0 * scale:
             changes.append((kind, polygon))
@@ -336,18 +337,18 @@ def generate_tile(style: DistrictStyle, rng: np.random.Generator, tile: int = 64
     soil = _shade(ground * rng.uniform(0.75, 1.2) + rng.normal(0, 12, 3), 1.0)
 
     # per date: vegetation season, shadows (the sun moves), roofs, cars, radiometry, misregistration, noise
-    sun = float(rng.uniform(0, 2 * math.pi))
+    sun = r.uniform(0, 2 * math.pi)
     images = []
     for date in (0, 1):
         canvas = base.copy()
         draw = ImageDraw.Draw(canvas)
-        season = style.season * float(rng.uniform(0.6, 1.4)) if date else 0.0
+        season = style.season * r.uniform(0.6, 1.4) if date else 0.0
         leaf = style.vegetation * (1 - season) + AUTUMN_LEAVES * season
         for x0, y0, x1, y1, tone in blobs:
             draw.ellipse((x0, y0, x1, y1), fill=_shade(leaf, tone))
         buildings = past_buildings if date == 0 else current_buildings
-        angle = sun + (float(rng.normal(0, 0.6)) if date else 0.0)
-        length = float(rng.uniform(0.6, 1.4))
+        angle = sun + (r.gauss(0, 0.6) if date else 0.0)
+        length = r.uniform(0.6, 1.4)
         shadow = Image.new("L", (size, size), 0)
         shadow_draw = ImageDraw.Draw(shadow)
         for b in buildings:  # mask value 128: the shadow halves the brightness below it
@@ -361,37 +362,51 @@ def generate_tile(style: DistrictStyle, rng: np.random.Generator, tile: int = 64
         for b in buildings:
             _draw_roof(draw, b, scale)
         for horizontal, centre, half in roads:
-            for _ in range(rng.poisson(2.0 * scale)):
-                along = float(rng.uniform(0, size))
-                across = centre + float(rng.uniform(-half * 0.6, half * 0.6))
+            for _ in range(_poisson(r, 3.0 * scale)):
+                along = r.uniform(0, size)
+                across = centre + r.uniform(-half * 0.6, half * 0.6)
                 length_car, width_car = 3.5 * scale, 1.8 * scale
                 box = (along, across - width_car / 2, along + length_car, across + width_car / 2) if horizontal \
                     else (across - width_car / 2, along, across + width_car / 2, along + length_car)
-                draw.rectangle(box, fill=tuple(rng.integers(20, 240, 3).tolist()))
+                draw.rectangle(box, fill=(r.randrange(20, 240), r.randrange(20, 240), r.randrange(20, 240)))
         dy = dx = 0
         if date == 1:  # misregistration, then a radiometric shift as a per-channel lookup table
-            dy, dx = (int(v) for v in rng.integers(-MARGIN, MARGIN + 1, 2))
+            dy, dx = r.randint(-MARGIN, MARGIN), r.randint(-MARGIN, MARGIN)
         pixels = np.asarray(canvas)[MARGIN + dy:MARGIN + dy + tile, MARGIN + dx:MARGIN + dx + tile]
         if date == 1:
-            gain = style.gain * rng.uniform(0.93, 1.07, 3)
-            gamma = style.gamma * float(rng.uniform(0.95, 1.05))
-            offset = style.offset + float(rng.normal(0, 6))
+            gain = style.gain * rng.uniform(0.9, 1.1, 3)
+            gamma = style.gamma * r.uniform(0.92, 1.08)
+            offset = style.offset + r.gauss(0, 6)
             levels = (np.arange(256) / 255.0) ** gamma
             lut = np.clip(255 * levels[None, :] * gain[:, None] + offset + 0.5, 0, 255).astype(np.int16)
-            pixels = np.stack([lut[c].take(pixels[..., c]) for c in range(3)], axis=-1)
+            pixels = lut.ravel().take(pixels + _CHANNEL_OFFSETS)  # lut[channel, value] in one gather
+            pixels = pixels * illumination[MARGIN + dy:MARGIN + dy + tile, MARGIN + dx:MARGIN + dx + tile]
         grain = texture[MARGIN + dy:MARGIN + dy + tile, MARGIN + dx:MARGIN + dx + tile]
-        noise = _sensor_noise(rng, tile)
-        images.append(np.clip(pixels + grain + noise, 0, 255).astype(np.uint8))  # int16 sums
+        noise = _sensor_noise(r, tile)
+        images.append(np.clip(pixels + grain + noise, 0, 255).astype(np.uint8))
     return SynthTile(past=images[0], current=images[1], changes=changes)
 
 
 AUTUMN_LEAVES = np.array([150, 128, 62], np.float32)
+_CHANNEL_OFFSETS = np.array([0, 256, 512], np.intp)
 
 
-def _texture(rng, size: int, tile: int) -> np.ndarray:
-    """Static surface texture [size, size, 1] int16: coarse and fine smooth noise shared by both dates."""
+def _poisson(r: random.Random, mean: float) -> int:
+    """Poisson draw by multiplying uniforms (Knuth); fine for the small means used here."""
+    limit, count, product = math.exp(-mean), 0, r.random()
+    while product > limit:
+        count += 1
+        product *= r.random()
+    return count
+
+
+def _texture(rng, size: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """Static surface texture [size, size, 1] int16 shared by both dates, and an illumination field
+    [size, size, 1] float32 around 1 (cloud shadow, haze) that only the current date gets."""
     noise = _smooth_noise(rng, size, max(3, tile // 6))
-    return (noise[..., 0:1] * 12 + noise[..., 1:2] * 6).astype(np.int16)
+    texture = (noise[..., 0:1] * 12 + noise[..., 1:2] * 6).astype(np.int16)
+    illumination = 1 + np.float32(0.2) * noise[..., 2:3]
+    return texture, illumination
 
 
 @functools.lru_cache(maxsize=8)
@@ -401,8 +416,8 @@ def _noise_bank(tile: int) -> np.ndarray:
     return np.round(bank).astype(np.int16)
 
 
-def _sensor_noise(rng, tile: int) -> np.ndarray:
-    oy, ox = rng.integers(0, tile, 2).tolist()
+def _sensor_noise(r: random.Random, tile: int) -> np.ndarray:
+    oy, ox = r.randrange(tile), r.randrange(tile)
     return _noise_bank(tile)[oy:oy + tile, ox:ox + tile]
 
 
