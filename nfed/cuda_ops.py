@@ -1,7 +1,12 @@
 """GPU implementations of nfed's heavy ops on CuPy arrays, with the CPU functions' signatures.
 
-Convolutions are im2col/col2im kernels (kernels/im2col.cu) around cuBLAS GEMMs (nfed.precision.gemm,
-which honours the fp32|tf32|bf16 mode); pooling, batch norm (+ fused ReLU), softmax cross-entropy, the
+Convolutions pick one of four forward algorithms per shape (conv2d_forward_path): a direct kernel for
+short reductions (C*kh*kw <= 32: the W-Net's 3- and 2-channel first layers), Winograd F(2x2, 3x3) for 3x3
+stride-1 layers in fp32 (kernels/winograd.cu + one batched GEMM; also used for their input gradient),
+a plain GEMM for 1x1, else im2col/col2im kernels (kernels/im2col.cu) around cuBLAS GEMMs
+(nfed.precision.gemm, which honours the fp32|tf32|bf16 mode; tf32/bf16 always take this tensor-core path).
+NFED_CONV_ALGORITHM=im2col forces the GEMM path everywhere (the benches time both). Pooling, batch norm
+(+ fused ReLU), softmax cross-entropy, the
 fused Adam/SGD updates and the FedAvg weighted sum are single-pass kernels from kernels/*.cu, compiled
 once per process and device by nfed.backend.load_kernel. Every kernel launch goes through `_launch`,
 which converts the arguments to the C types declared in KERNELS (tests check that table against the
@@ -54,6 +59,11 @@ _ARG_KINDS = {
     },
     "conv_direct.cu": {
         "conv2d_direct_NCHW_{t}": "pppp" + "i" * 11,
+    },
+    "winograd.cu": {
+        "winograd_filter_transform_{t}": "ppii",
+        "winograd_input_transform_NCHW_{t}": "pp" + "i" * 7,
+        "winograd_output_transform_NCHW_{t}": "ppp" + "i" * 6,
     },
     "fedavg.cu": {
         "weighted_sum_{t}": "ppipl",
@@ -284,16 +294,53 @@ def channel_sum(x):
 DIRECT_OUT_CHANNELS = 16  # NFED_DIRECT_OB in kernels/conv_direct.cu
 
 
+ENV_CONV_ALGORITHM = "NFED_CONV_ALGORITHM"  # auto (default) | im2col: GEMM-based everywhere, for comparisons
+
+
 def direct_reduction_limit() -> int:
     """Largest C*kh*kw convolved directly, without im2col (env NFED_CONV_DIRECT_MAX_K, default 32; 0 = never)."""
     return int(os.environ.get("NFED_CONV_DIRECT_MAX_K", "32"))
 
 
-def conv2d_forward_path(channels: int, kh: int, kw: int, stride: int = 1, padding: int = 0) -> str:
-    """Which forward algorithm conv2d_forward uses: 'direct', 'gemm' (1x1) or 'im2col+gemm'."""
-    if channels * kh * kw <= direct_reduction_limit():
+def conv2d_forward_path(channels: int, kh: int, kw: int, stride: int = 1, padding: int = 0,
+                        dtype=np.float32) -> str:
+    """Which forward algorithm conv2d_forward uses: 'direct' (short reductions), 'winograd' (3x3 stride 1
+    in fp32/float64: tf32 and bf16 keep their tensor-core GEMMs), 'gemm' (1x1) or 'im2col+gemm'."""
+    auto = os.environ.get(ENV_CONV_ALGORITHM, "auto").strip().lower() != "im2col"
+    if auto and channels * kh * kw <= direct_reduction_limit():
         return "direct"
-    return "gemm" if _is_pointwise(kh, kw, stride, padding) else "im2col+gemm"
+    if _is_pointwise(kh, kw, stride, padding):
+        return "gemm"
+    exact = np.dtype(dtype) == np.float64 or precision.get_precision() == "fp32"
+    if auto and exact and kh == kw == 3 and stride == 1 and padding <= 2:
+        return "winograd"
+    return "im2col+gemm"
+
+
+def _conv2d_winograd(x, weight, bias, y, padding):
+    """Winograd F(2x2, 3x3) forward into y (kernels/winograd.cu around one batched GEMM per chunk)."""
+    cp = backend.cupy_module()
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    ho, wo = y.shape[2], y.shape[3]
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    tiles = th * tw
+    dev = _device_index(x)
+    suffix = _suffix(x.dtype)
+    u = cp.empty((16, o, c), dtype=x.dtype)
+    _launch(f"winograd_filter_transform_{suffix}", _grid_1d(o * c, dev), (weight, u, o, c), dev)
+    step = _chunk(n, 16 * (c + o) * tiles * x.dtype.itemsize)
+    for n0 in range(0, n, step):
+        nb = min(step, n - n0)
+        v = cp.empty((16, c, nb * tiles), dtype=x.dtype)
+        _launch(f"winograd_input_transform_NCHW_{suffix}", _grid_planes(c, nb * tiles),
+                (x[n0:n0 + nb], v, nb, c, h, w, padding, th, tw), dev)
+        m = precision.gemm(u, v, mode="fp32")
+        del v
+        _launch(f"winograd_output_transform_NCHW_{suffix}", _grid_planes(o, nb * tiles),
+                (m, bias, y[n0:n0 + nb], nb, o, ho, wo, th, tw), dev)
+        del m
+    return y
 
 
 def _conv2d_direct(x, weight, bias, y, s, p):
@@ -320,9 +367,11 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     ho, wo = _out_size(h, kh, s, p), _out_size(w, kw, s, p)
     k = c * kh * kw
     y = cp.empty((n, o, ho, wo), dtype=x.dtype)
-    path = conv2d_forward_path(c, kh, kw, s, p)
+    path = conv2d_forward_path(c, kh, kw, s, p, x.dtype)
     if path == "direct":
         return _conv2d_direct(x, weight, None if bias is None else _contiguous(bias), y, s, p)
+    if path == "winograd":
+        return _conv2d_winograd(x, weight, None if bias is None else _contiguous(bias), y, p)
     bf16 = _bf16_mode(x.dtype)
     w_mat = _gemm_operand(weight.reshape(o, k))
     if path == "gemm":
@@ -345,6 +394,12 @@ def conv2d_backward_input(grad_output, weight, x_shape, stride=1, padding=0):
     s, p = _square(stride, padding)
     ho, wo = gy.shape[2], gy.shape[3]
     k = c * kh * kw
+    flipped_padding = kh - 1 - p
+    if (s == 1 and kh == kw and flipped_padding >= 0
+            and conv2d_forward_path(o, kh, kw, 1, flipped_padding, gy.dtype) in ("winograd", "direct")):
+        # stride 1: the input gradient is the convolution of gy with the flipped, transposed kernel
+        flipped = cp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        return conv2d_forward(gy, flipped, None, 1, flipped_padding)
     w_mat = _gemm_operand(weight.reshape(o, k))
     gy_mat = _gemm_operand(gy).reshape(n, o, ho * wo)
     if _is_pointwise(kh, kw, s, p):

@@ -105,13 +105,19 @@ CONV_CASES = [  # (N, C, H, W, O, k, stride, padding)
 ]
 
 
-@pytest.mark.parametrize("direct_limit", ["0", "32"])  # im2col/GEMM everywhere, or direct for small C*k*k
+# every forward algorithm: auto (direct for C*k*k <= 32, Winograd for 3x3 stride 1), Winograd instead of
+# direct, and im2col + GEMM everywhere
+ALGORITHMS = {"auto": ("auto", "32"), "no-direct": ("auto", "0"), "im2col": ("im2col", "32")}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d_forward_and_backward_match_cpu(rng, monkeypatch, case, dtype, direct_limit):
+def test_conv2d_forward_and_backward_match_cpu(rng, monkeypatch, case, dtype, algorithm):
     from nfed.functions import conv
 
-    monkeypatch.setenv("NFED_CONV_DIRECT_MAX_K", direct_limit)
+    monkeypatch.setenv("NFED_CONV_ALGORITHM", ALGORITHMS[algorithm][0])
+    monkeypatch.setenv("NFED_CONV_DIRECT_MAX_K", ALGORITHMS[algorithm][1])
     monkeypatch.setenv("NFED_IM2COL_BUDGET_MB", "0.001")  # force one sample per chunk: the chunk loop runs
     n, c, h, w, o, k, s, p = case
     x, wt, b = randn(rng, n, c, h, w, dtype=dtype), randn(rng, o, c, k, k, dtype=dtype), randn(rng, o, dtype=dtype)

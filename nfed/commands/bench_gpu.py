@@ -252,7 +252,7 @@ def _forward_path(layer, device) -> str | None:
     if layer["kind"] == "deconv":
         return "gemm+col2im"
     k = layer["kernel"]
-    return cuda_ops.conv2d_forward_path(layer["c_in"], k, k, layer["stride"], layer["padding"])
+    return cuda_ops.conv2d_forward_path(layer["c_in"], k, k, layer["stride"], layer["padding"], np.float32)
 
 
 def _measure_nfed_layer(layer, device, repeat, warmup) -> dict:
@@ -262,16 +262,19 @@ def _measure_nfed_layer(layer, device, repeat, warmup) -> dict:
         forward, backward, arrays = _nfed_layer_calls(layer, device)
         t_fwd = median_seconds(forward, sync, repeat, warmup)
         t_bwd = median_seconds(backward, sync, repeat, warmup)
-        if result["forward_path"] == "direct":  # the alternative, for the record: which wins per shape
-            saved = os.environ.get("NFED_CONV_DIRECT_MAX_K")
-            os.environ["NFED_CONV_DIRECT_MAX_K"] = "0"
+        if result["forward_path"] in ("direct", "winograd"):  # the GEMM alternative: which wins per shape
+            from .. import cuda_ops  # noqa: PLC0415
+
+            saved = os.environ.get(cuda_ops.ENV_CONV_ALGORITHM)
+            os.environ[cuda_ops.ENV_CONV_ALGORITHM] = "im2col"
             try:
                 result["forward_s_im2col_gemm"] = median_seconds(forward, sync, repeat, warmup)
+                result["backward_s_im2col_gemm"] = median_seconds(backward, sync, repeat, warmup)
             finally:
                 if saved is None:
-                    del os.environ["NFED_CONV_DIRECT_MAX_K"]
+                    del os.environ[cuda_ops.ENV_CONV_ALGORITHM]
                 else:
-                    os.environ["NFED_CONV_DIRECT_MAX_K"] = saved
+                    os.environ[cuda_ops.ENV_CONV_ALGORITHM] = saved
         del forward, backward, arrays
         peak = None
         if device.is_gpu:
@@ -378,8 +381,7 @@ def _kernels_table(result: dict) -> None:
                    f"{'ratio':>8}{'peak MB':>9}{'ref MB':>8}")
         for r in dev["layers"]:
             name = f"{r['kind']} {r['c_in']}->{r['c_out']} {r['kernel']}x{r['kernel']}/{r['stride']} @{r['h']}x{r['w']}"
-            if r.get("nfed_forward_path") == "direct":
-                name += " D"
+            name += {"direct": " D", "winograd": " W"}.get(r.get("nfed_forward_path"), "")
             ref = (f"{r['reference_forward_tflops']:>10.3g}{r['reference_backward_tflops']:>8.3g}{r['ratio']:>8.2f}"
                    if "ratio" in r else f"{'-':>10}{'-':>8}{'-':>8}")
             mem = lambda v: f"{v / 2**20:.0f}" if v is not None else "-"  # noqa: E731
@@ -389,7 +391,8 @@ def _kernels_table(result: dict) -> None:
             click.echo(f"geometric mean ratio (reference time / nfed time): fwd+bwd {dev['geomean_ratio']:.2f}, "
                        f"fwd {dev['geomean_ratio_forward']:.2f}, bwd {dev['geomean_ratio_backward']:.2f}")
         click.echo("TFLOP/s; backward = input + weight + bias gradients (2x the forward FLOPs); "
-                   "D = direct convolution (no im2col), its im2col+GEMM time is in the JSON")
+                   "D = direct, W = Winograd F(2x2,3x3) forward (and input gradient); their im2col+GEMM "
+                   "times are in the JSON")
 
 
 def _common_options(fn):
