@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from .functions.parallel import ENV_THREADS, num_workers
+
 SHAPES = ((8, 16, 16, 64), (8, 64, 64, 64), (8, 32, 32, 128))
 PASSES = ("forward", "backward")
 
@@ -107,10 +109,12 @@ def measure_peak(impl: str, shape, which: str) -> int:
     return max(0, after - before) * 1024
 
 
-def _peak_in_subprocess(impl: str, shape, which: str) -> int | None:
+def _peak_in_subprocess(impl: str, shape, which: str, threads: int | None) -> int | None:
     code = ("import sys, json; from nfed.benchmarks_conv import measure_peak; "
             f"print(json.dumps(measure_peak({impl!r}, {tuple(shape)!r}, {which!r})))")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    if threads:
+        env.update({ENV_THREADS: str(threads), "OMP_NUM_THREADS": str(threads)})
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
         return None
@@ -123,9 +127,17 @@ def _elapsed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_conv_bench(shapes=SHAPES, repeat: int = 5, memory: bool = True, progress=None) -> dict:
-    """Time (and optionally peak memory) of nfed vs PyTorch conv2d; returns a JSON-able dict."""
+def run_conv_bench(shapes=SHAPES, repeat: int = 5, memory: bool = True, threads: int | None = None,
+                   progress=None) -> dict:
+    """Time (and optionally peak memory) of nfed vs PyTorch conv2d; returns a JSON-able dict.
+
+    threads: run both sides with this many threads (default: as they are, all usable CPUs)."""
     have_torch = torch_version() is not None
+    if threads:
+        os.environ[ENV_THREADS] = str(threads)
+        if have_torch:
+            import torch
+            torch.set_num_threads(threads)
     rows = []
     for shape in shapes:
         arrays = _inputs(shape)
@@ -148,7 +160,7 @@ def run_conv_bench(shapes=SHAPES, repeat: int = 5, memory: bool = True, progress
                 row[f"{name}_ms"] = best * 1e3
                 row[f"{name}_images_per_s"] = n / best
                 if memory:
-                    peak = _peak_in_subprocess(name, shape, which)
+                    peak = _peak_in_subprocess(name, shape, which, threads)
                     row[f"{name}_peak_mb"] = None if peak is None else peak / 2 ** 20
             if have_torch:
                 row["throughput_ratio"] = row["torch_ms"] / row["nfed_ms"]
@@ -165,8 +177,6 @@ def run_conv_bench(shapes=SHAPES, repeat: int = 5, memory: bool = True, progress
 
 
 def _thread_info() -> dict:
-    from .functions.parallel import num_workers
-
     info = {"nfed_workers": num_workers()}
     try:
         import torch
@@ -203,7 +213,9 @@ def format_table(result: dict) -> str:
             verdict = "meets" if value >= goal[which] else "below"
             lines.append(f"geometric mean throughput ratio nfed/torch, {which}: {value:.2f} "
                          f"({verdict} the goal {goal[which]})")
-        lines.append(f"reference: PyTorch {result['torch_version']} CPU in the same run; ratio > 1 means nfed is faster")
+        threads = result["threads"]
+        lines.append(f"reference: PyTorch {result['torch_version']} CPU in the same run ({threads.get('torch_threads')} "
+                     f"threads; nfed {threads['nfed_workers']}); ratio > 1 means nfed is faster")
     else:
         lines.append("PyTorch is not installed: nfed timings only (pip install torch for the reference)")
     return "\n".join(lines)

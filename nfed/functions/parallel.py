@@ -110,7 +110,10 @@ def run_blocks(task, items, workers: int | None = None) -> list:
     BLAS. Each worker pulls the next item itself, so a delayed worker simply takes fewer items."""
     items = list(items)
     workers = num_workers() if workers is None else workers
-    if workers <= 1 or len(items) <= 1:
+    if workers <= 1:
+        with single_threaded_blas():
+            return [task(item) for item in items]
+    if len(items) <= 1:
         return [task(item) for item in items]
     results = [None] * len(items)
     next_index = itertools.count()  # next() on a count is atomic under the GIL
