@@ -10,6 +10,14 @@
 // Tiles of a chunk of NB samples are numbered t = (n * TH + ty) * TW + tx (TH x TW tiles per sample).
 // Grids: y over the rows (o, c or (o, c) pairs), x over the tiles; every thread owns its outputs.
 
+// Sample and tile row/column of chunk tile t.
+__device__ __forceinline__ void nfed_tile_position(long long t, int TH, int TW, int& n, int& ty, int& tx) {
+    n = (int)(t / ((long long)TH * TW));
+    const int rest = (int)(t - (long long)n * TH * TW);
+    ty = rest / TW;
+    tx = rest - ty * TW;
+}
+
 template <typename T>
 __device__ void winograd_filter_transform(const T* __restrict__ w, T* __restrict__ u, int O, int C) {
     for (long long oc = (long long)blockIdx.x * blockDim.x + threadIdx.x; oc < (long long)O * C;
@@ -39,10 +47,8 @@ __device__ void winograd_input_transform_NCHW(const T* __restrict__ x, T* __rest
     for (int c = blockIdx.y; c < C; c += gridDim.y) {
         for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < tiles;
              t += (long long)blockDim.x * gridDim.x) {
-            const int n = (int)(t / ((long long)TH * TW));
-            const int rest = (int)(t - (long long)n * TH * TW);
-            const int ty = rest / TW;
-            const int tx = rest - ty * TW;
+            int n, ty, tx;
+            nfed_tile_position(t, TH, TW, n, ty, tx);
             const T* __restrict__ plane = x + ((long long)n * C + c) * H * W;
             T d[4][4];
             for (int r = 0; r < 4; ++r) {
@@ -80,10 +86,8 @@ __device__ void winograd_output_transform_NCHW(const T* __restrict__ m, const T*
         const T b = bias != nullptr ? bias[o] : (T)0;
         for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < tiles;
              t += (long long)blockDim.x * gridDim.x) {
-            const int n = (int)(t / ((long long)TH * TW));
-            const int rest = (int)(t - (long long)n * TH * TW);
-            const int ty = rest / TW;
-            const int tx = rest - ty * TW;
+            int n, ty, tx;
+            nfed_tile_position(t, TH, TW, n, ty, tx);
             const long long stride_xi = (long long)O * tiles;
             const T* __restrict__ in = m + (long long)o * tiles + t;
             T am[2][4];  // A^T m
