@@ -24,11 +24,10 @@ def max_pool2d_forward(x, kernel_size=2, stride=None):
         bottom = xp.maximum(cc, d)
         out = xp.maximum(top, bottom)
         # First maximum in scan order a, b, c, d: a strict ">" at each step keeps the earlier one.
-        index = (b > a).astype(xp.uint8)
-        bottom_index = (d > cc).astype(xp.uint8) + 2
-        take_bottom = bottom > top
-        index[take_bottom] = bottom_index[take_bottom]
-        return out, index
+        top_index = (b > a).astype(xp.uint8)
+        bottom_index = (d > cc).astype(xp.uint8)
+        bottom_index += 2
+        return out, xp.where(bottom > top, bottom_index, top_index)
     s0, s1, s2, s3 = x.strides
     windows = xp.lib.stride_tricks.as_strided(x, (n, c, ho, wo, kh, kw), (s0, s1, s2 * sh, s3 * sw, s2, s3))
     windows = windows.reshape(n, c, ho, wo, kh * kw)
