@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--target", type=float, default=0.6, help="target mean validation F1 of the global model")
     parser.add_argument("--momentum", type=float, default=0.9, help="FedAvgM server momentum")
     parser.add_argument("--only", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    parser.add_argument("--test", action="store_true", help="also evaluate each final model on the test splits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -67,12 +68,14 @@ def main(argv=None) -> int:
         fed = FederationConfig(rounds=args.rounds, local_epochs=args.local_epochs, server_opt=server_opt,
                                server_lr=server_lr, server_momentum=args.momentum, seed=args.seed)
         started = time.perf_counter()
-        result = federate(packs, args.out / f"run-{name}", config, fed, evaluate_test=False,
+        result = federate(packs, args.out / f"run-{name}", config, fed, evaluate_test=args.test,
                           echo=lambda line: print(f"  [{name}] {line}", file=sys.stderr))
         curve = [r.get("mean_val_f1") for r in result.rounds]
+        test_f1 = [row["f1"] for row in result.results]
         results[name] = {"rounds_to_target": rounds_to_target(result.rounds, args.target),
                          "best_mean_val_f1": max((f for f in curve if f is not None), default=None),
                          "final_mean_val_f1": curve[-1] if curve else None, "curve": curve,
+                         "mean_test_f1": sum(test_f1) / len(test_f1) if test_f1 else None,
                          "seconds": round(time.perf_counter() - started, 1)}
     print(f"rounds to mean validation F1 >= {args.target} ({len(packs)} districts, {args.rounds} rounds max, "
           f"{args.local_epochs} local epoch(s)):")

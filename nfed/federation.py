@@ -437,12 +437,14 @@ class Federation:
             if result is not None:
                 entry["num_samples"] = result.num_samples
                 entry.update({k: v for k, v in result.metrics.items() if k != "wall_time_s"})
-                if cfg.client_state == "keep" and result.optimizer_state and outcome.status != "failed":
-                    save_checkpoint(_state_file(self.run_dir, outcome.district, round_number), {},
-                                    optimizer_state=result.optimizer_state, round=round_number)
             if outcome.status == "ok" and not aggregator.add(result.weights, result.num_samples, outcome.district):
                 entry["status"] = "rejected"
                 entry["reason"] = aggregator.rejected[outcome.district]
+            # a client keeps its own optimiser state whether or not it made the deadline (not when it broke)
+            if (cfg.client_state == "keep" and result is not None and result.optimizer_state
+                    and entry["status"] in ("ok", "late")):
+                save_checkpoint(_state_file(self.run_dir, outcome.district, round_number), {},
+                                optimizer_state=result.optimizer_state, round=round_number)
             clients[outcome.district] = entry
         averaged = aggregator.finish()
         answered = aggregator.accepted
