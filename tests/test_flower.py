@@ -20,6 +20,9 @@ except ImportError:  # Python 3.10
 
 from flower_harness import FlowerDeployment, flwr_available, make_tls_files
 
+if flwr_available():
+    from nfed.flower import serve
+
 pytestmark = [pytest.mark.flower,
               pytest.mark.skipif(not flwr_available(), reason="flwr is not installed (pip install 'nfed[flower]')")]
 
@@ -124,6 +127,114 @@ def test_weights_travel_by_name_packed_as_npy_without_pickle():
         record_to_weights(record)
     with pytest.raises(DataError, match="not numeric"):
         weights_to_record({"names": np.array(["a", "b"])})
+
+
+# ------------------------------------------------------------------------------------------ in-memory grid
+
+class LoopbackGrid:
+    """A Grid double: every message goes straight to nfed.flower's ClientApp in this process.
+
+    Nodes are node id -> node config; ids in `silent` answer the describe query, then never again (a machine
+    that dropped off after joining). The server
+    code under test (nfed.flower.serve) is the real one; only the SuperLink/SuperNode transport is skipped.
+    """
+
+    def __init__(self, node_configs: dict[int, dict], silent: set[int] = frozenset()):
+        from flwr.app import Context, RecordDict
+
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config=dict(config), state=RecordDict(),
+                                       run_config={}) for node, config in node_configs.items()}
+        self.silent = set(silent)
+        self.replies = {}
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        from nfed.flower import client_app
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            ids.append(message.metadata.message_id)
+            node = message.metadata.dst_node_id
+            self.sent.append((node, message.metadata.message_type))
+            if node not in self.silent or message.metadata.message_type == "query":
+                self.replies[message.metadata.message_id] = client_app(message, self.contexts[node])
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+@pytest.fixture
+def task_identity():
+    """Messages take their run id from Flower's per-process task identity; set it as a ServerApp would."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def flat_run_config(train_config, fed_config, run_dir, **options):
+    from flwr.common.config import flatten_dict
+
+    from nfed.flower import run_config_for
+
+    return flatten_dict(run_config_for(train_config, fed_config, run_dir=run_dir, **options))
+
+
+def test_serve_equals_in_process_federation_and_resumes(tmp_path, task_identity):
+    """nfed.flower.serve over a Grid: 2 rounds, then resumed to 3 = an uninterrupted in-process 3-round run."""
+    from nfed.federation import FederationConfig, federate
+    from nfed.training import profile_config
+
+    packs = make_tiny_packs(tmp_path / "packs")
+    grid = LoopbackGrid({30 + i: {"pack": str(path)} for i, path in enumerate(reversed(list(packs.values())))})
+    train = profile_config("demo", width=WIDTH, batch_size=2, lr=0.001, seed=3)
+    lines = []
+    serve(grid, flat_run_config(train, FederationConfig(rounds=2, eps=0.0, min_clients=3, seed=3),
+                                tmp_path / "flower"), echo=lines.append)
+    result = serve(grid, flat_run_config(train, FederationConfig(rounds=3, eps=0.0, min_clients=3, seed=3),
+                                         tmp_path / "flower", resume=True), echo=lines.append)
+    assert any("resuming" in line for line in lines)
+    local = federate(packs, tmp_path / "local", train, FederationConfig(rounds=3, eps=0.0, min_clients=3, seed=3))
+    for name, value in local.global_weights.items():
+        np.testing.assert_allclose(result.global_weights[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(load_global(tmp_path / "flower")[name], value, rtol=1e-5, atol=1e-6)
+    flower_rounds = [json.loads(l) for l in (tmp_path / "flower" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in flower_rounds] == [1, 2, 3]
+    for mine, theirs in zip(flower_rounds, local.rounds):
+        assert mine["answered"] == theirs["answered"] == list(DISTRICTS)
+        assert mine["mean_val_loss"] == pytest.approx(theirs["mean_val_loss"], rel=1e-5)
+    assert ((tmp_path / "flower" / "federated.csv").read_text()
+            == (tmp_path / "local" / "federated.csv").read_text())
+
+
+def test_serve_leaves_out_silent_and_failing_nodes(tmp_path, task_identity):
+    """A node that never answers is late after the deadline, one whose training fails is failed (one line)."""
+    from nfed.federation import FederationConfig
+    from nfed.training import profile_config
+
+    packs = make_tiny_packs(tmp_path / "packs")
+    grid = LoopbackGrid({1: {"pack": str(packs["Gangnam-gu"])},
+                         2: {"pack": str(packs["Gangdong-gu"]), "device": "cuda:97"},
+                         3: {"pack": str(packs["Gwangjin-gu"])},
+                         4: {"pack": str(tmp_path / "missing.h5")}}, silent={3})
+    config = flat_run_config(profile_config("demo", width=WIDTH, batch_size=2),
+                             FederationConfig(rounds=1, eps=0.0, deadline=1.0, evaluate_rounds=False),
+                             tmp_path / "run", connect_timeout=1.0)
+    lines = []
+    result = serve(grid, config, echo=lines.append)
+    assert any("SuperNode 4 left out" in line and "missing.h5" in line for line in lines)
+    record = result.rounds[0]
+    assert record["answered"] == ["Gangnam-gu"]
+    assert record["late"] == ["Gwangjin-gu"]
+    assert "cuda:97" in record["failed"]["Gangdong-gu"]
+    assert [row["district"] for row in result.results] == ["Gangnam-gu"]
 
 
 # ------------------------------------------------------------------------------------------ integration
