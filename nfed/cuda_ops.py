@@ -2,12 +2,12 @@
 
 Convolutions pick one of four forward algorithms per shape (conv2d_forward_path): a direct kernel for
 short reductions (C*kh*kw <= 32: the W-Net's 3- and 2-channel first layers), Winograd F(2x2, 3x3) for 3x3
-stride-1 layers in fp32 (kernels/winograd.cu + one batched GEMM; also used for their input gradient),
+stride-1 layers in fp32 (kernels/winograd.cu + one batched GEMM; their input gradient too, and their
+weight gradient by Winograd F(3x3, 2x2)),
 a plain GEMM for 1x1, else im2col/col2im kernels (kernels/im2col.cu) around cuBLAS GEMMs
 (nfed.precision.gemm, which honours the fp32|tf32|bf16 mode; tf32/bf16 always take this tensor-core path).
 NFED_CONV_ALGORITHM=im2col forces the GEMM path everywhere (the benches time both). Pooling, batch norm
-(+ fused ReLU), softmax cross-entropy, the
-fused Adam/SGD updates and the FedAvg weighted sum are single-pass kernels from kernels/*.cu, compiled
+(+ fused ReLU), softmax cross-entropy, the fused Adam/SGD updates and the FedAvg weighted sum are single-pass kernels from kernels/*.cu, compiled
 once per process and device by nfed.backend.load_kernel. Every kernel launch goes through `_launch`,
 which converts the arguments to the C types declared in KERNELS (tests check that table against the
 compiled PTX), so a wrong argument type cannot silently corrupt a launch.
@@ -64,6 +64,8 @@ _ARG_KINDS = {
         "winograd_filter_transform_{t}": "ppii",
         "winograd_input_transform_NCHW_{t}": "pp" + "i" * 7,
         "winograd_output_transform_NCHW_{t}": "ppp" + "i" * 6,
+        "winograd_grad_transform_NCHW_{t}": "pp" + "i" * 6,
+        "winograd_weight_output_transform_{t}": "ppii",
     },
     "fedavg.cu": {
         "weighted_sum_{t}": "ppipl",
@@ -353,6 +355,32 @@ def _conv2d_direct(x, weight, bias, y, s, p):
     return y
 
 
+def _conv2d_weight_grad_winograd(x, gy, padding):
+    """Weight gradient of a 3x3 stride-1 conv by Winograd F(3x3, 2x2): one batched GEMM per chunk."""
+    cp = backend.cupy_module()
+    n, c, h, w = x.shape
+    o, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    tiles = th * tw
+    dev = _device_index(x)
+    suffix = _suffix(x.dtype)
+    m = cp.zeros((16, o, c), dtype=x.dtype)
+    step = _chunk(n, 16 * (c + o) * tiles * x.dtype.itemsize)
+    for n0 in range(0, n, step):
+        nb = min(step, n - n0)
+        v = cp.empty((16, c, nb * tiles), dtype=x.dtype)
+        _launch(f"winograd_input_transform_NCHW_{suffix}", _grid_planes(c, nb * tiles),
+                (x[n0:n0 + nb], v, nb, c, h, w, padding, th, tw), dev)
+        ug = cp.empty((16, o, nb * tiles), dtype=x.dtype)
+        _launch(f"winograd_grad_transform_NCHW_{suffix}", _grid_planes(o, nb * tiles),
+                (gy[n0:n0 + nb], ug, nb, o, ho, wo, th, tw), dev)
+        precision.gemm(ug, v, trans_b=True, out=m, beta=1.0, mode="fp32")
+        del v, ug
+    dw = cp.empty((o, c, 3, 3), dtype=x.dtype)
+    _launch(f"winograd_weight_output_transform_{suffix}", _grid_1d(o * c, dev), (m, dw, o, c), dev)
+    return dw
+
+
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     """y = conv2d(x, weight) + bias; x [N, C, H, W], weight [O, C, kh, kw] -> y [N, O, HO, WO]."""
     cp = backend.cupy_module()
@@ -424,6 +452,8 @@ def conv2d_backward_weight(x, grad_output, weight_shape, stride=1, padding=0):
     s, p = _square(stride, padding)
     ho, wo = gy.shape[2], gy.shape[3]
     k = c * kh * kw
+    if conv2d_forward_path(c, kh, kw, s, p, x.dtype) == "winograd" and x.dtype == gy.dtype:
+        return _conv2d_weight_grad_winograd(x, gy, p)
     bf16 = _bf16_mode(x.dtype)
     gy_mat = _gemm_operand(gy).reshape(n, o, ho * wo)
     gw = cp.zeros((o, k), dtype=x.dtype)

@@ -391,8 +391,8 @@ def _kernels_table(result: dict) -> None:
             click.echo(f"geometric mean ratio (reference time / nfed time): fwd+bwd {dev['geomean_ratio']:.2f}, "
                        f"fwd {dev['geomean_ratio_forward']:.2f}, bwd {dev['geomean_ratio_backward']:.2f}")
         click.echo("TFLOP/s; backward = input + weight + bias gradients (2x the forward FLOPs); "
-                   "D = direct, W = Winograd F(2x2,3x3) forward (and input gradient); their im2col+GEMM "
-                   "times are in the JSON")
+                   "D = direct forward, W = Winograd forward and gradients; their im2col+GEMM times are "
+                   "in the JSON")
 
 
 def _common_options(fn):
