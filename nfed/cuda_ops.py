@@ -1,14 +1,14 @@
 """GPU implementations of nfed's heavy ops on CuPy arrays, with the CPU functions' signatures.
 
 Convolutions pick one of four forward algorithms per shape (conv2d_forward_path): a direct kernel for
-short reductions (C*kh*kw <= 32: the W-Net's 3- and 2-channel first layers), Winograd F(2x2, 3x3) for 3x3
-stride-1 layers in fp32 (kernels/winograd.cu + one batched GEMM; their input gradient too, and their
-weight gradient by Winograd F(3x3, 2x2)),
-a plain GEMM for 1x1, else im2col/col2im kernels (kernels/im2col.cu) around cuBLAS GEMMs
-(nfed.precision.gemm, which honours the fp32|tf32|bf16 mode; tf32/bf16 always take this tensor-core path).
-NFED_CONV_ALGORITHM=im2col forces the GEMM path everywhere (the benches time both). Pooling, batch norm
-(+ fused ReLU), softmax cross-entropy, the fused Adam/SGD updates and the FedAvg weighted sum are single-pass kernels from kernels/*.cu, compiled
-once per process and device by nfed.backend.load_kernel. Every kernel launch goes through `_launch`,
+short reductions (C*kh*kw <= 32: the W-Net's 3- and 2-channel first layers); Winograd for 3x3 stride-1
+layers in fp32/float64 (kernels/winograd.cu + one batched GEMM: F(2x2, 3x3) forward and input gradient,
+F(3x3, 2x2) weight gradient); a plain GEMM for 1x1; else im2col/col2im kernels (kernels/im2col.cu)
+around cuBLAS GEMMs (nfed.precision.gemm, which honours the fp32|tf32|bf16 mode: tf32 and bf16 use this
+tensor-core path for every layer the direct kernel does not take). NFED_CONV_ALGORITHM=im2col forces the
+GEMM path everywhere (the benches time both). Pooling, batch norm (+ fused ReLU), softmax cross-entropy,
+the fused Adam/SGD updates and the FedAvg weighted sum are single-pass kernels from kernels/*.cu,
+compiled once per process and device by nfed.backend.load_kernel. Every launch goes through `_launch`,
 which converts the arguments to the C types declared in KERNELS (tests check that table against the
 compiled PTX), so a wrong argument type cannot silently corrupt a launch.
 
