@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -55,19 +56,33 @@ class Device:
     def __str__(self) -> str:
         return f"cuda:{self.index}" if self.is_gpu else "cpu"
 
-    def __enter__(self):
+    def use(self) -> None:
+        """Make this the current CUDA device of the calling thread (no-op on CPU)."""
         if self.is_gpu:
-            self._ctx = _cupy.cuda.Device(self.index)
-            self._ctx.__enter__()
+            _cupy.cuda.Device(self.index).use()
+
+    def __enter__(self):
+        """`with device:` makes it current for the block, then restores the previous device."""
+        if self.is_gpu:
+            _previous_devices().append(_cupy.cuda.runtime.getDevice())
+            _cupy.cuda.runtime.setDevice(self.index)
         return self
 
     def __exit__(self, *exc):
         if self.is_gpu:
-            self._ctx.__exit__(*exc)
+            _cupy.cuda.runtime.setDevice(_previous_devices().pop())
         return False
 
 
 CPU = Device("cpu")
+_thread_state = threading.local()
+
+
+def _previous_devices() -> list[int]:
+    """Per-thread stack of the CUDA devices that `with device:` blocks replaced."""
+    if not hasattr(_thread_state, "stack"):
+        _thread_state.stack = []
+    return _thread_state.stack
 
 
 def parse_device(spec: str | Device | None) -> Device:
