@@ -188,25 +188,26 @@ def flat_run_config(train_config, fed_config, run_dir, **options):
 
 
 def test_serve_equals_in_process_federation_and_resumes(tmp_path, task_identity):
-    """nfed.flower.serve over a Grid: 2 rounds, then resumed to 3 = an uninterrupted in-process 3-round run."""
+    """nfed.flower.serve over a Grid: 1 round, then resumed to 2 = an uninterrupted in-process 2-round run."""
     from nfed.federation import FederationConfig, federate
     from nfed.training import profile_config
 
-    packs = make_tiny_packs(tmp_path / "packs")
+    packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1), (3, 1, 1), (2, 1, 1)))
     grid = LoopbackGrid({30 + i: {"pack": str(path)} for i, path in enumerate(reversed(list(packs.values())))})
     train = profile_config("demo", width=WIDTH, batch_size=2, lr=0.001, seed=3)
     lines = []
-    serve(grid, flat_run_config(train, FederationConfig(rounds=2, eps=0.0, min_clients=3, seed=3),
+    serve(grid, flat_run_config(train, FederationConfig(rounds=1, eps=0.0, min_clients=3, seed=3),
                                 tmp_path / "flower"), echo=lines.append)
-    result = serve(grid, flat_run_config(train, FederationConfig(rounds=3, eps=0.0, min_clients=3, seed=3),
+    result = serve(grid, flat_run_config(train, FederationConfig(rounds=2, eps=0.0, min_clients=3, seed=3),
                                          tmp_path / "flower", resume=True), echo=lines.append)
     assert any("resuming" in line for line in lines)
-    local = federate(packs, tmp_path / "local", train, FederationConfig(rounds=3, eps=0.0, min_clients=3, seed=3))
+    local = federate(packs, tmp_path / "local", train, FederationConfig(rounds=2, eps=0.0, min_clients=3, seed=3))
+    saved = load_global(tmp_path / "flower")
     for name, value in local.global_weights.items():
         np.testing.assert_allclose(result.global_weights[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(load_global(tmp_path / "flower")[name], value, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(saved[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     flower_rounds = [json.loads(l) for l in (tmp_path / "flower" / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in flower_rounds] == [1, 2, 3]
+    assert [r["round"] for r in flower_rounds] == [1, 2]
     for mine, theirs in zip(flower_rounds, local.rounds):
         assert mine["answered"] == theirs["answered"] == list(DISTRICTS)
         assert mine["mean_val_loss"] == pytest.approx(theirs["mean_val_loss"], rel=1e-5)
@@ -219,7 +220,7 @@ def test_serve_leaves_out_silent_and_failing_nodes(tmp_path, task_identity):
     from nfed.federation import FederationConfig
     from nfed.training import profile_config
 
-    packs = make_tiny_packs(tmp_path / "packs")
+    packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1), (2, 1, 1), (2, 1, 1)))
     grid = LoopbackGrid({1: {"pack": str(packs["Gangnam-gu"])},
                          2: {"pack": str(packs["Gangdong-gu"]), "device": "cuda:97"},
                          3: {"pack": str(packs["Gwangjin-gu"])},
