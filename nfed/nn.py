@@ -223,47 +223,47 @@ def _uniform(rng: np.random.Generator, shape, bound: float) -> Parameter:
     return Parameter(rng.uniform(-bound, bound, size=shape).astype(np.float32))
 
 
-class Conv2d(Module):
-    """2-D convolution, weight [out, in, kh, kw]; PyTorch default init (uniform +-1/sqrt(fan_in))."""
+class _ConvLayer(Module):
+    """Weight and bias of a (transposed) convolution, initialised like PyTorch: uniform +-1/sqrt(fan_in) with
+    fan_in = weight.shape[1] * kh * kw for both layouts (as torch computes it)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
-                 rng: np.random.Generator | None = None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, bias: bool,
+                 rng: np.random.Generator | None, transposed: bool):
         super().__init__()
         rng = np.random.default_rng() if rng is None else rng
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
-        bound = 1.0 / math.sqrt(in_channels * kh * kw)
-        self.weight = _uniform(rng, (out_channels, in_channels, kh, kw), bound)
+        shape = (in_channels, out_channels, kh, kw) if transposed else (out_channels, in_channels, kh, kw)
+        bound = 1.0 / math.sqrt(shape[1] * kh * kw)
+        self.weight = _uniform(rng, shape, bound)
         self.bias = _uniform(rng, (out_channels,), bound) if bias else None
-
-    def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}")
 
 
-class ConvTranspose2d(Module):
-    """Transposed convolution, weight [in, out, kh, kw]; PyTorch default init (fan_in = out*kh*kw)."""
+class Conv2d(_ConvLayer):
+    """2-D convolution, weight [out, in, kh, kw]."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
+                 rng: np.random.Generator | None = None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, rng, transposed=False)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class ConvTranspose2d(_ConvLayer):
+    """Transposed convolution, weight [in, out, kh, kw] (2x2 stride 2 by default: doubles H and W)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=2, stride=2, bias: bool = True,
                  rng: np.random.Generator | None = None, padding=0):
-        super().__init__()
-        rng = np.random.default_rng() if rng is None else rng
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
-        bound = 1.0 / math.sqrt(out_channels * kh * kw)
-        self.weight = _uniform(rng, (in_channels, out_channels, kh, kw), bound)
-        self.bias = _uniform(rng, (out_channels,), bound) if bias else None
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias, rng, transposed=True)
 
     def forward(self, x):
         return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
 
 
 class BatchNorm2d(Module):

@@ -96,31 +96,42 @@ def test_flat_cols_equal_im2col_on_valid_columns(kernel, padding):
         flat_cols(flat[0], kh, kw, wp, wp, ho * wp)
 
 
+# op, its oracle, (kernel, stride, padding) and the weight shape for 3 input channels.
+OP_CASES = ([("conv2d", conv2d_oracle, case, (4, 3)) for case in CONV_CASES]
+            + [("conv_transpose2d", conv_transpose2d_oracle, case, (3, 2)) for case in DECONV_CASES])
+OP_IDS = [f"{op}-{case}" for op, _, case, _ in OP_CASES]
+
+
+def _weight(rng, channels, kernel):
+    return rng.standard_normal(channels + _pair(kernel))
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernel,stride,padding", CONV_CASES)
+@pytest.mark.parametrize("op,oracle,case,channels", OP_CASES, ids=OP_IDS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv2d_forward_matches_scipy(device, kernel, stride, padding, bias):
+def test_forward_matches_oracle(device, op, oracle, case, channels, bias):
+    """conv2d against scipy.signal.correlate, conv_transpose2d against naive scatter loops."""
     xp = backend.parse_device(device).xp
+    kernel, stride, padding = case
     rng = np.random.default_rng(2)
-    kh, kw = _pair(kernel)
     x = rng.standard_normal((2, 3, 9, 8))
-    w = rng.standard_normal((4, 3, kh, kw))
-    b = rng.standard_normal(4) if bias else None
-    out = F.conv2d(xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b), stride, padding)
-    np.testing.assert_allclose(backend.to_numpy(out.data), conv2d_oracle(x, w, b, stride, padding),
-                               rtol=1e-10, atol=1e-10)
+    w = _weight(rng, channels, kernel)
+    b = rng.standard_normal(w.shape[1] if op == "conv_transpose2d" else w.shape[0]) if bias else None
+    out = getattr(F, op)(xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b), stride, padding)
+    np.testing.assert_allclose(backend.to_numpy(out.data), oracle(x, w, b, stride, padding), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernel,stride,padding", CONV_CASES)
-def test_conv2d_gradcheck(device, kernel, stride, padding):
+@pytest.mark.parametrize("op,oracle,case,channels", OP_CASES, ids=OP_IDS)
+def test_gradcheck(device, op, oracle, case, channels):
     xp = backend.parse_device(device).xp
+    kernel, stride, padding = case
     rng = np.random.default_rng(3)
-    kh, kw = _pair(kernel)
     x = xp.asarray(rng.standard_normal((2, 3, 7, 6)))
-    w = xp.asarray(rng.standard_normal((2, 3, kh, kw)))
-    b = xp.asarray(rng.standard_normal(2))
-    check_gradients(lambda a, k, c: F.conv2d(a, k, c, stride, padding), [x, w, b])
+    w = xp.asarray(_weight(rng, channels, kernel))
+    b = xp.asarray(rng.standard_normal(w.shape[1] if op == "conv_transpose2d" else w.shape[0]))
+    fn = getattr(F, op)
+    check_gradients(lambda a, k, c: fn(a, k, c, stride, padding), [x, w, b])
 
 
 def test_conv2d_gradcheck_large_random_direction():
@@ -129,31 +140,6 @@ def test_conv2d_gradcheck_large_random_direction():
     w = rng.standard_normal((6, 8, 3, 3)) * 0.2
     b = rng.standard_normal(6)
     check_gradients(lambda a, k, c: F.conv2d(a, k, c, 1, 1), [x, w, b], directions=4)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernel,stride,padding", DECONV_CASES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_conv_transpose2d_forward_matches_loops(device, kernel, stride, padding, bias):
-    xp = backend.parse_device(device).xp
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 3, 5, 4))
-    w = rng.standard_normal((3, 2, kernel, kernel))
-    b = rng.standard_normal(2) if bias else None
-    out = F.conv_transpose2d(xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b), stride, padding)
-    np.testing.assert_allclose(backend.to_numpy(out.data), conv_transpose2d_oracle(x, w, b, stride, padding),
-                               rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernel,stride,padding", DECONV_CASES)
-def test_conv_transpose2d_gradcheck(device, kernel, stride, padding):
-    xp = backend.parse_device(device).xp
-    rng = np.random.default_rng(6)
-    x = xp.asarray(rng.standard_normal((2, 3, 4, 3)))
-    w = xp.asarray(rng.standard_normal((3, 2, kernel, kernel)))
-    b = xp.asarray(rng.standard_normal(2))
-    check_gradients(lambda a, k, c: F.conv_transpose2d(a, k, c, stride, padding), [x, w, b])
 
 
 @pytest.mark.parametrize("op", ["conv", "deconv"])

@@ -210,8 +210,12 @@ def conv_transpose2d_backward_weight(x, gout, w_shape, stride=2, padding=0):
     return conv2d_backward_weight(gout, x, w_shape, stride, padding)
 
 
-class Conv2d(Function):
-    def __init__(self, stride=1, padding=0):
+class _Convolution(Function):
+    """Node logic shared by conv2d and conv_transpose2d: keep x only for the weight gradient and w only
+    for the input gradient; subclasses name the raw-array functions (looked up at call time, so a device
+    backend that replaces the module's functions is used)."""
+
+    def __init__(self, stride, padding):
         self.stride = stride
         self.padding = padding
 
@@ -222,38 +226,37 @@ class Conv2d(Function):
             self.w = w if needs[0] else None
             self.x_shape = x.shape
             self.w_shape = w.shape
+        return self.compute(x, w, b)
+
+    def backward(self, g):
+        needs = self.needs_input_grad
+        gx = self.input_grad(g) if needs[0] else None
+        gw = self.weight_grad(g) if needs[1] else None
+        if len(needs) == 2:
+            return gx, gw
+        return gx, gw, conv2d_backward_bias(g) if needs[2] else None
+
+
+class Conv2d(_Convolution):
+    def compute(self, x, w, b):
         return conv2d_forward(x, w, b, self.stride, self.padding)
 
-    def backward(self, g):
-        needs = self.needs_input_grad
-        gx = conv2d_backward_input(g, self.w, self.x_shape, self.stride, self.padding) if needs[0] else None
-        gw = conv2d_backward_weight(self.x, g, self.w_shape, self.stride, self.padding) if needs[1] else None
-        if len(needs) == 2:
-            return gx, gw
-        return gx, gw, conv2d_backward_bias(g) if needs[2] else None
+    def input_grad(self, g):
+        return conv2d_backward_input(g, self.w, self.x_shape, self.stride, self.padding)
+
+    def weight_grad(self, g):
+        return conv2d_backward_weight(self.x, g, self.w_shape, self.stride, self.padding)
 
 
-class ConvTranspose2d(Function):
-    def __init__(self, stride=2, padding=0):
-        self.stride = stride
-        self.padding = padding
-
-    def forward(self, x, w, b=None):
-        if self.recording:
-            needs = self.needs_input_grad
-            self.x = x if needs[1] else None
-            self.w = w if needs[0] else None
-            self.w_shape = w.shape
+class ConvTranspose2d(_Convolution):
+    def compute(self, x, w, b):
         return conv_transpose2d_forward(x, w, b, self.stride, self.padding)
 
-    def backward(self, g):
-        needs = self.needs_input_grad
-        gx = conv_transpose2d_backward_input(g, self.w, self.stride, self.padding) if needs[0] else None
-        gw = (conv_transpose2d_backward_weight(self.x, g, self.w_shape, self.stride, self.padding)
-              if needs[1] else None)
-        if len(needs) == 2:
-            return gx, gw
-        return gx, gw, conv2d_backward_bias(g) if needs[2] else None
+    def input_grad(self, g):
+        return conv_transpose2d_backward_input(g, self.w, self.stride, self.padding)
+
+    def weight_grad(self, g):
+        return conv_transpose2d_backward_weight(self.x, g, self.w_shape, self.stride, self.padding)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0):
