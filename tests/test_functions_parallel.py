@@ -1,6 +1,8 @@
 """The CPU worker pool behind the conv blocks: order, errors, thread count, BLAS thread control."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 import time
 
@@ -55,3 +57,16 @@ def test_single_threaded_blas_restores_the_thread_count():
     with parallel.single_threaded_blas():
         assert blas.get() == 1
     assert blas.get() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_pool_works_in_a_forked_child(monkeypatch):
+    monkeypatch.setenv("NFED_NUM_THREADS", "2")
+    parallel.run_blocks(lambda i: time.sleep(0.001), range(4))  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply(_squares_in_pool, (6,)) == [i * i for i in range(6)]
+
+
+def _squares_in_pool(n):
+    return parallel.run_blocks(lambda i: (time.sleep(0.001), i * i)[1], range(n))

@@ -46,6 +46,17 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the parent's pool threads: start a fresh pool there when needed."""
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 class _OpenBLAS:
     """get/set of OpenBLAS's thread count through ctypes (None when NumPy is not on OpenBLAS)."""
 
