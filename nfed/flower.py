@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -474,5 +473,6 @@ def server_main(grid: Grid, context: Context) -> None:
     try:
         serve(grid, context.run_config)
     except NfedError as exc:
+        # The one-line reason first; re-raised so Flower records the run as failed with that reason.
         _echo(f"nfed: error: {exc}")
-        sys.exit(1)
+        raise
