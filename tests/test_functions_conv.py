@@ -9,7 +9,7 @@ from nfed import backend
 from nfed import functions as F
 from nfed.autograd import Tensor
 from nfed.functions import conv as conv_module
-from nfed.functions.im2col import col2im, flat_cols, im2col, padded_flat
+from nfed.functions.im2col import col2im, flat_cols, im2col, padded_rows
 from nfed.gradcheck import check_gradients
 
 from conftest import DEVICES
@@ -83,17 +83,19 @@ def test_flat_cols_equal_im2col_on_valid_columns(kernel, padding):
     x = rng.standard_normal((2, 3, 5, 6))
     ho, wo = 5 + 2 * ph - kh + 1, 6 + 2 * pw - kw + 1
     wp = 6 + 2 * pw
-    flat = padded_flat(x, ph, pw, kw - 1)
     expected = im2col_oracle(x, kh, kw, 1, 1, ph, pw)
     for n in range(2):
-        cols = flat_cols(flat[n], kh, kw, wp, 0, ho * wp)
+        whole = padded_rows(x[n], 0, ho + kh - 1, ph, pw, kw - 1)
+        cols = flat_cols(whole, kh, kw, wp, 0, ho * wp)
         valid = cols.reshape(-1, ho, wp)[..., :wo].reshape(-1, ho * wo)
         np.testing.assert_array_equal(valid, expected[n])
-        # a block of rows starting further down is the matching slice of the whole
-        block = flat_cols(flat[n], kh, kw, wp, wp, (ho - 1) * wp)
-        np.testing.assert_array_equal(block, cols[:, wp:])
+        # blocks of output rows (each from its own padded slab) are the matching slices of the whole
+        for first, count in [(0, 1), (1, ho - 1), (ho - 1, 1)]:
+            slab = padded_rows(x[n], first, count + kh - 1, ph, pw, kw - 1)
+            block = flat_cols(slab, kh, kw, wp, 0, count * wp).reshape(-1, count, wp)[..., :wo]
+            np.testing.assert_array_equal(block, cols.reshape(-1, ho, wp)[:, first:first + count, :wo])
     with pytest.raises(ValueError, match="past the padded planes"):
-        flat_cols(flat[0], kh, kw, wp, wp, ho * wp)
+        flat_cols(whole, kh, kw, wp, wp, ho * wp)
 
 
 # op, its oracle, (kernel, stride, padding) and the weight shape for 3 input channels.

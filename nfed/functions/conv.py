@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import Function
-from .im2col import col2im, conv_output_size, flat_cols, im2col, padded_flat
+from .im2col import col2im, conv_output_size, flat_cols, im2col, padded_rows
 from .parallel import run_blocks
 from .utils import pair
 
@@ -80,14 +80,13 @@ def _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo):
     o, k = w2.shape
     wp = wd + 2 * pw
     dtype = xp.result_type(x.dtype, w2.dtype)
-    xflat = padded_flat(x, ph, pw, kw - 1)
     out = xp.empty((n, o, ho, wo), dtype=dtype)
     bias = None if b is None else b.reshape(o, 1, 1)
 
     def block(item):
         i, r0, r = item
         length = r * wp
-        cols = flat_cols(xflat[i], kh, kw, wp, r0 * wp, length)
+        cols = flat_cols(padded_rows(x[i], r0, r + kh - 1, ph, pw, kw - 1), kh, kw, wp, 0, length)
         valid = xp.matmul(w2, cols).reshape(o, r, wp)[:, :, :wo]
         if bias is None:
             out[i, :, r0:r0 + r] = valid
@@ -155,12 +154,11 @@ def conv2d_backward_weight(x, gout, w_shape, stride=1, padding=0):
         return _total(xp, parts, (o, c * kh * kw), dtype).reshape(w_shape)
     wp = wd + 2 * pw
     k = c * kh * kw
-    xflat = padded_flat(x, ph, pw, kw - 1)
 
     def block(item):
         i, r0, r = item
         length = r * wp
-        cols = flat_cols(xflat[i], kh, kw, wp, r0 * wp, length)
+        cols = flat_cols(padded_rows(x[i], r0, r + kh - 1, ph, pw, kw - 1), kh, kw, wp, 0, length)
         # The output gradient on the same rows x Wp grid as the patches; the Wp - Wo extra columns are 0.
         g = xp.zeros((o, r, wp), dtype=gout.dtype)
         g[:, :, :wo] = gout[i, :, r0:r0 + r]

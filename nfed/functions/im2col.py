@@ -2,7 +2,7 @@
 
 Two layouts:
 - `im2col`/`col2im`: the classic [N, C*kh*kw, Ho*Wo] patch matrix, for any kernel, stride and padding.
-- `padded_flat`/`flat_cols` (stride 1 only): each zero-padded plane is laid out flat with row length Wp,
+- `padded_rows`/`flat_cols` (stride 1 only): each zero-padded plane is laid out flat with row length Wp,
   so the kernel offset (i, j) is a plain shift by i*Wp + j. Every row of the patch matrix is then one
   contiguous slice of the input (a memcpy-speed copy instead of a strided gather); the output is computed
   on Ho rows of Wp columns and the Wp - Wo columns that straddle the padding are dropped afterwards.
@@ -61,20 +61,24 @@ def col2im(cols, x_shape: tuple, kh: int, kw: int, sh: int, sw: int, ph: int, pw
     return xp.ascontiguousarray(xpad[:, :, ph:ph + h, pw:pw + w])
 
 
-def padded_flat(x, ph: int, pw: int, tail: int):
-    """x [N, C, H, W] zero-padded and flattened per plane to [N, C, Hp*Wp + tail] (tail zeros at the end)."""
+def padded_rows(x, first: int, count: int, ph: int, pw: int, tail: int):
+    """Rows first..first+count-1 of one sample's zero-padded planes (x [C, H, W]), flattened to
+    [C, count*Wp + tail] with tail zeros after the last row: the input of `flat_cols` for a block of
+    output rows. Built per block, so it is small, reused heap memory and filled by the block's worker."""
     xp = backend.array_module(x)
-    n, c, h, w = x.shape
-    hp, wp = h + 2 * ph, w + 2 * pw
-    out = xp.zeros((n, c, hp * wp + tail), dtype=x.dtype)
-    s0, s1, s2 = out.strides
-    planes = _as_strided(xp, out, (n, c, hp, wp), (s0, s1, wp * s2, s2))
-    planes[:, :, ph:ph + h, pw:pw + w] = x
+    c, h, w = x.shape
+    wp = w + 2 * pw
+    out = xp.zeros((c, count * wp + tail), dtype=x.dtype)
+    s1, s2 = out.strides
+    planes = _as_strided(xp, out, (c, count, wp), (s1, wp * s2, s2))
+    lo, hi = max(first, ph), min(first + count, ph + h)  # padded rows that hold input rows
+    if hi > lo:
+        planes[:, lo - first:hi - first, pw:pw + w] = x[:, lo - ph:hi - ph]
     return out
 
 
 def flat_cols(planes, kh: int, kw: int, wp: int, start: int, length: int, out=None):
-    """Stride-1 patch matrix [C*kh*kw, length] of one sample's `padded_flat` planes [C, F]: row (c, i, j) is
+    """Stride-1 patch matrix [C*kh*kw, length] of one sample's `padded_rows` planes [C, F]: row (c, i, j) is
     planes[c, start + i*wp + j : start + i*wp + j + length] (columns start..start+length of the Ho x Wp grid)."""
     xp = backend.array_module(planes)
     c, size = planes.shape
