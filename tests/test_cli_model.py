@@ -195,3 +195,19 @@ def test_checkpoint_of_another_width_is_rejected_with_the_mismatch(trained, tmp_
     # a checkpoint whose config lies about its width names the mismatch too
     lying = save_checkpoint(tmp_path / "lying.h5", ckpt.model_state, config={**ckpt.config, "width": 4})
     _one_line_error(invoke("evaluate", "--model", lying, "--data", tmp_path), "lying.h5", "shape mismatch")
+
+
+def test_bench_step_reports_both_sides_as_json():
+    result = invoke("bench", "step", "--device", "cpu", "--width", "1", "--tile", "32", "--batch", "1",
+                    "--repeat", "1", "--warmup", "0", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["nfed_img_per_s"] > 0 and report["nfed_peak_rss_mb"] > 0
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        assert report["ratio"] is None and "PyTorch" in report["reference_note"]
+    else:
+        assert report["reference_img_per_s"] > 0 and report["reference_peak_rss_mb"] > 0
+        assert report["ratio"] == pytest.approx(report["nfed_img_per_s"] / report["reference_img_per_s"])
+    _one_line_error(invoke("bench", "step", "--tile", "40"), "multiple of 16")

@@ -1,0 +1,204 @@
+"""`nfed bench step`: time one full W-Net-CD training step (forward, backward, Adam) against PyTorch.
+
+Each side runs in its own fresh Python process, one after the other in the same invocation, so each
+reports its own peak resident memory (ru_maxrss) and neither pays for the other's imports or caches.
+The reference is the PyTorch twin in the checkout's bench/torch_wnet.py (same layers, same names), loaded
+by path: nfed itself never imports torch, and without torch or without the checkout the reference is
+reported as null with the reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .. import backend
+from ..errors import ConfigError, NfedError
+
+TWIN_PATH = Path(__file__).resolve().parents[2] / "bench" / "torch_wnet.py"
+
+
+@click.command("step")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)")
+@click.option("--width", type=int, default=8, show_default=True, help="W-Net base width w")
+@click.option("--tile", type=int, default=64, show_default=True, help="tile size (multiple of 16)")
+@click.option("--batch", type=int, default=8, show_default=True, help="image pairs per step")
+@click.option("--lambda-rec", type=float, default=0.1, show_default=True, help="reconstruction weight")
+@click.option("--repeat", type=int, default=5, show_default=True, help="timed steps (after --warmup)")
+@click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
+@click.option("--no-reference", is_flag=True, help="time nfed only")
+@click.option("--cprofile", "cprofile_top", type=int, default=0,
+              help="also profile nfed's timed steps and print the top N functions (by total time) to stderr")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def step(device, width, tile, batch, lambda_rec, repeat, warmup, no_reference, cprofile_top, as_json):
+    """Training-step throughput of nfed vs the same model in PyTorch, measured in the same run."""
+    device = str(backend.parse_device(device))
+    if width < 1 or batch < 1 or repeat < 1 or warmup < 0:
+        raise ConfigError("--width, --batch and --repeat must be >= 1 and --warmup >= 0")
+    if tile < 16 or tile % 16:
+        raise ConfigError(f"--tile {tile}: must be a positive multiple of 16 (W-Net pools 4 times)")
+    task = {"device": device, "width": width, "tile": tile, "batch": batch, "lambda_rec": lambda_rec,
+            "repeat": repeat, "warmup": warmup, "cprofile_top": cprofile_top}
+    result = {"device": device, "width": width, "tile": tile, "batch": batch, "lambda_rec": lambda_rec,
+              "repeat": repeat, "cpu_count": os.cpu_count()}
+    nfed_side = _run_worker("nfed", task)
+    result.update({f"nfed_{k}": v for k, v in nfed_side.items()})
+    reference = None
+    if no_reference:
+        result["reference_note"] = "skipped (--no-reference)"
+    else:
+        try:
+            reference = _run_worker("torch", task)
+        except NfedError as exc:
+            result["reference_note"] = str(exc)
+    if reference is not None:
+        result.update({f"reference_{k}": v for k, v in reference.items()})
+        result["ratio"] = nfed_side["img_per_s"] / reference["img_per_s"]
+        result["memory_ratio"] = nfed_side["peak_rss_mb"] / reference["peak_rss_mb"]
+    else:
+        result.update({"reference_img_per_s": None, "reference_peak_rss_mb": None, "ratio": None})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"W-Net-CD training step, w {width}, tile {tile}, batch {batch}, {device}, {repeat} steps")
+    click.echo(f"nfed      {nfed_side['s_per_step']:.3f} s/step  {nfed_side['img_per_s']:8.1f} img/s  "
+               f"peak RSS {nfed_side['peak_rss_mb']:.0f} MB")
+    if reference is not None:
+        click.echo(f"pytorch   {reference['s_per_step']:.3f} s/step  {reference['img_per_s']:8.1f} img/s  "
+                   f"peak RSS {reference['peak_rss_mb']:.0f} MB  ({reference['version']})")
+        click.echo(f"ratio (nfed / pytorch img/s): {result['ratio']:.2f}")
+    else:
+        click.echo(f"pytorch   not measured: {result['reference_note']}")
+
+
+def _run_worker(side: str, task: dict) -> dict:
+    """Run one side in a fresh interpreter; it prints one JSON line with its timings and peak memory."""
+    code = "import sys; from nfed.commands.bench_step import worker_main; worker_main(sys.argv[1], sys.argv[2])"
+    proc = subprocess.run([sys.executable, "-c", code, side, json.dumps(task)], capture_output=True, text=True)
+    if proc.stderr and task.get("cprofile_top") and side == "nfed":
+        sys.stderr.write(proc.stderr)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise NfedError(f"{side} benchmark failed: {tail}")
+    payload = json.loads(lines[-1])
+    if "error" in payload:
+        raise NfedError(payload["error"])
+    return payload
+
+
+def worker_main(side: str, task_json: str) -> None:
+    """Entry point of a benchmark subprocess (prints one JSON object)."""
+    task = json.loads(task_json)
+    try:
+        timed = _nfed_steps(task) if side == "nfed" else _torch_steps(task)
+    except NfedError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return
+    seconds = sorted(timed.pop("seconds"))
+    median = seconds[len(seconds) // 2]
+    timed.update({"s_per_step": median, "s_per_step_min": seconds[0], "img_per_s": task["batch"] / median,
+                  "peak_rss_mb": _peak_rss_mb()})
+    print(json.dumps(timed))
+
+
+def _inputs(task: dict):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = (task["batch"], 3, task["tile"], task["tile"])
+    past = rng.random(shape, dtype=np.float32)
+    current = rng.random(shape, dtype=np.float32)
+    mask = (rng.random((task["batch"], task["tile"], task["tile"])) > 0.8).astype(np.int64)
+    return past, current, mask
+
+
+def _nfed_steps(task: dict) -> dict:
+    from ..training import TrainConfig, build_model, build_optimizer
+
+    config = TrainConfig(width=task["width"], lambda_rec=task["lambda_rec"], device=task["device"])
+    device = backend.parse_device(task["device"])
+    model = build_model(config)
+    optimizer = build_optimizer(model, config)
+    past, current, mask = (backend.to_device(a, device) for a in _inputs(task))
+
+    def one_step():
+        optimizer.zero_grad()
+        loss, _, _ = model.loss(past, current, mask)
+        loss.backward()
+        optimizer.step()
+        backend.synchronize(device)
+
+    for _ in range(task["warmup"]):
+        one_step()
+    profiler = None
+    if task.get("cprofile_top"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    seconds = []
+    for _ in range(task["repeat"]):
+        start = time.perf_counter()
+        one_step()
+        seconds.append(time.perf_counter() - start)
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(task["cprofile_top"])
+    return {"seconds": seconds, "version": _nfed_version()}
+
+
+def _torch_steps(task: dict) -> dict:
+    if not TWIN_PATH.is_file():
+        raise NfedError(f"PyTorch twin not found at {TWIN_PATH} (run from a checkout of nfed)")
+    try:
+        import torch
+    except ImportError:
+        raise NfedError("PyTorch is not installed (pip install 'nfed[bench]')") from None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nfed_bench_torch_wnet", TWIN_PATH)
+    twin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(twin)
+    device = backend.parse_device(task["device"])
+    torch_device = torch.device(f"cuda:{device.index}" if device.is_gpu else "cpu")
+    torch.manual_seed(0)
+    model = twin.WNetCD(task["width"], 2, task["lambda_rec"]).to(torch_device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    past, current, mask = (torch.from_numpy(a).to(torch_device) for a in _inputs(task))
+
+    def one_step():
+        optimizer.zero_grad()
+        model.loss(past, current, mask).backward()
+        optimizer.step()
+        if device.is_gpu:
+            torch.cuda.synchronize(torch_device)
+
+    for _ in range(task["warmup"]):
+        one_step()
+    seconds = []
+    for _ in range(task["repeat"]):
+        start = time.perf_counter()
+        one_step()
+        seconds.append(time.perf_counter() - start)
+    return {"seconds": seconds, "version": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _nfed_version() -> str:
+    from .. import __version__
+
+    return f"nfed {__version__}"
