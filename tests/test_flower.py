@@ -279,7 +279,7 @@ def test_flower_run_equals_in_process_federation(tmp_path):
 def test_killed_supernode_is_left_out_after_the_deadline(tmp_path):
     """A SuperNode killed during round 1: the round completes with the other two once the deadline passes."""
     packs = make_tiny_packs(tmp_path / "packs")
-    deadline = 25.0
+    deadline = 20.0
     app = write_app(tmp_path / "app", tmp_path / "run", "--rounds", "1", "--min-clients", "2",
                     "--expected-nodes", "3", "--deadline", str(deadline), "--no-round-eval")
     victim = DISTRICTS[1]
