@@ -21,3 +21,10 @@ __all__ = [
     "conv2d", "conv_transpose2d", "max_pool2d", "batch_norm",
     "cross_entropy", "mse_loss", "bce_with_logits", "soft_dice_loss",
 ]
+
+from .. import backend as _backend
+
+if _backend.cupy_available():  # CuPy arrays then run nfed's CUDA kernels; NumPy calls stay untouched.
+    from .. import cuda_ops as _cuda_ops
+
+    _cuda_ops.install()
