@@ -30,60 +30,33 @@ def _widths(width: int) -> list[int]:
     return [width * 2 ** level for level in range(5)]
 
 
-class UEncoder(nn.Module):
-    def __init__(self, width: int, classes: int):
-        super().__init__()
-        c = _widths(width)
-        self.e1, self.e2, self.e3 = ConvBlock(3, c[0]), ConvBlock(c[0], c[1]), ConvBlock(c[1], c[2])
-        self.e4, self.e5 = ConvBlock(c[2], c[3]), ConvBlock(c[3], c[4])
-        self.up4 = nn.ConvTranspose2d(2 * c[4], c[3], 2, stride=2)
-        self.d4 = ConvBlock(3 * c[3], c[3])
-        self.up3 = nn.ConvTranspose2d(c[3], c[2], 2, stride=2)
-        self.d3 = ConvBlock(3 * c[2], c[2])
-        self.up2 = nn.ConvTranspose2d(c[2], c[1], 2, stride=2)
-        self.d2 = ConvBlock(3 * c[1], c[1])
-        self.up1 = nn.ConvTranspose2d(c[1], c[0], 2, stride=2)
-        self.d1 = ConvBlock(3 * c[0], c[0])
-        self.head = nn.Conv2d(c[0], classes, 1)
+class UNetPath(nn.Module):
+    """e1..e5, up4..up1, d4..d1, head; siamese = the U-Encoder (both dates as one batch, fused skips)."""
 
-    def forward(self, past, current):
-        x = torch.cat([past, current], 0)          # both dates as one batch, as nfed does
-        fused = []
+    def __init__(self, in_channels: int, width: int, out_channels: int, siamese: bool):
+        super().__init__()
+        self.siamese = siamese
+        c = _widths(width)
+        m = 2 if siamese else 1
+        self.e1, self.e2, self.e3 = ConvBlock(in_channels, c[0]), ConvBlock(c[0], c[1]), ConvBlock(c[1], c[2])
+        self.e4, self.e5 = ConvBlock(c[2], c[3]), ConvBlock(c[3], c[4])
+        self.up4 = nn.ConvTranspose2d(m * c[4], c[3], 2, stride=2)
+        self.d4 = ConvBlock((1 + m) * c[3], c[3])
+        self.up3 = nn.ConvTranspose2d(c[3], c[2], 2, stride=2)
+        self.d3 = ConvBlock((1 + m) * c[2], c[2])
+        self.up2 = nn.ConvTranspose2d(c[2], c[1], 2, stride=2)
+        self.d2 = ConvBlock((1 + m) * c[1], c[1])
+        self.up1 = nn.ConvTranspose2d(c[1], c[0], 2, stride=2)
+        self.d1 = ConvBlock((1 + m) * c[0], c[0])
+        self.head = nn.Conv2d(c[0], out_channels, 1)
+
+    def forward(self, x):
+        skips = []
         for level, block in enumerate((self.e1, self.e2, self.e3, self.e4, self.e5)):
             if level:
                 x = F.max_pool2d(x, 2)
             x = block(x)
-            fused.append(torch.cat(torch.chunk(x, 2, 0), 1))
-        d = fused[4]
-        for up, block, skip in ((self.up4, self.d4, fused[3]), (self.up3, self.d3, fused[2]),
-                                (self.up2, self.d2, fused[1]), (self.up1, self.d1, fused[0])):
-            d = block(torch.cat([up(d), skip], 1))
-        return self.head(d)
-
-
-class UDecoder(nn.Module):
-    def __init__(self, width: int, classes: int):
-        super().__init__()
-        c = _widths(width)
-        self.e1, self.e2, self.e3 = ConvBlock(classes, c[0]), ConvBlock(c[0], c[1]), ConvBlock(c[1], c[2])
-        self.e4, self.e5 = ConvBlock(c[2], c[3]), ConvBlock(c[3], c[4])
-        self.up4 = nn.ConvTranspose2d(c[4], c[3], 2, stride=2)
-        self.d4 = ConvBlock(2 * c[3], c[3])
-        self.up3 = nn.ConvTranspose2d(c[3], c[2], 2, stride=2)
-        self.d3 = ConvBlock(2 * c[2], c[2])
-        self.up2 = nn.ConvTranspose2d(c[2], c[1], 2, stride=2)
-        self.d2 = ConvBlock(2 * c[1], c[1])
-        self.up1 = nn.ConvTranspose2d(c[1], c[0], 2, stride=2)
-        self.d1 = ConvBlock(2 * c[0], c[0])
-        self.head = nn.Conv2d(c[0], 6, 1)
-
-    def forward(self, probabilities):
-        skips, x = [], probabilities
-        for level, block in enumerate((self.e1, self.e2, self.e3, self.e4, self.e5)):
-            if level:
-                x = F.max_pool2d(x, 2)
-            x = block(x)
-            skips.append(x)
+            skips.append(torch.cat(torch.chunk(x, 2, 0), 1) if self.siamese else x)
         d = skips[4]
         for up, block, skip in ((self.up4, self.d4, skips[3]), (self.up3, self.d3, skips[2]),
                                 (self.up2, self.d2, skips[1]), (self.up1, self.d1, skips[0])):
@@ -95,11 +68,15 @@ class WNetCD(nn.Module):
     def __init__(self, width: int = 8, classes: int = 2, lambda_rec: float = 0.1):
         super().__init__()
         self.lambda_rec = float(lambda_rec)
-        self.encoder = UEncoder(width, classes)
-        self.decoder = UDecoder(width, classes)
+        self.encoder = UNetPath(3, width, classes, siamese=True)
+        self.decoder = UNetPath(classes, width, 6, siamese=False)
+
+    def encode(self, past, current):
+        """Change logits: both dates as one batch through the shared contracting path, as nfed does."""
+        return self.encoder(torch.cat([past, current], 0))
 
     def forward(self, past, current):
-        logits = self.encoder(past, current)
+        logits = self.encode(past, current)
         if self.lambda_rec == 0:
             return logits, None
         return logits, self.decoder(torch.softmax(logits, 1))

@@ -76,76 +76,64 @@ def level_widths(width: int) -> list[int]:
     return [width * 2 ** level for level in range(LEVELS)]
 
 
-class UEncoder(nn.Module):
-    """Siamese contracting path, fusion by concatenation, expansive path and the change head."""
+class UNetPath(nn.Module):
+    """One U of the W: blocks e1..e5 (maxpool between), deconvs up4..up1, blocks d4..d1, conv1x1 head.
 
-    def __init__(self, width: int, classes: int, rng: np.random.Generator):
+    `siamese=True` is the U-Encoder: the contracting path runs on past and current as one 2N batch and
+    every skip/bottom feature is the channel concatenation of both dates (twice the channels). Otherwise it
+    is the plain U-Net of the U-Decoder.
+    """
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, *, siamese: bool,
+                 rng: np.random.Generator):
         super().__init__()
+        self.siamese = siamese
         c = level_widths(width)
-        self.e1 = ConvBlock(3, c[0], rng)
+        m = 2 if siamese else 1              # channels of a fused feature per channel of one date
+        self.e1 = ConvBlock(in_channels, c[0], rng)
         self.e2 = ConvBlock(c[0], c[1], rng)
         self.e3 = ConvBlock(c[1], c[2], rng)
         self.e4 = ConvBlock(c[2], c[3], rng)
         self.e5 = ConvBlock(c[3], c[4], rng)
-        self.up4 = nn.ConvTranspose2d(2 * c[4], c[3], 2, stride=2, rng=rng)
-        self.d4 = ConvBlock(3 * c[3], c[3], rng)
+        self.up4 = nn.ConvTranspose2d(m * c[4], c[3], 2, stride=2, rng=rng)
+        self.d4 = ConvBlock((1 + m) * c[3], c[3], rng)
         self.up3 = nn.ConvTranspose2d(c[3], c[2], 2, stride=2, rng=rng)
-        self.d3 = ConvBlock(3 * c[2], c[2], rng)
+        self.d3 = ConvBlock((1 + m) * c[2], c[2], rng)
         self.up2 = nn.ConvTranspose2d(c[2], c[1], 2, stride=2, rng=rng)
-        self.d2 = ConvBlock(3 * c[1], c[1], rng)
+        self.d2 = ConvBlock((1 + m) * c[1], c[1], rng)
         self.up1 = nn.ConvTranspose2d(c[1], c[0], 2, stride=2, rng=rng)
-        self.d1 = ConvBlock(3 * c[0], c[0], rng)
-        self.head = nn.Conv2d(c[0], classes, 1, rng=rng)
+        self.d1 = ConvBlock((1 + m) * c[0], c[0], rng)
+        self.head = nn.Conv2d(c[0], out_channels, 1, rng=rng)
 
-    def forward(self, past, current):
-        x = F.concat([past, current], axis=0)            # both dates through the shared weights at once
-        fused = []
-        for level, block in enumerate((self.e1, self.e2, self.e3, self.e4, self.e5)):
-            if level:
-                x = F.max_pool2d(x, 2)
-            x = block(x)
-            fused.append(dates_to_channels(x))
-        d = fused[4]
-        for up, block, skip in ((self.up4, self.d4, fused[3]), (self.up3, self.d3, fused[2]),
-                                (self.up2, self.d2, fused[1]), (self.up1, self.d1, fused[0])):
-            d = block(F.concat([up(d), skip], axis=1))
-        return self.head(d)
-
-
-class UDecoder(nn.Module):
-    """Plain U-Net from the K-channel class probabilities to the 6-channel (past, current) image pair."""
-
-    def __init__(self, width: int, classes: int, rng: np.random.Generator):
-        super().__init__()
-        c = level_widths(width)
-        self.e1 = ConvBlock(classes, c[0], rng)
-        self.e2 = ConvBlock(c[0], c[1], rng)
-        self.e3 = ConvBlock(c[1], c[2], rng)
-        self.e4 = ConvBlock(c[2], c[3], rng)
-        self.e5 = ConvBlock(c[3], c[4], rng)
-        self.up4 = nn.ConvTranspose2d(c[4], c[3], 2, stride=2, rng=rng)
-        self.d4 = ConvBlock(2 * c[3], c[3], rng)
-        self.up3 = nn.ConvTranspose2d(c[3], c[2], 2, stride=2, rng=rng)
-        self.d3 = ConvBlock(2 * c[2], c[2], rng)
-        self.up2 = nn.ConvTranspose2d(c[2], c[1], 2, stride=2, rng=rng)
-        self.d2 = ConvBlock(2 * c[1], c[1], rng)
-        self.up1 = nn.ConvTranspose2d(c[1], c[0], 2, stride=2, rng=rng)
-        self.d1 = ConvBlock(2 * c[0], c[0], rng)
-        self.head = nn.Conv2d(c[0], RECONSTRUCTION_CHANNELS, 1, rng=rng)
-
-    def forward(self, probabilities):
+    def forward(self, x):
         skips = []
-        x = probabilities
         for level, block in enumerate((self.e1, self.e2, self.e3, self.e4, self.e5)):
             if level:
                 x = F.max_pool2d(x, 2)
             x = block(x)
-            skips.append(x)
+            skips.append(dates_to_channels(x) if self.siamese else x)
         d = skips[4]
         for up, block, skip in ((self.up4, self.d4, skips[3]), (self.up3, self.d3, skips[2]),
                                 (self.up2, self.d2, skips[1]), (self.up1, self.d1, skips[0])):
             d = block(F.concat([up(d), skip], axis=1))
         return self.head(d)
+
+
+class UEncoder(UNetPath):
+    """Siamese contracting path, fusion by concatenation, expansive path and the change head."""
+
+    def __init__(self, width: int, classes: int, rng: np.random.Generator):
+        super().__init__(3, width, classes, siamese=True, rng=rng)
+
+    def forward(self, past, current):
+        return super().forward(F.concat([past, current], axis=0))   # both dates through shared weights
+
+
+class UDecoder(UNetPath):
+    """Plain U-Net from the K-channel class probabilities to the 6-channel (past, current) image pair."""
+
+    def __init__(self, width: int, classes: int, rng: np.random.Generator):
+        super().__init__(classes, width, RECONSTRUCTION_CHANNELS, siamese=False, rng=rng)
 
 
 class WNetCD(nn.Module):
