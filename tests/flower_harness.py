@@ -2,7 +2,9 @@
 
 Every process binds 127.0.0.1 on a free port, runs in its own process group and is stopped by PID when the
 deployment closes (also on failure): the launched groups, and every descendant found in /proc (the SuperLink
-starts its `flower-superexec` in a session of its own). FLWR_HOME is a private folder holding the `flwr`
+starts its `flower-superexec` in a session of its own). Should the test process itself be killed, the
+launched processes get SIGKILL from the kernel (parent-death signal); Flower's own helpers watch their
+parent's PID and exit with it. FLWR_HOME is a private folder holding the `flwr`
 connection config, so nothing outside the work folder is touched; telemetry is off.
 
     with FlowerDeployment(tmp_path, tls=make_tls_files(tmp_path / "tls")) as flower:
@@ -158,6 +160,22 @@ def _signal_identity(identity: tuple[int, str], sig: int) -> None:
         _signal_quietly(os.kill, identity[0], sig)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: its own process group, and SIGKILL when the launching process dies.
+
+    Linux's PR_SET_PDEATHSIG covers what a `finally` cannot: the test process killed by SIGTERM/SIGKILL
+    (a CI timeout) still takes its SuperLink and SuperNodes with it.
+    """
+    os.setsid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 def _signal_quietly(kill: Callable[[int, int], None], target: int, sig: int) -> None:
     try:
         kill(target, sig)
@@ -224,7 +242,7 @@ class FlowerDeployment:
         try:
             process = subprocess.Popen([str(self.bin_dir / args[0]), *args[1:]], env=self.env,
                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, cwd=self.workdir)
+                                       preexec_fn=_die_with_parent, cwd=self.workdir)
         finally:
             log.close()
         self._processes.append(process)
@@ -287,7 +305,7 @@ class FlowerDeployment:
         started = time.monotonic()
         process = subprocess.Popen([str(self.bin_dir / args[0]), *args[1:]], env=self.env, cwd=self.workdir,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, text=True, bufsize=1)
+                                   preexec_fn=_die_with_parent, text=True, bufsize=1)
         self._processes.append(process)
         lines: list[str] = []
         timer = _Watchdog(timeout, lambda: self._stop(process, signal.SIGKILL))
