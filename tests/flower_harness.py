@@ -34,9 +34,9 @@ LOOPBACK = "127.0.0.1"
 
 def flwr_available() -> bool:
     """True when flwr and its command-line programs are installed beside this Python."""
-    try:
-        import flwr  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None:
         return False
     return (Path(sys.executable).parent / "flower-superlink").exists()
 
