@@ -36,6 +36,12 @@ def is_statistic(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in STATISTIC_SUFFIXES
 
 
+def trainable(weights: Mapping[str, object]) -> dict[str, object]:
+    """The weights without BatchNorm running statistics (what the norm-difference stop rule compares:
+    the statistics keep moving with the data long after the parameters have settled)."""
+    return {name: value for name, value in weights.items() if not is_statistic(name)}
+
+
 def update_problem(weights: Mapping[str, object], reference: Mapping[str, object]) -> str | None:
     """Why a client's weights cannot be averaged into `reference`'s model (None: they can).
 

@@ -33,7 +33,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .aggregator import FedAvgAggregator, StopRules, build_server_optimizer, relative_norm_difference
+from .aggregator import (FedAvgAggregator, StopRules, build_server_optimizer, relative_norm_difference,
+                         trainable)
 from .atomic import atomic_path, write_text_atomic
 from .checkpoint import load_checkpoint, save_checkpoint
 from .client import ClientOutcome, ClientResult, ClientTask, make_round_setup, one_line
@@ -453,7 +454,7 @@ class Federation:
             new_weights, norm_difference = weights, None
         else:
             new_weights = server.step(weights, averaged)
-            norm_difference = relative_norm_difference(new_weights, weights)
+            norm_difference = relative_norm_difference(trainable(new_weights), trainable(weights))
         record = {
             "round": round_number, "selected": list(selected), "answered": list(answered),
             "late": [d for d, e in clients.items() if e["status"] == "late"],

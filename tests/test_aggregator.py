@@ -157,3 +157,12 @@ def test_stop_rule_round_budget_and_state():
     assert restored.best_val_loss == 2.0 and restored.rounds_since_best == 2
     with pytest.raises(ConfigError):
         StopRules(max_rounds=0)
+
+
+def test_norm_difference_rule_compares_trainable_parameters_only():
+    from nfed.aggregator import trainable
+
+    old = _model([3.0, 4.0], [0.0], [0.0], [1.0])
+    new = _model([3.0, 4.0], [0.0], [5.0], [9.0])   # only the BatchNorm statistics moved
+    assert relative_norm_difference(trainable(new), trainable(old)) == 0.0
+    assert sorted(trainable(new)) == ["conv.bias", "conv.weight"]
