@@ -308,17 +308,19 @@ class FlowerDeployment:
                                    preexec_fn=_die_with_parent, text=True, bufsize=1)
         self._processes.append(process)
         lines: list[str] = []
+        stamped: list[str] = []  # the log file gets seconds since `flwr run` started, for diagnosing timings
         timer = _Watchdog(timeout, lambda: self._stop(process, signal.SIGKILL))
         try:
             for line in process.stdout:
                 lines.append(line)
+                stamped.append(f"{time.monotonic() - started:7.1f} {line}")
                 if on_line is not None:
                     on_line(line)
             process.wait()
         finally:
             timer.cancel()
         output = "".join(lines)
-        (self.workdir / "flwr-run.log").write_text(output)
+        (self.workdir / "flwr-run.log").write_text("".join(stamped))
         if timer.fired:
             raise TimeoutError(f"flwr run did not finish within {timeout:.0f} s; output:\n{output[-4000:]}")
         return RunResult(process.returncode, output, time.monotonic() - started)
@@ -336,7 +338,7 @@ class FlowerDeployment:
         for identity in pids:
             _signal_identity(identity, sig)
 
-    def close(self, grace: float = 5.0) -> None:
+    def close(self, grace: float = 2.0) -> None:
         """Stop every process this deployment started (TERM, then KILL after `grace` seconds)."""
         for process in self._processes:
             self._known_pids.update(descendants(process.pid))
