@@ -15,6 +15,7 @@ import click
 from .. import __version__
 from ..atomic import write_text_atomic
 from ..errors import ConfigError
+from .federation import protocol_options
 
 APP_NAME = "nfed-flower"
 PUBLISHER = "nfed"
@@ -82,32 +83,13 @@ def write_flower_app(app_dir: Path, run_config: dict) -> Path:
               help="folder to write the Flower app into (pass it to `flwr run`)")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
               help="run folder the ServerApp writes, on the SuperLink's machine (default: APP_DIR-run beside it)")
-@click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
-              help="model/optimiser set-up sent to the clients (see train-local)")
-@click.option("--rounds", type=int, default=20, show_default=True, help="round budget")
-@click.option("--local-epochs", type=int, default=1, show_default=True, help="epochs per client per round")
-@click.option("--eps", type=float, default=1e-3, show_default=True,
-              help="stop when ||w_r+1 - w_r|| / ||w_r|| < eps (0 disables)")
-@click.option("--patience-rounds", type=int, default=0, show_default=True,
-              help="stop when the validation loss has not improved by --delta for this many rounds (0 disables)")
-@click.option("--delta", type=float, default=0.0, show_default=True, help="minimum validation-loss improvement")
+@protocol_options
 @click.option("--deadline", type=float, default=600.0, show_default=True,
               help="seconds a round waits for the SuperNodes' replies; later ones are left out (0: wait for all)")
-@click.option("--fraction", type=float, default=1.0, show_default=True,
-              help="share of the districts sampled per round (seeded)")
-@click.option("--min-clients", type=int, default=1, show_default=True,
-              help="a round with fewer responders keeps the previous global weights")
 @click.option("--expected-nodes", type=int, default=0, show_default=True,
               help="wait for this many SuperNodes before the first round (at least --min-clients)")
 @click.option("--connect-timeout", type=float, default=300.0, show_default=True,
               help="seconds to wait for the expected SuperNodes to connect")
-@click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), default="fedavg",
-              show_default=True, help="server optimiser (FedAvgM: server momentum; FedAdam: Adam on the server)")
-@click.option("--server-lr", type=float, default=None, help="server learning rate (fedavg/fedavgm 1, fedadam 0.01)")
-@click.option("--server-momentum", type=float, default=0.9, show_default=True, help="FedAvgM momentum")
-@click.option("--lr", type=float, help="client learning rate (profile's by default)")
-@click.option("--batch-size", type=int)
-@click.option("--width", type=int, help="W-Net base width w")
 @click.option("--no-round-eval", is_flag=True,
               help="skip evaluating the global model on every validation split after each round")
 @click.option("--resume", is_flag=True, help="continue the run in --run-dir from its last finished round")
