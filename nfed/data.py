@@ -220,12 +220,12 @@ class DistrictPack:
             past, current, mask, ids = self.read(split, indices)
             if transforms is not None:
                 past, current, mask = augment_tiles(past, current, mask, transforms[start:start + len(indices)])
-            yield Batch(past=backend.to_device(_to_nchw_float(past), target),
-                        current=backend.to_device(_to_nchw_float(current), target),
+            yield Batch(past=backend.to_device(images_to_nchw_float(past), target),
+                        current=backend.to_device(images_to_nchw_float(current), target),
                         mask=backend.to_device(mask.astype(np.int64), target), ids=ids)
 
 
-def _to_nchw_float(images: np.ndarray) -> np.ndarray:
+def images_to_nchw_float(images: np.ndarray) -> np.ndarray:
     """[B,H,W,3] uint8 -> [B,3,H,W] float32 in [0, 1]."""
     out = np.empty((images.shape[0], images.shape[3], images.shape[1], images.shape[2]), np.float32)
     np.multiply(images.transpose(0, 3, 1, 2), np.float32(1 / 255), out=out, casting="unsafe")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from . import backend
 from .atomic import atomic_path
-from .data import _to_nchw_float as to_nchw_float
+from .data import images_to_nchw_float as to_nchw_float
 from .errors import DataError
 from .pack import image_size, read_rgb
 
