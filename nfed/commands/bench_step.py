@@ -18,13 +18,15 @@ from pathlib import Path
 import click
 
 from .. import backend
+from .options import device_option, precision_option
 from ..errors import ConfigError, NfedError
 
 TWIN_PATH = Path(__file__).resolve().parents[2] / "bench" / "torch_wnet.py"
 
 
 @click.command("step")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)")
+@device_option
+@precision_option
 @click.option("--width", type=int, default=8, show_default=True, help="W-Net base width w")
 @click.option("--tile", type=int, default=64, show_default=True, help="tile size (multiple of 16)")
 @click.option("--batch", type=int, default=8, show_default=True, help="image pairs per step")
@@ -35,17 +37,17 @@ TWIN_PATH = Path(__file__).resolve().parents[2] / "bench" / "torch_wnet.py"
 @click.option("--cprofile", "cprofile_top", type=int, default=0,
               help="also profile nfed's timed steps and print the top N functions (by total time) to stderr")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def step(device, width, tile, batch, lambda_rec, repeat, warmup, no_reference, cprofile_top, as_json):
+def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, no_reference, cprofile_top, as_json):
     """Training-step throughput of nfed vs the same model in PyTorch, measured in the same run."""
     device = str(backend.parse_device(device))
     if width < 1 or batch < 1 or repeat < 1 or warmup < 0:
         raise ConfigError("--width, --batch and --repeat must be >= 1 and --warmup >= 0")
     if tile < 16 or tile % 16:
         raise ConfigError(f"--tile {tile}: must be a positive multiple of 16 (W-Net pools 4 times)")
-    task = {"device": device, "width": width, "tile": tile, "batch": batch, "lambda_rec": lambda_rec,
-            "repeat": repeat, "warmup": warmup, "cprofile_top": cprofile_top}
-    result = {"device": device, "width": width, "tile": tile, "batch": batch, "lambda_rec": lambda_rec,
-              "repeat": repeat, "cpu_count": os.cpu_count()}
+    task = {"device": device, "precision": precision, "width": width, "tile": tile, "batch": batch,
+            "lambda_rec": lambda_rec, "repeat": repeat, "warmup": warmup, "cprofile_top": cprofile_top}
+    result = {"device": device, "precision": precision, "width": width, "tile": tile, "batch": batch,
+              "lambda_rec": lambda_rec, "repeat": repeat, "cpu_count": os.cpu_count()}
     nfed_side = _run_worker("nfed", task)
     result.update({f"nfed_{k}": v for k, v in nfed_side.items()})
     reference = None
@@ -152,7 +154,10 @@ def _nfed_steps(task: dict) -> dict:
 
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(task["cprofile_top"])
-    return {"seconds": seconds, "version": _nfed_version()}
+    result = {"seconds": seconds, "version": _nfed_version()}
+    if device.is_gpu:  # CuPy's pool keeps what it allocated: its size is the peak reserved memory
+        result["peak_gpu_mb"] = backend.cupy_module().get_default_memory_pool().total_bytes() / 2**20
+    return result
 
 
 def _torch_steps(task: dict) -> dict:
@@ -174,9 +179,20 @@ def _torch_steps(task: dict) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     past, current, mask = (torch.from_numpy(a).to(torch_device) for a in _inputs(task))
 
+    # The reference runs at the same precision as nfed: PyTorch's own default lets cuDNN use TF32.
+    precision = task.get("precision") or "fp32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
     def one_step():
         optimizer.zero_grad()
-        model.loss(past, current, mask).backward()
+        if autocast_dtype is not None:
+            with torch.autocast(torch_device.type, dtype=autocast_dtype):
+                loss = model.loss(past, current, mask)
+        else:
+            loss = model.loss(past, current, mask)
+        loss.backward()
         optimizer.step()
         if device.is_gpu:
             torch.cuda.synchronize(torch_device)
@@ -188,7 +204,10 @@ def _torch_steps(task: dict) -> dict:
         start = time.perf_counter()
         one_step()
         seconds.append(time.perf_counter() - start)
-    return {"seconds": seconds, "version": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    result = {"seconds": seconds, "version": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    if device.is_gpu:
+        result["peak_gpu_mb"] = torch.cuda.max_memory_reserved(torch_device) / 2**20
+    return result
 
 
 def _peak_rss_mb() -> float:

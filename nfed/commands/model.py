@@ -12,8 +12,8 @@ import click
 from .. import backend
 from ..atomic import atomic_path, write_json_atomic
 from ..errors import ConfigError, DataError
+from .options import device_option, precision_option
 
-DEVICE_HELP = "cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)"
 METRIC_KEYS = ("precision", "recall", "f1", "iou", "oa", "kappa")
 
 
@@ -61,10 +61,11 @@ def model_info(width, classes, as_json):
 @click.option("--lambda-rec", type=float, help="weight of the U-Decoder's reconstruction loss (0 skips it)")
 @click.option("--seed", type=int, help="seed of initialisation, shuffling and augmentation (default 0)")
 @click.option("--no-augment", is_flag=True, help="train without flips/rotations")
-@click.option("--device", default=None, help=DEVICE_HELP)
+@device_option
+@precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def train_local(data_path, out_dir, train_all, profile, epochs, patience, batch_size, lr, width, classes,
-                lambda_rec, seed, no_augment, device, quiet):
+                lambda_rec, seed, no_augment, device, precision, quiet):
     """Train W-Net-CD on one district's own data (the study's "before FL" column).
 
     Writes OUT/<district>/best.h5 (checkpoint of the best epoch), OUT/<district>/metrics.json (test
@@ -150,8 +151,9 @@ def write_local_csv(path: Path, rows: list[dict]) -> None:
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-@click.option("--device", default=None, help=DEVICE_HELP)
-def evaluate(model_path, data_path, split, batch_size, as_json, device):
+@device_option
+@precision_option
+def evaluate(model_path, data_path, split, batch_size, as_json, device, precision):
     """Pooled change metrics of a checkpoint per district and over all districts together."""
     from ..data import DistrictPack, list_packs
     from ..metrics import ConfusionMatrix
@@ -188,9 +190,10 @@ def evaluate(model_path, data_path, split, batch_size, as_json, device):
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="mask PNG (with --past/--current) or output folder (with --pairs)")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="tiles per forward pass")
-@click.option("--device", default=None, help=DEVICE_HELP)
+@device_option
+@precision_option
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def predict(model_path, past, current, pairs, out_path, batch_size, device, quiet):
+def predict(model_path, past, current, pairs, out_path, batch_size, device, precision, quiet):
     """Write 0/255 change masks (PNG) for image pairs of any size (tiled at the model's tile size)."""
     from ..predict import check_pair_sizes, find_pairs, predict_files
     from ..progress import progress
