@@ -108,10 +108,16 @@ class FitResult:
 
 
 def build_model(config: TrainConfig) -> WNetCD:
-    """A freshly initialised W-Net-CD (weights from default_rng(config.seed)) on config.device."""
+    """A freshly initialised W-Net-CD (weights from default_rng(config.seed)) on config.device.
+
+    On a GPU the device also becomes the thread's current one, so that arrays the ops allocate (and the
+    kernels they launch) land on the same GPU as the weights (`--gpus 0,1,2` gives clients different ones).
+    """
+    device = backend.parse_device(config.device)
+    device.use()
     model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,
                    rng=np.random.default_rng(config.seed))
-    return model.to(config.device)
+    return model.to(device)
 
 
 def build_optimizer(model: WNetCD, config: TrainConfig):

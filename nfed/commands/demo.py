@@ -14,6 +14,7 @@ import click
 
 from .. import backend
 from ..atomic import write_json_atomic
+from .options import device_option, precision_option
 
 # Federation set-up of the demo (the model/optimiser set-up is training.PROFILES["demo"]). 10 rounds: the whole
 # demo took 13.0 min on the 2-core box; plain FedAvg was the steadiest server optimiser (bench_rounds).
@@ -108,9 +109,10 @@ def run_demo(out_dir: str | Path, *, scale: float = DEMO_SCALE, districts: str =
 @click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), help="server optimiser")
 @click.option("--epochs", type=int, help="maximum local-training epochs (demo profile's by default)")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)")
+@device_option
+@precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def demo(out_dir, scale, districts, rounds, local_epochs, server_opt, epochs, seed, device, quiet):
+def demo(out_dir, scale, districts, rounds, local_epochs, server_opt, epochs, seed, device, precision, quiet):
     """Re-run the whole study on synthetic districts and print the local vs federated table."""
     run_demo(out_dir, scale=scale, districts=districts, seed=seed, device=str(backend.parse_device(device)),
              rounds=rounds, local_epochs=local_epochs, server_opt=server_opt, epochs=epochs, quiet=quiet)

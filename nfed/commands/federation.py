@@ -7,8 +7,8 @@ import click
 
 from .. import backend
 from ..errors import ConfigError
+from .options import device_option, precision_option
 
-DEVICE_HELP = "cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)"
 
 
 def parse_gpus(text: str | None) -> tuple[int, ...]:
@@ -76,11 +76,12 @@ def protocol_options(command):
               help="skip evaluating the global model on every validation split after each round")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last finished round")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help=DEVICE_HELP)
+@device_option
+@precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
              min_clients, workers, gpus, server_opt, server_lr, server_momentum, client_state, client_speeds, lr,
-             batch_size, width, no_round_eval, resume, seed, device, quiet):
+             batch_size, width, no_round_eval, resume, seed, device, precision, quiet):
     """Federated training over district packs (FedAvg weighted by sample count), one line per round.
 
     Writes RUN/rounds.jsonl, an atomic checkpoint RUN/global.h5 after every round (--resume continues from
