@@ -5,11 +5,11 @@ report that compares nfed's results with the study's.
 """
 from __future__ import annotations
 
-import csv
 import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from .csvtable import read_csv_rows
 from .errors import DataError
 from .resources import data_file
 
@@ -31,23 +31,10 @@ class District:
 def read_districts_csv(path: str | Path) -> list[District]:
     """Parse a districts CSV with the columns of COLUMNS (DataError naming the file and row on bad content)."""
     path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-            districts = []
-            for line, row in enumerate(reader, start=2):
-                try:
-                    districts.append(District(
-                        name_ko=row["name_ko"].strip(), name=row["name"].strip(),
-                        samples=int(row["samples"]), f1_local=float(row["f1_local"]),
-                        f1_federated=float(row["f1_federated"]), gain_pct=float(row["gain_pct"])))
-                except (TypeError, ValueError) as exc:
-                    raise DataError(f"{path}: line {line}: {exc}") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    districts = read_csv_rows(path, COLUMNS, lambda row: District(
+        name_ko=row["name_ko"].strip(), name=row["name"].strip(), samples=int(row["samples"]),
+        f1_local=float(row["f1_local"]), f1_federated=float(row["f1_federated"]),
+        gain_pct=float(row["gain_pct"])))
     names = [d.name for d in districts]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_json_atomic, write_text_atomic
+from .csvtable import read_csv_rows
 from .districts import district_order_key, load_districts
 from .errors import DataError
 
@@ -30,22 +31,9 @@ def read_results(path: str | Path) -> dict[str, dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: results file not found")
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-            rows = {}
-            for line, row in enumerate(reader, start=2):
-                try:
-                    rows[row["district"]] = {"samples": int(row["samples"]),
-                                             **{k: float(row[k]) for k in RESULT_COLUMNS[2:]}}
-                except (TypeError, ValueError) as exc:
-                    raise DataError(f"{path}: line {line}: {exc}") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return rows
+    records = read_csv_rows(path, RESULT_COLUMNS, lambda row: (row["district"], {
+        "samples": int(row["samples"]), **{k: float(row[k]) for k in RESULT_COLUMNS[2:]}}))
+    return dict(records)
 
 
 def gain_pct(f1_local: float, f1_federated: float) -> float:
