@@ -19,7 +19,7 @@ from .options import device_option, precision_option
 # Federation set-up of the demo (the model/optimiser set-up is training.PROFILES["demo"]). Measured on the
 # 2-core box: scale 0.025 with 10 rounds took 13.0 min and left 14/25 districts improved (the global model was
 # still far from converged); scale 0.0125 with 24 rounds took 12.0 min, 22/25 improved, +92 % on the means;
-# with 28 rounds (about 13.7 min) 23/25 improved, +100 % on the means.
+# with 28 rounds (13.1 min, quiet) 23/25 improved, +100 % on the means.
 # Plain FedAvg was the steadiest server optimiser (bench_rounds).
 DEMO_FEDERATION = {"rounds": 28, "local_epochs": 1, "server_opt": "fedavg", "eps": 0.0}
 DEMO_SCALE = 0.0125         # share of the study's 40,750 samples generated per district
