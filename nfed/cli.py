@@ -34,14 +34,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class LazyGroup(click.Group):
-    """Group that imports a subcommand's module only when that subcommand is used or listed."""
+    """Group that imports a subcommand's module only when that subcommand is used or listed.
+
+    `lazy_commands` maps name -> (module, attribute); names whose module is absent are not listed.
+    """
+
+    def __init__(self, *args, lazy_commands: dict[str, tuple[str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands if lazy_commands is not None else COMMANDS
 
     def list_commands(self, ctx):
-        return sorted(name for name, (module, _) in COMMANDS.items()
+        return sorted(name for name, (module, _) in self.lazy_commands.items()
                       if importlib.util.find_spec(module) is not None)
 
     def get_command(self, ctx, name):
-        entry = COMMANDS.get(name)
+        entry = self.lazy_commands.get(name)
         if entry is None or importlib.util.find_spec(entry[0]) is None:
             return None
         module = importlib.import_module(entry[0])

@@ -1,10 +1,9 @@
 """`nfed bench`: throughput benchmarks. Subcommands live in their own modules and load lazily."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import click
+
+from ..cli import LazyGroup
 
 # subcommand -> (module, attribute); absent modules are not listed.
 BENCHES: dict[str, tuple[str, str]] = {
@@ -15,17 +14,6 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
-class _LazyBenchGroup(click.Group):
-    def list_commands(self, ctx):
-        return sorted(n for n, (m, _) in BENCHES.items() if importlib.util.find_spec(m) is not None)
-
-    def get_command(self, ctx, name):
-        entry = BENCHES.get(name)
-        if entry is None or importlib.util.find_spec(entry[0]) is None:
-            return None
-        return getattr(importlib.import_module(entry[0]), entry[1])
-
-
-@click.group(cls=_LazyBenchGroup)
+@click.group(cls=LazyGroup, lazy_commands=BENCHES)
 def bench():
     """Measure nfed's throughput and peak memory against a reference run in the same process."""
