@@ -142,6 +142,7 @@ class Label:
     height: int
     changes: tuple[Change, ...] = field(default_factory=tuple)
     source: str | None = None
+    split: str | None = None
 
 
 def _reject_constant(name: str):
@@ -167,7 +168,8 @@ def parse_label(document: Any, path: str | Path) -> Label:
     return Label(path=path, tile_id=document["tile_id"], district=document["district"],
                  past=path.parent / document["images"]["past"],
                  current=path.parent / document["images"]["current"],
-                 width=width, height=height, changes=tuple(changes), source=document.get("source"))
+                 width=width, height=height, changes=tuple(changes), source=document.get("source"),
+                 split=document.get("split"))
 
 
 def read_label(path: str | Path) -> Label:
@@ -187,7 +189,8 @@ def read_label(path: str | Path) -> Label:
 
 
 def label_document(tile_id: str, district: str, past: str, current: str, width: int, height: int,
-                   changes: list[tuple[str, list[tuple[float, float]]]], source: str | None = None) -> dict:
+                   changes: list[tuple[str, list[tuple[float, float]]]], source: str | None = None,
+                   split: str | None = None) -> dict:
     """Build a schema-conforming label document (the inverse of parse_label)."""
     document = {
         "tile_id": tile_id,
@@ -199,6 +202,8 @@ def label_document(tile_id: str, district: str, past: str, current: str, width: 
     }
     if source is not None:
         document["source"] = source
+    if split is not None:
+        document["split"] = split
     return document
 
 

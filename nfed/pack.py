@@ -10,8 +10,9 @@ Two source formats:
 
 Images of any size are cut on a grid of tile x tile from the top-left corner; a remainder narrower than a
 tile at the right or bottom edge is dropped, and an image smaller than one tile is zero-padded (mask 0).
-Splits are drawn per district by a seeded permutation: of source images when the district has at least
-3 of them (so tiles of one image never straddle train and test), else of tiles.
+Splits come from the labels when every label of a district names one (`split`, e.g. `nfed synth`'s fixed
+evaluation tiles); otherwise they are drawn per district by a seeded permutation: of source images when the
+district has at least 3 of them (so tiles of one image never straddle train and test), else of tiles.
 Every pack is written to a temporary file and renamed at the end, so an interrupted pack leaves no file
 that looks valid.
 """
@@ -532,13 +533,14 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
     for district in sorted(by_district, key=district_order_key):
         district_items = by_district[district]
         district_tile = tile or district_items[0].size[0]
-        assignment = _plan_splits(district_items, district_tile, split, seed, district)
+        assignment, split_rule = _plan_splits(district_items, district_tile, split, seed, district)
         source = f"{fmt}:{src.name}"
         target = out_dir / f"{district}.h5"
         try:
             with PackWriter(target, district=district, tile=district_tile, source=source, split_seed=seed,
                             mask_values=MASK_VALUES_TYPED if fmt == "json" else MASK_VALUES_BINARY,
-                            extra_attrs={"split_fractions": np.array(split, np.float64)}) as writer:
+                            extra_attrs={"split_fractions": np.array(split, np.float64),
+                                         "split_rule": split_rule}) as writer:
                 for item in district_items:
                     next(bar, None)
                     try:
@@ -572,12 +574,32 @@ class _EmptyDistrict(Exception):
     """Internal: abandons the atomic write of a district whose items were all skipped."""
 
 
-def _plan_splits(items: list[Item], tile: int, fractions, seed: int, district: str) -> dict[str, str]:
-    """Split keys: whole source images when the district has >= 3 of them, else individual tiles."""
+def fixed_splits(items: list[Item], district: str) -> dict[str, str] | None:
+    """The splits the labels fix (tile id -> split), when every label of the district names one; None when
+    none does. DataError when only some do: a half-fixed split would silently mix the two rules."""
+    named = {item.tile_id: item.json_label.split for item in items
+             if item.json_label is not None and item.json_label.split is not None}
+    if not named:
+        return None
+    if len(named) < len(items):
+        unnamed = next(item.name for item in items if item.tile_id not in named)
+        raise DataError(f"{unnamed}: label has no 'split' while other labels of {district} fix theirs "
+                        f"(name a split in every label of the district, or in none)")
+    if "train" not in named.values():
+        raise DataError(f"{district}: the labels' splits leave no training tile")
+    return named
+
+
+def _plan_splits(items: list[Item], tile: int, fractions, seed: int, district: str) -> tuple[dict[str, str], str]:
+    """Split keys and the rule used: the labels' own splits when they fix them ("labels"); else by
+    fractions ("fractions") of whole source images when the district has >= 3 of them, else of tiles."""
+    fixed = fixed_splits(items, district)
+    if fixed is not None:
+        return fixed, "labels"
     if len(items) >= 3:
-        return assign_splits([item.tile_id for item in items], fractions, seed, district)
+        return assign_splits([item.tile_id for item in items], fractions, seed, district), "fractions"
     keys = []
     for item in items:
         width, height = item.size
         keys += tile_ids(item.tile_id, width, height, tile, tile_origins(width, height, tile))
-    return assign_splits(keys, fractions, seed, district)
+    return assign_splits(keys, fractions, seed, district), "fractions"

@@ -11,7 +11,13 @@ radiometric shift) from its name and the seed, so districts are non-IID but shar
 
 Layout written: OUT/<district>/<tile id>.json (data/label_schema.json), <tile id>_past.png,
 <tile id>_current.png, where tile id = <district>_<index, 5 digits>; plus OUT/manifest.csv
-(district, tiles, change-pixel share). Same seed and options -> byte-identical files.
+(district, tiles, change-pixel share, tiles per split). Same seed and options -> byte-identical files.
+
+Evaluation tiles: with `test_tiles`/`val_tiles` > 0 every district gets that many held-out tiles, whatever
+`scale` (which then sizes only the training data), recorded as the label's `split`. An F1 measured on a
+district's test split then rests on the same number of pixels for every district and every scale, as a
+benchmark's fixed test set does; the first indices are the test tiles, then the validation tiles, so the
+evaluation tiles are identical for every scale.
 """
 from __future__ import annotations
 
@@ -431,6 +437,15 @@ def tile_count(district: District, scale: float, minimum: int) -> int:
     return max(int(minimum), int(round(scale * district.samples)))
 
 
+def split_of_index(index: int, val_tiles: int, test_tiles: int) -> str | None:
+    """The split fixed for tile `index`: test first, then validation, then training (None: not fixed)."""
+    if val_tiles == 0 and test_tiles == 0:
+        return None
+    if index < test_tiles:
+        return "test"
+    return "val" if index < test_tiles + val_tiles else "train"
+
+
 def select_districts(names: str | Iterable[str] | None) -> list[District]:
     """'all' / None -> every district; else comma-separated names (romanised, with or without -gu, or Korean)."""
     if names is None or (isinstance(names, str) and names.strip().lower() == "all"):
@@ -472,7 +487,7 @@ def _write_tile_files(folder: Path, tile_id: str, sample: SynthTile, label_json:
 
 
 def write_district(out_dir: Path, district: District, count: int, *, tile: int, seed: int,
-                   on_tile: Callable[[], None] | None = None) -> float:
+                   val_tiles: int = 0, test_tiles: int = 0, on_tile: Callable[[], None] | None = None) -> float:
     """Generate one district's tiles into OUT/<district>/ atomically (temp folder, then rename).
     Returns the change-pixel share. Files are encoded and written by two threads (zlib and file I/O
     release the GIL) while the main thread draws the next tiles; contents do not depend on timing."""
@@ -488,7 +503,8 @@ def write_district(out_dir: Path, district: District, count: int, *, tile: int, 
                 sample = generate_tile(style, tile_rng(seed, district.name, index), tile)
                 document = label_document(tile_id, district.name, f"{tile_id}_past.png",
                                           f"{tile_id}_current.png", tile, tile, sample.changes,
-                                          source=f"nfed synth {__version__} seed={seed}")
+                                          source=f"nfed synth {__version__} seed={seed}",
+                                          split=split_of_index(index, val_tiles, test_tiles))
                 label_json = json.dumps(document, separators=(",", ":")) + "\n"
                 pending.append(writers.submit(_write_tile_files, work, tile_id, sample, label_json))
                 while len(pending) > 32:  # bounded memory
@@ -515,12 +531,15 @@ def default_jobs() -> int:
 
 
 def synthesise(out_dir: str | Path, *, scale: float = 0.025, tile: int = 64, seed: int = 0,
-               districts: str | Iterable[str] | None = "all", min_per_district: int = 8, jobs: int | None = None,
+               districts: str | Iterable[str] | None = "all", min_per_district: int = 8, val_tiles: int = 0,
+               test_tiles: int = 0, jobs: int | None = None,
                progress: Callable[[Iterable, int, str], Iterable] | None = None) -> dict[str, tuple[int, float]]:
     """Write the synthetic districts; returns district -> (tiles, change-pixel share).
 
-    Districts are generated in `jobs` worker processes (default: one per CPU); each tile has its own
-    random stream, so the files are the same for any number of workers."""
+    Without fixed evaluation tiles a district has max(min_per_district, round(scale x samples)) tiles and
+    `nfed pack` splits them by fractions; with `val_tiles`/`test_tiles` that count is its training split and
+    the evaluation tiles come on top. Districts are generated in `jobs` worker processes (default: one per
+    CPU); each tile has its own random stream, so the files are the same for any number of workers."""
     if scale <= 0:
         raise ConfigError(f"--scale {scale}: must be positive")
     if tile < 16:
@@ -529,11 +548,16 @@ def synthesise(out_dir: str | Path, *, scale: float = 0.025, tile: int = 64, see
         raise ConfigError(f"--min-per-district {min_per_district}: must be at least 1")
     if seed < 0:
         raise ConfigError(f"--seed {seed}: must not be negative")
+    if val_tiles < 0 or test_tiles < 0:
+        raise ConfigError(f"--val-tiles {val_tiles}, --test-tiles {test_tiles}: must not be negative")
+    if (val_tiles == 0) != (test_tiles == 0):
+        raise ConfigError("--val-tiles and --test-tiles: fix both (> 0) or neither (0 and 0)")
     jobs = default_jobs() if jobs is None or jobs <= 0 else int(jobs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = select_districts(districts)
-    counts = {d.name: tile_count(d, scale, min_per_district) for d in chosen}
+    held_out = val_tiles + test_tiles
+    counts = {d.name: tile_count(d, scale, min_per_district) + held_out for d in chosen}
     total = sum(counts.values())
     iterate = progress or (lambda iterable, length, label: iterable)
     bar = iter(iterate(range(total), total, "synth"))
@@ -541,11 +565,13 @@ def synthesise(out_dir: str | Path, *, scale: float = 0.025, tile: int = 64, see
     if jobs == 1 or len(chosen) == 1:
         for district in chosen:
             shares[district.name] = write_district(out_dir, district, counts[district.name], tile=tile,
-                                                   seed=seed, on_tile=lambda: next(bar, None))
+                                                   seed=seed, val_tiles=val_tiles, test_tiles=test_tiles,
+                                                   on_tile=lambda: next(bar, None))
     else:
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
             largest_first = sorted(chosen, key=lambda d: -counts[d.name])
-            futures = {pool.submit(write_district, out_dir, d, counts[d.name], tile=tile, seed=seed): d
+            futures = {pool.submit(write_district, out_dir, d, counts[d.name], tile=tile, seed=seed,
+                                   val_tiles=val_tiles, test_tiles=test_tiles): d
                        for d in largest_first}
             for future in concurrent.futures.as_completed(futures):
                 district = futures[future]
@@ -555,6 +581,8 @@ def synthesise(out_dir: str | Path, *, scale: float = 0.025, tile: int = 64, see
     for _ in bar:
         pass
     summary = {d.name: (counts[d.name], shares[d.name]) for d in chosen}
-    lines = ["district,tiles,change_pixel_share"] + [f"{name},{n},{share:.4f}" for name, (n, share) in summary.items()]
+    lines = ["district,tiles,change_pixel_share,train,val,test"] + [
+        f"{name},{n},{share:.4f},{n - held_out if held_out else ''},{val_tiles or ''},{test_tiles or ''}"
+        for name, (n, share) in summary.items()]
     write_text_atomic(out_dir / "manifest.csv", "\n".join(lines) + "\n")
     return summary

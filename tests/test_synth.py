@@ -10,7 +10,9 @@ from PIL import Image
 
 from nfed import labels, synth
 from nfed.cli import cli
+from nfed.data import DistrictPack
 from nfed.districts import find_district, load_districts
+from nfed.pack import pack_folder
 
 
 def run(*args):
@@ -24,7 +26,8 @@ def files_of(folder):
 
 def test_layout_and_labels(tmp_path):
     code, output = run("synth", "--out", tmp_path / "s", "--districts", "Jung-gu,Nowon-gu", "--scale", "0.01",
-                       "--min-per-district", "5", "--tile", "48", "--quiet")
+                       "--min-per-district", "5", "--tile", "48", "--val-tiles", "0", "--test-tiles", "0",
+                       "--quiet")
     assert code == 0, output
     assert "wrote 10 tiles (48x48) for 2 district(s)" in output
     folder = tmp_path / "s" / "Jung-gu"
@@ -32,7 +35,7 @@ def test_layout_and_labels(tmp_path):
                                                              "Jung-gu_00000_past.png"]
     assert len(list(folder.glob("*.json"))) == 5
     manifest = (tmp_path / "s" / "manifest.csv").read_text().splitlines()
-    assert manifest[0] == "district,tiles,change_pixel_share" and manifest[1].startswith("Jung-gu,5,")
+    assert manifest[0] == "district,tiles,change_pixel_share,train,val,test" and manifest[1].startswith("Jung-gu,5,")
     for path in (tmp_path / "s").rglob("*.json"):
         label = labels.read_label(path)  # validates against the schema
         assert label.district == path.parent.name and (label.width, label.height) == (48, 48)
@@ -133,7 +136,8 @@ def test_bad_options(tmp_path):
                                          pytest.param(0.01, 64, id="issue", marks=pytest.mark.slow)])
 def test_acceptance_synth_then_pack_gives_25_proportional_packs(tmp_path, scale, tile):
     """`nfed synth --scale 0.01 --tile 64` then `nfed pack`: 25 packs with max(8, round(0.01 x samples))
-    tiles each, which `nfed info` reads (the fast variant uses a smaller scale and tile)."""
+    training tiles and the fixed 16 validation and 24 test tiles each, which `nfed info` reads (the fast
+    variant uses a smaller scale and tile)."""
     code, output = run("synth", "--out", tmp_path / "synth", "--scale", scale, "--tile", tile, "--quiet")
     assert code == 0, output
     code, output = run("pack", tmp_path / "synth", "--out", tmp_path / "packs", "--quiet")
@@ -145,6 +149,39 @@ def test_acceptance_synth_then_pack_gives_25_proportional_packs(tmp_path, scale,
         assert code == 0, output
         summary = json.loads(output)
         assert summary["district"] == district.name and summary["tile_size"] == tile
-        assert summary["tiles"] == max(8, round(scale * district.samples))
-        assert min(s["tiles"] for s in summary["splits"].values()) >= 1
+        assert summary["splits"]["train"]["tiles"] == max(8, round(scale * district.samples))
+        assert (summary["splits"]["val"]["tiles"], summary["splits"]["test"]["tiles"]) == (16, 24)
         assert summary["change_pixel_share"] > 0
+
+
+def test_fixed_evaluation_tiles_do_not_depend_on_scale(tmp_path):
+    """The held-out tiles are the first indices and carry their split: two scales share the same test set,
+    and `nfed pack` keeps the labels' splits (training tiles grow with the scale only)."""
+    for name, scale in (("small", 0.002), ("large", 0.004)):
+        synth.synthesise(tmp_path / name, scale=scale, tile=32, districts="Gangseo-gu", min_per_district=2,
+                         val_tiles=3, test_tiles=4, jobs=1)
+        pack_folder(tmp_path / name, tmp_path / f"{name}-packs")
+    with DistrictPack(tmp_path / "small-packs" / "Gangseo-gu.h5") as small, \
+            DistrictPack(tmp_path / "large-packs" / "Gangseo-gu.h5") as large:
+        assert [small.num_samples(s) for s in ("train", "val", "test")] == [9, 3, 4]
+        assert [large.num_samples(s) for s in ("train", "val", "test")] == [17, 3, 4]
+        assert small.ids("test") == large.ids("test") == [f"Gangseo-gu_{i:05d}" for i in range(4)]
+        np.testing.assert_array_equal(small.read("test", range(4))[0], large.read("test", range(4))[0])
+        assert small.attrs["split_rule"] == "labels"
+
+
+def test_pack_refuses_a_district_whose_labels_fix_only_some_splits(tmp_path):
+    synth.synthesise(tmp_path / "s", scale=0.002, tile=32, districts="Nowon-gu", min_per_district=2,
+                     val_tiles=1, test_tiles=1, jobs=1)
+    label = next(iter(sorted((tmp_path / "s" / "Nowon-gu").glob("*.json"))))
+    document = json.loads(label.read_text())
+    del document["split"]
+    label.write_text(json.dumps(document))
+    code, output = run("pack", tmp_path / "s", "--out", tmp_path / "p", "--quiet")
+    assert code == 1 and "label has no 'split' while other labels of Nowon-gu fix theirs" in output
+    assert "Traceback" not in output
+
+
+def test_synth_refuses_half_fixed_evaluation_tiles(tmp_path):
+    code, output = run("synth", "--out", tmp_path / "s", "--val-tiles", "4", "--test-tiles", "0", "--quiet")
+    assert code == 1 and "fix both (> 0) or neither" in output

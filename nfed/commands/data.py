@@ -19,23 +19,30 @@ def _bar(enabled: bool):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write <district>/<tile id>.json, _past.png, _current.png into.")
 @click.option("--scale", default=0.025, show_default=True, type=float,
-              help="Tiles per district = max(min, round(scale x the study's sample count)).")
+              help="Tiles per district = max(min, round(scale x the study's sample count)); with fixed "
+                   "evaluation tiles (below) the training split, the evaluation tiles come on top.")
 @click.option("--tile", default=64, show_default=True, type=int, help="Tile size in pixels.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed -> identical files.")
 @click.option("--districts", default="all", show_default=True,
               help="'all' or comma-separated district names (e.g. Gangnam-gu,Jung-gu).")
 @click.option("--min-per-district", default=8, show_default=True, type=int,
-              help="Least number of tiles per district.")
+              help="Least number of tiles per district (of training tiles with fixed evaluation tiles).")
+@click.option("--val-tiles", default=16, show_default=True, type=int,
+              help="Validation tiles per district, fixed whatever --scale (0 with --test-tiles 0: let "
+                   "`nfed pack --split` divide the tiles).")
+@click.option("--test-tiles", default=24, show_default=True, type=int,
+              help="Test tiles per district, fixed whatever --scale (--scale then sizes the training split).")
 @click.option("--jobs", default=0, show_default=True, type=int,
               help="Worker processes (0: one per CPU, at most 4); the output does not depend on it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def synth(out_dir, scale, tile, seed, districts, min_per_district, jobs, quiet):
+def synth(out_dir, scale, tile, seed, districts, min_per_district, val_tiles, test_tiles, jobs, quiet):
     """Generate synthetic bi-temporal tiles with JSON change labels for Seoul's districts."""
     from ..synth import synthesise
 
     start = time.perf_counter()
     summary = synthesise(out_dir, scale=scale, tile=tile, seed=seed, districts=districts,
-                         min_per_district=min_per_district, jobs=jobs, progress=_bar(not quiet))
+                         min_per_district=min_per_district, val_tiles=val_tiles, test_tiles=test_tiles,
+                         jobs=jobs, progress=_bar(not quiet))
     seconds = time.perf_counter() - start
     tiles = sum(n for n, _ in summary.values())
     share = sum(n * s for n, s in summary.values()) / max(tiles, 1)
