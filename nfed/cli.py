@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nfed.commands.data", "info"),
     "model-info": ("nfed.commands.model", "model_info"),
     "train-local": ("nfed.commands.model", "train_local"),
+    "train-central": ("nfed.commands.study", "train_central"),
+    "personalise": ("nfed.commands.study", "personalise"),
     "evaluate": ("nfed.commands.model", "evaluate"),
     "predict": ("nfed.commands.model", "predict"),
     "federate": ("nfed.commands.federation", "federate"),

@@ -206,23 +206,89 @@ class DistrictPack:
                 seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
         """Batches of one pass over a split; order and augmentation are fixed by `seed` (vary it per
         epoch for fresh shuffles)."""
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be positive, got {batch_size}")
-        if seed < 0:
-            raise ConfigError(f"seed must not be negative, got {seed}")
-        target = backend.parse_device(device)
-        n = self.num_samples(split)
-        order = np.random.default_rng([int(seed), 0]).permutation(n) if shuffle else np.arange(n)
-        transforms = np.random.default_rng([int(seed), 1]).integers(0, 8, size=n) if augment else None
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            indices = order[start:start + batch_size]
-            past, current, mask, ids = self.read(split, indices)
-            if transforms is not None:
-                past, current, mask = augment_tiles(past, current, mask, transforms[start:start + len(indices)])
-            yield Batch(past=backend.to_device(images_to_nchw_float(past), target),
-                        current=backend.to_device(images_to_nchw_float(current), target),
-                        mask=backend.to_device(mask.astype(np.int64), target), ids=ids)
+        return iterate_batches(self, split, batch_size, shuffle=shuffle, augment=augment, seed=seed,
+                               device=device, drop_last=drop_last)
+
+
+def iterate_batches(source, split: str, batch_size: int, *, shuffle: bool, augment: bool, seed: int, device,
+                    drop_last: bool) -> Iterator[Batch]:
+    """One pass over `source`'s split (anything with num_samples/read, e.g. a DistrictPack or PooledPacks)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    if seed < 0:
+        raise ConfigError(f"seed must not be negative, got {seed}")
+    target = backend.parse_device(device)
+    n = source.num_samples(split)
+    order = np.random.default_rng([int(seed), 0]).permutation(n) if shuffle else np.arange(n)
+    transforms = np.random.default_rng([int(seed), 1]).integers(0, 8, size=n) if augment else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        indices = order[start:start + batch_size]
+        past, current, mask, ids = source.read(split, indices)
+        if transforms is not None:
+            past, current, mask = augment_tiles(past, current, mask, transforms[start:start + len(indices)])
+        yield Batch(past=backend.to_device(images_to_nchw_float(past), target),
+                    current=backend.to_device(images_to_nchw_float(current), target),
+                    mask=backend.to_device(mask.astype(np.int64), target), ids=ids)
+
+
+class PooledPacks:
+    """Several district packs read as one (the centralised baseline's pooled data): a split's tiles are the
+    districts' tiles of that split, in district order, so shuffled batches mix districts.
+
+    Used like a DistrictPack by training.fit/evaluate; `district` is "pooled"."""
+
+    def __init__(self, paths):
+        self.packs = [DistrictPack(path) for path in paths]
+        if not self.packs:
+            raise DataError("no district packs to pool")
+        tiles = {pack.tile for pack in self.packs}
+        if len(tiles) > 1:
+            raise DataError(f"packs of different tile sizes cannot be pooled: {sorted(tiles)}")
+        self.tile = tiles.pop()
+        self.district = "pooled"
+        self.path = Path(self.packs[0].path).parent
+        self._offsets = {split: np.cumsum([0] + [p.num_samples(split) for p in self.packs]) for split in SPLITS}
+
+    def __enter__(self) -> "PooledPacks":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def close(self) -> None:
+        for pack in self.packs:
+            pack.close()
+
+    def num_samples(self, split: str) -> int:
+        self.packs[0]._check_split(split)
+        return int(self._offsets[split][-1])
+
+    def read(self, split: str, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """Tiles at pooled `indices` (in that order), read pack by pack."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        offsets = self._offsets[split]
+        if indices.size and (indices.min() < 0 or indices.max() >= offsets[-1]):
+            raise DataError(f"pooled index out of range for split '{split}' with {offsets[-1]} tiles")
+        owner = np.searchsorted(offsets, indices, side="right") - 1
+        t = self.tile
+        past = np.empty((indices.size, t, t, 3), np.uint8)
+        current = np.empty_like(past)
+        mask = np.empty((indices.size, t, t), np.uint8)
+        ids: list = [None] * indices.size
+        for k in np.unique(owner):
+            where = np.flatnonzero(owner == k)
+            p, c, m, pack_ids = self.packs[k].read(split, indices[where] - offsets[k])
+            past[where], current[where], mask[where] = p, c, m
+            for position, tile_id in zip(where, pack_ids):
+                ids[position] = f"{self.packs[k].district}/{tile_id}"
+        return past, current, mask, ids
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = True, augment: bool = False,
+                seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
+        return iterate_batches(self, split, batch_size, shuffle=shuffle, augment=augment, seed=seed,
+                               device=device, drop_last=drop_last)
 
 
 def images_to_nchw_float(images: np.ndarray) -> np.ndarray:

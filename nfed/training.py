@@ -92,7 +92,9 @@ def profile_config(name: str, **overrides) -> TrainConfig:
 @dataclass
 class FitResult:
     """What one `fit` call did. `best_state` is the state the model ends with (the best epoch's when
-    early stopping is on); `stop_epoch` is the epoch at which early stopping fired (None if it did not)."""
+    early stopping is on); `stop_epoch` is the epoch at which early stopping fired (None if it did not);
+    `stop` says why training ended: "early-stop" (patience ran out) or "cap" (the epoch maximum was
+    reached first: the run may not have converged). `steps` counts optimiser steps."""
 
     best_state: dict
     history: list
@@ -104,6 +106,8 @@ class FitResult:
     images_per_s: float
     num_train_samples: int
     best_epoch: int = 0
+    steps: int = 0
+    stop: str = "cap"
     extra: dict = field(default_factory=dict)
 
 
@@ -136,13 +140,15 @@ def epoch_seed(seed: int, offset: int, epoch: int) -> int:
 
 
 def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, early_stopping: bool = True,
-        progress: bool = False, log_path: str | os.PathLike | None = None, epoch_seed_offset: int = 0) -> FitResult:
+        progress: bool = False, log_path: str | os.PathLike | None = None, epoch_seed_offset: int = 0,
+        validate_start: bool = False) -> FitResult:
     """Train on the pack's train split for up to `epochs` epochs, validating after each on its val split.
 
     Early stopping watches the validation loss (the training loss when the pack has no val tiles): after
     `config.patience` epochs without improvement training stops and the best epoch's weights are restored.
-    Each epoch appends one JSON line to `log_path` (when given) and, with `progress`, shows a bar and a
-    summary line on stderr.
+    With `validate_start` the starting weights are validated first and count as epoch 0, so fine-tuning
+    that never beats them gives them back (best_epoch 0). Each epoch appends one JSON line to `log_path`
+    (when given) and, with `progress`, shows a bar and a summary line on stderr.
     """
     if epochs < 1:
         raise ConfigError(f"epochs {epochs}: must be >= 1")
@@ -156,7 +162,11 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
     best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
     stop_epoch = None
     train_seconds = 0.0
+    step_count = 0
     start = time.perf_counter()
+    if validate_start and has_val and early_stopping:
+        best_loss = evaluate(model, pack, "val", config.batch_size, device=config.device)["loss"]
+        best_state = model.state_dict()
     try:
         for epoch in range(1, epochs + 1):
             epoch_start = time.perf_counter()
@@ -170,6 +180,7 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
                 loss, _, _ = model.loss(batch.past, batch.current, batch.mask)
                 loss.backward()
                 optimizer.step()
+                step_count += 1
                 count = len(batch.ids)
                 total += float(loss.item()) * count
                 seen += count
@@ -206,7 +217,8 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
                      best_val_loss=best_loss, train_loss=history[-1]["train_loss"],
                      wall_time_s=time.perf_counter() - start,
                      images_per_s=images / train_seconds if train_seconds > 0 else 0.0,
-                     num_train_samples=n_train, best_epoch=best_epoch)
+                     num_train_samples=n_train, best_epoch=best_epoch, steps=step_count,
+                     stop="early-stop" if stop_epoch is not None else "cap")
 
 
 def evaluate(model: WNetCD, pack, split: str = "test", batch_size: int = 8, *, device=None,

@@ -68,7 +68,12 @@ def test_train_local_all_writes_checkpoints_metrics_logs_and_csv(trained, packs)
     rows = list(csv.DictReader((trained / "local.csv").open()))
     assert [r["district"] for r in rows] == ["Nowon-gu", "Jung-gu"]        # the study's district order
     assert [int(r["samples"]) for r in rows] == [11, 16]                  # train + val + test tiles
-    assert set(rows[0]) == {"district", "samples", "precision", "recall", "f1", "iou"}
+    assert list(rows[0]) == ["district", "samples", "precision", "recall", "f1", "iou", "train_samples", "test_tiles",
+                             "test_pixels", "test_change_pixels", "epochs_run", "steps", "stop", "best_epoch"]
+    for row in rows:   # --epochs 2 with patience 3: the cap ended every run, and the table says so
+        assert row["stop"] == "cap" and row["epochs_run"] == "2"
+        assert int(row["steps"]) == 2 * -(-int(row["train_samples"]) // 4)
+        assert int(row["test_pixels"]) == int(row["test_tiles"]) * 32 * 32
     for district in ("Jung-gu", "Nowon-gu"):
         metrics = json.loads((trained / district / "metrics.json").read_text())
         for key in ("precision", "recall", "f1", "iou", "oa", "kappa", "epochs_run", "stop_epoch",

@@ -1,8 +1,6 @@
 """Model commands: `nfed model-info`, `nfed train-local`, `nfed evaluate`, `nfed predict`."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from pathlib import Path
@@ -10,11 +8,10 @@ from pathlib import Path
 import click
 
 from .. import backend
-from ..atomic import atomic_path, write_json_atomic
 from ..errors import ConfigError, DataError
 from .options import device_option, precision_option
 
-METRIC_KEYS = ("precision", "recall", "f1", "iou", "oa", "kappa")
+from ..study import METRIC_KEYS
 
 
 @click.command("model-info")
@@ -71,9 +68,13 @@ def train_local(data_path, out_dir, train_all, profile, epochs, patience, batch_
     Writes OUT/<district>/best.h5 (checkpoint of the best epoch), OUT/<district>/metrics.json (test
     metrics and run facts) and OUT/<district>/epochs.jsonl (one line per epoch). With --all, every pack
     of the folder is trained in turn and OUT/local.csv lists district, samples (all tiles of the district's
-    pack: train + val + test), precision, recall, f1 and iou on its test split.
+    pack: train + val + test), precision, recall, f1 and iou on its test split, what they rest on (test
+    tiles, pixels, change pixels) and how training ended (epochs, optimiser steps, stop: early-stop when
+    the patience ran out, cap when --epochs was reached first, i.e. possibly not converged).
     """
     from ..data import list_packs
+    from ..results import write_results_csv
+    from ..study import train_district
     from ..training import profile_config
 
     device = str(backend.parse_device(device))
@@ -94,54 +95,12 @@ def train_local(data_path, out_dir, train_all, profile, epochs, patience, batch_
         rows.append(summary)
         click.echo(f"{summary['district']}: f1 {summary['f1']:.4f} precision {summary['precision']:.4f} "
                    f"recall {summary['recall']:.4f} iou {summary['iou']:.4f} "
-                   f"({summary['epochs_run']} epochs, {summary['wall_time_s']:.1f}s) -> "
+                   f"({summary['epochs_run']} epochs, {summary['steps']} steps, stopped by {summary['stop']}, "
+                   f"{summary['wall_time_s']:.1f}s) -> "
                    f"{out_dir / summary['district']}")
     if train_all:
-        write_local_csv(out_dir / "local.csv", rows)
+        write_results_csv(out_dir / "local.csv", rows, "local")
         click.echo(f"wrote {out_dir / 'local.csv'} ({len(rows)} districts)")
-
-
-def train_district(pack_path: Path, out_dir: Path, config, *, quiet: bool = True) -> dict:
-    """Train one district from scratch, evaluate on its test split, write best.h5/metrics.json/epochs.jsonl."""
-    from ..checkpoint import save_checkpoint
-    from ..data import DistrictPack
-    from ..training import build_model, build_optimizer, evaluate, fit
-
-    with DistrictPack(pack_path) as pack:
-        run_dir = out_dir / pack.district
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log_path = run_dir / "epochs.jsonl"
-        log_path.unlink(missing_ok=True)
-        model = build_model(config)
-        optimizer = build_optimizer(model, config)
-        result = fit(model, optimizer, pack, config, epochs=config.epochs, early_stopping=True,
-                     progress=not quiet, log_path=log_path)
-        split = "test" if pack.num_samples("test") else "val"
-        scores = evaluate(model, pack, split, config.batch_size, device=config.device)
-        samples = sum(pack.num_samples(s) for s in ("train", "val", "test"))
-        summary = {"district": pack.district, "samples": samples, "train_samples": result.num_train_samples,
-                   "split": split, **{k: scores[k] for k in METRIC_KEYS},
-                   **{k: scores[k] for k in ("tp", "fp", "fn", "tn", "loss")},
-                   "epochs_run": result.epochs_run, "stop_epoch": result.stop_epoch,
-                   "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-                   "wall_time_s": result.wall_time_s, "images_per_s": result.images_per_s,
-                   "tile": pack.tile, "config": config.to_dict()}
-        save_checkpoint(run_dir / "best.h5", model.state_dict(), optimizer_state=optimizer.state_dict(),
-                        config={**config.to_dict(), "tile": pack.tile, "district": pack.district},
-                        metrics=summary)
-        write_json_atomic(run_dir / "metrics.json", summary)
-    return summary
-
-
-def write_local_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["district", "samples", "precision", "recall", "f1", "iou"])
-    for row in rows:
-        writer.writerow([row["district"], row["samples"]] + [f"{row[k]:.4f}" for k in ("precision", "recall",
-                                                                                       "f1", "iou")])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
 
 @click.command("evaluate")

@@ -24,3 +24,39 @@ precision_option = click.option(
     "--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None, callback=_apply_precision,
     help="GPU GEMM precision: fp32 (default, matches the CPU), tf32 (tensor cores) or bf16 (bf16 inputs, "
          "fp32 master weights and accumulation); default $NFED_PRECISION, else fp32. No effect on CPU.")
+
+
+def apply_options(options):
+    """Decorator applying a list of click options in the order they are listed (first = first in --help)."""
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+    return decorate
+
+
+# The training set-up of every command that trains W-Net-CD (train-local, train-central, personalise):
+# a profile and overrides of its values; `training_config` turns them into a TrainConfig.
+TRAINING_OPTIONS = [
+    click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
+                 help="demo: small and fast on CPU; paper: the study's set-up (w 64, lr 1e-4, 50 epochs)"),
+    click.option("--epochs", type=int, help="maximum epochs (profile's value by default)"),
+    click.option("--patience", type=int, help="early-stopping patience in epochs"),
+    click.option("--batch-size", type=int),
+    click.option("--lr", type=float, help="Adam learning rate"),
+    click.option("--width", type=int, help="W-Net base width w"),
+    click.option("--classes", type=click.Choice(["2", "5"]), help="2 (default) or 5 (change types)"),
+    click.option("--lambda-rec", type=float, help="weight of the U-Decoder's reconstruction loss (0 skips it)"),
+    click.option("--seed", type=int, help="seed of initialisation, shuffling and augmentation (default 0)"),
+    click.option("--no-augment", is_flag=True, help="train without flips/rotations"),
+]
+
+
+def training_config(profile, *, device, epochs=None, patience=None, batch_size=None, lr=None, width=None,
+                    classes=None, lambda_rec=None, seed=None, no_augment=False, **_ignored):
+    """The TrainConfig of TRAINING_OPTIONS' values (None keeps the profile's value)."""
+    from ..training import profile_config
+
+    return profile_config(profile, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, width=width,
+                          classes=int(classes) if classes else None, lambda_rec=lambda_rec, seed=seed,
+                          device=device, augment=False if no_augment else None)

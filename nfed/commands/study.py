@@ -1,0 +1,90 @@
+"""The study's other columns: `nfed train-central` (pooled data) and `nfed personalise` (global model
+fine-tuned per district). The local column is `nfed train-local`, the federated one `nfed federate`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import backend
+from ..errors import ConfigError, DataError
+from .options import TRAINING_OPTIONS, apply_options, device_option, precision_option, training_config
+
+
+def _packs(data_path: Path) -> list[Path]:
+    from ..data import list_packs
+
+    if not data_path.is_dir():
+        raise ConfigError(f"--data {data_path}: expected the folder of district packs")
+    packs = list_packs(data_path)
+    if not packs:
+        raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
+    return packs
+
+
+@click.command("train-central")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="folder of district packs")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="run folder")
+@apply_options(TRAINING_OPTIONS)
+@device_option
+@precision_option
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def train_central(data_path, out_dir, device, precision, quiet, **options):
+    """Train one model on the pooled data of every district (the centralised upper bound).
+
+    Early stopping on the pooled validation splits. Writes OUT/best.h5, OUT/epochs.jsonl, OUT/summary.json
+    (epochs, optimiser steps, why it stopped) and OUT/central.csv: the model on each district's test split.
+    """
+    from ..results import write_results_csv
+    from ..study import train_central as run
+
+    config = training_config(device=str(backend.parse_device(device)), **options)
+    summary, rows = run(_packs(data_path), out_dir, config, quiet=quiet)
+    write_results_csv(out_dir / "central.csv", rows, "central")
+    for row in rows:
+        click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['test_tiles']} test tiles)")
+    click.echo(f"centralised model: {summary['epochs_run']} epochs, {summary['steps']} steps, stopped by "
+               f"{summary['stop']} (best epoch {summary['best_epoch']}) -> {out_dir / 'central.csv'}")
+
+
+@click.command("personalise")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="the federation's global model (RUN/best.h5 or RUN/global.h5)")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="folder of district packs")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="run folder")
+@apply_options(TRAINING_OPTIONS)
+@device_option
+@precision_option
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def personalise(model_path, data_path, out_dir, device, precision, quiet, **options):
+    """Fine-tune the global model on each district's own data (the personalised column).
+
+    Each district starts from the global weights with a fresh optimiser and stops early on its validation
+    split; when fine-tuning never lowers the validation loss the global weights are kept. The model's
+    width, classes and lambda-rec come from the checkpoint. Writes OUT/<district>/ and OUT/personalised.csv.
+    """
+    from ..results import write_results_csv
+    from ..study import personalise_district
+    from ..checkpoint import load_checkpoint
+    from ..training import checkpoint_train_config
+
+    checkpoint = load_checkpoint(model_path)
+    trained = checkpoint_train_config(checkpoint)
+    for key in ("width", "classes", "lambda_rec"):
+        given = options.get(key)
+        if given is not None and str(given) != str(trained.get(key)):
+            raise ConfigError(f"--{key.replace('_', '-')} {given}: the model in {model_path} has "
+                              f"{key} {trained.get(key)}")
+        if key in trained:
+            options[key] = str(trained[key]) if key == "classes" else trained[key]
+    config = training_config(device=str(backend.parse_device(device)), **options)
+    rows = []
+    for path in _packs(data_path):
+        row = personalise_district(checkpoint.model_state, path, out_dir, config, quiet=quiet,
+                                   source=str(model_path))
+        rows.append(row)
+        kept = " (global weights kept)" if row["best_epoch"] == 0 else ""
+        click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
+                   f"stopped by {row['stop']}){kept}")
+    write_results_csv(out_dir / "personalised.csv", rows, "personalised")
+    click.echo(f"wrote {out_dir / 'personalised.csv'} ({len(rows)} districts)")
