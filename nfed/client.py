@@ -121,6 +121,7 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
         "val_loss": _maybe_float(last.get("val_loss")),
         "val_f1": _maybe_float(last.get("val_f1")),
         "epochs": int(result.epochs_run),
+        "steps": int(result.steps),
         "wall_time_s": time.perf_counter() - started,
     }
     keep = bool(setup.get("keep_optimizer_state"))
@@ -133,7 +134,8 @@ def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_pat
                      split: str = "val", device: str | None = None) -> dict:
     """Loss and change-class metrics of `weights` on one split of the pack (federated evaluation).
 
-    `samples` counts the evaluated tiles, `pack_samples` all tiles of the pack (local.csv's `samples`)."""
+    `samples` counts the evaluated tiles, `pack_samples` all tiles of the pack (local.csv's `samples`),
+    `train_samples` its training tiles and `tile` its tile size (what the F1 rests on)."""
     from .data import DistrictPack
     from .training import evaluate
 
@@ -142,6 +144,8 @@ def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_pat
     with DistrictPack(pack_path) as pack:
         metrics = evaluate(model, pack, split=split, batch_size=config.batch_size)
         metrics["pack_samples"] = sum(int(pack.num_samples(s)) for s in ("train", "val", "test"))
+        metrics["train_samples"] = int(pack.num_samples("train"))
+        metrics["tile"] = int(pack.tile)
     return metrics
 
 

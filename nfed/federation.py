@@ -9,10 +9,15 @@ Fig. 5), test the stop rules, append the round to RUN/rounds.jsonl and checkpoin
 A late update is never averaged into a later round: each round's aggregator only sees that round's updates.
 A round with fewer responders than `min_clients` keeps the previous global weights and says so.
 
+The federated column is the global model of the round with the lowest mean validation loss (when rounds are
+evaluated; else the last round's), the server-side twin of a local run's early stopping.
+
 Run folder layout:
     RUN/global.h5            global weights after the last finished round (+ server optimiser, stop-rule state)
+    RUN/best.h5              global weights of the best round so far (lowest mean validation loss)
     RUN/rounds.jsonl         one JSON line per finished round
-    RUN/federated.csv        the final global model on every district's test split
+    RUN/summary.json         how the run ended: rounds, best round, the stop rule that fired, steps per client
+    RUN/federated.csv        the best global model on every district's test split
     RUN/client_state/        per-client optimiser state with --client-state keep (<district>.r<round>.h5)
     RUN/work/                worker task/result files (--workers), removed after each round
 """
@@ -34,18 +39,20 @@ import numpy as np
 
 from .aggregator import (FedAvgAggregator, StopRules, build_server_optimizer, relative_norm_difference,
                          trainable)
-from .atomic import atomic_path, write_text_atomic
+from .atomic import write_json_atomic, write_text_atomic
 from .checkpoint import load_checkpoint, save_checkpoint
 from .client import ClientOutcome, ClientResult, ClientTask, make_round_setup, one_line
 from .errors import CheckpointError, ConfigError, DataError, NfedError
 from .progress import progress
+from .results import test_facts, write_results_csv
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "global.h5"
+BEST_NAME = "best.h5"
 ROUNDS_NAME = "rounds.jsonl"
+SUMMARY_NAME = "summary.json"
 RESULTS_NAME = "federated.csv"
-RESULT_COLUMNS = ("district", "samples", "precision", "recall", "f1", "iou")
 
 SPEED_PROFILES = ("uniform", "study")
 # Fields that change the arithmetic of the federation: a resumed run must use the values it started with.
@@ -229,26 +236,32 @@ def _write_rounds(path: Path, records: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
-def write_results_csv(path: Path, rows: list[dict]) -> None:
-    """district, samples, precision, recall, f1, iou: the columns of train-local's local.csv."""
-    with atomic_path(path) as tmp:
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k])
-                                 for k in RESULT_COLUMNS})
+def client_work(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
+    """district -> local epochs and optimiser steps its client took in the rounds whose update was averaged."""
+    work: dict[str, dict[str, int]] = {}
+    for record in records:
+        for district in record.get("answered", []):
+            entry = record["clients"].get(district, {})
+            totals = work.setdefault(district, {"epochs_run": 0, "steps": 0})
+            totals["epochs_run"] += int(entry.get("epochs", 0) or 0)
+            totals["steps"] += int(entry.get("steps", 0) or 0)
+    return work
 
 
 # ------------------------------------------------------------------------------------------ the rounds
 
 @dataclass
 class FederationResult:
+    """`global_weights` after the last round; `best_weights` of the best round (what is scored on test)."""
+
     global_weights: dict
     rounds: list[dict]
     stop_reason: str
     results: list[dict] = field(default_factory=list)
     run_dir: Path | None = None
+    best_weights: dict | None = None
+    best_round: int = 0
+    stop_rule: str | None = None
 
 
 def select_clients(districts: Sequence[str], fraction: float, seed: int, round_number: int) -> list[str]:
@@ -289,6 +302,7 @@ class Federation:
         self.echo = echo or (lambda text: None)
         self._initial_weights = initial_weights
         self._runner_override = runner
+        self._best = (0, math.inf)   # (round, mean validation loss) of the best round so far
         self.show_progress = show_progress
         if fed_config.min_clients > len(self.districts):
             raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.districts)} "
@@ -314,7 +328,8 @@ class Federation:
         extra["rng.seed"] = np.asarray(self.config.seed, dtype=np.int64)
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, weights, config=self._checkpoint_config(),
                         metrics={"stop_reason": stop_reason, "stop_rule": stop.fired,
-                                 "districts": self.districts},
+                                 "districts": self.districts, "best_round": self._best[0],
+                                 "best_val_loss": self._best[1]},
                         round=round_number, extra=extra)
 
     def _resume(self, server, stop: StopRules):
@@ -341,8 +356,12 @@ class Federation:
         round_number = int(checkpoint.round or 0)
         records = [r for r in read_rounds(self.run_dir / ROUNDS_NAME) if r.get("round", 0) <= round_number]
         stop_reason = checkpoint.metrics.get("stop_reason")
+        stop.fired = checkpoint.metrics.get("stop_rule")
         if checkpoint.metrics.get("stop_rule") == "budget" and round_number < self.config.rounds:
             stop_reason = None  # a larger budget continues a run that only ran out of rounds
+        best_loss = checkpoint.metrics.get("best_val_loss")
+        self._best = (int(checkpoint.metrics.get("best_round") or 0),
+                      float(best_loss) if best_loss is not None else math.inf)
         return checkpoint.model_state, round_number, records, stop_reason
 
     # -- one round ---------------------------------------------------------------------------------------
@@ -398,7 +417,8 @@ class Federation:
             weights, done, records, stop_reason = self._fresh_state(), 0, [], None
             # a fresh run in a used folder must not pick up another run's client state or results
             shutil.rmtree(self.run_dir / "client_state", ignore_errors=True)
-            (self.run_dir / RESULTS_NAME).unlink(missing_ok=True)
+            for name in (RESULTS_NAME, BEST_NAME, SUMMARY_NAME):
+                (self.run_dir / name).unlink(missing_ok=True)
             _write_rounds(self.run_dir / ROUNDS_NAME, [])
             self._save(weights, 0, server, stop, None)
         if stop_reason is None and done >= cfg.rounds:
@@ -409,6 +429,8 @@ class Federation:
             weights, record = self._round(runner, server, weights, round_number)
             stop_reason = stop.check(round_number, record["norm_difference"], record["mean_val_loss"])
             record["stop"] = stop_reason
+            record["stop_rule"] = stop.fired
+            self._track_best(weights, record)
             records.append(record)
             _write_rounds(self.run_dir / ROUNDS_NAME, records)
             self._save(weights, round_number, server, stop, stop_reason)
@@ -418,7 +440,36 @@ class Federation:
             self.echo(_round_line(record, cfg.rounds))
             done = round_number
         self.echo(f"stopped after round {done}: {stop_reason}")
-        return FederationResult(weights, records, stop_reason, run_dir=self.run_dir)
+        best_round = self._best[0]
+        best_weights = weights
+        if best_round and best_round != done:
+            if (self.run_dir / BEST_NAME).is_file():
+                best_weights = load_checkpoint(self.run_dir / BEST_NAME).model_state
+            else:
+                self.echo(f"{self.run_dir / BEST_NAME} is missing: the last round's model is scored instead")
+                best_round = done
+        self.echo(f"best round: {best_round or done} (lowest mean validation loss)" if best_round else
+                  f"final model: round {done}")
+        result = FederationResult(weights, records, stop_reason, run_dir=self.run_dir, best_weights=best_weights,
+                                  best_round=best_round or done, stop_rule=stop.fired)
+        write_json_atomic(self.run_dir / SUMMARY_NAME, {
+            "rounds": done, "best_round": result.best_round, "stop_rule": stop.fired, "stop_reason": stop_reason,
+            "best_mean_val_loss": self._best[1] if best_round else None,
+            "clients": client_work(records)})
+        return result
+
+    def _track_best(self, weights, record: dict) -> None:
+        """Keep RUN/best.h5 = the global weights of the round with the lowest mean validation loss of the
+        global model (only when rounds are evaluated: clients' own validation losses are not the global's)."""
+        loss = record.get("mean_val_loss")
+        if not self.config.evaluate_rounds or loss is None or not math.isfinite(loss):
+            return
+        if loss < self._best[1]:
+            self._best = (record["round"], float(loss))
+            save_checkpoint(self.run_dir / BEST_NAME, weights, config=self._checkpoint_config(),
+                            metrics={"mean_val_loss": float(loss), "mean_val_f1": record.get("mean_val_f1")},
+                            round=record["round"])
+        record["best_round"] = self._best[0]
 
     def _round(self, runner, server, weights, round_number: int):
         cfg = self.config
@@ -477,14 +528,19 @@ class Federation:
         return new_weights, record
 
     # -- after the rounds ----------------------------------------------------------------------------------
-    def evaluate_test(self, weights, round_number: int = 0) -> list[dict]:
-        """The global model on every district's test split -> RUN/federated.csv rows."""
+    def evaluate_test(self, weights, round_number: int = 0, records: Sequence[Mapping] = ()) -> list[dict]:
+        """The global model on every district's test split -> RUN/federated.csv rows, with the local work
+        each district's client did over the rounds of `records`."""
+        work = client_work(records)
         rows = []
         for district, metrics in self._evaluate_all(weights, round_number, "test").items():
             samples = metrics.get("pack_samples", metrics.get("samples", 0))
             rows.append({"district": district, "samples": int(samples),
-                         **{k: float(metrics.get(k, float("nan"))) for k in ("precision", "recall", "f1", "iou")}})
-        write_results_csv(self.run_dir / RESULTS_NAME, rows)
+                         **{k: float(metrics.get(k, float("nan"))) for k in ("precision", "recall", "f1", "iou")},
+                         "train_samples": metrics.get("train_samples"),
+                         **(test_facts(metrics, metrics["tile"]) if "tile" in metrics else {}),
+                         **work.get(district, {"epochs_run": 0, "steps": 0})})
+        write_results_csv(self.run_dir / RESULTS_NAME, rows, "federated")
         return rows
 
 
@@ -544,6 +600,5 @@ def federate(packs: Mapping[str, Path], run_dir: str | Path, train_config, fed_c
     federation = Federation(packs, run_dir, train_config, fed_config, echo=echo, **hooks)
     result = federation.run(resume=resume)
     if evaluate_test:
-        result.results = federation.evaluate_test(result.global_weights,
-                                                  result.rounds[-1]["round"] if result.rounds else 0)
+        result.results = federation.evaluate_test(result.best_weights, result.best_round, result.rounds)
     return result

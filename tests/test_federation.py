@@ -73,7 +73,7 @@ def test_one_round_is_the_sample_weighted_average(tmp_path):
     assert "budget" in records[0]["stop"]
     assert set(records[0]["global_val"]) == set(TARGETS)
     rows = (tmp_path / "run" / "federated.csv").read_text().splitlines()
-    assert rows[0] == "district,samples,precision,recall,f1,iou" and len(rows) == 4
+    assert rows[0].startswith("district,samples,precision,recall,f1,iou,train_samples") and len(rows) == 4
 
 
 def test_late_client_dropped_by_simulated_speed(tmp_path):
@@ -238,7 +238,13 @@ def test_tiny_federation_end_to_end_and_resume_is_exact(tiny_packs, tmp_path):
     assert all(r["norm_difference"] > 0 for r in full.rounds)
     assert sum(line.startswith("round ") for line in lines) == 2
     rows = (tmp_path / "full" / "federated.csv").read_text().splitlines()
-    assert rows[0] == "district,samples,precision,recall,f1,iou" and len(rows) == 4
+    assert rows[0].startswith("district,samples,precision,recall,f1,iou,train_samples") and len(rows) == 4
+    import csv
+
+    for row in csv.DictReader((tmp_path / "full" / "federated.csv").open()):
+        # two rounds of one local epoch each, batch 4: the client work the table records
+        assert int(row["epochs_run"]) == 2 and int(row["steps"]) == 2 * -(-int(row["train_samples"]) // 4)
+        assert int(row["test_pixels"]) == int(row["test_tiles"]) * 32 * 32 > 0
     record = full.rounds[-1]
     assert set(record["global_val"]) == set(tiny_packs)
     assert {"train_loss", "val_loss", "val_f1", "num_samples"} <= set(record["clients"]["Gangseo-gu"])
@@ -276,3 +282,29 @@ def test_federate_command_line(tiny_packs, tmp_path):
                                   "--rounds", "2", "--width", "2", "--batch-size", "4", "--quiet", "--resume"])
     assert corrupt.exit_code == 1 and "Traceback" not in corrupt.output
     assert "global.h5: unreadable or corrupt checkpoint" in corrupt.output.splitlines()[-1]
+
+
+def test_best_round_is_kept_and_scored_and_the_summary_says_how_the_run_ended(tmp_path):
+    """The fake global mean walks 1.55, 2.33, 2.71, 2.91, 3.00, 3.05, ...: the validation loss |mean - 3| is
+    lowest after round 5. The val-loss rule (patience 1) ends the run after round 6; round 5 is scored."""
+    result = _run(tmp_path, rounds=20, patience_rounds=1)
+    assert [r["round"] for r in result.rounds] == [1, 2, 3, 4, 5, 6]
+    assert result.best_round == 5 and result.stop_rule == "val_loss"
+    best = result.rounds[4]
+    np.testing.assert_allclose(result.best_weights["w"].mean(), 3.0, atol=0.01)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 6 and summary["best_round"] == 5 and summary["stop_rule"] == "val_loss"
+    assert summary["best_mean_val_loss"] == pytest.approx(best["mean_val_loss"])
+    rows = (tmp_path / "run" / "federated.csv").read_text().splitlines()
+    f1 = float(rows[1].split(",")[4])
+    assert f1 == pytest.approx(1.0 / (1.0 + abs(float(result.best_weights["w"].mean()) - 3.0)), rel=1e-5)
+    from nfed.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "run" / "best.h5")
+    assert saved.round == 5
+    np.testing.assert_array_equal(saved.model_state["w"], result.best_weights["w"])
+    # a budget-ended run says so; resuming with a larger budget continues and keeps the best round
+    short = _run(tmp_path, name="short", rounds=3)
+    assert short.stop_rule == "budget" and short.best_round == 3
+    longer = _run(tmp_path, name="short", rounds=7, resume=True)
+    assert longer.best_round == 5 and longer.stop_rule == "budget"
