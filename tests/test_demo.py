@@ -1,4 +1,5 @@
-"""`nfed demo` end to end on a reduced study (4 districts, few epochs and rounds): layout, table, timing."""
+"""`nfed demo` end to end on a reduced study (4 districts, few tiles, epochs and rounds): layout, the four
+columns, table, timing."""
 from __future__ import annotations
 
 import csv
@@ -15,17 +16,22 @@ def test_reduced_demo_writes_the_whole_study(tmp_path):
 
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--scale", "0.008", "--districts", "Gangseo-gu,Eunpyeong-gu,Nowon-gu,Jung-gu",
-            "--rounds", "3", "--epochs", "3", "--quiet"]
+            "--rounds", "3", "--epochs", "3", "--val-tiles", "4", "--test-tiles", "6", "--quiet"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    for name in ("synth", "packs", "local", "federated", "report"):
+    for name in ("synth", "packs", "local", "federated", "personalised", "central", "report"):
         assert (out / name).is_dir()
+    for table in ("local/local.csv", "federated/federated.csv", "personalised/personalised.csv",
+                  "central/central.csv"):
+        rows = list(csv.DictReader((out / table).open()))
+        assert len(rows) == 4 and all(int(r["test_tiles"]) == 6 for r in rows), table
     rows = list(csv.DictReader((out / "report" / "table.csv").open()))
     assert [r["district"] for r in rows] == ["Gangseo-gu", "Nowon-gu", "Eunpyeong-gu", "Jung-gu"]
     assert all(0.0 <= float(r["f1_federated"]) <= 1.0 for r in rows)
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["districts"] == 4 and summary["total_seconds"] > 0
-    assert set(summary["stage_seconds"]) == {"synth", "pack", "local", "federated", "report"}
+    assert summary["runs"]["0"]["summary"]["districts"] == 4 and summary["total_seconds"] > 0
+    assert set(summary["stage_seconds"]) == {"data", "local", "federated", "personalised", "central", "report"}
+    assert summary["settings"]["epoch_cap"] == 3
     assert "mean F1 local -> federated" in result.output and "total wall time" in result.output
     # a rerun writes the same layout again (idempotent)
     again = CliRunner().invoke(cli, args)

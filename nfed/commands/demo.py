@@ -1,121 +1,48 @@
-"""`nfed demo`: the whole synthetic study on CPU: synth -> pack -> train-local --all -> federate -> report.
-
-Everything runs in this process through the Python APIs. Output layout (the same on every run; a rerun
-overwrites it): DIR/synth, DIR/packs, DIR/local, DIR/federated, DIR/report, and DIR/demo.json with the
-stage times and the headline numbers.
-"""
+"""`nfed demo`: the whole synthetic study (synth, pack, local, federated, personalised, centralised, report)."""
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
 import click
 
 from .. import backend
-from ..atomic import write_json_atomic
+from ..demo import DemoSettings, run_demo, settings_with
 from .options import device_option, precision_option
 
-# Federation set-up of the demo (the model/optimiser set-up is training.PROFILES["demo"]). Measured on the
-# 2-core box: scale 0.025 with 10 rounds took 13.0 min and left 14/25 districts improved (the global model was
-# still far from converged); scale 0.0125 with 24 rounds took 12.0 min, 22/25 improved, +92 % on the means;
-# with 28 rounds (13.1 min, quiet) 23/25 improved, +100 % on the means.
-# Plain FedAvg was the steadiest server optimiser (bench_rounds).
-DEMO_FEDERATION = {"rounds": 28, "local_epochs": 1, "server_opt": "fedavg", "eps": 0.0}
-DEMO_SCALE = 0.0125         # share of the study's 40,750 samples generated per district
-DEMO_MIN_PER_DISTRICT = 8   # tiles per district at least, so every split has a tile
-
-
-def _bar(enabled: bool):
-    from ..progress import progress
-
-    def show(iterable, length, label):
-        return progress(iterable, label=label, length=length, enabled=enabled)
-
-    return show
-
-
-def run_demo(out_dir: str | Path, *, scale: float = DEMO_SCALE, districts: str = "all", seed: int = 0,
-             device: str = "cpu", rounds: int | None = None, local_epochs: int | None = None,
-             server_opt: str | None = None, epochs: int | None = None, lr: float | None = None,
-             min_per_district: int = DEMO_MIN_PER_DISTRICT, quiet: bool = False, echo=click.echo) -> dict:
-    """Run every stage of the study on the demo profile; returns the report's summary with stage times."""
-    from ..federation import FederationConfig, federate, find_packs
-    from ..pack import pack_folder
-    from ..report import make_report, table_text
-    from ..synth import synthesise
-    from ..training import PROFILE_TILES, profile_config
-    from .model import train_district, write_local_csv
-
-    out_dir = Path(out_dir)
-    stages: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def stage(name):
-        stages[name] = round(time.perf_counter() - started - sum(stages.values()), 2)
-        echo(f"[demo] {name} done in {stages[name]:.1f} s")
-
-    config = profile_config("demo", seed=seed, device=device, epochs=epochs, lr=lr)
-    for name in ("synth", "packs", "local", "federated", "report"):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-
-    echo(f"[demo] generating synthetic districts (scale {scale:g}) -> {out_dir / 'synth'}")
-    synthesise(out_dir / "synth", scale=scale, tile=PROFILE_TILES["demo"], seed=seed, districts=districts,
-               min_per_district=min_per_district, progress=_bar(not quiet))
-    stage("synth")
-    pack_folder(out_dir / "synth", out_dir / "packs", seed=seed, progress=_bar(not quiet))
-    packs = find_packs(out_dir / "packs")
-    stage("pack")
-
-    echo(f"[demo] training every district on its own data -> {out_dir / 'local'}")
-    rows = []
-    for path in packs.values():
-        summary = train_district(path, out_dir / "local", config, quiet=True)
-        rows.append(summary)
-        echo(f"  {summary['district']:<16} local F1 {summary['f1']:.4f} ({summary['epochs_run']} epochs, "
-             f"{summary['wall_time_s']:.1f} s)")
-    write_local_csv(out_dir / "local" / "local.csv", rows)
-    stage("local")
-
-    fed = dict(DEMO_FEDERATION)
-    fed.update({k: v for k, v in {"rounds": rounds, "local_epochs": local_epochs,
-                                  "server_opt": server_opt}.items() if v is not None})
-    echo(f"[demo] federating {len(packs)} districts: {fed['server_opt']}, {fed['rounds']} rounds of "
-         f"{fed['local_epochs']} local epoch(s) -> {out_dir / 'federated'}")
-    federate(packs, out_dir / "federated", config, FederationConfig(seed=seed, **fed), echo=echo,
-             show_progress=not quiet)
-    stage("federated")
-
-    comparison = make_report(out_dir / "local", out_dir / "federated", out_dir / "report")
-    stage("report")
-    total = round(sum(stages.values()), 1)
-    echo("")
-    echo(table_text(comparison))
-    echo(f"\n[demo] total wall time {total:.1f} s ({total / 60:.1f} min); report in {out_dir / 'report'}")
-    summary = {**{k: v for k, v in comparison.summary.items() if k != "figures"}, "stage_seconds": stages,
-               "total_seconds": total,
-               "settings": {"scale": scale, "districts": districts, "seed": seed, "device": device,
-                            "train": config.to_dict(), "federation": fed}}
-    write_json_atomic(out_dir / "demo.json", summary)
-    return summary
+DEFAULTS = DemoSettings()
 
 
 @click.command("demo")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("nfed-demo"), show_default=True,
-              help="output folder (synth, packs, local, federated, report)")
-@click.option("--scale", type=float, default=DEMO_SCALE, show_default=True,
-              help="share of the study's sample count generated per district")
+              help="output folder (synth, packs, then local, federated, personalised, central, report)")
+@click.option("--scale", type=float, default=DEFAULTS.scale, show_default=True,
+              help="share of the study's sample count generated per district as training tiles")
+@click.option("--val-tiles", type=int, default=DEFAULTS.val_tiles, show_default=True,
+              help="validation tiles per district (fixed, whatever --scale)")
+@click.option("--test-tiles", type=int, default=DEFAULTS.test_tiles, show_default=True,
+              help="test tiles per district (fixed, whatever --scale)")
 @click.option("--districts", default="all", show_default=True, help="'all' or comma-separated district names")
-@click.option("--rounds", type=int, help=f"federated rounds (default {DEMO_FEDERATION['rounds']})")
-@click.option("--local-epochs", type=int, help=f"epochs per client per round (default "
-                                               f"{DEMO_FEDERATION['local_epochs']})")
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="number of training seeds (model initialisation and shuffling) on the same data")
+@click.option("--seed", type=int, default=0, show_default=True, help="first training seed")
+@click.option("--data-seed", type=int, default=0, show_default=True, help="seed of the synthetic data and split")
+@click.option("--rounds", type=int, help=f"round budget of the federation (default {DEFAULTS.max_rounds}; "
+                                         f"the validation-loss rule normally ends it first)")
+@click.option("--patience-rounds", type=int, help=f"federation stops when the mean validation loss has not "
+                                                  f"improved for this many rounds (default {DEFAULTS.patience_rounds})")
+@click.option("--local-epochs", type=int, help=f"epochs per client per round (default {DEFAULTS.local_epochs})")
 @click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), help="server optimiser")
-@click.option("--epochs", type=int, help="maximum local-training epochs (demo profile's by default)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=int, help="epoch cap of the local, personalised and centralised training "
+                                         "(default: rounds x local epochs, so the cap never decides)")
+@click.option("--lr", type=float, help="learning rate (demo profile's by default)")
 @device_option
 @precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def demo(out_dir, scale, districts, rounds, local_epochs, server_opt, epochs, seed, device, precision, quiet):
-    """Re-run the whole study on synthetic districts and print the local vs federated table."""
-    run_demo(out_dir, scale=scale, districts=districts, seed=seed, device=str(backend.parse_device(device)),
-             rounds=rounds, local_epochs=local_epochs, server_opt=server_opt, epochs=epochs, quiet=quiet)
+def demo(out_dir, scale, val_tiles, test_tiles, districts, seeds, seed, data_seed, rounds, patience_rounds,
+         local_epochs, server_opt, epochs, lr, device, precision, quiet):
+    """Re-run the whole study on synthetic districts: local, federated, personalised and centralised F1."""
+    settings = settings_with(DEFAULTS, scale=scale, val_tiles=val_tiles, test_tiles=test_tiles, districts=districts,
+                             data_seed=data_seed, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
+                             patience_rounds=patience_rounds, local_epochs=local_epochs, server_opt=server_opt,
+                             epochs=epochs, lr=lr, device=str(backend.parse_device(device)), quiet=quiet)
+    run_demo(out_dir, settings, echo=click.echo)

@@ -1,0 +1,207 @@
+"""The whole synthetic study on the demo profile: synth -> pack -> the four columns -> report.
+
+Columns, each trained to convergence by its own stop rule (the protocol of ARCHITECTURE.md):
+- local: every district alone, early stopping (patience 3) under an epoch cap that is at least the number
+  of epochs a client can train in the whole federation, so the cap is never what ends a fair run;
+- federated: FedAvg rounds of one local epoch until the validation-loss rule (patience 3 rounds) or the
+  norm-difference rule fires; the best round's global model is scored;
+- personalised: the federated model fine-tuned on each district's own data, early stopping;
+- centralised: one model on the pooled training data of all districts, early stopping.
+The synthetic data holds a fixed number of validation and test tiles per district (whatever the scale), so
+every district's F1 rests on the same number of pixels. Several seeds (`seeds` > 1) vary model
+initialisation and shuffling on the same data; each seed's run lives in OUT/seed-<k>/.
+
+Output layout: OUT/synth, OUT/packs, then per run (OUT itself for one seed) local/, federated/,
+personalised/, central/, report/, and OUT/demo.json with settings, stage times and the headline numbers.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from .atomic import write_json_atomic
+
+STAGE_FOLDERS = ("local", "federated", "personalised", "central", "report")
+
+
+@dataclass
+class DemoSettings:
+    """What `nfed demo` runs. Sized so that one seed with all four columns takes about 10 minutes on a
+    2-core CPU (measured figures in the README)."""
+
+    scale: float = 0.0125          # share of the study's sample count generated per district (training tiles)
+    min_train_tiles: int = 4       # at least half a batch of training tiles per district
+    val_tiles: int = 16            # fixed per district, whatever the scale
+    test_tiles: int = 24
+    districts: str = "all"
+    data_seed: int = 0             # synthetic data and split
+    seeds: tuple[int, ...] = (0,)  # model initialisation and shuffling
+    max_rounds: int = 60           # safety budget of the federation (a stop rule should fire first)
+    local_epochs: int = 1
+    patience_rounds: int = 3       # the validation-loss rule of the federation
+    eps: float = 0.0               # the norm-difference rule (0: off)
+    server_opt: str = "fedavg"
+    epochs: int | None = None      # local / personalised / centralised epoch cap; None: max_rounds x local_epochs
+    patience: int = 3
+    lr: float | None = None
+    device: str = "cpu"
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .errors import ConfigError
+
+        if not self.seeds:
+            raise ConfigError("--seeds must be >= 1")
+        if any(seed < 0 for seed in self.seeds) or self.data_seed < 0:
+            raise ConfigError("seeds must not be negative")
+        if self.val_tiles < 1 or self.test_tiles < 1:
+            raise ConfigError(f"--val-tiles {self.val_tiles}, --test-tiles {self.test_tiles}: the study needs "
+                              f"both (>= 1)")
+        for name in ("max_rounds", "local_epochs", "patience", "min_train_tiles"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"--epochs {self.epochs}: must be >= 1")
+        if self.patience_rounds < 0:
+            raise ConfigError(f"--patience-rounds {self.patience_rounds}: must be >= 0")
+
+    @property
+    def epoch_cap(self) -> int:
+        """Never below what a client can train in the whole federation (issue: the cap must not decide)."""
+        return self.epochs if self.epochs is not None else self.max_rounds * self.local_epochs
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "min_train_tiles": self.min_train_tiles, "val_tiles": self.val_tiles,
+                "test_tiles": self.test_tiles, "districts": self.districts, "data_seed": self.data_seed,
+                "seeds": list(self.seeds), "max_rounds": self.max_rounds, "local_epochs": self.local_epochs,
+                "patience_rounds": self.patience_rounds, "eps": self.eps, "server_opt": self.server_opt,
+                "epoch_cap": self.epoch_cap, "patience": self.patience, "lr": self.lr, "device": self.device}
+
+
+def _bar(enabled: bool):
+    from .progress import progress
+
+    def show(iterable, length, label):
+        return progress(iterable, label=label, length=length, enabled=enabled)
+
+    return show
+
+
+class _Stages:
+    """Wall time per named stage, echoed as each ends."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo = echo
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 2)
+        self.echo(f"[demo] {name} done in {elapsed:.1f} s")
+
+    @property
+    def total(self) -> float:
+        return round(sum(self.seconds.values()), 1)
+
+
+def make_data(out_dir: Path, settings: DemoSettings, echo: Callable[[str], None]) -> dict[str, Path]:
+    """Synthetic districts and their packs; returns district -> pack path."""
+    from .federation import find_packs
+    from .pack import pack_folder
+    from .synth import synthesise
+    from .training import PROFILE_TILES
+
+    echo(f"[demo] generating synthetic districts (scale {settings.scale:g}, {settings.val_tiles} validation and "
+         f"{settings.test_tiles} test tiles each) -> {out_dir / 'synth'}")
+    synthesise(out_dir / "synth", scale=settings.scale, tile=PROFILE_TILES["demo"], seed=settings.data_seed,
+               districts=settings.districts, min_per_district=settings.min_train_tiles,
+               val_tiles=settings.val_tiles, test_tiles=settings.test_tiles, progress=_bar(not settings.quiet))
+    pack_folder(out_dir / "synth", out_dir / "packs", seed=settings.data_seed, progress=_bar(not settings.quiet))
+    return find_packs(out_dir / "packs")
+
+
+def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, seed: int, stages: _Stages,
+                echo: Callable[[str], None]) -> None:
+    """The four columns of one seed into RUN/local, federated, personalised, central (CSV tables)."""
+    from .federation import FederationConfig, federate
+    from .results import write_results_csv
+    from .study import personalise_district, train_central, train_district
+    from .training import profile_config
+
+    config = profile_config("demo", seed=seed, device=settings.device, epochs=settings.epoch_cap,
+                            patience=settings.patience, lr=settings.lr)
+    for name in STAGE_FOLDERS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+    echo(f"[demo] seed {seed}: local column, every district alone (early stopping, cap {config.epochs} epochs)")
+    rows = []
+    for path in packs.values():
+        row = train_district(path, run_dir / "local", config, quiet=True)
+        rows.append(row)
+        echo(f"  {row['district']:<16} local F1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
+             f"{row['stop']}, {row['wall_time_s']:.1f} s)")
+    write_results_csv(run_dir / "local" / "local.csv", rows, "local")
+    stages.done("local")
+
+    fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
+                           patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed)
+    echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
+         f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
+    result = federate(packs, run_dir / "federated", config, fed, echo=echo, show_progress=not settings.quiet)
+    stages.done("federated")
+
+    echo(f"[demo] seed {seed}: personalised column, the round-{result.best_round} global model fine-tuned "
+         f"per district")
+    rows = []
+    for path in packs.values():
+        row = personalise_district(result.best_weights, path, run_dir / "personalised", config, quiet=True)
+        rows.append(row)
+        echo(f"  {row['district']:<16} personalised F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
+             f"best epoch {row['best_epoch']})")
+    write_results_csv(run_dir / "personalised" / "personalised.csv", rows, "personalised")
+    stages.done("personalised")
+
+    echo(f"[demo] seed {seed}: centralised column, one model on the pooled data")
+    summary, rows = train_central(list(packs.values()), run_dir / "central", config, quiet=settings.quiet)
+    write_results_csv(run_dir / "central" / "central.csv", rows, "central")
+    echo(f"  centralised: {summary['epochs_run']} epochs, {summary['steps']} steps, {summary['stop']}")
+    stages.done("central")
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
+             echo: Callable[[str], None] = print) -> dict:
+    """Run the whole study; returns what OUT/demo.json holds (settings, stage times, report summary)."""
+    from .report import make_report, table_text
+
+    settings = settings or DemoSettings()
+    out_dir = Path(out_dir)
+    stages = _Stages(echo)
+    packs = make_data(out_dir, settings, echo)
+    stages.done("data")
+    runs = {}
+    for seed in settings.seeds:
+        run_dir = out_dir if len(settings.seeds) == 1 else out_dir / f"seed-{seed}"
+        run_columns(run_dir, packs, settings, seed, stages, echo)
+        comparison = make_report(run_dir / "local", run_dir / "federated", run_dir / "report")
+        runs[seed] = {"run": str(run_dir), "summary": {k: v for k, v in comparison.summary.items()
+                                                       if k != "figures"}}
+        echo("")
+        echo(table_text(comparison))
+        stages.done("report")
+    echo(f"\n[demo] total wall time {stages.total:.1f} s ({stages.total / 60:.1f} min); "
+         f"report in {out_dir / 'report' if len(settings.seeds) == 1 else out_dir / 'seed-*' / 'report'}")
+    summary = {"settings": settings.to_dict(), "stage_seconds": stages.seconds, "total_seconds": stages.total,
+               "runs": runs}
+    write_json_atomic(out_dir / "demo.json", summary)
+    return summary
+
+
+def settings_with(settings: DemoSettings, **changes) -> DemoSettings:
+    """`settings` with the non-None `changes` applied."""
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})
