@@ -112,17 +112,38 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
 
 
 @click.command("report")
-@click.option("--local", "local_run", required=True, type=click.Path(path_type=Path),
-              help="train-local --all run folder (or its local.csv)")
-@click.option("--federated", "federated_run", required=True, type=click.Path(path_type=Path),
-              help="federate run folder (or its federated.csv)")
+@click.option("--run", "run_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="study run folder (local/, federated/, personalised/, central/); repeat it for several seeds")
+@click.option("--local", "local_run", type=click.Path(path_type=Path),
+              help="train-local --all run folder (or its local.csv), instead of --run")
+@click.option("--federated", "federated_run", type=click.Path(path_type=Path),
+              help="federate run folder (or its federated.csv), with --local")
+@click.option("--personalised", "personalised_run", type=click.Path(path_type=Path),
+              help="personalised results folder (or its personalised.csv), with --local")
+@click.option("--centralised", "centralised_run", type=click.Path(path_type=Path),
+              help="centralised results folder (or its central.csv), with --local")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="report folder")
 @click.option("--no-figures", is_flag=True, help="skip the PNG figures")
-def report(local_run, federated_run, out_dir, no_figures):
-    """Compare local and federated F1 per district beside the study's Table 4 (table.csv, table.md, figures)."""
-    from ..report import make_report, table_text
+def report(run_dirs, local_run, federated_run, personalised_run, centralised_run, out_dir, no_figures):
+    """Compare local, federated, personalised and centralised F1 per district beside the study's Table 4, with
+    a fairness section and, over several --run seeds, intervals and paired tests (table.csv, table.md,
+    summary.json, figures). Each unfairness found is a `warning:` line on stderr."""
+    from ..report import make_report, make_study_report, table_text
 
-    comparison = make_report(local_run, federated_run, out_dir, figures=not no_figures)
+    files = {"--local": local_run, "--federated": federated_run, "--personalised": personalised_run,
+             "--centralised": centralised_run}
+    if run_dirs and any(files.values()):
+        raise ConfigError("give either --run RUN (repeatable) or --local/--federated results, not both")
+    if not run_dirs and (local_run is None or federated_run is None):
+        raise ConfigError("give --run RUN, or both --local and --federated")
+    figures = not no_figures
+    if run_dirs:
+        comparison = make_study_report(run_dirs, out_dir, figures=figures)
+    else:
+        comparison = make_report(local_run, federated_run, out_dir, personalised=personalised_run,
+                                 centralised=centralised_run, figures=figures)
     click.echo(table_text(comparison))
-    click.echo(f"wrote {out_dir / 'table.csv'}, {out_dir / 'table.md'}"
+    for warning in comparison.summary["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"wrote {out_dir / 'table.csv'}, {out_dir / 'table.md'}, {out_dir / 'summary.json'}"
                + ("" if no_figures else " and figures"))
