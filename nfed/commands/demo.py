@@ -13,8 +13,10 @@ from pathlib import Path
 import click
 
 from .. import backend
-from ..atomic import write_json_atomic
-from .options import device_option, precision_option
+from ..atomic import write_json_atomic, write_text_atomic
+from ..errors import ConfigError
+from ..runlock import LOCK_NAME, RunLock
+from .options import device_option, limited, precision_option
 
 # Federation set-up of the demo (the model/optimiser set-up is training.PROFILES["demo"]). Measured on the
 # 2-core box: scale 0.025 with 10 rounds took 13.0 min and left 14/25 districts improved (the global model was
@@ -24,6 +26,21 @@ from .options import device_option, precision_option
 DEMO_FEDERATION = {"rounds": 28, "local_epochs": 1, "server_opt": "fedavg", "eps": 0.0}
 DEMO_SCALE = 0.0125         # share of the study's 40,750 samples generated per district
 DEMO_MIN_PER_DISTRICT = 8   # tiles per district at least, so every split has a tile
+
+
+DEMO_STAGES = ("synth", "packs", "local", "federated", "report")
+DEMO_MARKER = ".nfed-demo"   # says "nfed demo made this folder": a rerun may replace its stage folders
+
+
+def claim_demo_folder(out_dir: Path) -> None:
+    """Make `out_dir` a demo folder, refusing a non-empty folder that a demo did not make (a rerun deletes the
+    stage folders, and must never delete a user's files)."""
+    if out_dir.is_dir() and any(path.name != LOCK_NAME for path in out_dir.iterdir()):
+        if not (out_dir / DEMO_MARKER).exists() and not (out_dir / "demo.json").exists():
+            raise ConfigError(f"{out_dir}: is not empty and not an nfed demo folder; choose a new or empty --out")
+    elif out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
+    write_text_atomic(out_dir / DEMO_MARKER, "made by nfed demo; a rerun replaces " + ", ".join(DEMO_STAGES) + "\n")
 
 
 def _bar(enabled: bool):
@@ -56,7 +73,8 @@ def run_demo(out_dir: str | Path, *, scale: float = DEMO_SCALE, districts: str =
         echo(f"[demo] {name} done in {stages[name]:.1f} s")
 
     config = profile_config("demo", seed=seed, device=device, epochs=epochs, lr=lr)
-    for name in ("synth", "packs", "local", "federated", "report"):
+    claim_demo_folder(out_dir)
+    for name in DEMO_STAGES:
         shutil.rmtree(out_dir / name, ignore_errors=True)
 
     echo(f"[demo] generating synthetic districts (scale {scale:g}) -> {out_dir / 'synth'}")
@@ -83,7 +101,7 @@ def run_demo(out_dir: str | Path, *, scale: float = DEMO_SCALE, districts: str =
     echo(f"[demo] federating {len(packs)} districts: {fed['server_opt']}, {fed['rounds']} rounds of "
          f"{fed['local_epochs']} local epoch(s) -> {out_dir / 'federated'}")
     federate(packs, out_dir / "federated", config, FederationConfig(seed=seed, **fed), echo=echo,
-             show_progress=not quiet)
+             show_progress=not quiet, overwrite=True)
     stage("federated")
 
     comparison = make_report(out_dir / "local", out_dir / "federated", out_dir / "report")
@@ -103,19 +121,23 @@ def run_demo(out_dir: str | Path, *, scale: float = DEMO_SCALE, districts: str =
 @click.command("demo")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("nfed-demo"), show_default=True,
               help="output folder (synth, packs, local, federated, report)")
-@click.option("--scale", type=float, default=DEMO_SCALE, show_default=True,
+@click.option("--scale", type=limited("scale"), default=DEMO_SCALE, show_default=True,
               help="share of the study's sample count generated per district")
 @click.option("--districts", default="all", show_default=True, help="'all' or comma-separated district names")
-@click.option("--rounds", type=int, help=f"federated rounds (default {DEMO_FEDERATION['rounds']})")
-@click.option("--local-epochs", type=int, help=f"epochs per client per round (default "
+@click.option("--rounds", type=limited("rounds"), help=f"federated rounds (default {DEMO_FEDERATION['rounds']})")
+@click.option("--local-epochs", type=limited("local_epochs"), help=f"epochs per client per round (default "
                                                f"{DEMO_FEDERATION['local_epochs']})")
 @click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), help="server optimiser")
-@click.option("--epochs", type=int, help="maximum local-training epochs (demo profile's by default)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=limited("epochs"), help="maximum local-training epochs (demo profile's by default)")
+@click.option("--seed", type=limited("seed"), default=0, show_default=True)
 @device_option
 @precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def demo(out_dir, scale, districts, rounds, local_epochs, server_opt, epochs, seed, device, precision, quiet):
     """Re-run the whole study on synthetic districts and print the local vs federated table."""
-    run_demo(out_dir, scale=scale, districts=districts, seed=seed, device=str(backend.parse_device(device)),
-             rounds=rounds, local_epochs=local_epochs, server_opt=server_opt, epochs=epochs, quiet=quiet)
+    device = str(backend.parse_device(device))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
+    with RunLock(out_dir):
+        run_demo(out_dir, scale=scale, districts=districts, seed=seed, device=device, rounds=rounds,
+                 local_epochs=local_epochs, server_opt=server_opt, epochs=epochs, quiet=quiet)
