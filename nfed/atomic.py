@@ -142,9 +142,10 @@ def new_folder(path: str | os.PathLike, litter: tuple[str, ...] = (".nfed.lock",
     except BaseException:
         for folder in reversed(made):
             with contextlib.suppress(OSError):
-                for name in litter:
-                    (folder / name).unlink(missing_ok=True)
-                folder.rmdir()
+                if all(entry.name in litter for entry in folder.iterdir()):
+                    for name in litter:
+                        (folder / name).unlink(missing_ok=True)
+                    folder.rmdir()
         raise
 
 

@@ -40,6 +40,7 @@ class RunLock:
         key = self.folder.resolve()
         if key in _held:
             self._outer = _held[key]
+            self.stale = self._outer.stale
             return self
         make_folder(self.folder)
         path = self.folder / LOCK_NAME
