@@ -334,7 +334,7 @@ class Federation:
             raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.districts)} "
                               f"district(s) available")
         self._fingerprint = dict(data_fingerprint) if data_fingerprint is not None else None
-        self._tile = tile
+        self._tile = tile if tile is not None else _pack_tile(self.packs.values())
 
     def data_fingerprint(self) -> dict[str, str | None]:
         """district -> sha256 of its pack (what a resume must find again), computed once."""
@@ -354,8 +354,6 @@ class Federation:
         return weights
 
     def _checkpoint_config(self) -> dict:
-        if self._tile is None:
-            self._tile = _pack_tile(self.packs.values())
         config = {"federation": self.config.to_dict(), "train": self.train_config.to_dict(),
                   "data": self.data_fingerprint()}
         if self._tile is not None:
