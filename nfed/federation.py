@@ -381,8 +381,9 @@ class Federation:
         problems += [f"{d}'s pack has changed" for d in current
                      if d in saved and current[d] is not None and saved[d] is not None and current[d] != saved[d]]
         if problems:
+            more = f" ({len(problems)} in all)" if len(problems) > 5 else ""
             raise ConfigError(f"{path}: --resume with other data than the run was started with: "
-                              f"{'; '.join(problems[:5])}" + (f" ({len(problems)} in all)" if len(problems) > 5 else ""))
+                              f"{'; '.join(problems[:5])}{more}")
 
     def _check_history(self, checkpoint, records: list[dict], path: Path) -> None:
         """rounds.jsonl must hold exactly rounds 1..N of the checkpoint's round N, unchanged."""

@@ -10,20 +10,21 @@ beside the target and renamed only when complete (nfed.atomic).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
 
 import h5py
 
-from .atomic import atomic_path, is_write_failure, output_error
+from .atomic import atomic_path, output_error
 
 
 class GuardedFile:
     """Unbuffered binary file for HDF5 whose write errors are recorded (`error`) instead of raised.
 
-    After the first failure writes are dropped and reads of the lost regions return zeros: HDF5 then finishes
-    (and closes) a file that is thrown away anyway.
+    After the first failure writes are dropped (reads of the lost regions return zeros): HDF5 then finishes
+    and closes a file that is thrown away anyway.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -34,9 +35,7 @@ class GuardedFile:
         if self.error is None:
             try:
                 return operation(*args)
-            except OSError as exc:
-                if not is_write_failure(exc):
-                    raise
+            except OSError as exc:  # any: raised into HDF5, it would leave the library in the crashing state
                 self.error = exc
         return None
 
@@ -46,12 +45,16 @@ class GuardedFile:
             written = 0
             while written < len(view) and self.error is None:
                 count = self._guard(self._file.write, view[written:])
+                if not count and self.error is None:
+                    self.error = OSError(errno.EIO, "a write made no progress")
                 written += count or 0
         return len(view)
 
     def read(self, size: int = -1) -> bytes:
+        """Bytes at the current position; beyond the end of the file (or of what was lost) zeros, as HDF5's
+        own POSIX driver reads them."""
         data = self._file.read(size)
-        if self.error is not None and size is not None and 0 <= len(data) < size:
+        if size is not None and 0 <= len(data) < size:
             data += bytes(size - len(data))
         return data
 

@@ -410,8 +410,10 @@ def _common_options(fn):
 @_common_options
 @click.option("--precision", default=None, help="fp32 | tf32 | bf16 GEMMs (default $NFED_PRECISION, else fp32)")
 @click.option("--width", type=limited("width"), default=None, help="W-Net base width (default 64 on GPU, 4 on CPU)")
-@click.option("--tile", type=limited("tile"), default=None, help="tile size, multiple of 16 (default 256 on GPU, 32 on CPU)")
-@click.option("--batch", type=limited("batch_size"), default=None, help="image pairs per step (default 8 on GPU, 2 on CPU)")
+@click.option("--tile", type=limited("tile"), default=None,
+              help="tile size, multiple of 16 (default 256 on GPU, 32 on CPU)")
+@click.option("--batch", type=limited("batch_size"), default=None,
+              help="image pairs per step (default 8 on GPU, 2 on CPU)")
 @click.option("--no-reference", is_flag=True, help="time nfed only (no PyTorch)")
 def kernels(device, repeat, warmup, as_json, out, precision, width, tile, batch, no_reference):
     """Conv/deconv throughput of every distinct W-Net-CD layer shape, nfed vs cuDNN (PyTorch)."""

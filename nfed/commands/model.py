@@ -59,7 +59,8 @@ def model_info(width, classes, as_json):
 @click.option("--lr", type=limited("lr"), help="Adam learning rate")
 @click.option("--width", type=limited("width"), help="W-Net base width w")
 @click.option("--classes", type=click.Choice(["2", "5"]), help="2 (default) or 5 (change types)")
-@click.option("--lambda-rec", type=limited("lambda_rec"), help="weight of the U-Decoder's reconstruction loss (0 skips it)")
+@click.option("--lambda-rec", type=limited("lambda_rec"),
+              help="weight of the U-Decoder's reconstruction loss (0 skips it)")
 @click.option("--seed", type=limited("seed"), help="seed of initialisation, shuffling and augmentation (default 0)")
 @click.option("--no-augment", is_flag=True, help="train without flips/rotations")
 @device_option
