@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         fed = FederationConfig(rounds=args.rounds, local_epochs=args.local_epochs, server_opt=server_opt,
                                server_lr=server_lr, server_momentum=args.momentum, seed=args.seed)
         started = time.perf_counter()
-        result = federate(packs, args.out / f"run-{name}", config, fed, evaluate_test=args.test,
+        result = federate(packs, args.out / f"run-{name}", config, fed, evaluate_test=args.test, overwrite=True,
                           echo=lambda line: print(f"  [{name}] {line}", file=sys.stderr))
         curve = [r.get("mean_val_f1") for r in result.rounds]
         test_f1 = [row["f1"] for row in result.results]

@@ -25,6 +25,7 @@ import numpy as np
 
 from .backend import array_module
 from .errors import ConfigError, CheckpointError
+from .validate import check_fields, check_number
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ def trainable(weights: Mapping[str, object]) -> dict[str, object]:
 def update_problem(weights: Mapping[str, object], reference: Mapping[str, object]) -> str | None:
     """Why a client's weights cannot be averaged into `reference`'s model (None: they can).
 
-    Checks the names (none missing, none unexpected), the shapes and that every value is finite.
+    Checks the names (none missing, none unexpected), that every value is an array of the reference's shape
+    and kind of dtype (floating point for floating point), that it stays finite once cast to the reference's
+    dtype (1e300 in float64 is inf in float32), and that BatchNorm variances are not negative.
     """
     if not isinstance(weights, Mapping):
         return f"weights are a {type(weights).__name__}, not a mapping name -> array"
@@ -54,14 +57,24 @@ def update_problem(weights: Mapping[str, object], reference: Mapping[str, object
     if missing:
         return f"missing {len(missing)} array(s), e.g. {missing[0]}"
     if unexpected:
-        return f"{len(unexpected)} unexpected array(s), e.g. {unexpected[0]}"
+        return f"{len(unexpected)} unexpected array(s), e.g. {str(unexpected[0])[:80]}"
     for name, ref in reference.items():
         value = weights[name]
-        if tuple(getattr(value, "shape", ())) != tuple(ref.shape):
-            return f"{name} has shape {tuple(getattr(value, 'shape', ()))}, expected {tuple(ref.shape)}"
+        dtype = getattr(value, "dtype", None)
+        if dtype is None or not hasattr(value, "shape"):
+            return f"{name} is a {type(value).__name__}, not an array"
+        if tuple(value.shape) != tuple(ref.shape):
+            return f"{name} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+        if dtype.kind != ref.dtype.kind:
+            return f"{name} has dtype {dtype}, expected {ref.dtype}"
         xp = array_module(value)
-        if not bool(xp.all(xp.isfinite(value))):
-            return f"{name} holds NaN or infinite values"
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = value.astype(ref.dtype, copy=False)
+        if dtype.kind in "fc" and not bool(xp.all(xp.isfinite(cast))):
+            overflow = bool(xp.all(xp.isfinite(value)))
+            return f"{name} " + (f"overflows {ref.dtype}" if overflow else "holds NaN or infinite values")
+        if is_statistic(name) and name.endswith("running_var") and cast.size and bool(xp.any(cast < 0)):
+            return f"{name} holds negative variances"
     return None
 
 
@@ -78,12 +91,14 @@ class FedAvgAggregator:
         self.total_samples = 0
         self.accepted: list[str] = []
         self.rejected: dict[str, str] = {}
+        self.problem: str | None = None   # why `finish` had no usable average
 
     def add(self, weights: Mapping[str, object], num_samples: int, client: str = "client") -> bool:
         """Fold one update in; False (reason logged and kept in `rejected`) when it cannot be averaged."""
         problem = update_problem(weights, self.reference)
-        if problem is None and (not isinstance(num_samples, (int, np.integer)) or num_samples <= 0):
-            problem = f"number of samples is {num_samples!r}, must be a positive integer"
+        if problem is None and (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
+                                or num_samples <= 0):
+            problem = f"number of samples is {str(num_samples)[:40]!r}, must be a positive integer"
         if problem is not None:
             log.warning("rejected update from %s: %s", client, problem)
             self.rejected[client] = problem
@@ -110,6 +125,11 @@ class FedAvgAggregator:
         averaged = {name: (summed / total).astype(self.reference[name].dtype)
                     for name, summed in self._sum.items()}
         self._sum = None
+        problem = update_problem(averaged, self.reference)
+        if problem is not None:   # finite updates can still sum past the dtype's range
+            self.problem = f"the average is unusable ({problem})"
+            log.warning("%s", self.problem)
+            return None
         return averaged
 
 
@@ -161,9 +181,7 @@ class ServerOptimizer:
     name = "fedavg"
 
     def __init__(self, lr: float = 1.0):
-        if not lr > 0:
-            raise ConfigError(f"server learning rate must be > 0, got {lr}")
-        self.lr = float(lr)
+        self.lr = check_number("server_lr", lr)
         self.steps = 0
 
     def step(self, global_weights: Mapping[str, object], averaged: Mapping[str, object]) -> dict:
@@ -195,6 +213,8 @@ class ServerOptimizer:
             buffers = self._buffers().get(kind)
             if buffers is None or not param:
                 raise CheckpointError(f"server optimiser '{self.name}' state has unexpected entry '{key}'")
+            if value.dtype.kind != "f" or not bool(np.all(np.isfinite(value))):
+                raise CheckpointError(f"server optimiser '{self.name}' state entry '{key}' is not finite floats")
             buffers[param] = np.array(value)
 
     def _buffers(self) -> dict[str, dict]:
@@ -208,9 +228,7 @@ class FedAvgM(ServerOptimizer):
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.9):
         super().__init__(lr)
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"server momentum must be in [0, 1), got {momentum}")
-        self.momentum = float(momentum)
+        self.momentum = check_number("server_momentum", momentum)
         self.velocity: dict[str, object] = {}
 
     def _update(self, name, current, averaged):
@@ -307,10 +325,8 @@ class StopRules:
     fired: str | None = None  # "norm", "val_loss" or "budget" once a rule has fired
 
     def __post_init__(self):
-        if self.max_rounds < 1:
-            raise ConfigError(f"round budget must be >= 1, got {self.max_rounds}")
-        if self.eps < 0 or self.patience_rounds < 0 or self.delta < 0:
-            raise ConfigError("eps, patience_rounds and delta must be >= 0")
+        self.max_rounds = check_number("rounds", self.max_rounds)
+        check_fields(self, ("eps", "patience_rounds", "delta"))
 
     def check(self, round_number: int, norm_difference: float | None, val_loss: float | None) -> str | None:
         """Record finished round `round_number` (1-based); the rule that fires, as a sentence, or None."""
@@ -344,3 +360,7 @@ class StopRules:
             self.rounds_since_best = int(np.asarray(state["rounds_since_best"]))
         except KeyError as exc:
             raise CheckpointError(f"stop-rule state lacks {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"stop-rule state is malformed ({exc})") from None
+        if math.isnan(self.best_val_loss) or self.rounds_since_best < 0:
+            raise CheckpointError("stop-rule state is malformed (NaN best loss or negative round count)")

@@ -11,7 +11,6 @@ vice versa (the model moves them to its device). Files are written atomically.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,9 @@ from typing import Mapping
 import h5py
 import numpy as np
 
-from . import __version__, backend
-from .atomic import atomic_path
+from . import __version__, backend, strict_json
 from .errors import CheckpointError
+from .h5write import create_h5, raise_if_failed
 
 FORMAT = "nfed-checkpoint"
 FORMAT_VERSION = 1
@@ -46,29 +45,32 @@ def save_checkpoint(path: str | os.PathLike, model_state: Mapping, *, optimizer_
                     extra: Mapping | None = None) -> Path:
     """Write a checkpoint atomically (a crash never leaves a half-written file under `path`)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["nfed_version"] = __version__
-            f.attrs["config"] = json.dumps(config or {}, sort_keys=True)
-            f.attrs["metrics"] = json.dumps(metrics or {}, sort_keys=True)
-            if round is not None:
-                f.attrs["round"] = int(round)
-            for group_name, arrays in zip(_GROUPS, (model_state, optimizer_state, extra)):
-                if arrays is None:
-                    continue
-                group = f.create_group(group_name)
-                for name, value in arrays.items():
-                    if "/" in name:
-                        raise ValueError(f"state name {name!r} must not contain '/'")
-                    group.create_dataset(name, data=backend.to_numpy(value))
+    with create_h5(path) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["nfed_version"] = __version__
+        f.attrs["config"] = strict_json.dumps(config or {}, sort_keys=True)
+        f.attrs["metrics"] = strict_json.dumps(metrics or {}, sort_keys=True)
+        if round is not None:
+            f.attrs["round"] = int(round)
+        for group_name, arrays in zip(_GROUPS, (model_state, optimizer_state, extra)):
+            if arrays is None:
+                continue
+            group = f.create_group(group_name)
+            for name, value in arrays.items():
+                if "/" in name:
+                    raise ValueError(f"state name {name!r} must not contain '/'")
+                group.create_dataset(name, data=backend.to_numpy(value))
+                raise_if_failed(f, path)
     return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint; CheckpointError (one line naming the file) when missing, corrupt or foreign."""
+    """Read a checkpoint; CheckpointError (one line naming the file) when missing, corrupt, foreign, or holding
+    weights that cannot be used (not floating point, NaN/inf, negative BatchNorm variances)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_message(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
@@ -87,10 +89,58 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             round_ = int(f.attrs["round"]) if "round" in f.attrs else None
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({_first_line(exc)})") from None
+    problem = state_problem(groups["model"], "model") or state_problem(groups["optimizer"] or {}, "optimizer")
+    if problem:
+        raise CheckpointError(f"{path}: unusable checkpoint: {problem}")
+    if round_ is not None and round_ < 0:
+        raise CheckpointError(f"{path}: unusable checkpoint: round {round_} is negative")
     return Checkpoint(model_state=groups["model"], optimizer_state=groups["optimizer"], config=config,
                       metrics=metrics, round=round_, extra=groups["extra"] or {})
+
+
+def state_problem(state: Mapping[str, np.ndarray], group: str) -> str | None:
+    """Why a state dict of `group` ("model" or "optimizer") cannot be trusted, or None.
+
+    Model entries must be floating point and finite, BatchNorm variances >= 0; optimizer entries numeric
+    (the step count an integer) and finite.
+    """
+    for name, value in state.items():
+        kinds = "f" if group == "model" else "fiu"
+        if value.dtype.kind not in kinds:
+            wanted = "floating point" if group == "model" else "numeric"
+            return f"{group} entry {name} has dtype {value.dtype}, expected {wanted}"
+        if value.dtype.kind == "f":
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            if bad:
+                return f"{group} entry {name} holds {bad} NaN or infinite value(s) of {value.size}"
+        if group == "model" and name.endswith("running_var") and value.size and float(value.min()) < 0:
+            return f"{group} entry {name} holds negative variances (min {float(value.min()):.3g})"
+    return None
+
+
+def checkpoint_kind(checkpoint: Checkpoint) -> str:
+    """What a checkpoint is, in words, from its config (for messages about the wrong kind of file)."""
+    config = checkpoint.config
+    if isinstance(config.get("federation"), dict):
+        return f"the global model of a federated run (after round {checkpoint.round or 0})"
+    if config.get("district"):
+        return f"a train-local checkpoint of {config['district']}"
+    return "a bare weights file without a training set-up (a worker's or client state file)"
+
+
+def folder_message(path: Path) -> str:
+    """The message for a run folder given where a checkpoint file is expected: which file inside to use."""
+    if (path / "global.h5").is_file():
+        return f"{path}: is a folder (a federated run); its checkpoint is {path / 'global.h5'}"
+    local = sorted(path.glob("*/best.h5"))
+    if (path / "best.h5").is_file():
+        return f"{path}: is a folder; its checkpoint is {path / 'best.h5'}"
+    if local:
+        return (f"{path}: is a folder (a train-local run); give one district's checkpoint, e.g. {local[0]} "
+                f"({len(local)} in all)")
+    return f"{path}: is a folder, not a checkpoint file, and holds no global.h5 or */best.h5"
 
 
 def check_state_matches(expected: Mapping, state: Mapping, source: str | os.PathLike) -> None:
@@ -122,9 +172,12 @@ def _read_json(f: h5py.File, key: str, path: Path) -> dict:
     if isinstance(text, bytes):
         text = text.decode("utf-8")
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        value = strict_json.loads(text)
+    except ValueError:
         raise CheckpointError(f"{path}: checkpoint attribute '{key}' is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: checkpoint attribute '{key}' is not a JSON object")
+    return value
 
 
 def _first_line(exc: BaseException) -> str:

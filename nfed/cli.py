@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 
 import click
@@ -65,8 +66,16 @@ class LazyGroup(click.Group):
             raise click.ClickException(str(exc)) from None
         except FileNotFoundError as exc:
             raise click.ClickException(f"file not found: {exc.filename or exc}") from None
+        except Terminated:
+            raise click.ClickException("terminated (SIGTERM); finished rounds and written files are kept") from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted") from None
+        except OSError as exc:  # a disk or permission failure outside nfed's own writers: still one line
+            if os.environ.get("NFED_DEBUG"):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise click.ClickException(f"{where}{reason}") from None
         except Exception as exc:  # unexpected: one line by default, traceback on request
             if os.environ.get("NFED_DEBUG"):
                 raise
@@ -84,7 +93,17 @@ def cli():
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs (workers killed, temporary files removed,
+    the run folder's lock released) before the process exits."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, _terminate)
     cli.main(args=argv, prog_name="nfed")
 
 

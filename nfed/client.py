@@ -10,6 +10,8 @@ The round set-up is a JSON-able dict (what the study's server sends to every cli
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,33 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, NfedError):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# Entries of a round record that a client's metrics must not overwrite.
+RESERVED_ENTRIES = ("status", "seconds", "simulated_seconds", "reason", "num_samples")
+MAX_METRICS = 32
+
+
+def clean_metrics(metrics) -> dict:
+    """What of a client's metrics the server records: at most MAX_METRICS entries with short names and finite
+    numbers or short strings as values; anything else (a malformed or hostile reply) is dropped."""
+    if not isinstance(metrics, Mapping):
+        return {}
+    clean = {}
+    for key, value in metrics.items():
+        if len(clean) >= MAX_METRICS:
+            break
+        if not isinstance(key, str) or len(key) > 64 or key in RESERVED_ENTRIES:
+            continue
+        if isinstance(value, bool) or value is None:
+            clean[key] = value
+        elif isinstance(value, numbers.Integral):
+            clean[key] = int(value)
+        elif isinstance(value, numbers.Real) and math.isfinite(float(value)):
+            clean[key] = float(value)
+        elif isinstance(value, str) and len(value) <= 200:
+            clean[key] = value
+    return clean
 
 
 def make_round_setup(config, round_number: int, local_epochs: int, *,

@@ -19,6 +19,7 @@ from .errors import ConfigError, DataError
 SPLITS = ("train", "val", "test")
 REQUIRED_ATTRS = ("district", "tile_size", "format_version")
 SUPPORTED_FORMAT_VERSIONS = (1,)
+MAX_MASK_VALUE = 4   # format version 1: 0 = no change, 1..4 = new, demolished, renewed, recoloured
 _READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
 
 
@@ -59,6 +60,11 @@ class DistrictPack:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            packs = [p.name for p in list_packs(self.path)]
+            raise DataError(f"{self.path}: is a folder, not a pack; " + (
+                f"give one of its {len(packs)} pack(s): {', '.join(packs[:6])}" + (", ..." if len(packs) > 6 else "")
+                if packs else "it holds no packs (*.h5)"))
         if not self.path.exists():
             raise DataError(f"{self.path}: pack not found")
         try:
@@ -85,8 +91,11 @@ class DistrictPack:
                             f"(this nfed reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})")
         self.attrs = attrs
         self.district = str(attrs["district"])
-        self.tile = int(attrs["tile_size"])
-        t = self.tile
+        tile = attrs["tile_size"]
+        if isinstance(tile, bool) or not isinstance(tile, int) or not 0 < tile <= 65536:
+            raise DataError(f"{self.path}: attribute tile_size {tile!r} is not a positive integer")
+        self.tile = t = tile
+        self.max_mask_value = _max_mask_value(self.path, attrs.get("mask_values"))
         self._counts = {}
         self._ids: dict[str, list[str]] = {}
         self._datasets: dict[str, dict] = {}  # h5py lookups by name are slow; keep the handles
@@ -99,10 +108,20 @@ class DistrictPack:
             for name, tail in expected.items():
                 if name not in group:
                     raise DataError(f"{self.path}: not an nfed pack (dataset '{split}/{name}' missing)")
-                shape = group[name].shape
-                if shape[1:] != tail or (n is not None and shape[0] != n):
+                dataset = group[name]
+                if not isinstance(dataset, h5py.Dataset):
+                    raise DataError(f"{self.path}: '{split}/{name}' is not a dataset")
+                shape = dataset.shape
+                if shape is None or shape[1:] != tail or (n is not None and shape[0] != n):
                     raise DataError(f"{self.path}: dataset '{split}/{name}' has shape {shape}, "
                                     f"inconsistent with tile size {t} and the other datasets")
+                if name == "ids":
+                    wanted, matches = "a string", h5py.check_string_dtype(dataset.dtype) is not None
+                else:
+                    wanted, matches = "uint8", dataset.dtype == np.uint8
+                if not matches:
+                    raise DataError(f"{self.path}: dataset '{split}/{name}' has dtype {dataset.dtype}, expected "
+                                    f"{wanted} (pack format version {attrs['format_version']})")
                 n = shape[0]
             self._counts[split] = int(n)
             self._datasets[split] = {name: group[name] for name in expected}
@@ -155,6 +174,11 @@ class DistrictPack:
                             f"{str(exc).splitlines()[0][:120]})") from None
         self.ids(split)  # fills the cache
         all_ids = self._ids[split]
+        if arrays[2].size and int(arrays[2].max()) > self.max_mask_value:
+            bad = int(np.flatnonzero(arrays[2].reshape(len(indices), -1).max(axis=1) > self.max_mask_value)[0])
+            raise DataError(f"{self.path}: dataset '{split}/mask' holds value {int(arrays[2].max())} (tile "
+                            f"{all_ids[indices[bad]]}); pack format version {self.attrs['format_version']} "
+                            f"allows 0-{self.max_mask_value}")
         return arrays[0], arrays[1], arrays[2], [all_ids[i] for i in indices]
 
     def ids(self, split: str) -> list[str]:
@@ -289,6 +313,20 @@ class PooledPacks:
                 seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
         return iterate_batches(self, split, batch_size, shuffle=shuffle, augment=augment, seed=seed,
                                device=device, drop_last=drop_last)
+
+
+def _max_mask_value(path: Path, mask_values) -> int:
+    """The largest mask value the pack declares (attribute mask_values, e.g. '0=none,1=change'); 4 (the
+    change types of format version 1) when it declares none."""
+    if mask_values is None:
+        return MAX_MASK_VALUE
+    try:
+        codes = [int(item.split("=", 1)[0]) for item in str(mask_values).split(",") if "=" in item]
+    except ValueError:
+        raise DataError(f"{path}: attribute mask_values {str(mask_values)[:60]!r} is not 'code=name,...'") from None
+    if not codes or min(codes) < 0 or max(codes) > MAX_MASK_VALUE:
+        raise DataError(f"{path}: attribute mask_values {str(mask_values)[:60]!r} must list codes 0-{MAX_MASK_VALUE}")
+    return max(codes)
 
 
 def images_to_nchw_float(images: np.ndarray) -> np.ndarray:

@@ -25,6 +25,24 @@ from typing import Callable
 from .atomic import write_json_atomic
 
 STAGE_FOLDERS = ("local", "federated", "personalised", "central", "report")
+DATA_FOLDERS = ("synth", "packs")
+DEMO_MARKER = ".nfed-demo"   # says "nfed demo made this folder": a rerun may replace its stage folders
+
+
+def claim_demo_folder(out_dir: Path) -> None:
+    """Make `out_dir` a demo folder, refusing a non-empty folder that a demo did not make (a rerun deletes the
+    stage folders, and must never delete a user's files)."""
+    from .atomic import write_text_atomic
+    from .errors import ConfigError
+    from .runlock import LOCK_NAME
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
+    if out_dir.is_dir() and any(path.name != LOCK_NAME for path in out_dir.iterdir()):
+        if not (out_dir / DEMO_MARKER).exists() and not (out_dir / "demo.json").exists():
+            raise ConfigError(f"{out_dir}: is not empty and not an nfed demo folder; choose a new or empty --out")
+    write_text_atomic(out_dir / DEMO_MARKER, "made by nfed demo; a rerun replaces "
+                      + ", ".join(DATA_FOLDERS + STAGE_FOLDERS) + " and seed-*/\n")
 
 
 @dataclass
@@ -153,7 +171,8 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
                            patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed)
     echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
          f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
-    result = federate(packs, run_dir / "federated", config, fed, echo=echo, show_progress=not settings.quiet)
+    result = federate(packs, run_dir / "federated", config, fed, echo=echo, show_progress=not settings.quiet,
+                      overwrite=True)
     stages.done("federated")
 
     echo(f"[demo] seed {seed}: personalised column, the round-{result.best_round} global model fine-tuned "
@@ -181,6 +200,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
 
     settings = settings or DemoSettings()
     out_dir = Path(out_dir)
+    claim_demo_folder(out_dir)
     stages = _Stages(echo)
     packs = make_data(out_dir, settings, echo)
     stages.done("data")

@@ -19,3 +19,13 @@ class DeviceError(NfedError):
 
 class ConfigError(NfedError):
     """Options or a configuration that contradict each other or are out of range."""
+
+
+class OutputError(NfedError):
+    """An output could not be written (disk full, read-only file system, no permission); nothing was left
+    half-written under its final name."""
+
+
+class TrainingError(NfedError):
+    """Training cannot go on (e.g. the loss became NaN or infinite: the run diverged)."""
+

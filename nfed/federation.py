@@ -24,8 +24,8 @@ Run folder layout:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
-import json
 import logging
 import math
 import re
@@ -38,13 +38,16 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .aggregator import (FedAvgAggregator, StopRules, build_server_optimizer, relative_norm_difference,
-                         trainable)
-from .atomic import write_json_atomic, write_text_atomic
-from .checkpoint import load_checkpoint, save_checkpoint
-from .client import ClientOutcome, ClientResult, ClientTask, make_round_setup, one_line
+                         trainable, update_problem)
+from . import strict_json
+from .atomic import new_folder, write_json_atomic, write_text_atomic
+from .checkpoint import checkpoint_kind, load_checkpoint, save_checkpoint
+from .client import ClientOutcome, ClientResult, ClientTask, clean_metrics, make_round_setup, one_line
 from .errors import CheckpointError, ConfigError, DataError, NfedError
 from .progress import progress
 from .results import test_facts, write_results_csv
+from .runlock import RunLock
+from .validate import check_fields, check_number
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ BEST_NAME = "best.h5"
 ROUNDS_NAME = "rounds.jsonl"
 SUMMARY_NAME = "summary.json"
 RESULTS_NAME = "federated.csv"
+RUN_FILES = (CHECKPOINT_NAME, ROUNDS_NAME, RESULTS_NAME)
 
 SPEED_PROFILES = ("uniform", "study")
 # Fields that change the arithmetic of the federation: a resumed run must use the values it started with.
@@ -83,19 +87,15 @@ class FederationConfig:
     evaluate_rounds: bool = True
 
     def __post_init__(self):
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
-        if not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
-        if self.min_clients < 1:
-            raise ConfigError(f"--min-clients must be >= 1, got {self.min_clients}")
-        if self.deadline is not None and not self.deadline > 0:
-            raise ConfigError(f"--deadline must be > 0 seconds, got {self.deadline}")
+        check_fields(self, ("rounds", "local_epochs", "eps", "patience_rounds", "delta", "deadline", "fraction",
+                            "min_clients", "workers", "server_lr", "server_momentum", "seed"),
+                     optional=("deadline", "server_lr"))
         if self.client_state not in ("reset", "keep"):
             raise ConfigError(f"--client-state must be reset or keep, got {self.client_state}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
-        self.gpus = tuple(int(g) for g in self.gpus)
+        self.gpus = tuple(check_number("gpu", g) for g in self.gpus)
+        if self.client_speeds is not None:
+            self.client_speeds = {str(k): check_number(f"speed of {k}", v, "client_speed")
+                                  for k, v in self.client_speeds.items()}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,7 +123,7 @@ def load_client_speeds(spec: str | None, districts: Sequence[str]) -> dict[str, 
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":
-            raw = json.loads(text)
+            raw = strict_json.loads(text)
             if not isinstance(raw, dict):
                 raise ValueError("expected an object district -> speed")
             pairs = raw.items()
@@ -133,11 +133,9 @@ def load_client_speeds(spec: str | None, districts: Sequence[str]) -> dict[str, 
                 rows = rows[1:]
             pairs = [(row[0].strip(), row[1]) for row in rows]
         speeds = {str(name): float(value) for name, value in pairs}
-    except (ValueError, IndexError, json.JSONDecodeError) as exc:
+    except (ValueError, IndexError, TypeError) as exc:
         raise ConfigError(f"{path}: cannot read client speeds ({exc})") from None
-    bad = {name: s for name, s in speeds.items() if not s > 0}
-    if bad:
-        raise ConfigError(f"{path}: speeds must be > 0 (got {bad})")
+    speeds = {name: check_number(f"{path}: speed of {name}", value, "client_speed") for name, value in speeds.items()}
     unknown = sorted(set(speeds) - set(districts))
     if unknown:
         log.warning("%s: speeds for unknown district(s) ignored: %s", path, ", ".join(unknown))
@@ -176,7 +174,7 @@ class SequentialRunner:
                 outcomes.append(ClientOutcome(task.district, "failed", time.perf_counter() - started,
                                               reason=one_line(exc)))
                 continue
-            seconds = float(result.metrics.get("wall_time_s", time.perf_counter() - started))
+            seconds = clean_metrics(result.metrics).get("wall_time_s", time.perf_counter() - started)
             simulated = seconds / self.speeds.get(task.district, 1.0)
             status = "late" if deadline is not None and simulated > deadline else "ok"
             outcomes.append(ClientOutcome(task.district, status, seconds, simulated, result))
@@ -226,14 +224,55 @@ def read_rounds(path: Path) -> list[dict]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = strict_json.loads(line)
+            except ValueError:
                 raise DataError(f"{path}: line {number} is not valid JSON") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {number} is not a round record (a JSON object)")
+            records.append(record)
     return records
 
 
+def rounds_text(records: list[dict]) -> str:
+    """RUN/rounds.jsonl's text for `records` (strict JSON, one sorted record per line)."""
+    return "".join(strict_json.dumps(r, sort_keys=True) + "\n" for r in records)
+
+
+def rounds_digest(records: list[dict]) -> str:
+    """Fingerprint of the round history, kept in global.h5 so a resume notices a deleted or edited history."""
+    return "sha256:" + hashlib.sha256(rounds_text(records).encode("utf-8")).hexdigest()
+
+
 def _write_rounds(path: Path, records: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    write_text_atomic(path, rounds_text(records))
+
+
+def pack_fingerprint(path: Path) -> str | None:
+    """sha256 of a pack file's bytes (None when the path is not a file, e.g. a remote node's pack)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the pack ({exc.strerror or exc})") from None
+    return "sha256:" + digest.hexdigest()
+
+
+def _pack_tile(paths) -> int | None:
+    """The tile size shared by the packs (None when they cannot be read here or differ)."""
+    from .data import DistrictPack
+
+    tiles = set()
+    for path in paths:
+        if not Path(path).is_file():
+            return None
+        with DistrictPack(path) as pack:
+            tiles.add(pack.tile)
+    return tiles.pop() if len(tiles) == 1 else None
 
 
 def client_work(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
@@ -289,7 +328,8 @@ class Federation:
     def __init__(self, packs: Mapping[str, Path], run_dir: str | Path, train_config, fed_config: FederationConfig,
                  *, train_fn: TrainFn | None = None, evaluate_fn: Callable | None = None,
                  initial_weights: Mapping | None = None, runner=None,
-                 echo: Callable[[str], None] | None = None, show_progress: bool = False):
+                 echo: Callable[[str], None] | None = None, show_progress: bool = False,
+                 data_fingerprint: Mapping[str, str | None] | None = None, tile: int | None = None):
         if not packs:
             raise DataError("no district packs to federate")
         self.packs = dict(packs)
@@ -307,6 +347,14 @@ class Federation:
         if fed_config.min_clients > len(self.districts):
             raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.districts)} "
                               f"district(s) available")
+        self._fingerprint = dict(data_fingerprint) if data_fingerprint is not None else None
+        self._tile = tile if tile is not None else _pack_tile(self.packs.values())
+
+    def data_fingerprint(self) -> dict[str, str | None]:
+        """district -> sha256 of its pack (what a resume must find again), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = {d: pack_fingerprint(self.packs[d]) for d in self.districts}
+        return self._fingerprint
 
     # -- set-up / resume --------------------------------------------------------------------------------
     def _fresh_state(self):
@@ -320,23 +368,56 @@ class Federation:
         return weights
 
     def _checkpoint_config(self) -> dict:
-        return {"federation": self.config.to_dict(), "train": self.train_config.to_dict()}
+        config = {"federation": self.config.to_dict(), "train": self.train_config.to_dict(),
+                  "data": self.data_fingerprint()}
+        if self._tile is not None:
+            config["tile"] = int(self._tile)   # what predict cuts images into
+        return config
 
-    def _save(self, weights, round_number: int, server, stop: StopRules, stop_reason: str | None) -> None:
+    def _save(self, weights, round_number: int, server, stop: StopRules, stop_reason: str | None,
+              records: list[dict]) -> None:
         extra = {f"server.{k}": v for k, v in server.state_dict().items()}
         extra.update({f"stop.{k}": v for k, v in stop.state_dict().items()})
         extra["rng.seed"] = np.asarray(self.config.seed, dtype=np.int64)
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, weights, config=self._checkpoint_config(),
                         metrics={"stop_reason": stop_reason, "stop_rule": stop.fired,
-                                 "districts": self.districts, "best_round": self._best[0],
-                                 "best_val_loss": self._best[1]},
+                                 "districts": self.districts, "rounds_digest": rounds_digest(records),
+                                 "best_round": self._best[0], "best_val_loss": self._best[1]},
                         round=round_number, extra=extra)
+
+    def _check_data(self, checkpoint, path: Path) -> None:
+        """The districts and pack contents must be those the run started with (when it recorded them)."""
+        saved = checkpoint.config.get("data")
+        if not isinstance(saved, dict):
+            return
+        current = self.data_fingerprint()
+        problems = [f"{d} is new" for d in current if d not in saved]
+        problems += [f"{d} is missing" for d in saved if d not in current]
+        problems += [f"{d}'s pack has changed" for d in current
+                     if d in saved and current[d] is not None and saved[d] is not None and current[d] != saved[d]]
+        if problems:
+            more = f" ({len(problems)} in all)" if len(problems) > 5 else ""
+            raise ConfigError(f"{path}: --resume with other data than the run was started with: "
+                              f"{'; '.join(problems[:5])}{more}")
+
+    def _check_history(self, checkpoint, records: list[dict], path: Path) -> None:
+        """rounds.jsonl must hold exactly rounds 1..N of the checkpoint's round N, unchanged."""
+        done = int(checkpoint.round or 0)
+        numbers = [r.get("round") for r in records]
+        digest = checkpoint.metrics.get("rounds_digest")
+        if numbers != list(range(1, done + 1)) or (digest is not None and rounds_digest(records) != digest):
+            raise CheckpointError(f"{self.run_dir / ROUNDS_NAME}: the round history does not match {path} "
+                                  f"(rounds {_span(numbers)} on file, the checkpoint is after round {done}): it "
+                                  "was deleted or edited; restore it, or start afresh with --overwrite")
 
     def _resume(self, server, stop: StopRules):
         path = self.run_dir / CHECKPOINT_NAME
         if not path.is_file():
             raise CheckpointError(f"{path}: nothing to resume (no checkpoint in the run folder)")
         checkpoint = load_checkpoint(path)
+        if not isinstance(checkpoint.config.get("federation"), dict):
+            raise CheckpointError(f"{path}: is {checkpoint_kind(checkpoint)}, not the global model of a "
+                                  "federated run; --resume needs the global.h5 that nfed federate wrote")
         saved = checkpoint.config.get("federation", {})
         changed = [f"{k} {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in RESUME_FIELDS
                    if k in saved and _normalise(saved[k]) != _normalise(getattr(self.config, k))]
@@ -348,13 +429,17 @@ class Federation:
                               f"{'; '.join(changed)}")
         from .checkpoint import check_state_matches
 
+        self._check_data(checkpoint, path)
         reference = self._fresh_state()
         check_state_matches(reference, checkpoint.model_state, path)
         extra = checkpoint.extra
         server.load_state_dict({k[len("server."):]: v for k, v in extra.items() if k.startswith("server.")})
         stop.load_state_dict({k[len("stop."):]: v for k, v in extra.items() if k.startswith("stop.")})
         round_number = int(checkpoint.round or 0)
-        records = [r for r in read_rounds(self.run_dir / ROUNDS_NAME) if r.get("round", 0) <= round_number]
+        # a run killed between writing rounds.jsonl and global.h5 left one record more than the checkpoint
+        records = [r for r in read_rounds(self.run_dir / ROUNDS_NAME)
+                   if not isinstance(r.get("round"), int) or r["round"] <= round_number]
+        self._check_history(checkpoint, records, path)
         stop_reason = checkpoint.metrics.get("stop_reason")
         stop.fired = checkpoint.metrics.get("stop_rule")
         if checkpoint.metrics.get("stop_rule") == "budget" and round_number < self.config.rounds:
@@ -402,9 +487,21 @@ class Federation:
                 self.echo(f"  evaluation of {district} ({split}) failed: {exc}")
         return results
 
-    def run(self, *, resume: bool = False) -> FederationResult:
+    def run(self, *, resume: bool = False, overwrite: bool = False) -> FederationResult:
+        """Run (or resume) the rounds in the run folder, holding its lock. A folder with a run's results is
+        only replaced with `overwrite`."""
+        if resume and not (self.run_dir / CHECKPOINT_NAME).is_file():
+            raise CheckpointError(f"{self.run_dir / CHECKPOINT_NAME}: nothing to resume (no checkpoint "
+                                  "in the run folder)")
+        with new_folder(self.run_dir), RunLock(self.run_dir) as lock:
+            if lock.stale:
+                self.echo(f"note: the previous run in {self.run_dir} did not end cleanly ({lock.stale}); "
+                          "its lock was stale")
+            shutil.rmtree(self.run_dir / "work", ignore_errors=True)   # a killed run's worker files
+            return self._run(resume, overwrite)
+
+    def _run(self, resume: bool, overwrite: bool) -> FederationResult:
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         server = build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum)
         stop = StopRules(max_rounds=cfg.rounds, eps=cfg.eps, patience_rounds=cfg.patience_rounds, delta=cfg.delta)
         if resume:
@@ -414,13 +511,17 @@ class Federation:
             for district in self.districts:
                 _prune_client_states(self.run_dir, district, done)
         else:
+            existing = [name for name in RUN_FILES if (self.run_dir / name).exists()]
+            if existing and not overwrite:
+                raise ConfigError(f"{self.run_dir}: holds a federated run ({', '.join(existing)}); --resume "
+                                  "continues it, --overwrite replaces it")
             weights, done, records, stop_reason = self._fresh_state(), 0, [], None
             # a fresh run in a used folder must not pick up another run's client state or results
             shutil.rmtree(self.run_dir / "client_state", ignore_errors=True)
             for name in (RESULTS_NAME, BEST_NAME, SUMMARY_NAME):
                 (self.run_dir / name).unlink(missing_ok=True)
             _write_rounds(self.run_dir / ROUNDS_NAME, [])
-            self._save(weights, 0, server, stop, None)
+            self._save(weights, 0, server, stop, None, records)
         if stop_reason is None and done >= cfg.rounds:
             stop_reason = f"round budget of {cfg.rounds} spent"
         runner = self._runner()
@@ -433,7 +534,7 @@ class Federation:
             self._track_best(weights, record)
             records.append(record)
             _write_rounds(self.run_dir / ROUNDS_NAME, records)
-            self._save(weights, round_number, server, stop, stop_reason)
+            self._save(weights, round_number, server, stop, stop_reason, records)
             if cfg.client_state == "keep":
                 for district in self.districts:
                     _prune_client_states(self.run_dir, district, round_number)
@@ -486,8 +587,8 @@ class Federation:
                 entry["reason"] = outcome.reason
             result = outcome.result
             if result is not None:
-                entry["num_samples"] = result.num_samples
-                entry.update({k: v for k, v in result.metrics.items() if k != "wall_time_s"})
+                entry["num_samples"] = clean_metrics({"n": result.num_samples}).get("n")
+                entry.update({k: v for k, v in clean_metrics(result.metrics).items() if k != "wall_time_s"})
             if outcome.status == "ok" and not aggregator.add(result.weights, result.num_samples, outcome.district):
                 entry["status"] = "rejected"
                 entry["reason"] = aggregator.rejected[outcome.district]
@@ -499,14 +600,22 @@ class Federation:
             clients[outcome.district] = entry
         averaged = aggregator.finish()
         answered = aggregator.accepted
-        kept_previous = len(answered) < cfg.min_clients or averaged is None
+        problem = aggregator.problem
+        new_weights = None
+        if averaged is not None and len(answered) >= cfg.min_clients:
+            new_weights = server.step(weights, averaged)
+            problem = update_problem(new_weights, weights)
+            if problem is not None:
+                problem = f"the server step gave unusable weights ({problem})"
+                log.warning("round %d: %s; previous global weights kept", round_number, problem)
+                new_weights = None
+        kept_previous = new_weights is None
         if kept_previous:
             new_weights, norm_difference = weights, None
         else:
-            new_weights = server.step(weights, averaged)
             norm_difference = relative_norm_difference(trainable(new_weights), trainable(weights))
         record = {
-            "round": round_number, "selected": list(selected), "answered": list(answered),
+            "round": round_number, "selected": list(selected), "answered": list(answered), "problem": problem,
             "late": [d for d, e in clients.items() if e["status"] == "late"],
             "failed": {d: e.get("reason", "") for d, e in clients.items() if e["status"] == "failed"},
             "rejected": {d: e.get("reason", "") for d, e in clients.items() if e["status"] == "rejected"},
@@ -544,6 +653,15 @@ class Federation:
         return rows
 
 
+def _span(numbers: list) -> str:
+    """[1, 2, 3] -> '1-3', [] -> 'none', gaps or junk listed as they are."""
+    if not numbers:
+        return "none"
+    if all(isinstance(n, int) for n in numbers) and numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}-{numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
+    return ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+
+
 def _mean(values):
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else None
@@ -566,7 +684,9 @@ def _round_line(record: dict, budget: int) -> str:
     for key in ("failed", "rejected"):
         if record[key]:
             parts.append(f"{key}: " + ", ".join(f"{d} ({why})" for d, why in record[key].items()))
-    if record["kept_previous"]:
+    if record.get("problem"):
+        parts.append(f"{record['problem']}: previous global weights kept")
+    elif record["kept_previous"]:
         parts.append("fewer responders than --min-clients: previous global weights kept")
     if record.get("mean_val_f1") is not None:
         parts.append(f"mean val F1 {record['mean_val_f1']:.4f}")
@@ -594,11 +714,12 @@ def find_packs(data_dir: str | Path) -> dict[str, Path]:
 
 
 def federate(packs: Mapping[str, Path], run_dir: str | Path, train_config, fed_config: FederationConfig, *,
-             resume: bool = False, echo: Callable[[str], None] | None = None, evaluate_test: bool = True,
-             **hooks) -> FederationResult:
+             resume: bool = False, overwrite: bool = False, echo: Callable[[str], None] | None = None,
+             evaluate_test: bool = True, **hooks) -> FederationResult:
     """Run (or resume) a whole federation, then evaluate the global model on every test split."""
     federation = Federation(packs, run_dir, train_config, fed_config, echo=echo, **hooks)
-    result = federation.run(resume=resume)
-    if evaluate_test:
-        result.results = federation.evaluate_test(result.best_weights, result.best_round, result.rounds)
+    with new_folder(run_dir), RunLock(run_dir):
+        result = federation.run(resume=resume, overwrite=overwrite)
+        if evaluate_test:
+            result.results = federation.evaluate_test(result.best_weights, result.best_round, result.rounds)
     return result

@@ -33,10 +33,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from . import strict_json
 from .backend import to_numpy
-from .client import ClientOutcome, ClientResult, ClientTask, evaluate_weights, one_line, train_round
+from .client import (ClientOutcome, ClientResult, ClientTask, clean_metrics, evaluate_weights, one_line,
+                     train_round)
 from .districts import district_order_key
 from .errors import ConfigError, DataError, NfedError
+from .validate import Limit, check_number
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,11 @@ NODE_PREFIX = "flower-node:"
 MANIFEST_KEY = "manifest"
 PACKED_PREFIX = "packed."
 NUMERIC_KINDS = "biuf"
+MAX_TEXT_BYTES = 1 << 20          # set-up, metrics and descriptions are small JSON texts
+WEIGHTS_SLACK_BYTES = 1 << 20     # .npy headers and the manifest on top of the model's own bytes
+
+SPLITS = ("train", "val", "test")
+COUNT_LIMIT = Limit(0, 10**9, integer=True)
 
 # Run-config keys of the federation options (TOML-friendly: no None; 0 means "unset" where noted).
 FEDERATION_KEYS = {
@@ -97,10 +105,26 @@ def weights_to_record(weights: Mapping[str, object]) -> ArrayRecord:
     return record
 
 
-def record_to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """name -> NumPy array from `weights_to_record`'s packing (DataError when the record is inconsistent)."""
+def record_bytes(record) -> int:
+    """Bytes of a record's payload as received (array bytes, or text of a config record), before decoding."""
+    if isinstance(record, ArrayRecord):
+        return sum(len(array.data) for array in record.values())
+    if isinstance(record, ConfigRecord):
+        return sum(len(str(key)) + len(str(value)) for key, value in record.items())
+    raise DataError(f"unexpected record of type {type(record).__name__}")
+
+
+def record_to_weights(record: ArrayRecord, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """name -> NumPy array from `weights_to_record`'s packing (DataError when the record is inconsistent or,
+    with `max_bytes`, larger than that: a reply cannot be bigger than the model it carries)."""
+    if not isinstance(record, ArrayRecord):
+        raise DataError(f"unreadable weights record (a {type(record).__name__}, not an ArrayRecord)")
+    if max_bytes is not None and record_bytes(record) > max_bytes:
+        raise DataError(f"weights record of {record_bytes(record)} bytes exceeds the model's {max_bytes}")
     try:
-        manifest = json.loads(record[MANIFEST_KEY].numpy().tobytes().decode("utf-8"))
+        manifest = strict_json.loads(record[MANIFEST_KEY].numpy().tobytes().decode("utf-8"))
+        if not isinstance(manifest, list):
+            raise ValueError("the manifest is not a list")
         packed = {key[len(PACKED_PREFIX):]: record[key].numpy() for key in record if key.startswith(PACKED_PREFIX)}
         weights = {}
         for entry in manifest:
@@ -111,20 +135,24 @@ def record_to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
             if dtype.kind not in NUMERIC_KINDS or flat.dtype != dtype or offset < 0 or offset + size > flat.size:
                 raise ValueError(f"entry '{entry['name']}' does not fit its packed {flat.dtype} array")
             weights[str(entry["name"])] = flat[offset:offset + size].reshape(entry["shape"]).copy()
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"unreadable weights record ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
+        raise DataError(f"unreadable weights record ({str(exc)[:200]})") from None
     return weights
 
 
 def _json_record(**values) -> ConfigRecord:
-    return ConfigRecord({key: json.dumps(value, sort_keys=True) for key, value in values.items()})
+    return ConfigRecord({key: strict_json.dumps(value, sort_keys=True) for key, value in values.items()})
 
 
 def _from_json_record(record: ConfigRecord, key: str):
+    if not isinstance(record, ConfigRecord):
+        raise DataError(f"Flower message has a {type(record).__name__} where a config record was expected")
+    if record_bytes(record) > MAX_TEXT_BYTES:
+        raise DataError(f"Flower message's config record exceeds {MAX_TEXT_BYTES} bytes")
     try:
-        return json.loads(str(record[key]))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise DataError(f"Flower message lacks a readable '{key}' entry ({exc})") from None
+        return strict_json.loads(str(record[key]))
+    except (KeyError, ValueError) as exc:
+        raise DataError(f"Flower message lacks a readable '{key}' entry ({str(exc)[:200]})") from None
 
 
 # ------------------------------------------------------------------------------------------ ClientApp
@@ -154,9 +182,32 @@ def describe_pack(path: Path) -> dict:
     """What a node tells the server about its data: district name, tile size and split sizes (no data)."""
     from .data import DistrictPack
 
+    from .federation import pack_fingerprint
+
     with DistrictPack(path) as pack:
-        return {"district": pack.district, "tile": int(pack.tile),
+        info = {"district": pack.district, "tile": int(pack.tile),
                 "samples": {split: int(pack.num_samples(split)) for split in ("train", "val", "test")}}
+    info["fingerprint"] = pack_fingerprint(path)
+    return info
+
+
+def check_description(info) -> dict:
+    """A node's self-description as the server may rely on it (DataError for anything malformed)."""
+    if not isinstance(info, dict):
+        raise DataError("its description is not a JSON object")
+    district, tile, samples = info.get("district"), info.get("tile"), info.get("samples")
+    if not isinstance(district, str) or not 0 < len(district) <= 100 or not district.isprintable() \
+            or "/" in district or district.startswith("."):
+        raise DataError(f"its district name {str(district)[:40]!r} is not a valid name")
+    try:
+        check_number("tile", tile)
+        counts = {split: check_number(f"{split} samples", samples[split], COUNT_LIMIT) for split in SPLITS}
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise DataError(f"its description of {district} is malformed ({str(exc)[:120]})") from None
+    fingerprint = info.get("fingerprint")
+    if fingerprint is not None and (not isinstance(fingerprint, str) or len(fingerprint) > 100):
+        raise DataError(f"its description of {district} has a malformed fingerprint")
+    return {"district": district, "tile": tile, "samples": counts, "fingerprint": fingerprint}
 
 
 @client_app.query()
@@ -250,12 +301,32 @@ class FlowerClients:
     """
 
     def __init__(self, grid: Grid, nodes: Mapping[str, int], *, timeout: float | None,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, described: Mapping[str, dict] | None = None):
         self.grid = grid
         self.nodes = dict(nodes)
         self.timeout = timeout
         self.echo = echo
+        self.described = dict(described or {})
+        self.dropped: dict[str, str] = {}   # district -> why its node is left out for the rest of the run
+        self._max_bytes: int | None = None
         self._evaluated: tuple | None = None
+
+    def data_fingerprint(self) -> dict[str, str | None]:
+        """district -> the pack hash its node reported (what a resume must find again)."""
+        return {d: self.described.get(d, {}).get("fingerprint") for d in self.nodes}
+
+    def tile(self) -> int | None:
+        """The tile size every node reported (None when they differ or none did)."""
+        tiles = {info.get("tile") for info in self.described.values()}
+        return tiles.pop() if len(tiles) == 1 else None
+
+    def _drop(self, district: str, reason: str) -> str:
+        """Leave a node that broke the protocol out of the rest of the run, and say so once."""
+        if district not in self.dropped:
+            self.dropped[district] = reason
+            log.warning("SuperNode of %s left out for the rest of the run: %s", district, reason)
+            self.echo(f"SuperNode {self.nodes.get(district)} ({district}) left out for the rest of the run: {reason}")
+        return reason
 
     def pack_labels(self) -> dict[str, str]:
         """district -> where its data lives, for the Federation (the server never opens these packs)."""
@@ -270,12 +341,17 @@ class FlowerClients:
     def run(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None) -> list[ClientOutcome]:
         timeout = deadline if deadline is not None else self.timeout
         record = weights_to_record(global_weights)
+        self._max_bytes = record_bytes(record) + WEIGHTS_SLACK_BYTES
         messages = {}
         outcomes: dict[str, ClientOutcome] = {}
         for task in tasks:
             node_id = self.nodes.get(task.district)
             if node_id is None:
                 outcomes[task.district] = ClientOutcome(task.district, "failed", reason="no SuperNode connected")
+                continue
+            if task.district in self.dropped:
+                outcomes[task.district] = ClientOutcome(task.district, "failed", reason=(
+                    f"left out for the rest of the run: {self.dropped[task.district]}"))
                 continue
             messages[task.district] = self._message(node_id, MessageType.TRAIN, record, task.setup,
                                                     int(task.setup.get("round", 0)))
@@ -292,19 +368,30 @@ class FlowerClients:
             return ClientOutcome(district, "late", float(timeout or 0.0),
                                  reason=f"no answer within the {timeout:g} s deadline" if timeout else "no answer")
         if reply.error is not None:
-            return ClientOutcome(district, "failed", reply.seconds, reason=reply.error)
+            return ClientOutcome(district, "failed", reply.seconds, reason=str(reply.error)[:500])
         try:
-            content = reply.message.content
-            weights = record_to_weights(content[WEIGHTS_RECORD])
-            answered_for = _from_json_record(content[RESULT_RECORD], "district")
-            num_samples = int(_from_json_record(content[RESULT_RECORD], "num_samples"))
-            metrics = _from_json_record(content[RESULT_RECORD], "metrics")
-        except (KeyError, TypeError, ValueError, NfedError) as exc:
-            return ClientOutcome(district, "failed", reply.seconds, reason=f"unreadable reply: {one_line(exc)}")
-        if answered_for != district:
-            return ClientOutcome(district, "failed", reply.seconds,
-                                 reason=f"node now serves '{answered_for}', not '{district}'")
+            weights, num_samples, metrics = self._read_train_reply(district, reply.message)
+        except Exception as exc:  # whatever a node sends, it can only fail itself, never the round
+            reason = self._drop(district, f"bad reply: {one_line(exc)[:300]}")
+            return ClientOutcome(district, "failed", reply.seconds, reason=reason)
         return ClientOutcome(district, "ok", reply.seconds, result=ClientResult(weights, num_samples, metrics))
+
+    def _read_train_reply(self, district: str, message: Message):
+        """Weights, sample count and metrics of a train reply that keeps to the protocol (DataError if not)."""
+        content = message.content
+        result = content[RESULT_RECORD]
+        answered_for = _from_json_record(result, "district")
+        if answered_for != district:
+            raise DataError(f"it answered for {str(answered_for)[:40]!r}, not {district!r}")
+        num_samples = _from_json_record(result, "num_samples")
+        described = self.described.get(district, {}).get("samples", {}).get("train")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0 or \
+                (described is not None and num_samples != described):
+            raise DataError(f"it claims {str(num_samples)[:20]} training samples"
+                            + (f" but described {described}" if described is not None else ""))
+        metrics = clean_metrics(_from_json_record(result, "metrics"))
+        weights = record_to_weights(content[WEIGHTS_RECORD], self._max_bytes)
+        return weights, num_samples, metrics
 
     # -- evaluation function of nfed.federation
     def evaluate(self, weights, setup, pack_label, *, split: str = "val", device=None) -> dict:
@@ -314,15 +401,21 @@ class FlowerClients:
             record = weights_to_record(weights)
             round_number = int(setup.get("round", 0))
             messages = {d: self._message(node, MessageType.EVALUATE, record, setup, round_number, split=split)
-                        for d, node in self.nodes.items()}
+                        for d, node in self.nodes.items() if d not in self.dropped}
             self._evaluated = cached = (weights, split, exchange(self.grid, messages, self.timeout))
+        if district in self.dropped:
+            raise DataError(f"{district}: left out for the rest of the run: {self.dropped[district]}")
         reply = cached[2].get(district)
         if reply is None:
             raise DataError(f"{district}: no evaluation answer within {self.timeout:g} s" if self.timeout
                             else f"{district}: no evaluation answer")
         if reply.error is not None:
-            raise DataError(f"{district}: {reply.error}")
-        return _from_json_record(reply.message.content[RESULT_RECORD], "metrics")
+            raise DataError(f"{district}: {str(reply.error)[:500]}")
+        try:
+            return evaluation_metrics(_from_json_record(reply.message.content[RESULT_RECORD], "metrics"))
+        except Exception as exc:
+            raise DataError(f"{district}: {self._drop(district, f'bad evaluation reply: {one_line(exc)[:300]}')}") \
+                from None
 
     def _district_of(self, pack_label) -> str:
         label = str(pack_label)
@@ -332,13 +425,26 @@ class FlowerClients:
         raise DataError(f"{label}: not a connected SuperNode")
 
 
+def evaluation_metrics(metrics) -> dict:
+    """A node's evaluation metrics as the server records them: finite numbers, loss and f1 present."""
+    clean = clean_metrics(metrics)
+    for key in ("loss", "f1"):
+        if not isinstance(clean.get(key), (int, float)) or isinstance(clean.get(key), bool):
+            raise DataError(f"its metrics lack a finite '{key}'")
+    for key in ("samples", "pack_samples"):
+        if key in clean:
+            clean[key] = check_number(key, clean[key], COUNT_LIMIT)
+    return clean
+
+
 def discover_districts(grid: Grid, *, expected_nodes: int, timeout: float,
-                       echo: Callable[[str], None] = print) -> dict[str, int]:
-    """district -> node id of the connected SuperNodes, in the study's table order.
+                       echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """district -> description (node_id, tile, samples, fingerprint) of the connected SuperNodes, in the
+    study's table order.
 
     Waits up to `timeout` seconds for `expected_nodes` SuperNodes, then asks each for its district. Nodes
-    that do not answer or cannot read their pack are reported and left out; two nodes claiming the same
-    district are an error (ConfigError).
+    that do not answer, cannot read their pack or answer malformed descriptions are reported and left out;
+    when two nodes claim the same district neither can be trusted, and both are left out.
     """
     started = time.monotonic()
     node_ids = sorted(grid.get_node_ids())
@@ -354,18 +460,27 @@ def discover_districts(grid: Grid, *, expected_nodes: int, timeout: float,
                 for node in node_ids}
     remaining = max(timeout - (time.monotonic() - started), 30.0)
     replies = exchange(grid, messages, remaining)
-    nodes: dict[str, int] = {}
+    claims: dict[str, list[dict]] = {}
     for key in messages:
         reply = replies.get(key)
         if reply is None or reply.error is not None:
-            echo(f"SuperNode {key} left out: " + (reply.error if reply is not None else "did not answer"))
+            echo(f"SuperNode {key} left out: " + (str(reply.error)[:300] if reply is not None else "did not answer"))
             continue
-        info = _from_json_record(reply.message.content[RESULT_RECORD], "info")
-        district = str(info["district"])
-        if district in nodes:
-            raise ConfigError(f"SuperNodes {nodes[district]} and {key} both serve district '{district}'")
-        nodes[district] = int(key)
-        echo(f"SuperNode {key}: {district} (tile {info['tile']}, "
+        try:
+            info = check_description(_from_json_record(reply.message.content[RESULT_RECORD], "info"))
+        except Exception as exc:  # a malformed description leaves that node out, never the run
+            echo(f"SuperNode {key} left out: {one_line(exc)[:300]}")
+            continue
+        claims.setdefault(info["district"], []).append({**info, "node_id": int(key)})
+    nodes: dict[str, dict] = {}
+    for district, claimants in claims.items():
+        if len(claimants) > 1:
+            ids = ", ".join(str(c["node_id"]) for c in claimants)
+            echo(f"SuperNodes {ids} all claim district '{district}': all left out (register only one node "
+                 "per district)")
+            continue
+        info = nodes[district] = claimants[0]
+        echo(f"SuperNode {info['node_id']}: {district} (tile {info['tile']}, "
              + ", ".join(f"{split} {n}" for split, n in info["samples"].items()) + ")")
     if not nodes:
         raise DataError("no SuperNode could describe its district pack")
@@ -380,20 +495,22 @@ class FlowerRunSettings:
 
     run_dir: Path
     resume: bool
+    overwrite: bool
     expected_nodes: int
     connect_timeout: float
     train_config: object
     federation_config: object
 
 
-def run_config_for(train_config, fed_config, *, run_dir: Path, resume: bool = False,
+def run_config_for(train_config, fed_config, *, run_dir: Path, resume: bool = False, overwrite: bool = False,
                    expected_nodes: int = 0, connect_timeout: float = 300.0) -> dict:
     """The nested [tool.flwr.app.config] table for a TrainConfig + FederationConfig (TOML-friendly)."""
     federation = fed_config.to_dict()
     if federation.get("client_state", "reset") != "reset":
         raise ConfigError("over Flower each round starts the clients' optimisers afresh (--client-state reset)")
     config = {"run-dir": str(Path(run_dir).expanduser().resolve()), "resume": bool(resume),
-              "expected-nodes": int(expected_nodes), "connect-timeout": float(connect_timeout)}
+              "overwrite": bool(overwrite), "expected-nodes": int(expected_nodes),
+              "connect-timeout": float(connect_timeout)}
     for key, (field_name, kind) in FEDERATION_KEYS.items():
         value = federation[field_name]
         config[key] = kind(0 if value is None else value)
@@ -432,8 +549,9 @@ def settings_from_run_config(run_config: Mapping[str, object]) -> FlowerRunSetti
     return FlowerRunSettings(
         run_dir=Path(get("run-dir", str)).expanduser(),
         resume=bool(get("resume", bool, False)),
-        expected_nodes=get("expected-nodes", int, 0),
-        connect_timeout=get("connect-timeout", float, 300.0),
+        overwrite=bool(get("overwrite", bool, False)),
+        expected_nodes=check_number("expected-nodes", get("expected-nodes", int, 0), "expected_nodes"),
+        connect_timeout=check_number("connect-timeout", get("connect-timeout", float, 300.0), "connect_timeout"),
         train_config=TrainConfig.from_dict(train),
         federation_config=FederationConfig(**options),
     )
@@ -455,12 +573,15 @@ def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], No
     settings = settings_from_run_config(run_config)
     fed = settings.federation_config
     expected = max(settings.expected_nodes, fed.min_clients)
-    nodes = discover_districts(grid, expected_nodes=expected, timeout=settings.connect_timeout, echo=echo)
-    clients = FlowerClients(grid, nodes, timeout=fed.deadline, echo=echo)
-    echo(f"federating {len(nodes)} district(s) over Flower into {settings.run_dir}"
+    described = discover_districts(grid, expected_nodes=expected, timeout=settings.connect_timeout, echo=echo)
+    clients = FlowerClients(grid, {d: info["node_id"] for d, info in described.items()}, timeout=fed.deadline,
+                            echo=echo, described=described)
+    echo(f"federating {len(described)} district(s) over Flower into {settings.run_dir}"
          + (" (resuming)" if settings.resume else ""))
     result = federate(clients.pack_labels(), settings.run_dir, settings.train_config, fed,
-                      resume=settings.resume, echo=echo, runner=clients, evaluate_fn=clients.evaluate)
+                      resume=settings.resume, overwrite=settings.overwrite, echo=echo, runner=clients,
+                      evaluate_fn=clients.evaluate, data_fingerprint=clients.data_fingerprint(),
+                      tile=clients.tile())
     for row in result.results:
         echo(f"test {row['district']}: F1 {row['f1']:.4f} ({row['samples']} samples)"
              if not math.isnan(row["f1"]) else f"test {row['district']}: no result")

@@ -30,10 +30,11 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .atomic import atomic_path
 from .districts import district_order_key
 from .errors import ConfigError, DataError
+from .h5write import create_h5, raise_if_failed
 from .labels import CHANGE_TYPES, rasterise, read_label
+from .validate import check_number
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -67,15 +68,14 @@ class PackWriter:
                       "format_version": FORMAT_VERSION, "mask_values": mask_values,
                       **(extra_attrs or {})}
         self.compression_level = compression_level
-        self._atomic = None
+        self._writer = None
         self._file: h5py.File | None = None
         self.counts = {split: 0 for split in SPLITS}
         self._buffers: dict[str, list] = {split: [] for split in SPLITS}
 
     def __enter__(self) -> "PackWriter":
-        self._atomic = atomic_path(self.path, suffix=".h5")
-        tmp = self._atomic.__enter__()
-        self._file = h5py.File(tmp, "w")
+        self._writer = create_h5(self.path)
+        self._file = self._writer.__enter__()
         for key, value in self.attrs.items():
             self._file.attrs[key] = value
         t = self.tile
@@ -124,17 +124,19 @@ class PackWriter:
             else:
                 dataset[start:stop] = np.stack([entry[position] for entry in buffer])
         buffer.clear()
+        raise_if_failed(self._file, self.path)   # a full disk stops the pack at once
 
     def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
+        if exc_type is None:
+            try:
                 for split in SPLITS:
                     self._flush(split)
                 self._file.attrs["num_samples"] = np.array([self.counts[s] for s in SPLITS], np.int64)
-            self._file.close()
-        finally:
-            self._atomic.__exit__(exc_type, exc, tb)
-        return False
+            except BaseException as error:
+                if not self._writer.__exit__(type(error), error, error.__traceback__):
+                    raise
+                return False
+        return self._writer.__exit__(exc_type, exc, tb)
 
 
 def write_pack(path: str | Path, district: str, splits: dict[str, tuple], *, source: str = "arrays",
@@ -414,10 +416,10 @@ def load_item(item: Item, src: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def parse_split(text: str) -> tuple[float, float, float]:
     """'0.7,0.15,0.15' -> fractions of train, val, test (non-negative, summing to 1, train > 0)."""
     try:
-        parts = tuple(float(p) for p in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--split '{text}': expected three numbers like 0.7,0.15,0.15") from None
-    if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0 or abs(sum(parts) - 1.0) > 1e-6:
+        parts = tuple(check_number("--split", float(p), "split_fraction") for p in text.split(","))
+    except (ValueError, ConfigError):
+        raise ConfigError(f"--split '{text}': expected three fractions in [0, 1] like 0.7,0.15,0.15") from None
+    if len(parts) != 3 or parts[0] <= 0 or abs(sum(parts) - 1.0) > 1e-6:
         raise ConfigError(f"--split '{text}': expected three non-negative fractions summing to 1, train > 0")
     return parts  # type: ignore[return-value]
 

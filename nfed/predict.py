@@ -15,10 +15,11 @@ from PIL import Image
 from . import backend
 from .atomic import atomic_path
 from .data import images_to_nchw_float as to_nchw_float
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .pack import image_size, read_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MASK_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 
 
 def predict_change(model, past: np.ndarray, current: np.ndarray, tile: int, *, device="cpu",
@@ -81,11 +82,22 @@ def check_pair_sizes(past_path: Path, current_path: Path) -> None:
                         f"{current_size[0]}x{current_size[1]}: the two dates must have the same size")
 
 
+def mask_format(path: str | os.PathLike) -> str:
+    """The lossless image format a mask file name asks for (PNG, TIFF, BMP); ConfigError for anything else
+    (JPEG would blur the 0/255 mask, and PNG bytes under a .jpg name mislead every reader)."""
+    fmt = MASK_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"--out {path}: masks are written as {', '.join(sorted(MASK_FORMATS))} "
+                          "(lossless); give a file name with one of these extensions")
+    return fmt
+
+
 def write_mask(path: str | os.PathLike, change: np.ndarray) -> None:
-    """Write a boolean change map as an 8-bit PNG: 255 = change, 0 = none."""
+    """Write a boolean change map as an 8-bit greyscale image (format from the name): 255 = change, 0 = none."""
+    fmt = mask_format(path)
     image = Image.fromarray(np.where(change, 255, 0).astype(np.uint8))
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=fmt)
 
 
 def _tiles_nchw(image: np.ndarray, origins, tile: int) -> np.ndarray:

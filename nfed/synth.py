@@ -28,9 +28,7 @@ import json
 import math
 import os
 import random
-import shutil
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +38,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import __version__
-from .atomic import write_text_atomic
+from .atomic import atomic_folder, new_folder, write_text_atomic
 from .districts import District, find_district, load_districts
 from .errors import ConfigError
 from .labels import CHANGE_CODES, CHANGE_TYPES, label_document, rasterise_polygons
+from .validate import check_number
 
 MARGIN = 2          # canvas border (px) that allows the up-to-2-px misregistration
 ROOF_STRUCTURES = ("flat", "gable", "ribbed", "equipped")
@@ -492,12 +491,11 @@ def write_district(out_dir: Path, district: District, count: int, *, tile: int, 
     Returns the change-pixel share. Files are encoded and written by two threads (zlib and file I/O
     release the GIL) while the main thread draws the next tiles; contents do not depend on timing."""
     style = district_style(district.name, seed)
-    target = out_dir / district.name
-    work = Path(tempfile.mkdtemp(prefix=f".{district.name}.", suffix=".tmp", dir=out_dir))
     changed_pixels = 0
     pending: collections.deque = collections.deque()
     try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as writers:
+        with atomic_folder(out_dir / district.name) as work, \
+                concurrent.futures.ThreadPoolExecutor(max_workers=2) as writers:
             for index in range(count):
                 tile_id = f"{district.name}_{index:05d}"
                 sample = generate_tile(style, tile_rng(seed, district.name, index), tile)
@@ -514,13 +512,9 @@ def write_district(out_dir: Path, district: District, count: int, *, tile: int, 
                     on_tile()
             while pending:
                 pending.popleft().result()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
     except BaseException:
         for future in pending:
             future.cancel()
-        shutil.rmtree(work, ignore_errors=True)
         raise
     return changed_pixels / float(max(count, 1) * tile * tile)
 
@@ -540,22 +534,24 @@ def synthesise(out_dir: str | Path, *, scale: float = 0.025, tile: int = 64, see
     `nfed pack` splits them by fractions; with `val_tiles`/`test_tiles` that count is its training split and
     the evaluation tiles come on top. Districts are generated in `jobs` worker processes (default: one per
     CPU); each tile has its own random stream, so the files are the same for any number of workers."""
-    if scale <= 0:
-        raise ConfigError(f"--scale {scale}: must be positive")
-    if tile < 16:
-        raise ConfigError(f"--tile {tile}: must be at least 16")
-    if min_per_district < 1:
-        raise ConfigError(f"--min-per-district {min_per_district}: must be at least 1")
-    if seed < 0:
-        raise ConfigError(f"--seed {seed}: must not be negative")
-    if val_tiles < 0 or test_tiles < 0:
-        raise ConfigError(f"--val-tiles {val_tiles}, --test-tiles {test_tiles}: must not be negative")
+    scale = check_number("--scale", scale, "scale")
+    tile = check_number("--tile", tile, "tile")
+    min_per_district = check_number("--min-per-district", min_per_district, "min_per_district")
+    seed = check_number("--seed", seed, "seed")
+    val_tiles = check_number("--val-tiles", val_tiles, "eval_tiles")
+    test_tiles = check_number("--test-tiles", test_tiles, "eval_tiles")
     if (val_tiles == 0) != (test_tiles == 0):
         raise ConfigError("--val-tiles and --test-tiles: fix both (> 0) or neither (0 and 0)")
-    jobs = default_jobs() if jobs is None or jobs <= 0 else int(jobs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = default_jobs() if jobs is None or jobs == 0 else check_number("--jobs", jobs, "jobs")
     chosen = select_districts(districts)
+    with new_folder(out_dir):
+        return _synthesise(Path(out_dir), chosen, scale=scale, tile=tile, seed=seed,
+                           min_per_district=min_per_district, val_tiles=val_tiles, test_tiles=test_tiles,
+                           jobs=jobs, progress=progress)
+
+
+def _synthesise(out_dir: Path, chosen: list, *, scale, tile, seed, min_per_district, val_tiles, test_tiles, jobs,
+                progress):
     held_out = val_tiles + test_tiles
     counts = {d.name: tile_count(d, scale, min_per_district) + held_out for d in chosen}
     total = sum(counts.values())

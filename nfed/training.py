@@ -7,20 +7,21 @@ config and seed on CPU, training produces the same weights bit for bit: the mode
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from . import backend, optim
+from . import backend, optim, strict_json
 from .autograd import no_grad
-from .checkpoint import Checkpoint, check_state_matches, load_checkpoint
-from .errors import CheckpointError, ConfigError
+from .checkpoint import Checkpoint, check_state_matches, checkpoint_kind, load_checkpoint
+from .atomic import LineLog
+from .errors import CheckpointError, ConfigError, TrainingError
 from .metrics import ConfusionMatrix
 from .progress import progress as progress_bar
+from .validate import check_fields
 from .wnet import WNetCD
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -42,19 +43,13 @@ class TrainConfig:
     augment: bool = True
     optimizer: str = "adam"
     weight_decay: float = 0.0
+    profile: str = "custom"   # the profile it was made from (recorded in every checkpoint)
 
     def __post_init__(self) -> None:
-        if self.width < 1:
-            raise ConfigError(f"width {self.width}: must be >= 1")
+        check_fields(self, ("width", "lambda_rec", "lr", "batch_size", "epochs", "patience", "seed",
+                            "weight_decay"))
         if self.classes not in (2, 5):
             raise ConfigError(f"classes {self.classes}: use 2 (change / no change) or 5 (no change + 4 types)")
-        if self.lambda_rec < 0:
-            raise ConfigError(f"lambda_rec {self.lambda_rec}: must be >= 0")
-        if not self.lr > 0:
-            raise ConfigError(f"lr {self.lr}: must be > 0")
-        if self.batch_size < 1 or self.epochs < 1 or self.patience < 1:
-            raise ConfigError(f"batch_size, epochs and patience must be >= 1 "
-                              f"(got {self.batch_size}, {self.epochs}, {self.patience})")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
         self.device = str(self.device)
@@ -86,7 +81,7 @@ def profile_config(name: str, **overrides) -> TrainConfig:
     """TrainConfig of a profile with `overrides` applied (None values leave the profile's value)."""
     if name not in PROFILES:
         raise ConfigError(f"profile '{name}': use one of {', '.join(PROFILES)}")
-    return TrainConfig(**PROFILES[name]).replace(**overrides)
+    return TrainConfig(**PROFILES[name], profile=name).replace(**overrides)
 
 
 @dataclass
@@ -178,11 +173,15 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
             for batch in progress_bar(batches, label=label, length=steps, enabled=progress):
                 optimizer.zero_grad()
                 loss, _, _ = model.loss(batch.past, batch.current, batch.mask)
+                value = float(loss.item())
+                if not math.isfinite(value):
+                    raise TrainingError(f"{pack.district}: training diverged (loss {value} at epoch {epoch}); "
+                                        f"lower the learning rate (lr {config.lr:g})")
                 loss.backward()
                 optimizer.step()
                 step_count += 1
                 count = len(batch.ids)
-                total += float(loss.item()) * count
+                total += value * count
                 seen += count
             train_seconds += time.perf_counter() - epoch_start
             train_loss = total / max(seen, 1)
@@ -192,8 +191,7 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
                    "val_f1": val["f1"] if val else None, "seconds": time.perf_counter() - epoch_start}
             history.append(row)
             if log is not None:
-                log.write(json.dumps({"district": pack.district, **row}) + "\n")
-                log.flush()
+                log.write(strict_json.dumps({"district": pack.district, **row}) + "\n")
             improved = val_loss < best_loss
             if improved:
                 best_loss, best_epoch, stale = val_loss, epoch, 0
@@ -257,8 +255,13 @@ def evaluate(model: WNetCD, pack, split: str = "test", batch_size: int = 8, *, d
 def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[WNetCD, Checkpoint]:
     """Rebuild the checkpoint's model (width, classes, lambda_rec from its config) with its weights."""
     checkpoint = load_checkpoint(path)
+    values = checkpoint_train_config(checkpoint)
+    missing = [key for key in ("width", "classes") if key not in values]
+    if missing:
+        raise CheckpointError(f"{path}: {checkpoint_kind(checkpoint)}: it does not record the model set-up "
+                              f"({', '.join(missing)} missing), so its weights cannot be rebuilt")
     try:
-        config = TrainConfig.from_dict(checkpoint_train_config(checkpoint))
+        config = TrainConfig.from_dict(values)
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: checkpoint config is invalid ({exc})") from None
     model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,
@@ -277,12 +280,15 @@ def checkpoint_train_config(checkpoint: Checkpoint) -> dict:
     return nested if isinstance(nested, dict) else checkpoint.config
 
 
-def checkpoint_tile(checkpoint: Checkpoint, default: int = 256) -> int:
-    """The tile size the checkpoint's model was trained on (`default` when it was not recorded)."""
+def checkpoint_tile(checkpoint: Checkpoint, source: str | os.PathLike = "checkpoint") -> int:
+    """The tile size the checkpoint's model was trained on; CheckpointError when it was not recorded
+    (older federated checkpoints): guessing a tile would predict at the wrong scale without a word."""
     for config in (checkpoint.config, checkpoint_train_config(checkpoint)):
-        if isinstance(config.get("tile"), int):
-            return config["tile"]
-    return default
+        tile = config.get("tile")
+        if isinstance(tile, int) and not isinstance(tile, bool) and tile > 0:
+            return tile
+    raise CheckpointError(f"{source}: {checkpoint_kind(checkpoint)} does not record the tile size it was "
+                          "trained on (written by an older nfed version)")
 
 
 def load_weights(model: WNetCD, checkpoint: Checkpoint, source: str | os.PathLike) -> None:
@@ -299,9 +305,7 @@ def _model_device(model: WNetCD):
 def _open_log(log_path):
     if log_path is None:
         return None
-    path = Path(log_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "a", encoding="utf-8")
+    return LineLog(log_path)
 
 
 def _print_epoch(district: str, row: dict, epochs: int, improved: bool) -> None:

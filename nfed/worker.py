@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from . import strict_json
 from .atomic import write_json_atomic
 from .checkpoint import load_checkpoint, save_checkpoint
-from .client import ClientOutcome, ClientResult, one_line
+from .client import ClientOutcome, ClientResult, clean_metrics, one_line
 from .errors import CheckpointError, ConfigError
 
 DEFAULT_CLIENT = "nfed.client:train_round"
@@ -108,7 +109,7 @@ class WorkerRunner:
         write_json_atomic(files["task"], {
             "district": task.district, "pack": str(task.pack_path), "setup": task.setup,
             "global": str(global_path), "optimizer_state": state_path, "device": task.device,
-            "client_function": self.client_function,
+            "client_function": self.client_function, "parent_pid": os.getpid(),
             "result_weights": str(files["weights"]), "result_json": str(files["result"])})
         with open(files["log"], "wb") as log_file:
             process = subprocess.Popen([sys.executable, "-m", "nfed.worker", str(files["task"])],
@@ -117,19 +118,26 @@ class WorkerRunner:
         return task, process, time.monotonic(), files
 
     def _collect(self, task, process, seconds: float, files):
+        """The worker's outcome; anything malformed fails this client only, never the round."""
         try:
-            answer = json.loads(files["result"].read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            answer = strict_json.loads(files["result"].read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             tail = _last_line(files["log"])
             return ClientOutcome(task.district, "failed", seconds,
                                  reason=f"worker exited with code {process.returncode}" + (f": {tail}" if tail else ""))
+        if not isinstance(answer, dict):
+            return ClientOutcome(task.district, "failed", seconds, reason="worker result is not a JSON object")
         if "error" in answer:
-            return ClientOutcome(task.district, "failed", seconds, reason=str(answer["error"]))
+            return ClientOutcome(task.district, "failed", seconds, reason=str(answer["error"])[:500])
+        num_samples = answer.get("num_samples")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            return ClientOutcome(task.district, "failed", seconds,
+                                 reason=f"worker result has no valid num_samples ({str(num_samples)[:40]!r})")
         try:
             checkpoint = load_checkpoint(files["weights"])
         except CheckpointError as exc:
             return ClientOutcome(task.district, "failed", seconds, reason=str(exc))
-        result = ClientResult(checkpoint.model_state, int(answer["num_samples"]), dict(answer.get("metrics", {})),
+        result = ClientResult(checkpoint.model_state, num_samples, clean_metrics(answer.get("metrics")),
                               checkpoint.optimizer_state or None)
         return ClientOutcome(task.district, "ok", seconds, None, result)
 
@@ -151,9 +159,23 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def die_with_parent(parent_pid: int | None) -> None:
+    """Have the kernel kill this worker when the server process dies (Linux PR_SET_PDEATHSIG), and exit now if
+    it is already gone: a killed `nfed federate` leaves no worker behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def run_task(task_path: str | Path) -> int:
     """Worker entry point: run one client task file, write its result files; exit status 0 on success."""
     task = json.loads(Path(task_path).read_text(encoding="utf-8"))
+    die_with_parent(task.get("parent_pid"))
     try:
         train = _client_function(task.get("client_function", DEFAULT_CLIENT))
         global_weights = load_checkpoint(task["global"]).model_state

@@ -119,6 +119,24 @@ def make_tls_files(directory: Path, *, days: int = 2) -> TlsFiles:
     return files
 
 
+def make_supernode_key(directory: Path, name: str) -> tuple[Path, Path]:
+    """An EC P-384 key pair for SuperNode authentication, in OpenSSH format as `ssh-keygen -t ecdsa -b 384`
+    writes it: (private key file, public key file)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = directory / name, directory / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH) + b"\n")
+    return private, public
+
+
 # ------------------------------------------------------------------------------------------ processes
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -209,10 +227,14 @@ class RunResult:
 class FlowerDeployment:
     """SuperLink + SuperNodes + `flwr run` on loopback; a context manager that always stops them all."""
 
-    def __init__(self, workdir: Path, *, tls: TlsFiles | None = None, python_path: list[Path] | None = None):
+    def __init__(self, workdir: Path, *, tls: TlsFiles | None = None, python_path: list[Path] | None = None,
+                 node_auth: bool = False):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
+        self.node_auth = node_auth   # SuperLink admits only SuperNodes whose public key is registered
+        if node_auth and tls is None:
+            raise ValueError("Flower's SuperNode authentication needs TLS")
         self.flwr_home = self.workdir / "flwr-home"
         self.flwr_home.mkdir(exist_ok=True)
         self.bin_dir = Path(sys.executable).parent
@@ -259,14 +281,27 @@ class FlowerDeployment:
         if self.tls is not None:
             args += ["--ssl-certfile", str(self.tls.server_cert), "--ssl-keyfile", str(self.tls.server_key),
                      "--ssl-ca-certfile", str(self.tls.ca_cert)]
+        if self.node_auth:
+            args.append("--enable-supernode-auth")
         self.superlink = self._start("superlink", args)
         wait_for_port(port, timeout, self.superlink)
         self.superlink_port = port
         self._write_connection_config()
         return port
 
-    def start_supernodes(self, node_configs: Mapping[str, Mapping[str, object]], timeout: float = 60.0) -> None:
-        """Start one SuperNode per entry (name -> node config), all at once, each on its own runtime port."""
+    def register_supernode(self, public_key: Path, timeout: float = 60.0) -> None:
+        """`flwr supernode register KEY.pub nfed-test`: admit the SuperNode holding the matching private key."""
+        result = subprocess.run([str(self.bin_dir / "flwr"), "supernode", "register", str(public_key), "nfed-test"],
+                                env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout,
+                                stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr supernode register failed ({result.returncode}): "
+                               f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+    def start_supernodes(self, node_configs: Mapping[str, Mapping[str, object]], timeout: float = 60.0,
+                         keys: Mapping[str, Path] | None = None) -> None:
+        """Start one SuperNode per entry (name -> node config), all at once, each on its own runtime port;
+        `keys` names the private key a node authenticates with (SuperNode authentication)."""
         if self.superlink_port is None:
             raise RuntimeError("start the SuperLink first")
         started = []
@@ -277,6 +312,8 @@ class FlowerDeployment:
                     "--node-config", format_node_config(node_config)]
             if self.tls is not None:
                 args += ["--root-certificates", str(self.tls.ca_cert)]
+            if keys and name in keys:
+                args += ["--auth-supernode-private-key", str(keys[name])]
             self.supernodes[name] = process = self._start(f"supernode-{name}", args)
             started.append((port, process))
         for port, process in started:

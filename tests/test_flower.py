@@ -18,7 +18,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from flower_harness import FlowerDeployment, flwr_available, make_tls_files
+from flower_harness import FlowerDeployment, flwr_available, make_supernode_key, make_tls_files
 
 if flwr_available():
     from nfed.flower import serve
@@ -139,12 +139,13 @@ class LoopbackGrid:
     code under test (nfed.flower.serve) is the real one; only the SuperLink/SuperNode transport is skipped.
     """
 
-    def __init__(self, node_configs: dict[int, dict], silent: set[int] = frozenset()):
+    def __init__(self, node_configs: dict[int, dict], silent: set[int] = frozenset(), rogue: dict | None = None):
         from flwr.app import Context, RecordDict
 
         self.contexts = {node: Context(run_id=1, node_id=node, node_config=dict(config), state=RecordDict(),
                                        run_config={}) for node, config in node_configs.items()}
         self.silent = set(silent)
+        self.rogue = dict(rogue or {})   # node -> f(message, honest reply) -> the reply it sends instead
         self.replies = {}
         self.sent = []
 
@@ -161,7 +162,10 @@ class LoopbackGrid:
             node = message.metadata.dst_node_id
             self.sent.append((node, message.metadata.message_type))
             if node not in self.silent or message.metadata.message_type == "query":
-                self.replies[message.metadata.message_id] = client_app(message, self.contexts[node])
+                reply = client_app(message, self.contexts[node])
+                if node in self.rogue:
+                    reply = self.rogue[node](message, reply)
+                self.replies[message.metadata.message_id] = reply
         return ids
 
     def pull_messages(self, message_ids):
@@ -238,6 +242,69 @@ def test_serve_leaves_out_silent_and_failing_nodes(tmp_path, task_identity):
     assert [row["district"] for row in result.results] == ["Gangnam-gu"]
 
 
+def _rogue_replies():
+    """Replies of misbehaving SuperNodes: a malformed description, a malformed train reply, an oversized
+    train reply, a malformed evaluation reply (each keyed by the message type it spoils)."""
+    from flwr.app import Array, ConfigRecord, Message, RecordDict
+
+    from nfed.flower import RESULT_RECORD, WEIGHTS_RECORD
+
+    def reply_with(content):
+        return lambda message, honest: Message(RecordDict(content), reply_to=message)
+
+    def only(kind, spoil):
+        return lambda message, honest: spoil(message, honest) if message.metadata.message_type == kind else honest
+
+    def oversized(message, honest):
+        record = honest.content[WEIGHTS_RECORD]
+        record["packed.padding"] = Array(np.zeros(2_000_000, np.float32))
+        return honest
+
+    return {
+        "describe": only("query", reply_with({RESULT_RECORD: ConfigRecord({"info": json.dumps([1, 2])})})),
+        "train": only("train", reply_with({RESULT_RECORD: ConfigRecord({
+            "district": json.dumps("Gwangjin-gu"), "num_samples": json.dumps("lots"),
+            "metrics": json.dumps("fast")}), WEIGHTS_RECORD: ConfigRecord({"x": "y"})})),
+        "oversized": only("train", oversized),
+        "evaluate": only("evaluate", reply_with({RESULT_RECORD: ConfigRecord({"metrics": json.dumps([])})})),
+    }
+
+
+def test_rogue_supernodes_are_dropped_and_the_run_goes_on(tmp_path, task_identity):
+    """Through the real ServerApp code (serve): a node claiming another node's district, one describing itself
+    in nonsense, one replying garbage to train, one sending an oversized model, one garbling its evaluation.
+    Each is logged and left out (for the run once it broke the protocol); the honest district federates."""
+    from nfed.federation import FederationConfig
+    from nfed.training import profile_config
+
+    packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1),) * 3)
+    packs.update(make_tiny_packs(tmp_path / "packs", ("Jung-gu", "Jongno-gu"), ((2, 1, 1),) * 2))
+    rogue = _rogue_replies()
+    grid = LoopbackGrid({1: {"pack": str(packs["Gangnam-gu"])}, 2: {"pack": str(packs["Gangdong-gu"])},
+                         3: {"pack": str(packs["Gwangjin-gu"])}, 4: {"pack": str(packs["Gangnam-gu"])},
+                         5: {"pack": str(packs["Gangdong-gu"])}, 6: {"pack": str(packs["Jung-gu"])},
+                         7: {"pack": str(packs["Jongno-gu"])}},
+                        rogue={3: rogue["train"], 5: rogue["describe"], 6: rogue["evaluate"], 7: rogue["oversized"]})
+    config = flat_run_config(profile_config("demo", width=WIDTH, batch_size=2),
+                             FederationConfig(rounds=2, eps=0.0, deadline=5.0), tmp_path / "run",
+                             connect_timeout=1.0)
+    lines = []
+    result = serve(grid, config, echo=lines.append)
+    assert any("SuperNodes 1, 4 all claim district 'Gangnam-gu'" in line for line in lines), lines
+    assert any("SuperNode 5 left out" in line for line in lines), lines
+    first, second = result.rounds
+    assert first["selected"] == ["Gangdong-gu", "Gwangjin-gu", "Jongno-gu", "Jung-gu"]
+    assert first["answered"] == ["Gangdong-gu", "Jung-gu"]
+    assert "bad reply" in first["failed"]["Gwangjin-gu"]
+    assert "exceeds the model's" in first["failed"]["Jongno-gu"]
+    assert "Jung-gu" not in first["global_val"]            # its evaluation reply was garbage
+    assert second["answered"] == ["Gangdong-gu"]
+    for district in ("Gwangjin-gu", "Jung-gu", "Jongno-gu"):
+        assert second["failed"][district].startswith("left out for the rest of the run"), second["failed"]
+    assert all(np.all(np.isfinite(v)) for v in result.global_weights.values())
+    assert [row["district"] for row in result.results] == ["Gangdong-gu"]
+
+
 # ------------------------------------------------------------------------------------------ integration
 # Each starts a SuperLink, SuperNodes and a run: ~30-60 s on an idle 2-core machine (every Flower message
 # starts a ClientApp process and a SuperNode polls every 3 s), so they run in the slow step of CI.
@@ -306,19 +373,29 @@ def test_killed_supernode_is_left_out_after_the_deadline(tmp_path):
 
 
 @pytest.mark.slow
-def test_flower_run_over_tls_with_certificates_made_here(tmp_path):
-    """SuperLink with a server certificate signed by a CA generated in the test; nodes and flwr trust it."""
-    packs = make_tiny_packs(tmp_path / "packs", DISTRICTS[:2], ((3, 1, 1), (3, 1, 1)))
+def test_flower_run_over_tls_admits_only_registered_supernodes(tmp_path):
+    """TLS with a CA made here and SuperNode authentication: the SuperLink admits the two nodes whose public
+    keys were registered (`flwr supernode register`); a third node with an unregistered key is refused."""
+    packs = make_tiny_packs(tmp_path / "packs", counts=((3, 1, 1), (3, 1, 1), (3, 1, 1)))
+    registered, intruder = list(DISTRICTS[:2]), DISTRICTS[2]
     app = write_app(tmp_path / "app", tmp_path / "run", "--rounds", "1", "--min-clients", "2",
-                    "--deadline", "120", "--no-round-eval")
+                    "--expected-nodes", "2", "--deadline", "120", "--no-round-eval")
     tls = make_tls_files(tmp_path / "tls")
-    with FlowerDeployment(tmp_path / "flower", tls=tls) as flower:
-        start_nodes(flower, packs)
+    keys = {district: make_supernode_key(tmp_path / "keys", district) for district in DISTRICTS}
+    with FlowerDeployment(tmp_path / "flower", tls=tls, node_auth=True) as flower:
+        flower.start_superlink()
+        for district in registered:
+            flower.register_supernode(keys[district][1])
+        flower.start_supernodes({d: {"pack": str(path)} for d, path in packs.items()},
+                                keys={d: private for d, (private, _) in keys.items()})
         result = flower.run_app(app, timeout=120)
         assert result.returncode == 0, result.output + flower.logs()
         assert "insecure" not in (tmp_path / "flower" / "flwr-home" / "config.toml").read_text()
+        refused = (tmp_path / "flower" / f"supernode-{intruder}.log").read_text()
+    assert "Failed to activate SuperNode" in refused, refused
+    assert intruder not in result.output
     rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
-    assert rounds[0]["answered"] == list(DISTRICTS[:2])
+    assert rounds[0]["selected"] == rounds[0]["answered"] == registered
     weights = load_global(tmp_path / "run")
     assert all(np.all(np.isfinite(v)) for v in weights.values())
     assert not math.isnan(float(rounds[0]["norm_difference"]))

@@ -127,9 +127,9 @@ def test_bad_options(tmp_path):
     code, output = run("synth", "--out", tmp_path / "s", "--districts", "Atlantis", "--quiet")
     assert code == 1 and "Error: unknown district 'Atlantis'" in output and "Traceback" not in output
     code, output = run("synth", "--out", tmp_path / "s", "--scale", "0", "--quiet")
-    assert code == 1 and "Error: --scale 0.0: must be positive" in output
+    assert code == 1 and "Error: --scale 0: must be a finite number > 0" in output
     code, output = run("synth", "--out", tmp_path / "s", "--seed", "-1", "--quiet")
-    assert code == 1 and "Error: --seed -1: must not be negative" in output
+    assert code == 1 and "Error: --seed -1: must be an integer >= 0" in output
 
 
 @pytest.mark.parametrize("scale, tile", [pytest.param(0.005, 32, id="small"),

@@ -7,12 +7,15 @@ import sys
 import click
 
 from ..errors import ConfigError
+from .options import limited
 
 
 @click.command("conv")
-@click.option("--repeat", type=int, default=5, show_default=True, help="timed runs per measurement (best kept)")
+@click.option("--repeat", type=limited("repeat"), default=5, show_default=True,
+              help="timed runs per measurement (best kept)")
 @click.option("--no-memory", is_flag=True, help="skip the peak-memory subprocesses")
-@click.option("--threads", type=int, default=None, help="threads for both sides (default: all usable CPUs)")
+@click.option("--threads", type=limited("threads"), default=None,
+              help="threads for both sides (default: all usable CPUs)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def conv(repeat, no_memory, threads, as_json, quiet):

@@ -27,6 +27,7 @@ from .. import backend
 from .. import precision as precision_modes
 from ..atomic import write_json_atomic
 from ..errors import ConfigError
+from .options import limited
 
 PROBE_TILE = 16  # W-Net pools four times: the smallest tile that runs; every size scales linearly from it
 
@@ -398,8 +399,8 @@ def _kernels_table(result: dict) -> None:
 def _common_options(fn):
     fn = click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the JSON result here")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")(fn)
-    fn = click.option("--warmup", type=int, default=2, show_default=True, help="untimed runs first")(fn)
-    fn = click.option("--repeat", type=int, default=5, show_default=True, help="timed runs (median)")(fn)
+    fn = click.option("--warmup", type=limited("warmup"), default=2, show_default=True, help="untimed runs first")(fn)
+    fn = click.option("--repeat", type=limited("repeat"), default=5, show_default=True, help="timed runs (median)")(fn)
     fn = click.option("--device", default=None,
                       help="cpu, cuda:N, or cuda/all for every visible GPU (default $NFED_DEVICE, else cpu)")(fn)
     return fn
@@ -408,9 +409,11 @@ def _common_options(fn):
 @click.command("kernels")
 @_common_options
 @click.option("--precision", default=None, help="fp32 | tf32 | bf16 GEMMs (default $NFED_PRECISION, else fp32)")
-@click.option("--width", type=int, default=None, help="W-Net base width (default 64 on GPU, 4 on CPU)")
-@click.option("--tile", type=int, default=None, help="tile size, multiple of 16 (default 256 on GPU, 32 on CPU)")
-@click.option("--batch", type=int, default=None, help="image pairs per step (default 8 on GPU, 2 on CPU)")
+@click.option("--width", type=limited("width"), default=None, help="W-Net base width (default 64 on GPU, 4 on CPU)")
+@click.option("--tile", type=limited("tile"), default=None,
+              help="tile size, multiple of 16 (default 256 on GPU, 32 on CPU)")
+@click.option("--batch", type=limited("batch_size"), default=None,
+              help="image pairs per step (default 8 on GPU, 2 on CPU)")
 @click.option("--no-reference", is_flag=True, help="time nfed only (no PyTorch)")
 def kernels(device, repeat, warmup, as_json, out, precision, width, tile, batch, no_reference):
     """Conv/deconv throughput of every distinct W-Net-CD layer shape, nfed vs cuDNN (PyTorch)."""
@@ -529,8 +532,8 @@ def _aggregate_table(result: dict) -> None:
 
 @click.command("aggregate")
 @_common_options
-@click.option("--models", type=int, default=25, show_default=True, help="models averaged (districts)")
-@click.option("--parameters", type=float, default=None,
+@click.option("--models", type=limited("models"), default=25, show_default=True, help="models averaged (districts)")
+@click.option("--parameters", type=limited("parameters"), default=None,
               help="parameters per model (default 67.3e6 on GPU, 4e6 on CPU)")
 @click.option("--no-reference", is_flag=True, help="time nfed only (no PyTorch)")
 def aggregate(device, repeat, warmup, as_json, out, models, parameters, no_reference):

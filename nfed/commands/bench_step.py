@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .. import backend
-from .options import device_option, precision_option
+from .options import device_option, limited, precision_option
 from ..errors import ConfigError, NfedError
 
 TWIN_PATH = Path(__file__).resolve().parents[2] / "bench" / "torch_wnet.py"
@@ -27,14 +27,14 @@ TWIN_PATH = Path(__file__).resolve().parents[2] / "bench" / "torch_wnet.py"
 @click.command("step")
 @device_option
 @precision_option
-@click.option("--width", type=int, default=8, show_default=True, help="W-Net base width w")
-@click.option("--tile", type=int, default=64, show_default=True, help="tile size (multiple of 16)")
-@click.option("--batch", type=int, default=8, show_default=True, help="image pairs per step")
-@click.option("--lambda-rec", type=float, default=0.1, show_default=True, help="reconstruction weight")
-@click.option("--repeat", type=int, default=5, show_default=True, help="timed steps (after --warmup)")
-@click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
+@click.option("--width", type=limited("width"), default=8, show_default=True, help="W-Net base width w")
+@click.option("--tile", type=limited("tile"), default=64, show_default=True, help="tile size (multiple of 16)")
+@click.option("--batch", type=limited("batch_size"), default=8, show_default=True, help="image pairs per step")
+@click.option("--lambda-rec", type=limited("lambda_rec"), default=0.1, show_default=True, help="reconstruction weight")
+@click.option("--repeat", type=limited("repeat"), default=5, show_default=True, help="timed steps (after --warmup)")
+@click.option("--warmup", type=limited("warmup"), default=2, show_default=True, help="untimed steps first")
 @click.option("--no-reference", is_flag=True, help="time nfed only")
-@click.option("--cprofile", "cprofile_top", type=int, default=0,
+@click.option("--cprofile", "cprofile_top", type=limited("cprofile_top"), default=0,
               help="also profile nfed's timed steps and print the top N functions (by total time) to stderr")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, no_reference, cprofile_top, as_json):

@@ -1,13 +1,14 @@
 """`nfed synth`, `nfed pack`, `nfed info`: make, ingest and inspect district data."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import click
 
+from .. import strict_json
 from ..progress import progress
+from .options import limited
 
 
 def _bar(enabled: bool):
@@ -18,21 +19,21 @@ def _bar(enabled: bool):
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write <district>/<tile id>.json, _past.png, _current.png into.")
-@click.option("--scale", default=0.025, show_default=True, type=float,
+@click.option("--scale", default=0.025, show_default=True, type=limited("scale"),
               help="Tiles per district = max(min, round(scale x the study's sample count)); with fixed "
                    "evaluation tiles (below) the training split, the evaluation tiles come on top.")
-@click.option("--tile", default=64, show_default=True, type=int, help="Tile size in pixels.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Same seed -> identical files.")
+@click.option("--tile", default=64, show_default=True, type=limited("tile"), help="Tile size in pixels.")
+@click.option("--seed", default=0, show_default=True, type=limited("seed"), help="Same seed -> identical files.")
 @click.option("--districts", default="all", show_default=True,
               help="'all' or comma-separated district names (e.g. Gangnam-gu,Jung-gu).")
-@click.option("--min-per-district", default=8, show_default=True, type=int,
+@click.option("--min-per-district", default=8, show_default=True, type=limited("min_per_district"),
               help="Least number of tiles per district (of training tiles with fixed evaluation tiles).")
-@click.option("--val-tiles", default=16, show_default=True, type=int,
+@click.option("--val-tiles", default=16, show_default=True, type=limited("eval_tiles"),
               help="Validation tiles per district, fixed whatever --scale (0 with --test-tiles 0: let "
                    "`nfed pack --split` divide the tiles).")
-@click.option("--test-tiles", default=24, show_default=True, type=int,
+@click.option("--test-tiles", default=24, show_default=True, type=limited("eval_tiles"),
               help="Test tiles per district, fixed whatever --scale (--scale then sizes the training split).")
-@click.option("--jobs", default=0, show_default=True, type=int,
+@click.option("--jobs", default=0, show_default=True, type=limited("jobs"),
               help="Worker processes (0: one per CPU, at most 4); the output does not depend on it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def synth(out_dir, scale, tile, seed, districts, min_per_district, val_tiles, test_tiles, jobs, quiet):
@@ -56,10 +57,10 @@ def synth(out_dir, scale, tile, seed, districts, min_per_district, val_tiles, te
               help="Folder for the packs, one <district>.h5 each.")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "json", "levir"]), help="Source layout.")
-@click.option("--tile", default=None, type=int,
+@click.option("--tile", default=None, type=limited("tile"),
               help="Tile size to cut images into (LEVIR default 256; JSON default: the labels' size).")
 @click.option("--split", default="0.7,0.15,0.15", show_default=True, help="Train,val,test fractions.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@click.option("--seed", default=0, show_default=True, type=limited("seed"), help="Seed of the split.")
 @click.option("--district-map", type=click.Path(dir_okay=False), default=None,
               help="LEVIR: CSV 'stem,district' assigning images to districts.")
 @click.option("--skip-bad", is_flag=True, help="Skip bad pairs (and list them) instead of stopping.")
@@ -90,7 +91,7 @@ def info(pack_path, as_json):
     with DistrictPack(pack_path) as district_pack:
         summary = district_pack.summary()
     if as_json:
-        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        click.echo(strict_json.dumps(summary, indent=2, ensure_ascii=False))
         return
     splits = summary["splits"]
     click.echo(f"{Path(summary['path']).name}: district {summary['district']}, tile {summary['tile_size']}, "

@@ -7,7 +7,9 @@ import click
 
 from .. import backend
 from ..demo import DemoSettings, run_demo, settings_with
-from .options import device_option, precision_option
+from ..errors import ConfigError
+from ..runlock import RunLock
+from .options import device_option, limited, precision_option
 
 DEFAULTS = DemoSettings()
 
@@ -15,26 +17,31 @@ DEFAULTS = DemoSettings()
 @click.command("demo")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("nfed-demo"), show_default=True,
               help="output folder (synth, packs, then local, federated, personalised, central, report)")
-@click.option("--scale", type=float, default=DEFAULTS.scale, show_default=True,
+@click.option("--scale", type=limited("scale"), default=DEFAULTS.scale, show_default=True,
               help="share of the study's sample count generated per district as training tiles")
-@click.option("--val-tiles", type=int, default=DEFAULTS.val_tiles, show_default=True,
+@click.option("--val-tiles", type=limited("eval_tiles"), default=DEFAULTS.val_tiles, show_default=True,
               help="validation tiles per district (fixed, whatever --scale)")
-@click.option("--test-tiles", type=int, default=DEFAULTS.test_tiles, show_default=True,
+@click.option("--test-tiles", type=limited("eval_tiles"), default=DEFAULTS.test_tiles, show_default=True,
               help="test tiles per district (fixed, whatever --scale)")
 @click.option("--districts", default="all", show_default=True, help="'all' or comma-separated district names")
-@click.option("--seeds", type=int, default=1, show_default=True,
+@click.option("--seeds", type=limited("seeds"), default=1, show_default=True,
               help="number of training seeds (model initialisation and shuffling) on the same data")
-@click.option("--seed", type=int, default=0, show_default=True, help="first training seed")
-@click.option("--data-seed", type=int, default=0, show_default=True, help="seed of the synthetic data and split")
-@click.option("--rounds", type=int, help=f"round budget of the federation (default {DEFAULTS.max_rounds}; "
-                                         f"the validation-loss rule normally ends it first)")
-@click.option("--patience-rounds", type=int, help=f"federation stops when the mean validation loss has not "
-                                                  f"improved for this many rounds (default {DEFAULTS.patience_rounds})")
-@click.option("--local-epochs", type=int, help=f"epochs per client per round (default {DEFAULTS.local_epochs})")
+@click.option("--seed", type=limited("seed"), default=0, show_default=True, help="first training seed")
+@click.option("--data-seed", type=limited("seed"), default=0, show_default=True,
+              help="seed of the synthetic data and split")
+@click.option("--rounds", type=limited("rounds"),
+              help=f"round budget of the federation (default {DEFAULTS.max_rounds}; the validation-loss rule "
+                   f"normally ends it first)")
+@click.option("--patience-rounds", type=limited("patience_rounds"),
+              help=f"federation stops when the mean validation loss has not improved for this many rounds "
+                   f"(default {DEFAULTS.patience_rounds})")
+@click.option("--local-epochs", type=limited("local_epochs"),
+              help=f"epochs per client per round (default {DEFAULTS.local_epochs})")
 @click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), help="server optimiser")
-@click.option("--epochs", type=int, help="epoch cap of the local, personalised and centralised training "
-                                         "(default: rounds x local epochs, so the cap never decides)")
-@click.option("--lr", type=float, help="learning rate (demo profile's by default)")
+@click.option("--epochs", type=limited("epochs"),
+              help="epoch cap of the local, personalised and centralised training (default "
+                   f"{DEFAULTS.epoch_cap}, above what a client trains in the whole federation)")
+@click.option("--lr", type=limited("lr"), help="learning rate (demo profile's by default)")
 @device_option
 @precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
@@ -45,4 +52,7 @@ def demo(out_dir, scale, val_tiles, test_tiles, districts, seeds, seed, data_see
                              data_seed=data_seed, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
                              patience_rounds=patience_rounds, local_epochs=local_epochs, server_opt=server_opt,
                              epochs=epochs, lr=lr, device=str(backend.parse_device(device)), quiet=quiet)
-    run_demo(out_dir, settings, echo=click.echo)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
+    with RunLock(out_dir):
+        run_demo(out_dir, settings, echo=click.echo)

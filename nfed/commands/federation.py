@@ -7,7 +7,8 @@ import click
 
 from .. import backend
 from ..errors import ConfigError
-from .options import device_option, precision_option
+from ..validate import check_number
+from .options import device_option, limited, precision_option
 
 
 
@@ -19,33 +20,35 @@ def parse_gpus(text: str | None) -> tuple[int, ...]:
         gpus = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise ConfigError(f"--gpus '{text}': expected comma-separated GPU ids such as 0,1,2") from None
-    if any(g < 0 for g in gpus):
-        raise ConfigError(f"--gpus '{text}': GPU ids must be >= 0")
-    return gpus
+    return tuple(check_number("--gpus", g, "gpu") for g in gpus)
 
 
 # Options of the federated protocol shared by `nfed federate` and `nfed flower-app` (same names, same defaults).
 PROTOCOL_OPTIONS = [
     click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
                  help="model/optimiser set-up sent to the clients (see train-local)"),
-    click.option("--rounds", type=int, default=20, show_default=True, help="round budget"),
-    click.option("--local-epochs", type=int, default=1, show_default=True, help="epochs per client per round"),
-    click.option("--eps", type=float, default=1e-3, show_default=True,
+    click.option("--rounds", type=limited("rounds"), default=20, show_default=True, help="round budget"),
+    click.option("--local-epochs", type=limited("local_epochs"), default=1, show_default=True,
+                 help="epochs per client per round"),
+    click.option("--eps", type=limited("eps"), default=1e-3, show_default=True,
                  help="stop when ||w_r+1 - w_r|| / ||w_r|| < eps (0 disables)"),
-    click.option("--patience-rounds", type=int, default=0, show_default=True,
+    click.option("--patience-rounds", type=limited("patience_rounds"), default=0, show_default=True,
                  help="stop when the validation loss has not improved by --delta for this many rounds (0 disables)"),
-    click.option("--delta", type=float, default=0.0, show_default=True, help="minimum validation-loss improvement"),
-    click.option("--fraction", type=float, default=1.0, show_default=True,
+    click.option("--delta", type=limited("delta"), default=0.0, show_default=True,
+                 help="minimum validation-loss improvement"),
+    click.option("--fraction", type=limited("fraction"), default=1.0, show_default=True,
                  help="share of the districts sampled per round (seeded)"),
-    click.option("--min-clients", type=int, default=1, show_default=True,
+    click.option("--min-clients", type=limited("min_clients"), default=1, show_default=True,
                  help="a round with fewer responders keeps the previous global weights"),
     click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), default="fedavg",
                  show_default=True, help="server optimiser (FedAvgM: server momentum; FedAdam: Adam on the server)"),
-    click.option("--server-lr", type=float, default=None, help="server learning rate (fedavg/fedavgm 1, fedadam 0.01)"),
-    click.option("--server-momentum", type=float, default=0.9, show_default=True, help="FedAvgM momentum"),
-    click.option("--lr", type=float, help="client learning rate (profile's by default)"),
-    click.option("--batch-size", type=int),
-    click.option("--width", type=int, help="W-Net base width w"),
+    click.option("--server-lr", type=limited("server_lr"), default=None,
+                 help="server learning rate (fedavg/fedavgm 1, fedadam 0.01)"),
+    click.option("--server-momentum", type=limited("server_momentum"), default=0.9, show_default=True,
+                 help="FedAvgM momentum"),
+    click.option("--lr", type=limited("lr"), help="client learning rate (profile's by default)"),
+    click.option("--batch-size", type=limited("batch_size")),
+    click.option("--width", type=limited("width"), help="W-Net base width w"),
 ]
 
 
@@ -62,9 +65,9 @@ def protocol_options(command):
               help="folder of district packs (<district>.h5), one client each")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="run folder")
 @protocol_options
-@click.option("--deadline", type=float, default=None,
+@click.option("--deadline", type=limited("deadline"), default=None,
               help="seconds a round waits for its clients; later ones are left out of the round")
-@click.option("--workers", type=int, default=0, show_default=True,
+@click.option("--workers", type=limited("workers"), default=0, show_default=True,
               help="run clients in N parallel worker processes with a real deadline (0/1: in turn, in process)")
 @click.option("--gpus", default="", help="spread worker clients over these GPUs round-robin, e.g. 0,1,2")
 @click.option("--client-state", type=click.Choice(["reset", "keep"]), default="reset", show_default=True,
@@ -75,21 +78,26 @@ def protocol_options(command):
 @click.option("--no-round-eval", is_flag=True,
               help="skip evaluating the global model on every validation split after each round")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last finished round")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace the run already in --out (its results are deleted)")
+@click.option("--seed", type=limited("seed"), default=0, show_default=True)
 @device_option
 @precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
              min_clients, workers, gpus, server_opt, server_lr, server_momentum, client_state, client_speeds, lr,
-             batch_size, width, no_round_eval, resume, seed, device, precision, quiet):
+             batch_size, width, no_round_eval, resume, overwrite, seed, device, precision, quiet):
     """Federated training over district packs (FedAvg weighted by sample count), one line per round.
 
     Writes RUN/rounds.jsonl, an atomic checkpoint RUN/global.h5 after every round (--resume continues from
     it with the same result as an uninterrupted run) and RUN/federated.csv: the global model on every
-    district's test split (district, samples, precision, recall, f1, iou).
+    district's test split (district, samples, precision, recall, f1, iou). One run at a time per folder; a
+    folder holding a run is only replaced with --overwrite.
     """
     from ..federation import FederationConfig, federate as run_federation, find_packs, load_client_speeds
     from ..training import profile_config
+
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out, --overwrite replaces it: give one of them")
 
     gpu_ids = parse_gpus(gpus)
     device = f"cuda:{gpu_ids[0]}" if gpu_ids and device is None else device
@@ -104,8 +112,8 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
                               gpus=gpu_ids, evaluate_rounds=not no_round_eval)
     click.echo(f"federating {len(packs)} district(s) from {data_dir}: {server_opt}, up to {rounds} round(s) of "
                f"{local_epochs} local epoch(s), device {device}" + (f", deadline {deadline:g} s" if deadline else ""))
-    result = run_federation(packs, run_dir, train_config, config, resume=resume, echo=click.echo,
-                            show_progress=not quiet)
+    result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite,
+                            echo=click.echo, show_progress=not quiet)
     f1 = [row["f1"] for row in result.results]
     click.echo(f"wrote {run_dir / 'federated.csv'}: mean test F1 {sum(f1) / max(len(f1), 1):.4f} over "
                f"{len(f1)} district(s); global weights in {run_dir / 'global.h5'}")

@@ -16,6 +16,7 @@ from .. import __version__
 from ..atomic import write_text_atomic
 from ..errors import ConfigError
 from .federation import protocol_options
+from .options import limited
 
 APP_NAME = "nfed-flower"
 PUBLISHER = "nfed"
@@ -84,19 +85,20 @@ def write_flower_app(app_dir: Path, run_config: dict) -> Path:
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
               help="run folder the ServerApp writes, on the SuperLink's machine (default: APP_DIR-run beside it)")
 @protocol_options
-@click.option("--deadline", type=float, default=600.0, show_default=True,
+@click.option("--deadline", type=limited("flower_deadline"), default=600.0, show_default=True,
               help="seconds a round waits for the SuperNodes' replies; later ones are left out (0: wait for all)")
-@click.option("--expected-nodes", type=int, default=0, show_default=True,
+@click.option("--expected-nodes", type=limited("expected_nodes"), default=0, show_default=True,
               help="wait for this many SuperNodes before the first round (at least --min-clients)")
-@click.option("--connect-timeout", type=float, default=300.0, show_default=True,
+@click.option("--connect-timeout", type=limited("connect_timeout"), default=300.0, show_default=True,
               help="seconds to wait for the expected SuperNodes to connect")
 @click.option("--no-round-eval", is_flag=True,
               help="skip evaluating the global model on every validation split after each round")
 @click.option("--resume", is_flag=True, help="continue the run in --run-dir from its last finished round")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace a run already in --run-dir (its results are deleted)")
+@click.option("--seed", type=limited("seed"), default=0, show_default=True)
 def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
                min_clients, expected_nodes, connect_timeout, server_opt, server_lr, server_momentum, lr,
-               batch_size, width, no_round_eval, resume, seed):
+               batch_size, width, no_round_eval, resume, overwrite, seed):
     """Write a Flower app folder that runs `nfed federate`'s protocol on a SuperLink and one SuperNode per
     district.
 
@@ -107,10 +109,9 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
     from ..federation import FederationConfig
     from ..training import profile_config
 
-    if connect_timeout <= 0:
-        raise ConfigError(f"--connect-timeout must be > 0 seconds, got {connect_timeout}")
-    if expected_nodes < 0:
-        raise ConfigError(f"--expected-nodes must be >= 0, got {expected_nodes}")
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --run-dir, --overwrite replaces it: give one of them")
+
     app_dir = Path(app_dir)
     run_dir = run_dir if run_dir is not None else app_dir.parent / f"{app_dir.name}-run"
     train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed)
@@ -119,7 +120,7 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
                               min_clients=min_clients, server_opt=server_opt, server_lr=server_lr,
                               server_momentum=server_momentum, seed=seed, evaluate_rounds=not no_round_eval)
     path = write_flower_app(app_dir, flower_run_config(train_config, config, run_dir=run_dir, resume=resume,
-                                                       expected_nodes=expected_nodes,
+                                                       overwrite=overwrite, expected_nodes=expected_nodes,
                                                        connect_timeout=connect_timeout))
     click.echo(f"wrote {path}: {server_opt}, up to {rounds} round(s), deadline "
                + (f"{deadline:g} s" if deadline > 0 else "none") + f"; run folder {Path(run_dir).resolve()}")

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import click
 
-from .. import backend
+from .. import backend, strict_json
+from ..atomic import new_folder
 from ..errors import ConfigError, DataError
-from .options import device_option, precision_option
+from ..runlock import RunLock
+from .options import TRAINING_OPTIONS, apply_options, device_option, limited, precision_option, training_config
 
 from ..study import METRIC_KEYS
 
 
 @click.command("model-info")
-@click.option("--width", type=int, default=8, show_default=True, help="base width w (study: 64)")
+@click.option("--width", type=limited("width"), default=8, show_default=True, help="base width w (study: 64)")
 @click.option("--classes", type=click.Choice(["2", "5"]), default="2", show_default=True,
               help="2 = change / no change, 5 = no change + 4 change types")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
@@ -47,22 +49,11 @@ def model_info(width, classes, as_json):
               help="a district pack (.h5), or a folder of packs with --all")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="run folder")
 @click.option("--all", "train_all", is_flag=True, help="train every district pack of the --data folder")
-@click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
-              help="demo: small and fast on CPU; paper: the study's set-up (w 64, lr 1e-4, 50 epochs)")
-@click.option("--epochs", type=int, help="maximum epochs (profile's value by default)")
-@click.option("--patience", type=int, help="early-stopping patience in epochs")
-@click.option("--batch-size", type=int)
-@click.option("--lr", type=float, help="Adam learning rate")
-@click.option("--width", type=int, help="W-Net base width w")
-@click.option("--classes", type=click.Choice(["2", "5"]), help="2 (default) or 5 (change types)")
-@click.option("--lambda-rec", type=float, help="weight of the U-Decoder's reconstruction loss (0 skips it)")
-@click.option("--seed", type=int, help="seed of initialisation, shuffling and augmentation (default 0)")
-@click.option("--no-augment", is_flag=True, help="train without flips/rotations")
+@apply_options(TRAINING_OPTIONS)
 @device_option
 @precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def train_local(data_path, out_dir, train_all, profile, epochs, patience, batch_size, lr, width, classes,
-                lambda_rec, seed, no_augment, device, precision, quiet):
+def train_local(data_path, out_dir, train_all, device, precision, quiet, **options):
     """Train W-Net-CD on one district's own data (the study's "before FL" column).
 
     Writes OUT/<district>/best.h5 (checkpoint of the best epoch), OUT/<district>/metrics.json (test
@@ -75,13 +66,12 @@ def train_local(data_path, out_dir, train_all, profile, epochs, patience, batch_
     from ..data import list_packs
     from ..results import write_results_csv
     from ..study import train_district
-    from ..training import profile_config
 
-    device = str(backend.parse_device(device))
-    config = profile_config(profile, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
-                            width=width, classes=int(classes) if classes else None, lambda_rec=lambda_rec,
-                            seed=seed, device=device, augment=False if no_augment else None)
+    config = training_config(device=str(backend.parse_device(device)), **options)
     if train_all:
+        if data_path.is_file():
+            raise ConfigError(f"--all trains every pack of a folder, but --data {data_path} is a file; "
+                              "drop --all to train this one pack")
         packs = list_packs(data_path)
         if not packs:
             raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
@@ -90,17 +80,17 @@ def train_local(data_path, out_dir, train_all, profile, epochs, patience, batch_
             raise ConfigError(f"--data {data_path} is a folder: add --all to train every district in it")
         packs = [data_path]
     rows = []
-    for path in packs:
-        summary = train_district(path, out_dir, config, quiet=quiet)
-        rows.append(summary)
-        click.echo(f"{summary['district']}: f1 {summary['f1']:.4f} precision {summary['precision']:.4f} "
-                   f"recall {summary['recall']:.4f} iou {summary['iou']:.4f} "
-                   f"({summary['epochs_run']} epochs, {summary['steps']} steps, stopped by {summary['stop']}, "
-                   f"{summary['wall_time_s']:.1f}s) -> "
-                   f"{out_dir / summary['district']}")
-    if train_all:
-        write_results_csv(out_dir / "local.csv", rows, "local")
-        click.echo(f"wrote {out_dir / 'local.csv'} ({len(rows)} districts)")
+    with new_folder(out_dir), RunLock(out_dir):
+        for path in packs:
+            summary = train_district(path, out_dir, config, quiet=quiet)
+            rows.append(summary)
+            click.echo(f"{summary['district']}: f1 {summary['f1']:.4f} precision {summary['precision']:.4f} "
+                       f"recall {summary['recall']:.4f} iou {summary['iou']:.4f} "
+                       f"({summary['epochs_run']} epochs, {summary['steps']} steps, stopped by {summary['stop']}, "
+                       f"{summary['wall_time_s']:.1f}s) -> {out_dir / summary['district']}")
+        if train_all:
+            write_results_csv(out_dir / "local.csv", rows, "local")
+            click.echo(f"wrote {out_dir / 'local.csv'} ({len(rows)} districts)")
 
 
 @click.command("evaluate")
@@ -108,7 +98,7 @@ def train_local(data_path, out_dir, train_all, profile, epochs, patience, batch_
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
               help="a district pack (.h5) or a folder of packs")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=limited("batch_size"), default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @device_option
 @precision_option
@@ -134,7 +124,7 @@ def evaluate(model_path, data_path, split, batch_size, as_json, device, precisio
     report = {"model": str(model_path), "split": split, "districts": districts,
               "overall": {"samples": sum(d["samples"] for d in districts), **overall.metrics()}}
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(strict_json.dumps(report, indent=2))
         return
     click.echo(f"{'district':<24} {'samples':>7} " + " ".join(f"{k:>9}" for k in METRIC_KEYS))
     for row in districts + [{"district": "overall (pooled)", **report["overall"]}]:
@@ -148,13 +138,13 @@ def evaluate(model_path, data_path, split, batch_size, as_json, device, precisio
 @click.option("--pairs", type=click.Path(path_type=Path), help="folder with A/ (past) and B/ (current)")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="mask PNG (with --past/--current) or output folder (with --pairs)")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="tiles per forward pass")
+@click.option("--batch-size", type=limited("batch_size"), default=8, show_default=True, help="tiles per forward pass")
 @device_option
 @precision_option
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def predict(model_path, past, current, pairs, out_path, batch_size, device, precision, quiet):
     """Write 0/255 change masks (PNG) for image pairs of any size (tiled at the model's tile size)."""
-    from ..predict import check_pair_sizes, find_pairs, predict_files
+    from ..predict import check_pair_sizes, find_pairs, mask_format, predict_files
     from ..progress import progress
     from ..training import checkpoint_tile, model_from_checkpoint
 
@@ -167,10 +157,11 @@ def predict(model_path, past, current, pairs, out_path, batch_size, device, prec
         jobs = [(past, current, out_path)]
     else:
         jobs = [(a, b, out_path / a.with_suffix(".png").name) for a, b in find_pairs(pairs)]
-    for a, b, _ in jobs:     # every pair is checked before any work is done
+    for a, b, target in jobs:     # every pair and output name is checked before any work is done
         check_pair_sizes(a, b)
+        mask_format(target)
     model, checkpoint = model_from_checkpoint(model_path, device=device)
-    tile = checkpoint_tile(checkpoint)
+    tile = checkpoint_tile(checkpoint, model_path)
     start = time.perf_counter()
     for a, b, target in progress(jobs, label="predicting", length=len(jobs), enabled=not quiet and len(jobs) > 1):
         summary = predict_files(model, a, b, target, tile, device=device, batch_size=batch_size)

@@ -1,4 +1,4 @@
-"""Options shared by the compute commands: --device and --precision, defined once."""
+"""Options shared by several commands, defined once: --device, --precision, checked numbers, the training set-up."""
 from __future__ import annotations
 
 import os
@@ -26,6 +26,28 @@ precision_option = click.option(
          "fp32 master weights and accumulation); default $NFED_PRECISION, else fp32. No effect on CPU.")
 
 
+class LimitedNumber(click.ParamType):
+    """A number option checked against nfed.validate.LIMITS: finite and in range, else one line and exit 1
+    (`--lr inf: must be a finite number > 0 and <= 1`)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.name = "integer" if limit.integer else "number"
+
+    def convert(self, value, param, ctx):
+        label = param.opts[0] if param is not None and param.opts else "value"
+        if isinstance(value, str):
+            return self.limit.parse(label, value)
+        return self.limit.check(label, value)
+
+
+def limited(key: str) -> LimitedNumber:
+    """The click type of a numeric option whose accepted range is LIMITS[key]."""
+    from ..validate import LIMITS
+
+    return LimitedNumber(LIMITS[key])
+
+
 def apply_options(options):
     """Decorator applying a list of click options in the order they are listed (first = first in --help)."""
     def decorate(function):
@@ -40,14 +62,16 @@ def apply_options(options):
 TRAINING_OPTIONS = [
     click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
                  help="demo: small and fast on CPU; paper: the study's set-up (w 64, lr 1e-4, 50 epochs)"),
-    click.option("--epochs", type=int, help="maximum epochs (profile's value by default)"),
-    click.option("--patience", type=int, help="early-stopping patience in epochs"),
-    click.option("--batch-size", type=int),
-    click.option("--lr", type=float, help="Adam learning rate"),
-    click.option("--width", type=int, help="W-Net base width w"),
+    click.option("--epochs", type=limited("epochs"), help="maximum epochs (profile's value by default)"),
+    click.option("--patience", type=limited("patience"), help="early-stopping patience in epochs"),
+    click.option("--batch-size", type=limited("batch_size")),
+    click.option("--lr", type=limited("lr"), help="Adam learning rate"),
+    click.option("--width", type=limited("width"), help="W-Net base width w"),
     click.option("--classes", type=click.Choice(["2", "5"]), help="2 (default) or 5 (change types)"),
-    click.option("--lambda-rec", type=float, help="weight of the U-Decoder's reconstruction loss (0 skips it)"),
-    click.option("--seed", type=int, help="seed of initialisation, shuffling and augmentation (default 0)"),
+    click.option("--lambda-rec", type=limited("lambda_rec"),
+                 help="weight of the U-Decoder's reconstruction loss (0 skips it)"),
+    click.option("--seed", type=limited("seed"),
+                 help="seed of initialisation, shuffling and augmentation (default 0)"),
     click.option("--no-augment", is_flag=True, help="train without flips/rotations"),
 ]
 
