@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .atomic import write_json_atomic
+from .atomic import make_folder, write_json_atomic
 from .results import test_facts
 
 METRIC_KEYS = ("precision", "recall", "f1", "iou", "oa", "kappa")
@@ -50,7 +50,7 @@ def _train_and_save(pack, out_dir: Path, config, model, *, quiet: bool, validate
     from .training import build_optimizer, fit
 
     run_dir = out_dir / pack.district
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(run_dir)
     log_path = run_dir / "epochs.jsonl"
     log_path.unlink(missing_ok=True)
     optimizer = build_optimizer(model, config)
@@ -104,7 +104,7 @@ def train_central(pack_paths: Sequence[str | Path], out_dir: str | Path, config,
     from .training import build_model, build_optimizer, fit
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     log_path = out_dir / "epochs.jsonl"
     log_path.unlink(missing_ok=True)
     model = build_model(config)

@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from .. import backend
+from ..atomic import new_folder
 from ..errors import ConfigError, DataError
+from ..runlock import RunLock
 from .options import TRAINING_OPTIONS, apply_options, device_option, precision_option, training_config
 
 
@@ -39,8 +41,10 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
     from ..study import train_central as run
 
     config = training_config(device=str(backend.parse_device(device)), **options)
-    summary, rows = run(_packs(data_path), out_dir, config, quiet=quiet)
-    write_results_csv(out_dir / "central.csv", rows, "central")
+    packs = _packs(data_path)
+    with new_folder(out_dir), RunLock(out_dir):
+        summary, rows = run(packs, out_dir, config, quiet=quiet)
+        write_results_csv(out_dir / "central.csv", rows, "central")
     for row in rows:
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['test_tiles']} test tiles)")
     click.echo(f"centralised model: {summary['epochs_run']} epochs, {summary['steps']} steps, stopped by "
@@ -78,13 +82,15 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
         if key in trained:
             options[key] = str(trained[key]) if key == "classes" else trained[key]
     config = training_config(device=str(backend.parse_device(device)), **options)
+    packs = _packs(data_path)
     rows = []
-    for path in _packs(data_path):
-        row = personalise_district(checkpoint.model_state, path, out_dir, config, quiet=quiet,
-                                   source=str(model_path))
-        rows.append(row)
-        kept = " (global weights kept)" if row["best_epoch"] == 0 else ""
-        click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
-                   f"stopped by {row['stop']}){kept}")
-    write_results_csv(out_dir / "personalised.csv", rows, "personalised")
+    with new_folder(out_dir), RunLock(out_dir):
+        for path in packs:
+            row = personalise_district(checkpoint.model_state, path, out_dir, config, quiet=quiet,
+                                       source=str(model_path))
+            rows.append(row)
+            kept = " (global weights kept)" if row["best_epoch"] == 0 else ""
+            click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
+                       f"stopped by {row['stop']}){kept}")
+        write_results_csv(out_dir / "personalised.csv", rows, "personalised")
     click.echo(f"wrote {out_dir / 'personalised.csv'} ({len(rows)} districts)")
