@@ -103,10 +103,7 @@ class RasterPair:
 
     def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows [start, stop) of both dates as [rows, W, 3] uint8, read by window."""
-        from rasterio.windows import Window
-
-        window = Window(0, start, self.width, stop - start)
-        return tuple(_as_rgb(dataset.read(_rgb_bands(dataset), window=window)) for dataset in self.datasets)
+        return tuple(read_window(dataset, start, stop, 0, self.width) for dataset in self.datasets)
 
     def current_preview(self, max_side: int) -> tuple[np.ndarray, float]:
         """The current date decimated to at most max_side pixels a side (GDAL reads it block by block)."""
@@ -138,6 +135,14 @@ def _check_rgb(dataset, path: Path) -> None:
     if dtype != "uint8":
         raise DataError(f"{path}: pixels are {dtype}; nfed needs 8-bit imagery (rescale first, e.g. "
                         "gdal_translate -ot Byte -scale)")
+
+
+def read_window(dataset, row_start: int, row_stop: int, col_start: int, col_stop: int) -> np.ndarray:
+    """Pixels [row_start:row_stop, col_start:col_stop] of an open raster as [rows, cols, 3] uint8."""
+    from rasterio.windows import Window
+
+    window = Window(col_start, row_start, col_stop - col_start, row_stop - row_start)
+    return _as_rgb(dataset.read(_rgb_bands(dataset), window=window))
 
 
 def _rgb_bands(dataset) -> list[int]:
