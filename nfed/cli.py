@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-local": ("nfed.commands.model", "train_local"),
     "evaluate": ("nfed.commands.model", "evaluate"),
     "predict": ("nfed.commands.model", "predict"),
+    "export": ("nfed.commands.export", "export"),
     "federate": ("nfed.commands.federation", "federate"),
     "report": ("nfed.commands.federation", "report"),
     "demo": ("nfed.commands.demo", "demo"),
