@@ -96,6 +96,14 @@ def test_onnx_u_encoder_runs_in_onnxruntime_to_the_same_logits(exported):
     assert meta["classes"] == str(model.classes) and meta["tile"] == str(TILE)
 
 
+def test_export_without_safetensors_is_one_line(tmp_path, monkeypatch):
+    checkpoint = save_checkpoint(tmp_path / "best.h5", _model(2).state_dict(),
+                                 config={"width": 4, "classes": 2, "lambda_rec": 0.1, "tile": TILE})
+    monkeypatch.setitem(__import__("sys").modules, "safetensors", None)
+    result = CliRunner().invoke(cli, ["export", "--model", str(checkpoint)])
+    assert result.exit_code == 1 and "nfed[export]" in result.output and "Traceback" not in result.output
+
+
 def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["export", "--model", str(tmp_path / "nope.h5")])
     assert result.exit_code == 1 and "nope.h5" in result.output and "Traceback" not in result.output

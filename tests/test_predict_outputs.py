@@ -3,7 +3,9 @@ summary CSV, overlay PNG; band-wise tiling equal to whole-image prediction."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ from nfed.labels import CHANGE_TYPES, read_label, rasterise
 from nfed.predict import ArrayPair, predict_arrays, predict_bands
 from nfed.wnet import WNetCD
 
-pytest.importorskip("shapely", reason="shapely not installed (pip install 'nfed[geo]')")
+requires_shapely = pytest.mark.skipif(importlib.util.find_spec("shapely") is None,
+                                      reason="shapely not installed (pip install 'nfed[geo]')")
 
 TILE = 32
 WIDTH = 4
@@ -82,6 +85,7 @@ def test_bands_equal_whole_image_tiling_for_any_band_height(setup):
         assert (whole_change[whole == 0] <= 0.5).all()
 
 
+@requires_shapely
 def test_predict_writes_mask_polygons_label_geojson_overlay_and_summary(setup, tmp_path):
     folder, checkpoint, model, past, current = setup
     out = tmp_path / "out" / "t1.png"
@@ -128,6 +132,7 @@ def _regions_at_least(mask: np.ndarray, min_area: int) -> np.ndarray:
     return keep[labels]
 
 
+@requires_shapely
 def test_predicted_label_json_packs_back_as_training_data(setup, tmp_path):
     from nfed.data import DistrictPack
     from nfed.pack import pack_folder
@@ -149,6 +154,7 @@ def test_predicted_label_json_packs_back_as_training_data(setup, tmp_path):
     assert change_pixels == int((label[:64, :64] > 0).sum())
 
 
+@requires_shapely
 def test_overlay_outlines_changes_in_type_colours_with_a_legend(setup, tmp_path):
     from nfed.overlay import TYPE_COLOURS, render_overlay
     from nfed.polygons import change_regions
@@ -182,3 +188,16 @@ def test_polygon_options_are_checked(setup, tmp_path):
     for option, value in (("--min-area", -1), ("--simplify", -0.5)):
         result = invoke(*base, option, value)
         assert result.exit_code == 1 and option in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("missing,args,needle", [
+    ("shapely", ["--polygons"], "nfed[geo]"), ("shapely", ["--overlay"], "nfed[geo]"),
+    ("rasterio", [], "nfed[geo]")])
+def test_missing_optional_packages_are_named_in_one_line(setup, tmp_path, monkeypatch, missing, args, needle):
+    folder, checkpoint, *_ = setup
+    monkeypatch.setitem(sys.modules, missing, None)            # import fails as if not installed
+    out = tmp_path / ("m.tif" if missing == "rasterio" else "m.png")
+    result = invoke("predict", "--model", checkpoint, "--past", folder / "A" / "t1.png", "--current",
+                    folder / "B" / "t1.png", "--out", out, *args)
+    assert result.exit_code == 1 and needle in result.output and "\n" not in result.output.strip(), result.output
+    assert not out.exists()
