@@ -35,6 +35,15 @@ def _has(folder: Path, suffixes) -> bool:
     return folder.is_dir() and any(p.suffix.lower() in suffixes for p in folder.iterdir())
 
 
+def labels_typed(items) -> bool:
+    """Whether any GeoJSON label of these items gives a change type (else the pack's mask is binary)."""
+    for item in items:
+        for feature in _read_json(item.label).get("features") or []:
+            if ((feature or {}).get("properties") or {}).get("type") in CHANGE_CODES:
+                return True
+    return False
+
+
 def check_geotiff_item(item) -> None:
     """Header checks of one pair: rasters readable, 8-bit, same size and grid; sets item.size."""
     with RasterPair(item.past, item.current) as pair:

@@ -32,7 +32,7 @@ from . import __version__
 from .atomic import atomic_path
 from .districts import district_order_key
 from .errors import ConfigError, DataError
-from .geopack import LABEL_SUFFIXES, check_geotiff_item, is_geotiff_folder, load_geotiff_item
+from .geopack import LABEL_SUFFIXES, check_geotiff_item, is_geotiff_folder, labels_typed, load_geotiff_item
 from .labels import CHANGE_TYPES, rasterise, read_label
 
 FORMAT_VERSION = 1
@@ -545,9 +545,10 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
         assignment = _plan_splits(district_items, district_tile, split, seed, district)
         source = f"{fmt}:{src.name}"
         target = out_dir / f"{district}.h5"
+        typed = fmt == "json" or (fmt == "geotiff" and labels_typed(district_items))
         try:
             with PackWriter(target, district=district, tile=district_tile, source=source, split_seed=seed,
-                            mask_values=MASK_VALUES_BINARY if fmt == "levir" else MASK_VALUES_TYPED,
+                            mask_values=MASK_VALUES_TYPED if typed else MASK_VALUES_BINARY,
                             extra_attrs={"split_fractions": np.array(split, np.float64)}) as writer:
                 for item in district_items:
                     next(bar, None)

@@ -143,14 +143,17 @@ def _pack_masks(pack_path: Path) -> dict[str, np.ndarray]:
 def test_geotiff_pairs_with_geojson_labels_pack_into_the_labelled_mask(geo_setup, tmp_path, monkeypatch, lonlat):
     from rasterio.warp import transform_geom
 
+    import h5py
+
     from nfed.labels import CHANGE_CODES
-    from nfed.pack import pack_folder
+    from nfed.pack import MASK_VALUES_BINARY, MASK_VALUES_TYPED, pack_folder
 
     geojson, classes = _predicted_geojson(geo_setup, tmp_path)
-    if lonlat:                  # RFC 7946: no crs member, lon/lat coordinates
+    if lonlat:                  # RFC 7946: no crs member, lon/lat coordinates; and no change types
         del geojson["crs"]
         for feature in geojson["features"]:
             feature["geometry"] = transform_geom(CRS, "OGC:CRS84", feature["geometry"], precision=-1)
+            del feature["properties"]["type"]
     src = _geotiff_source(geo_setup, tmp_path / "src", geojson)
     reads = []
     original = rasterio.io.DatasetReader.read
@@ -162,7 +165,9 @@ def test_geotiff_pairs_with_geojson_labels_pack_into_the_labelled_mask(geo_setup
     assert reads and all(w is not None and w.height <= TILE and w.width <= TILE for w in reads)
     masks = _pack_masks(report.written["Jung-gu"])
     assert len(masks) == (HEIGHT // TILE) * (WIDTH // TILE)
-    codes = {CHANGE_CODES[f["properties"]["type"]] for f in geojson["features"]}
+    codes = {CHANGE_CODES.get(f["properties"].get("type"), 1) for f in geojson["features"]}
+    with h5py.File(report.written["Jung-gu"]) as pack:
+        assert pack.attrs["mask_values"] == (MASK_VALUES_BINARY if lonlat else MASK_VALUES_TYPED)
     for tile_id, mask in masks.items():
         y, x = int(tile_id.split("_y")[1][:4]), int(tile_id.split("_x")[1][:4])
         np.testing.assert_array_equal(mask > 0, classes[y:y + TILE, x:x + TILE] > 0)
