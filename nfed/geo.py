@@ -156,24 +156,22 @@ def _as_rgb(bands: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(bands, 0, -1))
 
 
-def write_mask_raster(path: Path, bands, pair, assemble) -> tuple[np.ndarray, np.ndarray]:
-    """Write predicted bands as a 0/255 GeoTIFF (tiled, deflate) with the pair's CRS and transform.
-
-    `bands` yields (first row, classes, P(change)) and `assemble(bands, H, W, on_band)` collects them; each
-    band is written as it arrives. Returns what `assemble` returns.
-    """
+@contextlib.contextmanager
+def mask_raster_writer(path: Path, pair):
+    """Yield write(first_row, classes) that puts 0/255 rows into a new one-band GeoTIFF (tiled, deflate) with
+    the pair's CRS and transform; the file appears under `path` only when the block ends without error."""
     with _quiet_georeference() as rasterio:
         from rasterio.windows import Window
 
         profile = {"driver": "GTiff", "height": pair.height, "width": pair.width, "count": 1, "dtype": "uint8",
-                   "crs": getattr(pair, "crs", None), "transform": getattr(pair, "transform", None),
-                   "tiled": True, "blockxsize": MASK_BLOCK, "blockysize": MASK_BLOCK, "compress": "deflate"}
-        if profile["transform"] is None:
-            del profile["transform"]
+                   "crs": getattr(pair, "crs", None), "tiled": True, "blockxsize": MASK_BLOCK,
+                   "blockysize": MASK_BLOCK, "compress": "deflate"}
+        if getattr(pair, "transform", None) is not None:
+            profile["transform"] = pair.transform
         with atomic_path(path, suffix=".tif") as tmp:
             with rasterio.open(tmp, "w", **profile) as target:
-                def write_band(y0: int, classes: np.ndarray) -> None:
-                    window = Window(0, y0, pair.width, classes.shape[0])
+                def write_rows(first_row: int, classes: np.ndarray) -> None:
+                    window = Window(0, first_row, pair.width, classes.shape[0])
                     target.write(np.where(classes > 0, 255, 0).astype(np.uint8)[None], window=window)
 
-                return assemble(bands, pair.height, pair.width, write_band)
+                yield write_rows

@@ -45,9 +45,11 @@ def labels_typed(items) -> bool:
 
 
 def check_geotiff_item(item) -> None:
-    """Header checks of one pair: rasters readable, 8-bit, same size and grid; sets item.size."""
+    """Checks before any pixel is read: rasters readable, 8-bit, on one grid; the GeoJSON valid and on the
+    raster. Sets item.size."""
     with RasterPair(item.past, item.current) as pair:
         item.size = (pair.width, pair.height)
+        read_label_shapes(item.label, pair.crs, pair.transform, (pair.height, pair.width))
 
 
 def load_geotiff_item(item) -> tuple["RasterWindows", "RasterWindows", "LabelWindows"]:

@@ -1,12 +1,14 @@
 """Ingest of raw change-detection pairs into one HDF5 pack per district (the format nfed.data reads).
 
-Two source formats:
+Three source formats:
 - JSON-labelled pairs (the study's format, also what `nfed synth` writes): any number of `*.json` labels
   under SRC (data/label_schema.json), each naming its past/current PNGs beside it; the district comes from
   the label. Masks are rasterised from the polygons with the change type as value (1..4).
 - LEVIR-CD folders: SRC/A (past), SRC/B (current), SRC/label (0/255, >=128 = change) with the same file
   stems; or one such folder per district, SRC/<district>/A|B|label. District = sub-folder name, else SRC's
   name, or from a --district-map CSV (file stem -> district). Masks are binary (1 = change).
+- GeoTIFF pairs with GeoJSON labels: the LEVIR layout with label/<stem>.geojson, read by window
+  (nfed.geopack, optional extra nfed[geo]).
 
 Images of any size are cut on a grid of tile x tile from the top-left corner; a remainder narrower than a
 tile at the right or bottom edge is dropped, and an image smaller than one tile is zero-padded (mask 0).

@@ -173,13 +173,17 @@ def predict_files(model, past_path: Path, current_path: Path, out_path: Path, ti
     """
     check_pair_sizes(past_path, current_path)
     out_path = Path(out_path)
+    raster_mask = out_path.suffix.lower() in RASTER_SUFFIXES
+    if raster_mask:
+        from .geo import mask_raster_writer, require_rasterio
+
+        require_rasterio()                  # before any work, not after it
     with open_pair(past_path, current_path) as pair:
         bands = predict_bands(model, pair.read_rows, pair.height, pair.width, tile, device=device,
                               batch_size=batch_size)
-        if out_path.suffix.lower() in RASTER_SUFFIXES:
-            from .geo import write_mask_raster
-
-            classes, change = write_mask_raster(out_path, bands, pair, _assemble)
+        if raster_mask:
+            with mask_raster_writer(out_path, pair) as write_rows:
+                classes, change = _assemble(bands, pair.height, pair.width, on_band=write_rows)
         else:
             classes, change = _assemble(bands, pair.height, pair.width)
             write_mask(out_path, classes > 0)
@@ -187,21 +191,21 @@ def predict_files(model, past_path: Path, current_path: Path, out_path: Path, ti
                    "height": int(classes.shape[0]), "width": int(classes.shape[1]),
                    "changed_fraction": float((classes > 0).mean()), "files": [str(out_path)], "rows": []}
         if outputs.polygons or outputs.overlay:
-            summary.update(_write_vectors(model, pair, classes, change, past_path, current_path, out_path,
-                                          outputs, source, summary["files"]))
+            extra = _write_vectors(model, pair, classes, change, past_path, current_path, out_path, outputs, source)
+            summary.update(extra, files=summary["files"] + extra["files"])
     return summary
 
 
 def _write_vectors(model, pair, classes, change, past_path, current_path, out_path: Path,
-                   outputs: OutputOptions, source: str, files: list) -> dict:
-    """Polygons (GeoJSON + label JSON) and/or the overlay of one predicted pair; returns summary entries."""
+                   outputs: OutputOptions, source: str) -> dict:
+    """Polygons (GeoJSON + label JSON) and/or the overlay of one predicted pair: files, regions, summary rows."""
     from . import vectors
     from .overlay import render_overlay, write_overlay
     from .polygons import change_regions
 
     regions = change_regions(classes, change, typed=model.classes > 2, min_area=outputs.min_area,
                              simplify=outputs.simplify)
-    georeference = pair.georeference
+    georeference, files = pair.georeference, []
     if outputs.polygons:
         geojson_path, label_path = out_path.with_suffix(".geojson"), out_path.with_suffix(".json")
         vectors.write_geojson(geojson_path, vectors.geojson_document(
@@ -219,7 +223,8 @@ def _write_vectors(model, pair, classes, change, past_path, current_path, out_pa
         write_overlay(overlay_path, render_overlay(preview, regions, scale=scale, typed=model.classes > 2))
         files.append(str(overlay_path))
     pixel_area = georeference.pixel_area if georeference else 1.0
-    return {"regions": len(regions), "rows": vectors.summary_rows(out_path.stem, regions, pixel_area)}
+    return {"files": files, "regions": len(regions),
+            "rows": vectors.summary_rows(out_path.stem, regions, pixel_area)}
 
 
 def mask_name(past_path: Path) -> str:

@@ -189,7 +189,7 @@ def evaluate(model_path, data_path, split, batch_size, as_json, device, precisio
 @click.option("--current", type=click.Path(path_type=Path), help="current image (same size as --past)")
 @click.option("--pairs", type=click.Path(path_type=Path), help="folder with A/ (past) and B/ (current)")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
-              help="mask PNG (with --past/--current) or output folder (with --pairs)")
+              help="mask PNG, or GeoTIFF if it ends in .tif (with --past/--current); output folder (with --pairs)")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="tiles per forward pass")
 @output_options
 @device_option
