@@ -60,9 +60,10 @@ def change_regions(classes: np.ndarray, change_probability: np.ndarray, *, typed
     regions_map, count = ndimage.label(classes > 0)
     if count == 0:
         return []
-    index = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(np.ones(classes.shape, np.int32), regions_map, index).astype(np.int64)
-    confidence = ndimage.mean(change_probability.astype(np.float64), regions_map, index)
+    flat = regions_map.ravel()
+    sizes = np.bincount(flat, minlength=count + 1)[1:]
+    confidence = np.bincount(flat, weights=change_probability.ravel().astype(np.float64),
+                             minlength=count + 1)[1:] / sizes
     regions = []
     for number, window in enumerate(ndimage.find_objects(regions_map), start=1):
         if sizes[number - 1] < max(min_area, 1):
@@ -83,7 +84,7 @@ def _outline(shapely, inside: np.ndarray, x0: int, y0: int):
     rows, starts = np.nonzero(edges == 1)
     _, stops = np.nonzero(edges == -1)          # row-major order pairs each start with its stop
     runs = shapely.box(x0 + starts, y0 + rows, x0 + stops, y0 + rows + 1)
-    return shapely.union_all(runs).simplify(0)       # drops the vertices where runs meet
+    return shapely.union_all(runs).simplify(0)       # simplify(0) drops the vertices where runs meet
 
 
 def _drop_small_holes(shapely, polygon, min_area: int):
