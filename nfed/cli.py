@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "personalise": ("nfed.commands.study", "personalise"),
     "evaluate": ("nfed.commands.model", "evaluate"),
     "predict": ("nfed.commands.model", "predict"),
+    "export": ("nfed.commands.export", "export"),
     "federate": ("nfed.commands.federation", "federate"),
     "report": ("nfed.commands.federation", "report"),
     "demo": ("nfed.commands.demo", "demo"),

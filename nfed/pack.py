@@ -1,12 +1,14 @@
 """Ingest of raw change-detection pairs into one HDF5 pack per district (the format nfed.data reads).
 
-Two source formats:
+Three source formats:
 - JSON-labelled pairs (the study's format, also what `nfed synth` writes): any number of `*.json` labels
   under SRC (data/label_schema.json), each naming its past/current PNGs beside it; the district comes from
   the label. Masks are rasterised from the polygons with the change type as value (1..4).
 - LEVIR-CD folders: SRC/A (past), SRC/B (current), SRC/label (0/255, >=128 = change) with the same file
   stems; or one such folder per district, SRC/<district>/A|B|label. District = sub-folder name, else SRC's
   name, or from a --district-map CSV (file stem -> district). Masks are binary (1 = change).
+- GeoTIFF pairs with GeoJSON labels: the LEVIR layout with label/<stem>.geojson, read by window
+  (nfed.geopack, optional extra nfed[geo]).
 
 Images of any size are cut on a grid of tile x tile from the top-left corner; a remainder narrower than a
 tile at the right or bottom edge is dropped, and an image smaller than one tile is zero-padded (mask 0).
@@ -32,6 +34,7 @@ from PIL import Image
 from . import __version__
 from .districts import district_order_key
 from .errors import ConfigError, DataError
+from .geopack import LABEL_SUFFIXES, check_geotiff_item, is_geotiff_folder, labels_typed, load_geotiff_item
 from .h5write import create_h5, raise_if_failed
 from .labels import CHANGE_TYPES, rasterise, read_label
 from .validate import check_number
@@ -233,8 +236,8 @@ class Item:
     tile_id: str                  # id of the pair (tiles of a cut image get suffixes)
     past: Path
     current: Path
-    label: Path | None            # JSON label or LEVIR mask
-    kind: str                     # "json" | "levir"
+    label: Path | None            # JSON label, LEVIR mask or GeoJSON
+    kind: str                     # "json" | "levir" | "geotiff"
     size: tuple[int, int] = (0, 0)  # (width, height), known after check()
     json_label: object = None
 
@@ -250,7 +253,10 @@ class PackReport:
 
 
 def detect_format(src: Path) -> str:
-    """'levir' when SRC (or its sub-folders) holds A/ and B/, else 'json' when *.json labels exist."""
+    """'geotiff' for GeoTIFFs with GeoJSON labels (nfed.geopack), 'levir' when SRC (or its sub-folders) holds
+    A/ and B/, else 'json' when *.json labels exist."""
+    if is_geotiff_folder(src):
+        return "geotiff"
     if (src / "A").is_dir() and (src / "B").is_dir():
         return "levir"
     if any((sub / "A").is_dir() and (sub / "B").is_dir() for sub in _subdirs(src)):
@@ -264,11 +270,11 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_by_stem(folder: Path) -> dict[str, Path]:
+def _images_by_stem(folder: Path, suffixes=IMAGE_SUFFIXES) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
     return {p.stem: p for p in sorted(folder.iterdir())
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+            if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")}
 
 
 def read_district_map(path: Path) -> dict[str, str]:
@@ -301,14 +307,16 @@ def _relative(path: Path, src: Path) -> str:
         return str(path)
 
 
-def discover_levir(src: Path, district_map: dict[str, str] | None) -> tuple[list[Item], list[str]]:
-    """Items of a LEVIR folder; problems found by file name only (missing partner files) come back as
-    (name, message) strings so the caller can raise or skip them."""
+def discover_levir(src: Path, district_map: dict[str, str] | None, kind: str = "levir"
+                   ) -> tuple[list[Item], list[str]]:
+    """Items of a LEVIR folder (kind "geotiff": GeoJSON labels); problems found by file name only (missing
+    partner files) come back as (name, message) strings so the caller can raise or skip them."""
     folders = [(src, src.name)] if (src / "A").is_dir() else [(sub, sub.name) for sub in _subdirs(src)
                                                                if (sub / "A").is_dir() or (sub / "B").is_dir()]
     items, problems = [], []
     for folder, folder_district in folders:
-        past, current, label = (_images_by_stem(folder / name) for name in ("A", "B", "label"))
+        past, current = _images_by_stem(folder / "A"), _images_by_stem(folder / "B")
+        label = _images_by_stem(folder / "label", LABEL_SUFFIXES if kind == "geotiff" else IMAGE_SUFFIXES)
         stems = sorted(set(past) | set(current) | set(label))
         if not stems:
             problems.append((_relative(folder, src), f"{_relative(folder, src)}: empty district "
@@ -331,7 +339,7 @@ def discover_levir(src: Path, district_map: dict[str, str] | None) -> tuple[list
                     continue
                 district = district_map[stem]
             items.append(Item(district=district, name=name, tile_id=stem, past=past[stem],
-                              current=current[stem], label=label[stem], kind="levir"))
+                              current=current[stem], label=label[stem], kind=kind))
     return items, problems
 
 
@@ -379,6 +387,8 @@ def _shorten(message: str, path: Path, name: str) -> str:
 
 def check_item(item: Item, src: Path) -> None:
     """Cheap checks from image headers: files exist and are images, past/current/label sizes agree."""
+    if item.kind == "geotiff":
+        return check_geotiff_item(item)
     sizes = {}
     for role, path in (("past", item.past), ("current", item.current), ("label", item.label)):
         if role == "label" and item.kind == "json":
@@ -396,7 +406,9 @@ def check_item(item: Item, src: Path) -> None:
 
 
 def load_item(item: Item, src: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode one pair: past, current [H,W,3] uint8 and mask [H,W] uint8."""
+    """Decode one pair: past, current [H,W,3] uint8 and mask [H,W] uint8 (GeoTIFFs: views read by window)."""
+    if item.kind == "geotiff":
+        return load_geotiff_item(item)
     try:
         past, current = read_rgb(item.past), read_rgb(item.current)
         mask = rasterise(item.json_label) if item.kind == "json" else read_binary_mask(item.label)
@@ -468,8 +480,8 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
         raise DataError(f"{src}: not a folder")
     if fmt == "auto":
         fmt = detect_format(src)
-    if fmt not in ("json", "levir"):
-        raise ConfigError(f"--format '{fmt}': use auto, json or levir")
+    if fmt not in ("json", "levir", "geotiff"):
+        raise ConfigError(f"--format '{fmt}': use auto, json, levir or geotiff")
     if seed < 0:
         raise ConfigError(f"--seed {seed}: must not be negative")
     if tile is not None and tile < 1:
@@ -477,10 +489,10 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
     if fmt == "json" and district_map is not None:
         raise ConfigError("--district-map applies to LEVIR folders; JSON labels name their district")
     mapping = read_district_map(Path(district_map)) if district_map is not None else None
-    if fmt == "levir":
+    if fmt in ("levir", "geotiff"):
         if not (src / "A").is_dir() and not any((s / "A").is_dir() for s in _subdirs(src)):
             raise DataError(f"{src}: not a LEVIR-CD folder (no A/ folder, nor sub-folders with A/)")
-        items, problems = discover_levir(src, mapping)
+        items, problems = discover_levir(src, mapping, kind=fmt)
         tile = tile or DEFAULT_LEVIR_TILE
     else:
         items, problems = discover_json(src, exclude=out_dir.resolve())
@@ -538,9 +550,10 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
         assignment, split_rule = _plan_splits(district_items, district_tile, split, seed, district)
         source = f"{fmt}:{src.name}"
         target = out_dir / f"{district}.h5"
+        typed = fmt == "json" or (fmt == "geotiff" and labels_typed(district_items))
         try:
             with PackWriter(target, district=district, tile=district_tile, source=source, split_seed=seed,
-                            mask_values=MASK_VALUES_TYPED if fmt == "json" else MASK_VALUES_BINARY,
+                            mask_values=MASK_VALUES_TYPED if typed else MASK_VALUES_BINARY,
                             extra_attrs={"split_fractions": np.array(split, np.float64),
                                          "split_rule": split_rule}) as writer:
                 for item in district_items:

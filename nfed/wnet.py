@@ -188,6 +188,11 @@ class WNetCD(nn.Module):
 
     def predict(self, past, current):
         """Class map [N, H, W] (int64) from the U-Encoder alone, in eval mode, without building a graph."""
+        data = self.change_logits(past, current)
+        return backend.array_module(data).argmax(data, axis=1).astype(np.int64)
+
+    def change_logits(self, past, current):
+        """Raw change logits [N, K, H, W] of the U-Encoder alone, in eval mode, without building a graph."""
         was_training = self.training
         self.eval()
         try:
@@ -195,8 +200,7 @@ class WNetCD(nn.Module):
                 logits = self.encoder(past, current)
         finally:
             self.train(was_training)
-        data = logits.data
-        return backend.array_module(data).argmax(data, axis=1).astype(np.int64)
+        return logits.data
 
 
 def weighted_layers(model: nn.Module) -> list[dict]:

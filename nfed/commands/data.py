@@ -56,7 +56,8 @@ def synth(out_dir, scale, tile, seed, districts, min_per_district, val_tiles, te
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for the packs, one <district>.h5 each.")
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "json", "levir"]), help="Source layout.")
+              type=click.Choice(["auto", "json", "levir", "geotiff"]),
+              help="Source layout (geotiff: A/*.tif, B/*.tif, label/*.geojson; needs nfed[geo]).")
 @click.option("--tile", default=None, type=limited("tile"),
               help="Tile size to cut images into (LEVIR default 256; JSON default: the labels' size).")
 @click.option("--split", default="0.7,0.15,0.15", show_default=True, help="Train,val,test fractions.")
@@ -66,7 +67,8 @@ def synth(out_dir, scale, tile, seed, districts, min_per_district, val_tiles, te
 @click.option("--skip-bad", is_flag=True, help="Skip bad pairs (and list them) instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def pack(src, out_dir, fmt, tile, split, seed, district_map, skip_bad, quiet):
-    """Pack JSON-labelled pairs or a LEVIR-CD folder into one HDF5 file per district."""
+    """Pack JSON-labelled pairs, a LEVIR-CD folder or GeoTIFF pairs with GeoJSON labels into one HDF5 file per
+    district."""
     from ..pack import pack_folder, parse_split
 
     report = pack_folder(src, out_dir, fmt=fmt, tile=tile, split=parse_split(split), seed=seed,

@@ -12,6 +12,7 @@ from ..atomic import new_folder
 from ..errors import ConfigError, DataError
 from ..runlock import RunLock
 from .options import TRAINING_OPTIONS, apply_options, device_option, limited, precision_option, training_config
+from .predict_outputs import describe_regions, output_options, write_change_summary
 
 from ..study import METRIC_KEYS
 
@@ -137,14 +138,16 @@ def evaluate(model_path, data_path, split, batch_size, as_json, device, precisio
 @click.option("--current", type=click.Path(path_type=Path), help="current image (same size as --past)")
 @click.option("--pairs", type=click.Path(path_type=Path), help="folder with A/ (past) and B/ (current)")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
-              help="mask PNG (with --past/--current) or output folder (with --pairs)")
+              help="mask PNG, or GeoTIFF if it ends in .tif (with --past/--current); output folder (with --pairs)")
 @click.option("--batch-size", type=limited("batch_size"), default=8, show_default=True, help="tiles per forward pass")
+@output_options
 @device_option
 @precision_option
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def predict(model_path, past, current, pairs, out_path, batch_size, device, precision, quiet):
-    """Write 0/255 change masks (PNG) for image pairs of any size (tiled at the model's tile size)."""
-    from ..predict import check_pair_sizes, find_pairs, mask_format, predict_files
+def predict(model_path, past, current, pairs, out_path, batch_size, outputs, device, precision, quiet):
+    """Write 0/255 change masks for image pairs of any size (tiled at the model's tile size): PNG, or GeoTIFF
+    for GeoTIFF input (nfed[geo]); optionally change polygons (GeoJSON, label JSON) and an overlay PNG."""
+    from ..predict import check_pair_sizes, find_pairs, mask_format, mask_name, predict_files
     from ..progress import progress
     from ..training import checkpoint_tile, model_from_checkpoint
 
@@ -156,17 +159,23 @@ def predict(model_path, past, current, pairs, out_path, batch_size, device, prec
     if pairs is None:
         jobs = [(past, current, out_path)]
     else:
-        jobs = [(a, b, out_path / a.with_suffix(".png").name) for a, b in find_pairs(pairs)]
+        jobs = [(a, b, out_path / mask_name(a)) for a, b in find_pairs(pairs)]
     for a, b, target in jobs:     # every pair and output name is checked before any work is done
         check_pair_sizes(a, b)
         mask_format(target)
     model, checkpoint = model_from_checkpoint(model_path, device=device)
     tile = checkpoint_tile(checkpoint, model_path)
     start = time.perf_counter()
+    summaries = []
     for a, b, target in progress(jobs, label="predicting", length=len(jobs), enabled=not quiet and len(jobs) > 1):
-        summary = predict_files(model, a, b, target, tile, device=device, batch_size=batch_size)
-        if len(jobs) == 1:
-            click.echo(f"wrote {target} ({summary['width']}x{summary['height']}, "
-                       f"{summary['changed_fraction']:.2%} changed)")
-    if len(jobs) > 1:
+        summaries.append(predict_files(model, a, b, target, tile, device=device, batch_size=batch_size,
+                                       outputs=outputs, source=f"nfed predict --model {model_path}"))
+    summary_csv = write_change_summary(summaries, out_path, single=pairs is None)
+    if pairs is None:
+        summary = summaries[0]
+        click.echo(f"wrote {', '.join(summary['files'])} ({summary['width']}x{summary['height']}, "
+                   f"{summary['changed_fraction']:.2%} changed{describe_regions(summary)})")
+    else:
         click.echo(f"wrote {len(jobs)} masks to {out_path} in {time.perf_counter() - start:.1f}s")
+    if summary_csv is not None:
+        click.echo(f"wrote {summary_csv}")

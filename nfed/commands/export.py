@@ -1,0 +1,30 @@
+"""`nfed export`: a checkpoint's weights in formats other tools load (safetensors; ONNX on request)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("export")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="checkpoint (.h5)")
+@click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True,
+              help="weights format (PyTorch-compatible names, pickle-free)")
+@click.option("--out", "out_path", type=click.Path(path_type=Path),
+              help="output file (default: the checkpoint's path with .safetensors)")
+@click.option("--onnx", "with_onnx", is_flag=True, help="also write the U-Encoder as ONNX beside it (.onnx)")
+def export(model_path, fmt, out_path, with_onnx):
+    """Export a checkpoint's weights (and, with --onnx, the prediction graph) for other frameworks."""
+    from ..export import export_onnx, export_safetensors
+    from ..training import checkpoint_tile, model_from_checkpoint
+
+    model, checkpoint = model_from_checkpoint(model_path)
+    tile = checkpoint_tile(checkpoint)
+    out_path = out_path or model_path.with_suffix(".safetensors")
+    export_safetensors(model, tile, out_path)
+    click.echo(f"wrote {out_path} ({len(model.state_dict())} tensors, width {model.width}, "
+               f"classes {model.classes}, tile {tile})")
+    if with_onnx:
+        onnx_path = out_path.with_suffix(".onnx")
+        export_onnx(model, tile, onnx_path)
+        click.echo(f"wrote {onnx_path} (U-Encoder: past, current -> logits, probabilities)")
