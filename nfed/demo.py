@@ -149,7 +149,7 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
     """The four columns of one seed into RUN/local, federated, personalised, central (CSV tables)."""
     from .federation import FederationConfig, federate
     from .results import write_results_csv
-    from .study import personalise_district, train_central, train_district
+    from .study import fine_tune_config, personalise_district, train_central, train_district
     from .training import profile_config
 
     config = profile_config("demo", seed=seed, device=settings.device, epochs=settings.epoch_cap,
@@ -179,7 +179,8 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
          f"per district")
     rows = []
     for path in packs.values():
-        row = personalise_district(result.best_weights, path, run_dir / "personalised", config, quiet=True)
+        row = personalise_district(result.best_weights, path, run_dir / "personalised", fine_tune_config(config),
+                                   quiet=True)
         rows.append(row)
         echo(f"  {row['district']:<16} personalised F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
              f"best epoch {row['best_epoch']})")

@@ -64,11 +64,12 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
     """Fine-tune the global model on each district's own data (the personalised column).
 
     Each district starts from the global weights with a fresh optimiser and stops early on its validation
-    split; when fine-tuning never lowers the validation loss the global weights are kept. The model's
-    width, classes and lambda-rec come from the checkpoint. Writes OUT/<district>/ and OUT/personalised.csv.
+    split; when fine-tuning never lowers the validation loss the global weights are kept. The learning rate
+    is a tenth of the profile's unless --lr is given. The model's width, classes and lambda-rec come from the
+    checkpoint. Writes OUT/<district>/ and OUT/personalised.csv.
     """
     from ..results import write_results_csv
-    from ..study import personalise_district
+    from ..study import fine_tune_config, personalise_district
     from ..checkpoint import load_checkpoint
     from ..training import checkpoint_train_config
 
@@ -82,6 +83,8 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
         if key in trained:
             options[key] = str(trained[key]) if key == "classes" else trained[key]
     config = training_config(device=str(backend.parse_device(device)), **options)
+    if options.get("lr") is None:
+        config = fine_tune_config(config)
     packs = _packs(data_path)
     rows = []
     with new_folder(out_dir), RunLock(out_dir):
