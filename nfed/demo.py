@@ -62,7 +62,7 @@ class DemoSettings:
     patience_rounds: int = 3       # the validation-loss rule of the federation
     eps: float = 0.0               # the norm-difference rule (0: off)
     server_opt: str = "fedavg"
-    epochs: int | None = None      # local / personalised / centralised epoch cap; None: max_rounds x local_epochs
+    epochs: int = 200              # local / personalised / centralised epoch cap (never what ends a fair run)
     patience: int = 3
     lr: float | None = None
     device: str = "cpu"
@@ -82,15 +82,15 @@ class DemoSettings:
         for name in ("max_rounds", "local_epochs", "patience", "min_train_tiles"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.epochs is not None and self.epochs < 1:
+        if self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs}: must be >= 1")
         if self.patience_rounds < 0:
             raise ConfigError(f"--patience-rounds {self.patience_rounds}: must be >= 0")
 
     @property
     def epoch_cap(self) -> int:
-        """Never below what a client can train in the whole federation (issue: the cap must not decide)."""
-        return self.epochs if self.epochs is not None else self.max_rounds * self.local_epochs
+        """Never below what a client can train in the whole federation: the cap must not decide."""
+        return max(self.epochs, self.max_rounds * self.local_epochs)
 
     def to_dict(self) -> dict:
         return {"scale": self.scale, "min_train_tiles": self.min_train_tiles, "val_tiles": self.val_tiles,
@@ -195,30 +195,39 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
-             echo: Callable[[str], None] = print) -> dict:
-    """Run the whole study; returns what OUT/demo.json holds (settings, stage times, report summary)."""
-    from .report import make_report, table_text
+             echo: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> dict:
+    """Run the whole study; returns what OUT/demo.json holds (settings, stage times, report summary).
+
+    One seed: the run's folders and report/ are in OUT itself. Several: each seed's in OUT/seed-<k>/, and
+    OUT/report/ aggregates them (mean and 95 % interval per column, paired tests over districts)."""
+    from .report import make_study_report, table_text
 
     settings = settings or DemoSettings()
+    warn = warn or echo
     out_dir = Path(out_dir)
     claim_demo_folder(out_dir)
     stages = _Stages(echo)
     packs = make_data(out_dir, settings, echo)
     stages.done("data")
-    runs = {}
+    run_dirs = []
     for seed in settings.seeds:
         run_dir = out_dir if len(settings.seeds) == 1 else out_dir / f"seed-{seed}"
         run_columns(run_dir, packs, settings, seed, stages, echo)
-        comparison = make_report(run_dir / "local", run_dir / "federated", run_dir / "report")
-        runs[seed] = {"run": str(run_dir), "summary": {k: v for k, v in comparison.summary.items()
-                                                       if k != "figures"}}
-        echo("")
-        echo(table_text(comparison))
-        stages.done("report")
+        run_dirs.append(run_dir)
+        if len(settings.seeds) > 1:
+            make_study_report([run_dir], run_dir / "report")
+            stages.done("report")
+    comparison = make_study_report(run_dirs, out_dir / "report")
+    stages.done("report")
+    echo("")
+    echo(table_text(comparison))
+    for warning in comparison.summary.get("warnings", []):
+        warn(f"warning: {warning}")
     echo(f"\n[demo] total wall time {stages.total:.1f} s ({stages.total / 60:.1f} min); "
-         f"report in {out_dir / 'report' if len(settings.seeds) == 1 else out_dir / 'seed-*' / 'report'}")
+         f"report in {out_dir / 'report'}")
     summary = {"settings": settings.to_dict(), "stage_seconds": stages.seconds, "total_seconds": stages.total,
-               "runs": runs}
+               "runs": [str(d) for d in run_dirs],
+               "summary": {k: v for k, v in comparison.summary.items() if k != "figures"}}
     write_json_atomic(out_dir / "demo.json", summary)
     return summary
 

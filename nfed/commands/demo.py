@@ -40,7 +40,8 @@ DEFAULTS = DemoSettings()
 @click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), help="server optimiser")
 @click.option("--epochs", type=limited("epochs"),
               help="epoch cap of the local, personalised and centralised training (default "
-                   f"{DEFAULTS.epoch_cap}, above what a client trains in the whole federation)")
+                   f"{DEFAULTS.epochs}; never below rounds x local epochs, what a client trains in the whole "
+                   f"federation)")
 @click.option("--lr", type=limited("lr"), help="learning rate (demo profile's by default)")
 @device_option
 @precision_option
@@ -55,4 +56,4 @@ def demo(out_dir, scale, val_tiles, test_tiles, districts, seeds, seed, data_see
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
     with RunLock(out_dir):
-        run_demo(out_dir, settings, echo=click.echo)
+        run_demo(out_dir, settings, echo=click.echo, warn=lambda line: click.echo(line, err=True))
