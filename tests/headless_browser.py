@@ -108,8 +108,9 @@ class HeadlessChromium:
         (self.profile_dir / "DevToolsActivePort").unlink(missing_ok=True)   # a previous browser's port
         args = [self.executable, "--headless", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
                 "--disable-extensions", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
-                f"--user-data-dir={self.profile_dir}", f"--window-size={self.size[0]},{self.size[1]}", "about:blank"]
+                "--disable-sync", "--disable-dev-shm-usage", "--remote-debugging-port=0",
+                "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile_dir}",
+                f"--window-size={self.size[0]},{self.size[1]}", "about:blank"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.insert(1, "--no-sandbox")   # Chromium refuses to run as root with its sandbox
         self.log = (self.profile_dir / "chromium.log").open("wb")

@@ -177,7 +177,7 @@ def test_demo_settings_and_stage_times(tmp_path):
     os.utime(run / "demo.json", (old, old))
     make_study_report([run], tmp_path / "rep2", figures=False)
     assert _settings(read_page(tmp_path / "rep2")) == {}
-    assert "is older than the results, so it belongs to an earlier run" in (tmp_path / "rep2" / "report.html").read_text()
+    assert "older than the results, so it belongs to an earlier run" in (tmp_path / "rep2" / "report.html").read_text()
     # what the demo passes wins over any file
     make_study_report([run], tmp_path / "rep3", figures=False, demo={"settings": {"scale": 0.5}})
     assert _settings(read_page(tmp_path / "rep3")) == {"scale": "0.5"}
