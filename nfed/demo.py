@@ -215,9 +215,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
         run_columns(run_dir, packs, settings, seed, stages, echo)
         run_dirs.append(run_dir)
         if len(settings.seeds) > 1:
-            make_study_report([run_dir], run_dir / "report")
+            make_study_report([run_dir], run_dir / "report", demo=_page_facts(settings, stages))
             stages.done("report")
-    comparison = make_study_report(run_dirs, out_dir / "report")
+    comparison = make_study_report(run_dirs, out_dir / "report", demo=_page_facts(settings, stages))
     stages.done("report")
     echo("")
     echo(table_text(comparison))
@@ -230,6 +230,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
                "summary": {k: v for k, v in comparison.summary.items() if k != "figures"}}
     write_json_atomic(out_dir / "demo.json", summary)
     return summary
+
+
+def _page_facts(settings: DemoSettings, stages: _Stages) -> dict:
+    """What report.html shows of the demo (demo.json itself is written last)."""
+    return {"settings": settings.to_dict(), "stage_seconds": dict(stages.seconds), "total_seconds": stages.total}
 
 
 def settings_with(settings: DemoSettings, **changes) -> DemoSettings:

@@ -3,8 +3,9 @@ district beside the study's numbers, headline numbers, the goals of the fair re-
 
 Inputs: one study run folder per seed (what `nfed demo --out RUN` writes): RUN/local/local.csv,
 RUN/federated/{federated.csv, rounds.jsonl, summary.json}, and when present RUN/personalised/personalised.csv
-and RUN/central/{central.csv, summary.json}. Outputs in REPORT/: table.csv, table.md, summary.json and the
-figures. fairness.py checks the comparison, report_text.py renders it, report_figures.py draws it.
+and RUN/central/{central.csv, summary.json}. Outputs in REPORT/: table.csv, table.md, summary.json, the
+figures and report.html. fairness.py checks the comparison, report_text.py renders it, report_figures.py draws
+it, report_html.py puts it all on one page.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ COLUMNS = ("local", "federated", "personalised", "centralised")
 RUN_FILES = {"local": Path("local", "local.csv"), "federated": Path("federated", "federated.csv"),
              "personalised": Path("personalised", "personalised.csv"), "centralised": Path("central", "central.csv")}
 SUMMARY_NAME = "summary.json"
+HTML_NAME = "report.html"
 RESULT_COLUMNS = ("district", "samples", "precision", "recall", "f1", "iou")
 # Recorded by the fair study; older results files lack them (the fairness section then says "not recorded").
 COUNT_FIELDS = ("train_samples", "test_tiles", "test_pixels", "test_change_pixels", "epochs_run", "steps",
@@ -293,9 +295,12 @@ def study_comparison(runs: Sequence[Run]) -> Comparison:
     return comparisons[0] if len(comparisons) == 1 else aggregate_seeds(comparisons)
 
 
-def write_report(comparison: Comparison, out_dir: str | Path, *, figures: bool = True) -> Comparison:
-    """REPORT/table.csv, table.md, the figures and summary.json (the summary with the rows)."""
+def write_report(comparison: Comparison, out_dir: str | Path, *, figures: bool = True,
+                 demo: dict | None = None) -> Comparison:
+    """REPORT/table.csv, table.md, the figures, report.html and summary.json (the summary with the rows).
+    `demo`: settings and stage_seconds for report.html (`nfed demo` passes its own; else RUN/demo.json)."""
     from .report_figures import draw_figures
+    from .report_html import report_html
     from .report_text import table_csv, table_markdown
 
     out_dir = Path(out_dir)
@@ -304,24 +309,26 @@ def write_report(comparison: Comparison, out_dir: str | Path, *, figures: bool =
     write_text_atomic(out_dir / "table.md", table_markdown(comparison))
     if figures:
         comparison.summary["figures"] = [str(p) for p in draw_figures(comparison, out_dir)]
+    write_text_atomic(out_dir / HTML_NAME, report_html(comparison, demo))
     write_json_atomic(out_dir / "summary.json", {**comparison.summary, "rows": comparison.rows})
     return comparison
 
 
 def make_report(local: str | Path, federated: str | Path, out_dir: str | Path, *,
                 personalised: str | Path | None = None, centralised: str | Path | None = None,
-                figures: bool = True) -> Comparison:
+                figures: bool = True, demo: dict | None = None) -> Comparison:
     """The report of one seed from its results folders (or CSV files)."""
     run = read_columns(local, federated, personalised, centralised)
-    return write_report(study_comparison([run]), out_dir, figures=figures)
+    return write_report(study_comparison([run]), out_dir, figures=figures, demo=demo)
 
 
-def make_study_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, figures: bool = True) -> Comparison:
+def make_study_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, figures: bool = True,
+                      demo: dict | None = None) -> Comparison:
     """The report of one or several study run folders (one per seed)."""
     names = [Path(d).name for d in run_dirs]
     labels = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
     runs = [read_run(d, label) for d, label in zip(run_dirs, labels)]
-    return write_report(study_comparison(runs), out_dir, figures=figures)
+    return write_report(study_comparison(runs), out_dir, figures=figures, demo=demo)
 
 
 def table_text(comparison: Comparison) -> str:

@@ -32,7 +32,7 @@ def _half_width(row: dict, key: str) -> float | None:
     return None if low is None or high is None else (high - low) / 2
 
 
-def _cell(row: dict, key: str, digits: int | None) -> str:
+def cell_text(row: dict, key: str, digits: int | None) -> str:
     """A value, with "± half-width" when the row carries its interval over seeds."""
     half = _half_width(row, key)
     text = _fmt(row.get(key), digits)
@@ -102,8 +102,8 @@ def _wilcoxon(name: str, test: dict) -> str:
             f"W = {_fmt(test['statistic'], None)}, p = {p}")
 
 
-def summary_lines(comparison: Comparison) -> list[str]:
-    """Headline numbers beside the study's, paired tests, goals; with seeds on the seed means."""
+def headline_lines(comparison: Comparison) -> list[str]:
+    """Headline numbers beside the study's and paired tests; with seeds on the seed means."""
     s, study = comparison.summary, comparison.summary.get("study", {})
     lines = []
     if comparison.seeds:
@@ -127,10 +127,17 @@ def summary_lines(comparison: Comparison) -> list[str]:
     for name, test in s["wilcoxon"].items():
         per_seed = [_p_value(c.summary["wilcoxon"].get(name, {}).get("p_value")) for c in comparison.seeds]
         lines.append(_wilcoxon(name, test) + (f"; per seed p = {', '.join(per_seed)}" if per_seed else ""))
-    for goal in s["goals"]:
-        verdict = "not measured" if goal["met"] is None else ("yes" if goal["met"] else "NO")
-        lines.append(f"goal: {goal['target']}: {goal['measured']}: {verdict}")
     return lines
+
+
+def goal_verdict(goal: dict) -> str:
+    return "not measured" if goal["met"] is None else ("yes" if goal["met"] else "NO")
+
+
+def summary_lines(comparison: Comparison) -> list[str]:
+    """The headline lines, then one line per goal of the fair re-run."""
+    return headline_lines(comparison) + [f"goal: {goal['target']}: {goal['measured']}: {goal_verdict(goal)}"
+                                         for goal in comparison.summary["goals"]]
 
 
 def _training(row: dict, column: str) -> str:
@@ -146,7 +153,7 @@ def _training(row: dict, column: str) -> str:
     return text + (" (global kept)" if column == "personalised" and best == 0 else "")
 
 
-def _fairness_header(section: dict) -> list[str]:
+def fairness_header(section: dict) -> list[str]:
     federation, central = section["federation"], section["centralised"]
     lines = [f"federation: {_fmt(federation['rounds'])} rounds, best round {_fmt(federation['best_round'])}, stop "
              f"rule {federation['stop_rule'] or NOT_RECORDED} ({federation['stop_reason'] or NOT_RECORDED})"]
@@ -173,7 +180,7 @@ FAIRNESS_COLUMNS = (("test tiles", "test_tiles"), ("test pixels", "test_pixels")
                     ("test change pixels", "test_change_pixels"))
 
 
-def _fairness_cells(section: dict) -> tuple[list[str], list[list[str]]]:
+def fairness_cells(section: dict) -> tuple[list[str], list[list[str]]]:
     rows = section["districts"]
     trained = [c for c in ("local", "federated", "personalised") if rows and any(k.startswith(c) for k in rows[0])]
     header = ["district"] + [h for h, _ in FAIRNESS_COLUMNS] + [
@@ -184,8 +191,8 @@ def _fairness_cells(section: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def fairness_markdown(section: dict, heading: str) -> list[str]:
-    header, cells = _fairness_cells(section)
-    lines = [heading, ""] + [f"- {line}" for line in _fairness_header(section)] + [""]
+    header, cells = fairness_cells(section)
+    lines = [heading, ""] + [f"- {line}" for line in fairness_header(section)] + [""]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return lines + [""] + [f"- warning: {w}" for w in section["warnings"]] + [""]
@@ -196,7 +203,7 @@ def table_markdown(comparison: Comparison) -> str:
     columns = table_columns(comparison)
     lines = ["# nfed: " + ", ".join(comparison.columns) + " F1 per district (study Table 4)", "",
              "| " + " | ".join(header for _, header, _ in columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
-    lines += ["| " + " | ".join(_cell(row, key, digits) for key, _, digits in columns) + " |"
+    lines += ["| " + " | ".join(cell_text(row, key, digits) for key, _, digits in columns) + " |"
               for row in comparison.rows]
     lines += [""] + [f"- {line}" for line in summary_lines(comparison)] + ["", "## Fairness", ""]
     for section in comparison.summary["fairness"]:
@@ -216,12 +223,12 @@ def comparison_text(comparison: Comparison) -> str:
     columns = [c for c in table_columns(comparison) if c[0] not in ("study_samples", "study_f1_local",
                                                                      "study_f1_federated")]
     table = _aligned([header for _, header, _ in columns],
-                     [[_cell(row, key, digits) for key, _, digits in columns] for row in comparison.rows])
+                     [[cell_text(row, key, digits) for key, _, digits in columns] for row in comparison.rows])
     lines = table + [""] + summary_lines(comparison) + ["", "fairness:"]
     for section in comparison.summary["fairness"]:
         if comparison.seeds:
             lines.append(f"[{section['run']}]")
-        lines += [f"  {line}" for line in _fairness_header(section)]
+        lines += [f"  {line}" for line in fairness_header(section)]
     if not comparison.seeds:
-        lines += [f"  {line}" for line in _aligned(*_fairness_cells(comparison.summary["fairness"][0]))]
+        lines += [f"  {line}" for line in _aligned(*fairness_cells(comparison.summary["fairness"][0]))]
     return "\n".join(lines)

@@ -135,7 +135,8 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
 def report(run_dirs, local_run, federated_run, personalised_run, centralised_run, out_dir, no_figures):
     """Compare local, federated, personalised and centralised F1 per district beside the study's Table 4, with
     a fairness section and, over several --run seeds, intervals and paired tests (table.csv, table.md,
-    summary.json, figures). Each unfairness found is a `warning:` line on stderr."""
+    summary.json, figures, and all of it on one page: report.html). Each unfairness found is a `warning:` line
+    on stderr."""
     from ..report import make_report, make_study_report, table_text
 
     files = {"--local": local_run, "--federated": federated_run, "--personalised": personalised_run,
@@ -153,5 +154,5 @@ def report(run_dirs, local_run, federated_run, personalised_run, centralised_run
     click.echo(table_text(comparison))
     for warning in comparison.summary["warnings"]:
         click.echo(f"warning: {warning}", err=True)
-    click.echo(f"wrote {out_dir / 'table.csv'}, {out_dir / 'table.md'}, {out_dir / 'summary.json'}"
-               + ("" if no_figures else " and figures"))
+    click.echo(f"wrote {out_dir / 'table.csv'}, {out_dir / 'table.md'}, {out_dir / 'summary.json'}, "
+               f"{out_dir / 'report.html'}" + ("" if no_figures else " and figures"))
