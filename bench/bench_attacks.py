@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     config = train_config(args)
     size = {**size_record(args), "districts": len(packs), "trim_beta": args.trim_beta, "krum_f": krum_f,
             "clip_factor": args.clip_factor, "max_sample_share": args.max_sample_share}
-    grid = Grid(args.out / "attacks.json", size, args.fresh)
+    grid = Grid(args.out / (f"attacks-{args.part}.json" if args.part else "attacks.json"), size, args.fresh)
 
     def cell(aggregator, attack, attackers):
         key = f"{aggregator}/clean" if attackers == 0 else f"{aggregator}/{attack}/{attackers}"

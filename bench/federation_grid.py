@@ -23,6 +23,7 @@ def size_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
     parser.add_argument("--lr", type=float, default=None, help="client learning rate (demo profile's by default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="discard finished cells and run every one again")
+    parser.add_argument("--part", default="", help="name of a parallel part: its cells go to OUT/<bench>-PART.json")
 
 
 def prepare_packs(args) -> dict[str, Path]:
@@ -56,11 +57,14 @@ class Grid:
     """Cells of a bench run one at a time, each result saved to OUT/<name>.json as soon as it is known."""
 
     def __init__(self, path: Path, size: dict, fresh: bool):
+        """Cells already finished at the same size in PATH or its siblings PATH.stem-*.json (parallel parts
+        of one grid, see --part) are reused."""
         self.path = path
-        saved = json.loads(path.read_text()) if path.is_file() and not fresh else {}
-        if saved.get("size") != size:
-            saved = {}   # other sizes give other numbers: never mix them
-        self.data = {"size": size, "cells": saved.get("cells", {})}
+        self.data = {"size": size, "cells": {}}
+        for known in [path, *sorted(path.parent.glob(f"{path.stem.split('-')[0]}-*.json"))]:
+            saved = json.loads(known.read_text()) if known.is_file() and not fresh else {}
+            if saved.get("size") == size:   # other sizes give other numbers: never mix them
+                self.data["cells"].update(saved.get("cells", {}))
 
     def run(self, key: str, packs, train_config, fed_config, run_dir: Path, extra: dict | None = None) -> dict:
         """Mean test F1 of the final global model of one federation (cached by key)."""
