@@ -62,16 +62,17 @@ def main(argv=None) -> int:
                                clip_factor=args.clip_factor, max_sample_share=args.max_sample_share,
                                simulate_attack=attack if attackers else None, attackers=attackers,
                                evaluate_rounds=False)
-        return grid.run(key, packs, config, fed, args.out / "runs" / key.replace("/", "_"))["mean_test_f1"]
+        return grid.run(key, packs, config, fed, args.out / "runs" / key.replace("/", "_"))
 
-    table = {}
+    table, losses = {}, {}
     for attackers in counts:   # clean runs first, then every aggregator at 1, 3, 5 attackers
         for attack in attacks if attackers else attacks[:1]:
             for aggregator in aggregators:
-                f1 = cell(aggregator, attack, attackers)
+                result = cell(aggregator, attack, attackers)
                 for kind in attacks if attackers == 0 else [attack]:
-                    table[(aggregator, kind, attackers)] = f1
-    write_outputs(args.out, table, aggregators, attacks, counts, size)
+                    table[(aggregator, kind, attackers)] = result["mean_test_f1"]
+                    losses[(aggregator, kind, attackers)] = result.get("mean_test_loss")
+    write_outputs(args.out, table, losses, aggregators, attacks, counts, size)
     return 0
 
 
@@ -101,25 +102,43 @@ def goals(table, aggregators, attacks, counts) -> list[str]:
     return lines
 
 
-def write_outputs(out: Path, table, aggregators, attacks, counts, size) -> None:
+def write_outputs(out: Path, table, losses, aggregators, attacks, counts, size) -> None:
     from nfed.figures import line_chart
 
     header = "| aggregator | attack | " + " | ".join(f"{n} attackers" for n in counts) + " |"
-    lines = [f"Mean test F1 of the final global model ({size['districts']} districts; size {size})", "",
-             header, "|" + "---|" * (len(counts) + 2)]
+    lines = [f"Mean test F1 (mean test loss) of the final global model ({size['districts']} districts; "
+             f"size {size})", "", header, "|" + "---|" * (len(counts) + 2)]
     for aggregator in aggregators:
         for attack in attacks:
-            cells = [table.get((aggregator, attack, n)) for n in counts]
-            lines.append(f"| {aggregator} | {attack} | " + " | ".join("" if c is None else f"{c:.4f}" for c in cells)
-                         + " |")
+            cells = [(table.get((aggregator, attack, n)), losses.get((aggregator, attack, n))) for n in counts]
+            lines.append(f"| {aggregator} | {attack} | " + " | ".join(
+                "" if f1 is None else f"{f1:.4f}" + ("" if loss is None else f" ({loss:.3g})") for f1, loss in cells)
+                + " |")
     lines += ["", *[f"- {line}" for line in goals(table, aggregators, attacks, counts)]]
     (out / "attacks.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    panels = []
     for attack in attacks:
         series = {aggregator: [table.get((aggregator, attack, n)) for n in counts] for aggregator in aggregators}
         if any(v is not None and math.isfinite(v) for vs in series.values() for v in vs):
-            line_chart(out / f"attacks_{attack}.png", counts, series, title=f"{attack}: mean test F1 vs attackers",
-                       x_label=f"attackers of {size['districts']}", y_label="mean test F1", y_max=1.0)
+            panels.append(line_chart(out / f"attacks_{attack}.png", counts, series,
+                                     title=f"{attack}: mean test F1 vs attackers",
+                                     x_label=f"attackers of {size['districts']}", y_label="mean test F1"))
+    if panels:
+        stitch(panels, out / "attacks.png")
+
+
+def stitch(paths, target: Path, columns: int = 2) -> None:
+    """One figure of the per-attack panels, `columns` wide."""
+    from PIL import Image
+
+    images = [Image.open(path) for path in paths]
+    width, height = max(i.width for i in images), max(i.height for i in images)
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (width * min(columns, len(images)), height * rows), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    sheet.save(target)
 
 
 if __name__ == "__main__":

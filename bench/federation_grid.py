@@ -67,16 +67,19 @@ class Grid:
                 self.data["cells"].update(saved.get("cells", {}))
 
     def run(self, key: str, packs, train_config, fed_config, run_dir: Path, extra: dict | None = None) -> dict:
-        """Mean test F1 of the final global model of one federation (cached by key)."""
+        """Mean test F1 and loss over the districts of the final global model of one federation (cached)."""
+        from nfed.client import evaluate_weights, make_round_setup
         from nfed.federation import federate
 
         if key in self.data["cells"]:
             return self.data["cells"][key]
         started = time.perf_counter()
-        result = federate(packs, run_dir, train_config, fed_config, overwrite=True,
+        result = federate(packs, run_dir, train_config, fed_config, overwrite=True, evaluate_test=False,
                           echo=lambda line: print(f"  [{key}] {line}", file=sys.stderr))
-        f1 = [row["f1"] for row in result.results]
-        cell = {"mean_test_f1": sum(f1) / len(f1), "rounds": len(result.rounds),
+        setup = make_round_setup(train_config, 1, 1)
+        scores = [evaluate_weights(result.global_weights, setup, path, split="test") for path in packs.values()]
+        cell = {"mean_test_f1": sum(s["f1"] for s in scores) / len(scores),
+                "mean_test_loss": sum(s["loss"] for s in scores) / len(scores), "rounds": len(result.rounds),
                 "kept_previous": sum(1 for r in result.rounds if r["kept_previous"]),
                 "seconds": round(time.perf_counter() - started, 1), **(extra or {})}
         privacy = result.rounds[-1].get("privacy") if result.rounds else None
@@ -84,5 +87,6 @@ class Grid:
             cell["epsilon"] = privacy["epsilon"]
         self.data["cells"][key] = cell
         self.path.write_text(json.dumps(self.data, indent=1))
-        print(f"{key}: mean test F1 {cell['mean_test_f1']:.4f} ({cell['seconds']:.0f} s)", flush=True)
+        print(f"{key}: mean test F1 {cell['mean_test_f1']:.4f}, loss {cell['mean_test_loss']:.4f} "
+              f"({cell['seconds']:.0f} s)", flush=True)
         return cell

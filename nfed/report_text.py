@@ -130,6 +130,13 @@ def summary_lines(comparison: Comparison) -> list[str]:
     for goal in s["goals"]:
         verdict = "not measured" if goal["met"] is None else ("yes" if goal["met"] else "NO")
         lines.append(f"goal: {goal['target']}: {goal['measured']}: {verdict}")
+    privacy = s.get("privacy")
+    if privacy:
+        spent = privacy.get("epsilon")
+        lines.append(f"federation under DP-FedAvg (clip {privacy.get('clip')}, noise multiplier "
+                     f"{privacy.get('noise_multiplier')}): privacy spent "
+                     + (f"epsilon {spent:.3g} at delta {privacy.get('delta', 0):.2g}" if spent is not None
+                        else "unbounded (no noise)") + f" after {privacy.get('releases')} round(s)")
     return lines
 
 

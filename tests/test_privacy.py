@@ -131,3 +131,19 @@ def test_dp_without_the_accountant_fails_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"nfed\[privacy\]"):
         federate(PACKS, "/nonexistent/run", FakeTrainConfig(), FederationConfig(dp_clip=1.0, dp_noise=1.0),
                  train_fn=fake_train, evaluate_fn=fake_evaluate, initial_weights={"w": np.zeros(3, np.float32)})
+
+
+def test_the_report_states_the_privacy_spent(tmp_path):
+    from nfed.report import make_study_report
+    from nfed.report_text import summary_lines
+
+    from report_runs import districts, make_run
+
+    run = make_run(tmp_path / "run", districts())
+    summary = tmp_path / "run" / "federated" / "summary.json"
+    saved = json.loads(summary.read_text()) if summary.is_file() else {}
+    privacy = {"epsilon": 3.5, "delta": 1e-4, "releases": 12, "clip": 0.5, "noise_multiplier": 1.1}
+    summary.write_text(json.dumps({**saved, "privacy": privacy}))
+    comparison = make_study_report([run], tmp_path / "report")
+    assert comparison.summary["privacy"] == privacy
+    assert "privacy spent epsilon 3.5 at delta 0.0001 after 12 round(s)" in "\n".join(summary_lines(comparison))
