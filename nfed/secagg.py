@@ -2,8 +2,8 @@
 
 nfed's ServerApp runs nfed.federation's round loop, not a Flower strategy; Flower's SecAggPlusWorkflow is a
 callable (grid, LegacyContext) that asks the context's strategy for each node's FitIns and hands the unmasked
-aggregate to the strategy's aggregate_fit. `SecureRound` gives it a one-round strategy that only forwards
-nfed's set-up, so Flower's protocol runs unchanged inside an nfed round (Bonawitz et al. 2017 with the
+aggregate to the strategy's aggregate_fit. `secure_round` gives it a one-round strategy that only forwards
+nfed's set-up, so Flower's protocol runs inside an nfed round (one fix: see `_Workflow`) (Bonawitz et al. 2017 with the
 SecAgg+ neighbour graph; here every sampled node is every other's neighbour, and the key shares of a node
 that drops out after sharing its keys are recovered from 2/3 of the others).
 
@@ -171,12 +171,34 @@ class _OneRound(Strategy):
         return None
 
 
-class _AnnouncingWorkflow(SecAggPlusWorkflow):
-    """SecAggPlusWorkflow that says when the masked vectors (the training) are requested."""
+class _Workflow(SecAggPlusWorkflow):
+    """SecAggPlusWorkflow that forgets nodes gone before they shared their keys, and says when the masked
+    vectors (the training) are requested.
+
+    flwr 1.42 keeps a node that never answered the setup or key-sharing stage among the sampled nodes: the
+    unmask stage then asks the others for key shares they never received and the round halts. Such a node is
+    in no one's masks, so it is dropped from the sampled nodes and from every neighbourhood; a node that leaves
+    later (while training) is still recovered by the protocol from the others' shares."""
 
     def __init__(self, *args, echo: Callable[[str], None], **kwargs):
         super().__init__(*args, **kwargs)
         self.echo = echo
+
+    def setup_stage(self, grid, context, state):
+        return super().setup_stage(grid, context, state) and self._forget_silent(state)
+
+    def share_keys_stage(self, grid, context, state):
+        return super().share_keys_stage(grid, context, state) and self._forget_silent(state)
+
+    def _forget_silent(self, state) -> bool:
+        active = set(state.active_node_ids)
+        gone = state.sampled_node_ids - active
+        if gone:
+            state.sampled_node_ids = active
+            state.nid_to_neighbours = {node: neighbours & active for node, neighbours in state.nid_to_neighbours.items()
+                                       if node in active}
+            self.echo(f"secure aggregation: {len(gone)} node(s) left before sharing their keys")
+        return self._check_threshold(state)
 
     def collect_masked_vectors_stage(self, grid, context, state):
         self.echo(f"secure aggregation: {len(state.active_node_ids)} node(s) train and send masked updates")
@@ -206,7 +228,7 @@ def secure_round(grid, nodes: Mapping[str, int], global_weights: Mapping[str, np
     if len(fit_ins) < 2:
         problem = "secure aggregation needs at least 2 clients in a round"
     else:
-        workflow = _AnnouncingWorkflow(1.0, RECONSTRUCTION_THRESHOLD, timeout=timeout, echo=echo,
+        workflow = _Workflow(1.0, RECONSTRUCTION_THRESHOLD, timeout=timeout, echo=echo,
                                        max_weight=float(max(expected_weight[t.district] for t in tasks)),
                                        clipping_range=float(bound), quantization_range=QUANTISATION_RANGE,
                                        modulus_range=MODULUS_RANGE)

@@ -24,11 +24,11 @@ QUANTISATION_ATOL = 3 * 16 / 2**22
 class WireGrid(LoopbackGrid):
     """The in-process grid, but every message crosses Flower's protobuf serialisation both ways (as between
     real processes: no object is shared) and is kept for inspection; nodes in `drop_at_training` never answer
-    the masked-vector stage (they dropped out after sharing their keys)."""
+    the SecAgg+ stage `drop_at` names, nor any later message (that node is gone)."""
 
-    def __init__(self, *args, drop_at_training=(), **kwargs):
+    def __init__(self, *args, drop_at: dict[int, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.drop_at_training = set(drop_at_training)
+        self.drop_at = dict(drop_at or {})
         self.received = []   # (node, reply) for every reply the server pulled
 
     def push_messages(self, messages):
@@ -40,7 +40,7 @@ class WireGrid(LoopbackGrid):
             copy = message_from_proto(message_to_proto(message))
             copy.metadata.__dict__["_message_id"] = message.object_id
             configs = copy.content.config_records.get("secaggplus_configs", {})
-            if copy.metadata.dst_node_id in self.drop_at_training and configs.get("stage") == "collect_masked_vectors":
+            if configs.get("stage") is not None and configs.get("stage") == self.drop_at.get(copy.metadata.dst_node_id):
                 self.silent.add(copy.metadata.dst_node_id)
             copies.append(copy)
         return super().push_messages(copies)
@@ -109,11 +109,14 @@ def test_secure_round_equals_fedavg_and_the_server_sees_no_update(tmp_path, task
     assert any("3 node(s) train and send masked updates" in line for line in lines)
 
 
-def test_secure_round_survives_a_node_dropping_after_sharing_keys(tmp_path, task_identity):
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "collect_masked_vectors"])
+def test_secure_round_survives_a_node_dropping_out(tmp_path, task_identity, stage):
+    """Gangdong-gu's node leaves before the key exchange, during it, or after it while training (then its
+    masks with the others are rebuilt from their key shares)."""
     packs = make_tiny_packs(tmp_path / "packs", districts=("Gangnam-gu", "Gangdong-gu", "Gwangjin-gu", "Gangbuk-gu"),
                             counts=((2, 1, 1), (3, 1, 1), (2, 1, 1), (2, 1, 1)))
     nodes = {30 + i: {"pack": str(path)} for i, path in enumerate(packs.values())}
-    grid = WireGrid(nodes, drop_at_training={31})   # Gangdong-gu's node
+    grid = WireGrid(nodes, drop_at={31: stage})   # Gangdong-gu's node
     secure, _ = serve_secure(tmp_path, packs, grid, deadline=2.0)   # its evaluations wait out the deadline
     record = secure.rounds[0]
     assert record["answered"] == [d for d in record["selected"] if d != "Gangdong-gu"]
