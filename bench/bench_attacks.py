@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     config = train_config(args)
     size = {**size_record(args), "districts": len(packs), "trim_beta": args.trim_beta, "krum_f": krum_f,
             "clip_factor": args.clip_factor, "max_sample_share": args.max_sample_share}
-    grid = Grid(args.out / (f"attacks-{args.part}.json" if args.part else "attacks.json"), size, args.fresh)
+    grid = Grid(args.out / (f"attacks-{args.part}.json" if args.part else "attacks.json"), size, args.fresh,
+                args.table_only)
 
     def cell(aggregator, attack, attackers):
         key = f"{aggregator}/clean" if attackers == 0 else f"{aggregator}/{attack}/{attackers}"
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
         for attack in attacks if attackers else attacks[:1]:
             for aggregator in aggregators:
                 result = cell(aggregator, attack, attackers)
+                if result is None:   # --table-only and not run yet
+                    continue
                 for kind in attacks if attackers == 0 else [attack]:
                     table[(aggregator, kind, attackers)] = result["mean_test_f1"]
                     losses[(aggregator, kind, attackers)] = result.get("mean_test_loss")
@@ -111,6 +114,8 @@ def write_outputs(out: Path, table, losses, aggregators, attacks, counts, size) 
     for aggregator in aggregators:
         for attack in attacks:
             cells = [(table.get((aggregator, attack, n)), losses.get((aggregator, attack, n))) for n in counts]
+            if all(f1 is None for f1, _ in cells[1:]):
+                continue   # only the clean run so far
             lines.append(f"| {aggregator} | {attack} | " + " | ".join(
                 "" if f1 is None else f"{f1:.4f}" + ("" if loss is None else f" ({loss:.3g})") for f1, loss in cells)
                 + " |")

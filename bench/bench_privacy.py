@@ -12,6 +12,7 @@ OUT/privacy.md and OUT/privacy.png.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
             samples += pack.num_samples("train")
     delta = 1.0 / samples
     clip = args.dp_clip
+    if clip is None and args.table_only:
+        clip = next((json.loads(path.read_text())["size"]["dp_clip"] for path in sorted(args.out.glob("privacy*.json"))),
+                    None)
     if clip is None:
         probe = federate(packs, args.out / "runs" / "clip-probe", config,
                          FederationConfig(rounds=1, local_epochs=args.local_epochs, eps=0.0, seed=args.seed,
@@ -48,18 +52,20 @@ def main(argv=None) -> int:
                          overwrite=True, evaluate_test=False)
         clip = float(probe.rounds[0]["aggregation"]["bound"])
     size = {**size_record(args), "districts": len(packs), "delta": delta, "dp_clip": clip}
-    grid = Grid(args.out / (f"privacy-{args.part}.json" if args.part else "privacy.json"), size, args.fresh)
+    grid = Grid(args.out / (f"privacy-{args.part}.json" if args.part else "privacy.json"), size, args.fresh,
+                args.table_only)
     base = dict(rounds=args.rounds, local_epochs=args.local_epochs, eps=0.0, seed=args.seed, evaluate_rounds=False)
     rows = [("fedavg (no DP)", None, grid.run("fedavg", packs, config, FederationConfig(**base),
                                               args.out / "runs" / "fedavg"))]
     for text in [e for e in args.epsilons.split(",") if e]:
         epsilon = float(text)
-        z = noise_for_epsilon(epsilon, args.rounds, 1.0, delta)
+        z = 0.0 if args.table_only else noise_for_epsilon(epsilon, args.rounds, 1.0, delta)
         fed = FederationConfig(**base, dp_clip=clip, dp_noise=z, dp_delta=delta)
         cell = grid.run(f"epsilon={text}", packs, config, fed, args.out / "runs" / f"dp-{text}",
                         extra={"noise_multiplier": z})
-        rows.append((f"epsilon {text}", epsilon, cell))
-    write_outputs(args.out, rows, size)
+        if cell is not None:
+            rows.append((f"epsilon {text}", epsilon, cell))
+    write_outputs(args.out, [row for row in rows if row[2] is not None], size)
     return 0
 
 

@@ -24,6 +24,7 @@ def size_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="discard finished cells and run every one again")
     parser.add_argument("--part", default="", help="name of a parallel part: its cells go to OUT/<bench>-PART.json")
+    parser.add_argument("--table-only", action="store_true", help="write the outputs from finished cells, run none")
 
 
 def prepare_packs(args) -> dict[str, Path]:
@@ -56,10 +57,11 @@ def size_record(args) -> dict:
 class Grid:
     """Cells of a bench run one at a time, each result saved to OUT/<name>.json as soon as it is known."""
 
-    def __init__(self, path: Path, size: dict, fresh: bool):
+    def __init__(self, path: Path, size: dict, fresh: bool, table_only: bool = False):
         """Cells already finished at the same size in PATH or its siblings PATH.stem-*.json (parallel parts
         of one grid, see --part) are reused."""
         self.path = path
+        self.table_only = table_only
         self.data = {"size": size, "cells": {}}
         for known in [path, *sorted(path.parent.glob(f"{path.stem.split('-')[0]}-*.json"))]:
             saved = json.loads(known.read_text()) if known.is_file() and not fresh else {}
@@ -71,8 +73,8 @@ class Grid:
         from nfed.client import evaluate_weights, make_round_setup
         from nfed.federation import federate
 
-        if key in self.data["cells"]:
-            return self.data["cells"][key]
+        if key in self.data["cells"] or self.table_only:
+            return self.data["cells"].get(key)
         started = time.perf_counter()
         result = federate(packs, run_dir, train_config, fed_config, overwrite=True, evaluate_test=False,
                           echo=lambda line: print(f"  [{key}] {line}", file=sys.stderr))
