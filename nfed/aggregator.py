@@ -10,7 +10,8 @@ so the in-process federation and the Flower server use the same code:
     new_global = server_optimizer.step(global_weights, averaged)
 
 The average is accumulated in a streaming way (one running sum, the memory of one model in float64), whatever
-the number of clients. BatchNorm running statistics are averaged like every parameter; server optimisers move
+the number of clients; the robust aggregators of nfed.robust, which need every update at once, share its
+interface and its validation. BatchNorm running statistics are averaged like every parameter; server optimisers move
 only the trainable parameters and take the plain average for such statistics (a momentum or Adam step on a
 running variance could make it negative).
 """
@@ -78,12 +79,32 @@ def update_problem(weights: Mapping[str, object], reference: Mapping[str, object
     return None
 
 
+def sample_count_problem(num_samples) -> str | None:
+    """Why a claimed number of training samples cannot weigh an update (None: it can)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
+        return f"number of samples is {str(num_samples)[:40]!r}, must be a positive integer"
+    return None
+
+
+def accept_update(aggregator, weights: Mapping[str, object], num_samples, client: str) -> bool:
+    """Validate an update against `aggregator.reference`; a refused one is logged and kept in
+    `aggregator.rejected` (every aggregator refuses the same updates for the same reasons)."""
+    problem = update_problem(weights, aggregator.reference) or sample_count_problem(num_samples)
+    if problem is not None:
+        log.warning("rejected update from %s: %s", client, problem)
+        aggregator.rejected[client] = problem
+        return False
+    return True
+
+
 class FedAvgAggregator:
     """One round of federated averaging, weighted by each client's number of training samples.
 
     `add` validates and folds an update into a running weighted sum (so memory stays that of one model),
     `finish` returns the average with the reference's dtypes, or None when no update was accepted.
     """
+
+    name = "fedavg"
 
     def __init__(self, reference: Mapping[str, object]):
         self.reference = reference
@@ -92,16 +113,11 @@ class FedAvgAggregator:
         self.accepted: list[str] = []
         self.rejected: dict[str, str] = {}
         self.problem: str | None = None   # why `finish` had no usable average
+        self.notes: dict = {}              # what the round record tells about the aggregation (robust ones)
 
     def add(self, weights: Mapping[str, object], num_samples: int, client: str = "client") -> bool:
         """Fold one update in; False (reason logged and kept in `rejected`) when it cannot be averaged."""
-        problem = update_problem(weights, self.reference)
-        if problem is None and (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
-                                or num_samples <= 0):
-            problem = f"number of samples is {str(num_samples)[:40]!r}, must be a positive integer"
-        if problem is not None:
-            log.warning("rejected update from %s: %s", client, problem)
-            self.rejected[client] = problem
+        if not accept_update(self, weights, num_samples, client):
             return False
         if self._sum is None:
             self._sum = {}

@@ -7,6 +7,8 @@ so the in-process simulation, the worker subprocesses and the Flower client all 
 The round set-up is a JSON-able dict (what the study's server sends to every client):
     {"round": 3, "local_epochs": 1, "config": TrainConfig.to_dict(), "epoch_seed_offset": 2,
      "keep_optimizer_state": False}
+plus, where used, "dp_clip" (DP-FedAvg: clip the update to this L2 norm) and "simulate_attack" (a simulated
+label-flipping attacker trains on inverted masks).
 """
 from __future__ import annotations
 
@@ -65,8 +67,12 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+DP_CLIP_KEY = "dp_clip"
+ATTACK_KEY = "simulate_attack"
+
 # Entries of a round record that a client's metrics must not overwrite.
-RESERVED_ENTRIES = ("status", "seconds", "simulated_seconds", "reason", "num_samples")
+RESERVED_ENTRIES = ("status", "seconds", "simulated_seconds", "reason", "num_samples", "weight", "capped",
+                    "attacker")
 MAX_METRICS = 32
 
 
@@ -142,7 +148,12 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
     if optimizer_state:
         optimizer.load_state_dict(dict(optimizer_state))
     with DistrictPack(pack_path) as pack:
-        result = fit(model, optimizer, pack, config, epochs=int(setup["local_epochs"]), early_stopping=False,
+        source = pack
+        if setup.get(ATTACK_KEY) == "label-flip":   # a simulated attacker (nfed federate --simulate-attack)
+            from .attacks import FlippedMasks
+
+            source = FlippedMasks(pack)
+        result = fit(model, optimizer, source, config, epochs=int(setup["local_epochs"]), early_stopping=False,
                      progress=False, epoch_seed_offset=int(setup.get("epoch_seed_offset", 0)))
     last = result.history[-1] if result.history else {}
     metrics = {
@@ -154,7 +165,12 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
         "wall_time_s": time.perf_counter() - started,
     }
     keep = bool(setup.get("keep_optimizer_state"))
-    return ClientResult(weights=host_state(model), num_samples=int(result.num_train_samples), metrics=metrics,
+    weights = host_state(model)
+    if setup.get(DP_CLIP_KEY):   # DP-FedAvg: the update leaves the client clipped to this L2 norm
+        from .privacy import clip_update
+
+        weights, _ = clip_update(weights, global_weights, float(setup[DP_CLIP_KEY]))
+    return ClientResult(weights=weights, num_samples=int(result.num_train_samples), metrics=metrics,
                         optimizer_state={k: np.array(to_numpy(v)) for k, v in optimizer.state_dict().items()}
                         if keep else None)
 

@@ -37,12 +37,13 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .aggregator import (FedAvgAggregator, StopRules, build_server_optimizer, relative_norm_difference,
-                         trainable, update_problem)
+from .aggregator import StopRules, build_server_optimizer, relative_norm_difference, trainable, update_problem
+from .robust import build_aggregator, cap_sample_counts, registered_samples
 from . import strict_json
 from .atomic import new_folder, write_json_atomic, write_text_atomic
 from .checkpoint import checkpoint_kind, load_checkpoint, save_checkpoint
-from .client import ClientOutcome, ClientResult, ClientTask, clean_metrics, make_round_setup, one_line
+from .client import (DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, make_round_setup,
+                     one_line)
 from .errors import CheckpointError, ConfigError, DataError, NfedError
 from .progress import progress
 from .results import test_facts, write_results_csv
@@ -61,7 +62,9 @@ RUN_FILES = (CHECKPOINT_NAME, ROUNDS_NAME, RESULTS_NAME)
 SPEED_PROFILES = ("uniform", "study")
 # Fields that change the arithmetic of the federation: a resumed run must use the values it started with.
 RESUME_FIELDS = ("local_epochs", "fraction", "min_clients", "server_opt", "server_lr", "server_momentum",
-                 "client_state", "seed", "eps", "patience_rounds", "delta")
+                 "client_state", "seed", "eps", "patience_rounds", "delta", "aggregator", "trim_beta", "krum_f",
+                 "krum_m", "clip_factor", "max_sample_share", "dp_clip", "dp_noise", "dp_delta",
+                 "secure_aggregation", "secagg_range", "simulate_attack", "attackers")
 
 
 @dataclass
@@ -85,11 +88,28 @@ class FederationConfig:
     seed: int = 0
     gpus: tuple[int, ...] = ()
     evaluate_rounds: bool = True
+    # defences (nfed.robust, nfed.privacy, Flower's SecAgg+) and the testing-only attack simulation
+    aggregator: str = "fedavg"
+    trim_beta: float = 0.2
+    krum_f: int = 1
+    krum_m: int = 0
+    clip_factor: float = 1.0
+    max_sample_share: float = 1.0
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+    dp_delta: float | None = None
+    secure_aggregation: bool = False
+    secagg_range: float = 8.0
+    simulate_attack: str | None = None
+    attackers: int = 0
 
     def __post_init__(self):
         check_fields(self, ("rounds", "local_epochs", "eps", "patience_rounds", "delta", "deadline", "fraction",
-                            "min_clients", "workers", "server_lr", "server_momentum", "seed"),
-                     optional=("deadline", "server_lr"))
+                            "min_clients", "workers", "server_lr", "server_momentum", "seed", "trim_beta",
+                            "krum_f", "krum_m", "clip_factor", "max_sample_share", "dp_clip", "dp_noise",
+                            "dp_delta", "secagg_range", "attackers"),
+                     optional=("deadline", "server_lr", "dp_delta"))
+        check_defences(self)
         if self.client_state not in ("reset", "keep"):
             raise ConfigError(f"--client-state must be reset or keep, got {self.client_state}")
         self.gpus = tuple(check_number("gpu", g) for g in self.gpus)
@@ -99,6 +119,33 @@ class FederationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_defences(config: FederationConfig) -> None:
+    """Options that exclude each other fail in one line (ConfigError)."""
+    from .attacks import ATTACKS
+    from .robust import AGGREGATORS
+
+    if config.aggregator not in AGGREGATORS:
+        raise ConfigError(f"--aggregator must be one of {', '.join(AGGREGATORS)}, got {config.aggregator}")
+    if config.simulate_attack is not None and config.simulate_attack not in ATTACKS:
+        raise ConfigError(f"--simulate-attack must be one of {', '.join(ATTACKS)}, got {config.simulate_attack}")
+    if (config.simulate_attack is None) != (config.attackers == 0):
+        raise ConfigError("--simulate-attack KIND and --attackers N (> 0) go together")
+    if config.dp_noise > 0 and config.dp_clip == 0:
+        raise ConfigError("--dp-noise needs --dp-clip (the L2 bound each client clips its update to)")
+    if config.dp_clip > 0 and config.aggregator != "fedavg":
+        raise ConfigError(f"--dp-clip runs DP-FedAvg; it cannot be combined with --aggregator {config.aggregator}")
+    if config.secure_aggregation:
+        if config.aggregator != "fedavg":
+            raise ConfigError(f"secure aggregation hides the individual updates that --aggregator "
+                              f"{config.aggregator} needs: use fedavg (clipping moves to the clients: --dp-clip)")
+        if config.max_sample_share < 1.0:
+            raise ConfigError("with secure aggregation the server never sees one client's weight: "
+                              "--max-sample-share cannot apply")
+        if config.simulate_attack is not None:
+            raise ConfigError("--simulate-attack changes individual updates on the server, which secure "
+                              "aggregation hides")
 
 
 # ------------------------------------------------------------------------------------------ client speeds
@@ -329,7 +376,8 @@ class Federation:
                  *, train_fn: TrainFn | None = None, evaluate_fn: Callable | None = None,
                  initial_weights: Mapping | None = None, runner=None,
                  echo: Callable[[str], None] | None = None, show_progress: bool = False,
-                 data_fingerprint: Mapping[str, str | None] | None = None, tile: int | None = None):
+                 data_fingerprint: Mapping[str, str | None] | None = None, tile: int | None = None,
+                 train_samples: Mapping[str, int] | None = None):
         if not packs:
             raise DataError("no district packs to federate")
         self.packs = dict(packs)
@@ -349,12 +397,54 @@ class Federation:
                               f"district(s) available")
         self._fingerprint = dict(data_fingerprint) if data_fingerprint is not None else None
         self._tile = tile if tile is not None else _pack_tile(self.packs.values())
+        self._train_samples = dict(train_samples) if train_samples is not None else None
+        self.registered = registered_samples()
+        self.attackers: list[str] = []
+        if fed_config.simulate_attack is not None:
+            from .attacks import choose_attackers
+
+            self.attackers = choose_attackers(self.districts, fed_config.attackers, fed_config.seed)
+        self._dp_releases = 0
+        if fed_config.dp_noise > 0:
+            from .privacy import check_accountant
+
+            check_accountant()
 
     def data_fingerprint(self) -> dict[str, str | None]:
         """district -> sha256 of its pack (what a resume must find again), computed once."""
         if self._fingerprint is None:
             self._fingerprint = {d: pack_fingerprint(self.packs[d]) for d in self.districts}
         return self._fingerprint
+
+    def dp_delta(self) -> float:
+        """The delta of the privacy accounting: --dp-delta, else 1 / the districts' training samples."""
+        if self.config.dp_delta is not None:
+            return self.config.dp_delta
+        if self._train_samples is None:
+            from .data import DistrictPack
+
+            try:
+                counts = {}
+                for district in self.districts:
+                    with DistrictPack(self.packs[district]) as pack:
+                        counts[district] = pack.num_samples("train")
+            except NfedError as exc:
+                raise ConfigError(f"cannot count the training samples for the privacy accounting ({exc}): "
+                                  "give --dp-delta") from None
+            self._train_samples = counts
+        return 1.0 / max(sum(self._train_samples.values()), 1)
+
+    def _privacy(self, released: bool) -> dict:
+        """The round record's privacy entry: epsilon spent so far at the run's delta (None: no guarantee)."""
+        from .privacy import privacy_spent
+
+        cfg = self.config
+        self._dp_releases += int(released)
+        rate = len(select_clients(self.districts, cfg.fraction, cfg.seed, 1)) / len(self.districts)
+        delta = self.dp_delta()
+        epsilon = privacy_spent(cfg.dp_noise, self._dp_releases, rate, delta) if cfg.dp_noise > 0 else math.inf
+        return {"released": released, "releases": self._dp_releases, "epsilon": epsilon, "delta": delta,
+                "noise_multiplier": cfg.dp_noise, "clip": cfg.dp_clip, "sampling_rate": rate}
 
     # -- set-up / resume --------------------------------------------------------------------------------
     def _fresh_state(self):
@@ -463,14 +553,54 @@ class Federation:
         keep = self.config.client_state == "keep"
         setup = make_round_setup(self.train_config, round_number, self.config.local_epochs,
                                  keep_optimizer_state=keep)
+        if self.config.dp_clip > 0:
+            setup[DP_CLIP_KEY] = float(self.config.dp_clip)
         tasks = []
         for index, district in enumerate(selected):
             device = None
             if self.config.gpus:
                 device = f"cuda:{self.config.gpus[index % len(self.config.gpus)]}"
             state = _latest_client_state(self.run_dir, district, round_number) if keep else None
-            tasks.append(ClientTask(district, self.packs[district], setup, state, device))
+            task_setup = setup
+            if district in self.attackers:
+                from .attacks import attack_setup
+
+                task_setup = attack_setup(self.config.simulate_attack, setup)
+            tasks.append(ClientTask(district, self.packs[district], task_setup, state, device))
         return tasks
+
+    def _attacked(self, outcomes: list[ClientOutcome], weights, round_number: int) -> list[ClientOutcome]:
+        """The outcomes with the simulated attackers' results turned hostile (--simulate-attack)."""
+        if not self.attackers:
+            return outcomes
+        from .attacks import attack_result
+
+        for outcome in outcomes:
+            if outcome.district in self.attackers and outcome.status == "ok" and outcome.result is not None:
+                rng = np.random.default_rng([self.config.seed, round_number, self.districts.index(outcome.district)])
+                outcome.result = attack_result(self.config.simulate_attack, outcome.result, weights, rng)
+        return outcomes
+
+    def _collect(self, runner, weights, tasks: list[ClientTask], round_number: int):
+        """Run the round's clients: their outcomes and the aggregator holding their accepted updates (under
+        secure aggregation the runner returns the secure sum instead of individual updates)."""
+        cfg = self.config
+        if cfg.secure_aggregation:
+            if not hasattr(runner, "run_secure"):
+                raise ConfigError("secure aggregation runs over Flower (nfed flower-app --secure-aggregation)")
+            from .privacy import SecureSumAggregator
+
+            outcomes, aggregate = runner.run_secure(weights, tasks, cfg.deadline)
+            return outcomes, {}, SecureSumAggregator(weights, aggregate, cfg.dp_clip, cfg.dp_noise)
+        outcomes = self._attacked(runner.run(weights, tasks, cfg.deadline), weights, round_number)
+        claims = {o.district: o.result.num_samples for o in outcomes if o.status == "ok" and o.result is not None}
+        caps, reasons = cap_sample_counts(claims, self.registered, cfg.max_sample_share)
+        aggregator = build_aggregator(cfg, weights)
+        for outcome in outcomes:
+            if outcome.status == "ok" and not aggregator.add(outcome.result.weights, caps[outcome.district],
+                                                             outcome.district):
+                outcome.status, outcome.reason = "rejected", aggregator.rejected[outcome.district]
+        return outcomes, {d: (caps[d], why) for d, why in reasons.items()}, aggregator
 
     def _evaluate_all(self, weights, round_number: int, split: str) -> dict[str, dict]:
         evaluate_fn = self.evaluate_fn
@@ -524,6 +654,9 @@ class Federation:
             self._save(weights, 0, server, stop, None, records)
         if stop_reason is None and done >= cfg.rounds:
             stop_reason = f"round budget of {cfg.rounds} spent"
+        self._dp_releases = sum(1 for r in records if (r.get("privacy") or {}).get("released"))
+        if self.attackers:
+            self.echo(f"SIMULATED ATTACK (testing only): {cfg.simulate_attack} by {', '.join(self.attackers)}")
         runner = self._runner()
         while stop_reason is None:
             round_number = done + 1
@@ -556,8 +689,20 @@ class Federation:
         write_json_atomic(self.run_dir / SUMMARY_NAME, {
             "rounds": done, "best_round": result.best_round, "stop_rule": stop.fired, "stop_reason": stop_reason,
             "best_mean_val_loss": self._best[1] if best_round else None,
-            "clients": client_work(records)})
+            "clients": client_work(records), **self._defence_summary(records)})
         return result
+
+    def _defence_summary(self, records: list[dict]) -> dict:
+        """summary.json's account of the aggregation, the privacy spent and any simulated attack."""
+        cfg = self.config
+        summary = {"aggregator": "dp-fedavg" if cfg.dp_clip > 0 else cfg.aggregator,
+                   "secure_aggregation": cfg.secure_aggregation}
+        privacy = [r["privacy"] for r in records if r.get("privacy")]
+        if privacy:
+            summary["privacy"] = privacy[-1]
+        if self.attackers:
+            summary["simulated_attack"] = {"kind": cfg.simulate_attack, "attackers": self.attackers}
+        return summary
 
     def _track_best(self, weights, record: dict) -> None:
         """Keep RUN/best.h5 = the global weights of the round with the lowest mean validation loss of the
@@ -576,8 +721,8 @@ class Federation:
         cfg = self.config
         started = time.perf_counter()
         selected = select_clients(self.districts, cfg.fraction, cfg.seed, round_number)
-        outcomes = runner.run(weights, self._tasks(round_number, selected), cfg.deadline)
-        aggregator = FedAvgAggregator(weights)
+        outcomes, capped, aggregator = self._collect(runner, weights, self._tasks(round_number, selected),
+                                                     round_number)
         clients = {}
         for outcome in outcomes:
             entry = {"status": outcome.status, "seconds": round(outcome.seconds, 3)}
@@ -589,9 +734,10 @@ class Federation:
             if result is not None:
                 entry["num_samples"] = clean_metrics({"n": result.num_samples}).get("n")
                 entry.update({k: v for k, v in clean_metrics(result.metrics).items() if k != "wall_time_s"})
-            if outcome.status == "ok" and not aggregator.add(result.weights, result.num_samples, outcome.district):
-                entry["status"] = "rejected"
-                entry["reason"] = aggregator.rejected[outcome.district]
+            if outcome.district in capped:
+                entry["weight"], entry["capped"] = capped[outcome.district]
+            if outcome.district in self.attackers:
+                entry["attacker"] = cfg.simulate_attack
             # a client keeps its own optimiser state whether or not it made the deadline (not when it broke)
             if (cfg.client_state == "keep" and result is not None and result.optimizer_state
                     and entry["status"] in ("ok", "late")):
@@ -621,7 +767,12 @@ class Federation:
             "rejected": {d: e.get("reason", "") for d, e in clients.items() if e["status"] == "rejected"},
             "kept_previous": kept_previous, "norm_difference": norm_difference, "clients": clients,
             "mean_client_val_f1": _mean([clients[d].get("val_f1") for d in answered]),
+            "aggregator": aggregator.name,
         }
+        if aggregator.notes:
+            record["aggregation"] = aggregator.notes
+        if cfg.dp_clip > 0:
+            record["privacy"] = self._privacy(released=averaged is not None)
         evaluated = self._evaluate_all(new_weights, round_number, "val") if cfg.evaluate_rounds else {}
         record["global_val"] = {d: {"loss": m.get("loss"), "f1": m.get("f1"), "samples": m.get("samples")}
                                 for d, m in evaluated.items()}
@@ -688,6 +839,19 @@ def _round_line(record: dict, budget: int) -> str:
         parts.append(f"{record['problem']}: previous global weights kept")
     elif record["kept_previous"]:
         parts.append("fewer responders than --min-clients: previous global weights kept")
+    capped = [d for d, e in clients.items() if "capped" in e]
+    if capped:
+        parts.append("sample counts capped: " + ", ".join(capped))
+    notes = record.get("aggregation") or {}
+    if "selected" in notes:
+        parts.append(f"multi-Krum kept {len(notes['selected'])}/{len(answered)}")
+    if notes.get("clipped"):
+        parts.append(f"clipped to {notes['bound']:.3g}: {', '.join(notes['clipped'])}")
+    privacy = record.get("privacy")
+    if privacy:
+        epsilon = privacy["epsilon"]
+        parts.append(f"privacy spent: epsilon {epsilon:.3g} at delta {privacy['delta']:.2g}"
+                     if epsilon is not None and math.isfinite(epsilon) else "no DP noise: no privacy guarantee")
     if record.get("mean_val_f1") is not None:
         parts.append(f"mean val F1 {record['mean_val_f1']:.4f}")
     if record["norm_difference"] is not None:

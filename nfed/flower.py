@@ -19,6 +19,7 @@ The run configuration ([tool.flwr.app.config], written by `nfed flower-app`) hol
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,8 +36,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from . import strict_json
 from .backend import to_numpy
-from .client import (ClientOutcome, ClientResult, ClientTask, clean_metrics, evaluate_weights, one_line,
-                     train_round)
+from .client import (DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, evaluate_weights,
+                     one_line, train_round)
 from .districts import district_order_key
 from .errors import ConfigError, DataError, NfedError
 from .validate import Limit, check_number
@@ -74,7 +75,21 @@ FEDERATION_KEYS = {
     "server-momentum": ("server_momentum", float),
     "seed": ("seed", int),
     "evaluate-rounds": ("evaluate_rounds", bool),
+    # defences: optional in the run config (apps written before them keep working)
+    "aggregator": ("aggregator", str),
+    "trim-beta": ("trim_beta", float),
+    "krum-f": ("krum_f", int),
+    "krum-m": ("krum_m", int),
+    "clip-factor": ("clip_factor", float),
+    "max-sample-share": ("max_sample_share", float),
+    "dp-clip": ("dp_clip", float),
+    "dp-noise": ("dp_noise", float),
+    "dp-delta": ("dp_delta", float),          # 0: 1 / the districts' training samples
+    "secure-aggregation": ("secure_aggregation", bool),
+    "secagg-range": ("secagg_range", float),
 }
+OPTIONAL_KEYS = ("aggregator", "trim-beta", "krum-f", "krum-m", "clip-factor", "max-sample-share", "dp-clip",
+                 "dp-noise", "dp-delta", "secure-aggregation", "secagg-range")
 TRAIN_PREFIX = "train."
 
 
@@ -221,7 +236,15 @@ def client_describe(message: Message, context: Context) -> Message:
 
 @client_app.train()
 def client_train(message: Message, context: Context) -> Message:
-    """One round of local training on this node's pack with nfed.client.train_round."""
+    """One round of local training on this node's pack with nfed.client.train_round (or, under secure
+    aggregation, one stage of Flower's SecAgg+ protocol around it: nfed.secagg)."""
+    from .secagg import is_secure_message, secure_train
+
+    if is_secure_message(message):
+        try:
+            return secure_train(message, context, node_pack, node_device)
+        except Exception as exc:
+            return _error_reply(message, exc)
     try:
         weights = record_to_weights(message.content[WEIGHTS_RECORD])
         setup = _from_json_record(message.content[SETUP_RECORD], "setup")
@@ -310,6 +333,7 @@ class FlowerClients:
         self.dropped: dict[str, str] = {}   # district -> why its node is left out for the rest of the run
         self._max_bytes: int | None = None
         self._evaluated: tuple | None = None
+        self.secagg_range = 8.0   # secure aggregation: coordinates clipped to +-this before quantisation
 
     def data_fingerprint(self) -> dict[str, str | None]:
         """district -> the pack hash its node reported (what a resume must find again)."""
@@ -362,6 +386,35 @@ class FlowerClients:
         for district in messages:
             outcomes[district] = self._train_outcome(district, replies.get(district), timeout)
         return [outcomes[task.district] for task in tasks]
+
+    def run_secure(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None):
+        """One round under Flower's SecAgg+ (nfed.secagg): outcomes and the revealed aggregate, never one
+        node's update. A node weighs itself by its described training samples (1 each under DP-FedAvg)."""
+        from .privacy import SecureAggregate
+        from .secagg import secure_round
+
+        timeout = deadline if deadline is not None else self.timeout
+        outcomes: dict[str, ClientOutcome] = {}
+        running = []
+        for task in tasks:
+            if task.district not in self.nodes or task.district in self.dropped:
+                outcomes[task.district] = ClientOutcome(task.district, "failed", reason=self.dropped.get(
+                    task.district, "no SuperNode connected"))
+            else:
+                running.append(task)
+        dp_clip = float(running[0].setup.get(DP_CLIP_KEY) or 0.0) if running else 0.0
+        expected = {d: 1 if dp_clip else int(self.described.get(d, {}).get("samples", {}).get("train", 0))
+                    for d in self.nodes}
+        round_number = int(tasks[0].setup.get("round", 0)) if tasks else 0
+        self.echo(f"sending round {round_number} to {len(running)} SuperNode(s) under secure aggregation"
+                  + (f", deadline {timeout:g} s per stage" if timeout else ""))
+        aggregate = SecureAggregate(None, problem="no SuperNode to aggregate")
+        if running:
+            secured, aggregate = secure_round(self.grid, self.nodes, global_weights, running, timeout=timeout,
+                                              bound=dp_clip or self.secagg_range, expected_weight=expected,
+                                              echo=self.echo)
+            outcomes.update({outcome.district: outcome for outcome in secured})
+        return [outcomes[task.district] for task in tasks], aggregate
 
     def _train_outcome(self, district: str, reply: Reply | None, timeout: float | None) -> ClientOutcome:
         if reply is None:
@@ -508,6 +561,8 @@ def run_config_for(train_config, fed_config, *, run_dir: Path, resume: bool = Fa
     federation = fed_config.to_dict()
     if federation.get("client_state", "reset") != "reset":
         raise ConfigError("over Flower each round starts the clients' optimisers afresh (--client-state reset)")
+    if federation.get("simulate_attack") is not None:
+        raise ConfigError("--simulate-attack is a testing switch of nfed federate, not of a Flower deployment")
     config = {"run-dir": str(Path(run_dir).expanduser().resolve()), "resume": bool(resume),
               "overwrite": bool(overwrite), "expected-nodes": int(expected_nodes),
               "connect-timeout": float(connect_timeout)}
@@ -536,11 +591,12 @@ def settings_from_run_config(run_config: Mapping[str, object]) -> FlowerRunSetti
         except (TypeError, ValueError):
             raise ConfigError(f"Flower run config '{key}' = {run_config[key]!r} is not a {kind.__name__}") from None
 
-    options = {field_name: get(key, kind) for key, (field_name, kind) in FEDERATION_KEYS.items()}
-    if options["deadline"] <= 0:
-        options["deadline"] = None
-    if options["server_lr"] <= 0:
-        options["server_lr"] = None
+    defaults = {field.name: field.default for field in dataclasses.fields(FederationConfig)}
+    options = {field_name: get(key, kind, kind(defaults[field_name] or 0) if key in OPTIONAL_KEYS else None)
+               for key, (field_name, kind) in FEDERATION_KEYS.items()}
+    for name in ("deadline", "server_lr", "dp_delta"):   # 0 in TOML: unset
+        if options[name] <= 0:
+            options[name] = None
     train = {key[len(TRAIN_PREFIX):]: value for key, value in run_config.items() if key.startswith(TRAIN_PREFIX)}
     train["seed"] = options["seed"]
     unknown = set(train) - set(TrainConfig().to_dict())
@@ -576,12 +632,13 @@ def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], No
     described = discover_districts(grid, expected_nodes=expected, timeout=settings.connect_timeout, echo=echo)
     clients = FlowerClients(grid, {d: info["node_id"] for d, info in described.items()}, timeout=fed.deadline,
                             echo=echo, described=described)
+    clients.secagg_range = fed.secagg_range
     echo(f"federating {len(described)} district(s) over Flower into {settings.run_dir}"
          + (" (resuming)" if settings.resume else ""))
     result = federate(clients.pack_labels(), settings.run_dir, settings.train_config, fed,
                       resume=settings.resume, overwrite=settings.overwrite, echo=echo, runner=clients,
                       evaluate_fn=clients.evaluate, data_fingerprint=clients.data_fingerprint(),
-                      tile=clients.tile())
+                      tile=clients.tile(), train_samples={d: info["samples"]["train"] for d, info in described.items()})
     for row in result.results:
         echo(f"test {row['district']}: F1 {row['f1']:.4f} ({row['samples']} samples)"
              if not math.isnan(row["f1"]) else f"test {row['district']}: no result")

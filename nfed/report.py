@@ -245,6 +245,8 @@ def compare_run(run: Run) -> Comparison:
     summary["missing_local"] = sorted(set(federated) - set(local), key=district_order_key)
     section = fairness(run, common)
     summary["fairness"] = [section]
+    if run.federation.get("privacy"):   # a DP-FedAvg federation: the privacy it spent
+        summary["privacy"] = run.federation["privacy"]
     summary["warnings"] = list(section["warnings"])
     return Comparison(rows, summary, columns, [run])
 

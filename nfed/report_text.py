@@ -127,6 +127,13 @@ def headline_lines(comparison: Comparison) -> list[str]:
     for name, test in s["wilcoxon"].items():
         per_seed = [_p_value(c.summary["wilcoxon"].get(name, {}).get("p_value")) for c in comparison.seeds]
         lines.append(_wilcoxon(name, test) + (f"; per seed p = {', '.join(per_seed)}" if per_seed else ""))
+    privacy = s.get("privacy")
+    if privacy:
+        spent = privacy.get("epsilon")
+        lines.append(f"federation under DP-FedAvg (clip {privacy.get('clip')}, noise multiplier "
+                     f"{privacy.get('noise_multiplier')}): privacy spent "
+                     + (f"epsilon {spent:.3g} at delta {privacy.get('delta', 0):.2g}" if spent is not None
+                        else "unbounded (no noise)") + f" after {privacy.get('releases')} round(s)")
     return lines
 
 

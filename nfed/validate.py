@@ -90,6 +90,18 @@ LIMITS: dict[str, Limit] = {
     "server_momentum": Limit(0, 1, high_open=True),
     "client_speed": Limit(0, 1e6, low_open=True),
     "gpu": Limit(0, 1023, integer=True),
+    # defences (nfed.robust, nfed.privacy, secure aggregation) and the attack simulation
+    "trim_beta": Limit(0, 0.5, high_open=True),
+    "krum_f": Limit(0, 100000, integer=True),
+    "krum_m": Limit(0, 100000, integer=True),      # 0: n - f
+    "clip_factor": Limit(0, 1e6, low_open=True),
+    "max_sample_share": Limit(0, 1, low_open=True),
+    "dp_clip": Limit(0, 1e6),                      # 0: no differential privacy
+    "dp_noise": Limit(0, 1e6),
+    "dp_delta": Limit(0, 1, low_open=True, high_open=True),
+    "secagg_range": Limit(0, 1e6, low_open=True),
+    "attackers": Limit(0, 100000, integer=True),
+    "epsilon": Limit(0, 1e6, low_open=True),
     # data
     "scale": Limit(0, 100, low_open=True),
     "tile": Limit(16, 8192, integer=True),

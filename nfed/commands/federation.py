@@ -51,11 +51,36 @@ PROTOCOL_OPTIONS = [
     click.option("--width", type=limited("width"), help="W-Net base width w"),
 ]
 
+# Defences against hostile updates and leaked updates (FederationConfig fields of the same names).
+DEFENCE_OPTIONS = [
+    click.option("--aggregator", type=click.Choice(["fedavg", "median", "trimmed-mean", "multi-krum", "clipped"]),
+                 default="fedavg", show_default=True,
+                 help="how updates are combined: FedAvg (streams), or robust to hostile clients (hold every update)"),
+    click.option("--trim-beta", type=limited("trim_beta"), default=0.2, show_default=True,
+                 help="trimmed-mean: share of values dropped at each end, per coordinate"),
+    click.option("--krum-f", type=limited("krum_f"), default=1, show_default=True,
+                 help="multi-krum: hostile clients tolerated"),
+    click.option("--krum-m", type=limited("krum_m"), default=0, show_default=True,
+                 help="multi-krum: updates averaged (0: n - f)"),
+    click.option("--clip-factor", type=limited("clip_factor"), default=1.0, show_default=True,
+                 help="clipped: delta norms clipped to this multiple of the round's median delta norm"),
+    click.option("--max-sample-share", type=limited("max_sample_share"), default=1.0, show_default=True,
+                 help="no client weighs more than this share of a round (1: no cap; counts above a district's "
+                      "registered count are always capped)"),
+    click.option("--dp-clip", type=limited("dp_clip"), default=0.0, show_default=True,
+                 help="DP-FedAvg: each client clips its update to this L2 norm (0: no differential privacy)"),
+    click.option("--dp-noise", type=limited("dp_noise"), default=0.0, show_default=True,
+                 help="DP-FedAvg: Gaussian noise multiplier z (noise std z * dp-clip on the sum)"),
+    click.option("--dp-delta", type=limited("dp_delta"), default=None,
+                 help="delta of the privacy accounting (default: 1 / the districts' training samples)"),
+]
+
 
 def protocol_options(command):
     """Apply PROTOCOL_OPTIONS (profile, rounds, local epochs, stop rules, sampling, server optimiser, client
-    set-up) to a click command."""
-    for option in reversed(PROTOCOL_OPTIONS):
+    set-up) and DEFENCE_OPTIONS (aggregator, sample-count cap, DP-FedAvg; passed on as keyword arguments named
+    like FederationConfig's fields) to a click command."""
+    for option in reversed(PROTOCOL_OPTIONS + DEFENCE_OPTIONS):
         command = option(command)
     return command
 
@@ -80,12 +105,17 @@ def protocol_options(command):
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last finished round")
 @click.option("--overwrite", is_flag=True, help="replace the run already in --out (its results are deleted)")
 @click.option("--seed", type=limited("seed"), default=0, show_default=True)
+@click.option("--simulate-attack", type=click.Choice(["sign-flip", "noise", "scaled", "label-flip",
+                                                      "sample-inflation"]), default=None,
+              help="TESTING ONLY: --attackers seeded districts send hostile updates of this kind")
+@click.option("--attackers", type=limited("attackers"), default=0, show_default=True,
+              help="TESTING ONLY: number of simulated attackers")
 @device_option
 @precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
              min_clients, workers, gpus, server_opt, server_lr, server_momentum, client_state, client_speeds, lr,
-             batch_size, width, no_round_eval, resume, overwrite, seed, device, precision, quiet):
+             batch_size, width, no_round_eval, resume, overwrite, seed, device, precision, quiet, **defences):
     """Federated training over district packs (FedAvg weighted by sample count), one line per round.
 
     Writes RUN/rounds.jsonl, an atomic checkpoint RUN/global.h5 after every round (--resume continues from
@@ -109,8 +139,9 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
                               workers=workers, server_opt=server_opt, server_lr=server_lr,
                               server_momentum=server_momentum, client_state=client_state,
                               client_speeds=load_client_speeds(client_speeds, list(packs)), seed=seed,
-                              gpus=gpu_ids, evaluate_rounds=not no_round_eval)
-    click.echo(f"federating {len(packs)} district(s) from {data_dir}: {server_opt}, up to {rounds} round(s) of "
+                              gpus=gpu_ids, evaluate_rounds=not no_round_eval, **defences)
+    click.echo(f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {server_opt}, "
+               f"up to {rounds} round(s) of "
                f"{local_epochs} local epoch(s), device {device}" + (f", deadline {deadline:g} s" if deadline else ""))
     result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite,
                             echo=click.echo, show_progress=not quiet)

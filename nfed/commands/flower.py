@@ -96,9 +96,14 @@ def write_flower_app(app_dir: Path, run_config: dict) -> Path:
 @click.option("--resume", is_flag=True, help="continue the run in --run-dir from its last finished round")
 @click.option("--overwrite", is_flag=True, help="replace a run already in --run-dir (its results are deleted)")
 @click.option("--seed", type=limited("seed"), default=0, show_default=True)
+@click.option("--secure-aggregation", is_flag=True,
+              help="Flower's SecAgg+: the ServerApp learns only the sum of the updates (needs --aggregator fedavg)")
+@click.option("--secagg-range", type=limited("secagg_range"), default=8.0, show_default=True,
+              help="secure aggregation: each update coordinate is clipped to +-this before quantisation "
+                   "(--dp-clip, when set, is used instead)")
 def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
                min_clients, expected_nodes, connect_timeout, server_opt, server_lr, server_momentum, lr,
-               batch_size, width, no_round_eval, resume, overwrite, seed):
+               batch_size, width, no_round_eval, resume, overwrite, seed, **defences):
     """Write a Flower app folder that runs `nfed federate`'s protocol on a SuperLink and one SuperNode per
     district.
 
@@ -118,11 +123,13 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
     config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
                               delta=delta, deadline=deadline if deadline > 0 else None, fraction=fraction,
                               min_clients=min_clients, server_opt=server_opt, server_lr=server_lr,
-                              server_momentum=server_momentum, seed=seed, evaluate_rounds=not no_round_eval)
+                              server_momentum=server_momentum, seed=seed, evaluate_rounds=not no_round_eval,
+                              **defences)
     path = write_flower_app(app_dir, flower_run_config(train_config, config, run_dir=run_dir, resume=resume,
                                                        overwrite=overwrite, expected_nodes=expected_nodes,
                                                        connect_timeout=connect_timeout))
-    click.echo(f"wrote {path}: {server_opt}, up to {rounds} round(s), deadline "
+    click.echo(f"wrote {path}: {config.aggregator}" + (" under secure aggregation" if config.secure_aggregation
+                                                      else "") + f" + {server_opt}, up to {rounds} round(s), deadline "
                + (f"{deadline:g} s" if deadline > 0 else "none") + f"; run folder {Path(run_dir).resolve()}")
     click.echo(f"run it with: flwr run {app_dir} <connection> --stream")
 
