@@ -4,6 +4,7 @@ from __future__ import annotations
 from .. import backend
 from ..autograd import Function
 from .im2col import conv_output_size
+from .layout import zeros_like_layout
 from .utils import pair
 
 
@@ -42,7 +43,7 @@ def max_pool2d_backward(gout, index, x_shape, kernel_size=2, stride=None):
     kh, kw = pair(kernel_size)
     sh, sw = pair(stride if stride is not None else kernel_size)
     n, c, ho, wo = gout.shape
-    grad = xp.zeros(x_shape, dtype=gout.dtype)
+    grad = zeros_like_layout(gout, x_shape)
     for i in range(kh):
         for j in range(kw):
             target = grad[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
