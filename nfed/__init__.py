@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .cpu_blas import choose_openblas_core as _choose_openblas_core
+from . import cpu_runtime as _cpu_runtime
 
-_choose_openblas_core()
+_cpu_runtime.choose_openblas_core()
+_cpu_runtime.keep_freed_memory()

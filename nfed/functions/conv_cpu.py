@@ -16,11 +16,18 @@ return NCHW planes, which the losses and softmax after the W-Net's heads reduce 
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .layout import empty_channels_last, from_nhwc, is_channels_last, nhwc
 from .parallel import num_workers, run_blocks, single_threaded_blas
+
+# Zero-bordered scratch arrays kept per thread (see zero_bordered).
+SCRATCH_BYTES = 64 << 20
+_scratch = threading.local()
 
 # Bytes of patch rows per block: about the L2 cache, between the copy that writes them and the product that
 # reads them. Blocks run on the worker pool (parallel.py); below PARALLEL_MIN_WORK multiply-adds an op runs
@@ -48,14 +55,22 @@ def padded_nhwc(x, ph: int, pw: int, dtype=None):
 
 
 def zero_bordered(shape, padding: tuple[int, int], dtype):
-    """A new [N, H + 2ph, W + 2pw, C] array for an [N, H, W, C] shape: zero border, inside left to fill."""
+    """An [N, H + 2ph, W + 2pw, C] scratch array for an [N, H, W, C] shape: zero border, inside left to fill.
+
+    Scratch: one per shape and thread, reused from call to call (only its inside is ever written, so the
+    border is zeroed once), up to SCRATCH_BYTES in all. Callers use it within the call and never keep it.
+    """
     n, h, w, c = shape
     ph, pw = padding
-    out = np.empty((n, h + 2 * ph, w + 2 * pw, c), dtype=dtype)
-    out[:, :ph] = 0
-    out[:, ph + h:] = 0
-    out[:, ph:ph + h, :pw] = 0
-    out[:, ph:ph + h, pw + w:] = 0
+    full = (n, h + 2 * ph, w + 2 * pw, c)
+    cache = _scratch.__dict__.setdefault("bordered", OrderedDict())
+    key = (full, ph, pw, np.dtype(dtype).str)  # same full shape and border: the same inside
+    out = cache.pop(key, None)
+    if out is None:
+        out = np.zeros(full, dtype=dtype)
+        while cache and sum(a.nbytes for a in cache.values()) + out.nbytes > SCRATCH_BYTES:
+            cache.popitem(last=False)
+    cache[key] = out
     return out
 
 
