@@ -1,4 +1,5 @@
-"""`nfed bench step`: time one full W-Net-CD training step (forward, backward, Adam) against PyTorch.
+"""`nfed bench step`: time one full W-Net-CD training step (forward, backward, Adam) against PyTorch, or with
+--eval one inference forward (evaluation mode, no graph; PyTorch under torch.no_grad()).
 
 Each side runs in its own fresh Python process, one after the other in the same invocation, so each
 reports its own peak resident memory (ru_maxrss) and neither pays for the other's imports or caches.
@@ -33,20 +34,23 @@ TWIN_PATH = Path(__file__).resolve().parents[2] / "bench" / "torch_wnet.py"
 @click.option("--lambda-rec", type=float, default=0.1, show_default=True, help="reconstruction weight")
 @click.option("--repeat", type=int, default=5, show_default=True, help="timed steps (after --warmup)")
 @click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
+@click.option("--eval", "inference", is_flag=True, help="time the inference forward (eval mode, no graph) instead")
 @click.option("--no-reference", is_flag=True, help="time nfed only")
 @click.option("--cprofile", "cprofile_top", type=int, default=0,
               help="also profile nfed's timed steps and print the top N functions (by total time) to stderr")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, no_reference, cprofile_top, as_json):
-    """Training-step throughput of nfed vs the same model in PyTorch, measured in the same run."""
+def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, inference, no_reference, cprofile_top,
+         as_json):
+    """Training-step (or --eval inference) throughput of nfed vs the same model in PyTorch, in the same run."""
     device = str(backend.parse_device(device))
     if width < 1 or batch < 1 or repeat < 1 or warmup < 0:
         raise ConfigError("--width, --batch and --repeat must be >= 1 and --warmup >= 0")
     if tile < 16 or tile % 16:
         raise ConfigError(f"--tile {tile}: must be a positive multiple of 16 (W-Net pools 4 times)")
+    mode = "eval" if inference else "train"
     task = {"device": device, "precision": precision, "width": width, "tile": tile, "batch": batch,
-            "lambda_rec": lambda_rec, "repeat": repeat, "warmup": warmup, "cprofile_top": cprofile_top}
-    result = {"device": device, "precision": precision, "width": width, "tile": tile, "batch": batch,
+            "lambda_rec": lambda_rec, "repeat": repeat, "warmup": warmup, "cprofile_top": cprofile_top, "mode": mode}
+    result = {"device": device, "precision": precision, "mode": mode, "width": width, "tile": tile, "batch": batch,
               "lambda_rec": lambda_rec, "repeat": repeat, "cpu_count": os.cpu_count()}
     nfed_side = _run_worker("nfed", task)
     result.update({f"nfed_{k}": v for k, v in nfed_side.items()})
@@ -67,9 +71,10 @@ def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, no_r
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"W-Net-CD training step, w {width}, tile {tile}, batch {batch}, {device}, {repeat} steps")
+    what = "inference forward" if inference else "training step"
+    click.echo(f"W-Net-CD {what}, w {width}, tile {tile}, batch {batch}, {device}, {repeat} steps")
     click.echo(f"nfed      {nfed_side['s_per_step']:.3f} s/step  {nfed_side['img_per_s']:8.1f} img/s  "
-               f"peak RSS {nfed_side['peak_rss_mb']:.0f} MB")
+               f"peak RSS {nfed_side['peak_rss_mb']:.0f} MB  ({nfed_side['blas']})")
     if reference is not None:
         click.echo(f"pytorch   {reference['s_per_step']:.3f} s/step  {reference['img_per_s']:8.1f} img/s  "
                    f"peak RSS {reference['peak_rss_mb']:.0f} MB  ({reference['version']})")
@@ -121,6 +126,7 @@ def _inputs(task: dict):
 
 
 def _nfed_steps(task: dict) -> dict:
+    from ..autograd import no_grad
     from ..training import TrainConfig, build_model, build_optimizer
 
     config = TrainConfig(width=task["width"], lambda_rec=task["lambda_rec"], device=task["device"])
@@ -135,6 +141,15 @@ def _nfed_steps(task: dict) -> dict:
         loss.backward()
         optimizer.step()
         backend.synchronize(device)
+
+    def one_forward():
+        with no_grad():
+            model(past, current)
+        backend.synchronize(device)
+
+    if task.get("mode") == "eval":
+        model.eval()
+        one_step = one_forward
 
     for _ in range(task["warmup"]):
         one_step()
@@ -154,7 +169,9 @@ def _nfed_steps(task: dict) -> dict:
 
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(task["cprofile_top"])
-    result = {"seconds": seconds, "version": _nfed_version()}
+    from ..functions.parallel import blas_kernels
+
+    result = {"seconds": seconds, "version": _nfed_version(), "blas": blas_kernels()}
     if device.is_gpu:  # CuPy's pool keeps what it allocated: its size is the peak reserved memory
         result["peak_gpu_mb"] = backend.cupy_module().get_default_memory_pool().total_bytes() / 2**20
     return result
@@ -196,6 +213,17 @@ def _torch_steps(task: dict) -> dict:
         optimizer.step()
         if device.is_gpu:
             torch.cuda.synchronize(torch_device)
+
+    def one_forward():
+        with torch.no_grad(), torch.autocast(torch_device.type, dtype=autocast_dtype or torch.float32,
+                                             enabled=autocast_dtype is not None):
+            model(past, current)
+        if device.is_gpu:
+            torch.cuda.synchronize(torch_device)
+
+    if task.get("mode") == "eval":
+        model.eval()
+        one_step = one_forward
 
     for _ in range(task["warmup"]):
         one_step()

@@ -29,10 +29,11 @@ from .parallel import num_workers, run_blocks, single_threaded_blas
 SCRATCH_BYTES = 64 << 20
 _scratch = threading.local()
 
-# Bytes of patch rows per block: about the L2 cache, between the copy that writes them and the product that
-# reads them. Blocks run on the worker pool (parallel.py); below PARALLEL_MIN_WORK multiply-adds an op runs
-# on the calling thread (a hand-off costs tens of microseconds).
-PATCH_BLOCK_BYTES = 1 << 20
+# Bytes of patch rows per block: large enough that OpenBLAS's packing of the weights (up to a few hundred KiB a
+# product) is spread over many rows (4 MiB measured best: 1 MiB cost 10 % more at w16/128), small enough for
+# several blocks per worker. Blocks run on the worker pool (parallel.py); below PARALLEL_MIN_WORK multiply-adds
+# an op runs on the calling thread (a hand-off costs tens of microseconds).
+PATCH_BLOCK_BYTES = 4 << 20
 PARALLEL_MIN_WORK = 1 << 22
 PACKED_COLUMNS = 16
 

@@ -29,7 +29,7 @@ ENABLED = True
 # Values per block of the element-wise passes (256 KiB of float32: they stay in L2 from one pass to the
 # next), and the array size from which those passes go to the worker pool.
 BLOCK_VALUES = 1 << 16
-PARALLEL_MIN_VALUES = 1 << 18
+PARALLEL_MIN_VALUES = 1 << 15
 
 
 class _ImageRows:

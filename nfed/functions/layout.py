@@ -23,6 +23,12 @@ def is_channels_last(x) -> bool:
             and x.transpose(0, 2, 3, 1).flags.c_contiguous and not x.flags.c_contiguous)
 
 
+def channels_innermost(x) -> bool:
+    """A 4-D NumPy array (or view, e.g. a channel slice of a channels-last one) whose channels are adjacent."""
+    return (isinstance(x, np.ndarray) and not backend.is_gpu_array(x) and x.ndim == 4 and x.shape[1] > 1
+            and x.strides[1] == x.itemsize)
+
+
 def nhwc(x):
     """The [N, H, W, C] view of an NCHW-shaped array (contiguous when x is channels-last)."""
     return x.transpose(0, 2, 3, 1)
@@ -40,7 +46,7 @@ def empty_channels_last(shape, dtype):
 
 
 def to_channels_last(x):
-    """x itself when channels-last, else a channels-last copy (4-D NumPy arrays only)."""
+    """x itself when channels-last, else a compact channels-last copy (4-D NumPy arrays only)."""
     if is_channels_last(x):
         return x
     out = empty_channels_last(x.shape, x.dtype)
@@ -49,10 +55,11 @@ def to_channels_last(x):
 
 
 def empty_like_layout(x, shape=None, dtype=None):
-    """Uninitialised array like x (optionally another shape/dtype of the same rank), channels-last when x is."""
+    """Uninitialised array like x (optionally another shape/dtype of the same rank), channels-last when x has
+    its channels innermost."""
     shape = x.shape if shape is None else tuple(shape)
     dtype = x.dtype if dtype is None else dtype
-    if is_channels_last(x):
+    if channels_innermost(x):
         return empty_channels_last(shape, dtype)
     return backend.array_module(x).empty(shape, dtype=dtype)
 
@@ -119,9 +126,10 @@ class ChannelView:
 
 
 def concatenate(arrays, axis: int):
-    """xp.concatenate that keeps a channels-last first array channels-last (NumPy's own returns C order)."""
+    """xp.concatenate whose result is channels-last when the first array has its channels innermost (NumPy's
+    own returns C order)."""
     first = arrays[0]
-    if not is_channels_last(first):
+    if not channels_innermost(first):
         return backend.array_module(*arrays).concatenate(arrays, axis=axis)
     axis = axis % first.ndim
     shape = list(first.shape)

@@ -5,7 +5,7 @@ import numbers
 
 from .. import backend
 from ..autograd import Function, Tensor
-from .layout import concatenate
+from .layout import concatenate, is_channels_last, to_channels_last
 
 
 class Reshape(Function):
@@ -48,9 +48,10 @@ class Concat(Function):
         grads = []
         start = 0
         axis = self.axis % g.ndim
+        compact = is_channels_last(g)  # hand on compact channels-last slices, not strided views
         for size, needed in zip(self.sizes, self.needs_input_grad):
             index = (slice(None),) * axis + (slice(start, start + size),)
-            grads.append(g[index] if needed else None)
+            grads.append((to_channels_last(g[index]) if compact else g[index]) if needed else None)
             start += size
         return tuple(grads)
 
