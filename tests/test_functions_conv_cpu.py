@@ -12,7 +12,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from nfed import functions as F
 from nfed.autograd import Tensor
-from nfed.functions import conv_cpu
+from nfed.functions import conv_cpu, winograd_cpu
 from nfed.functions.layout import is_channels_last
 
 from test_functions_conv import conv2d_oracle, conv_transpose2d_oracle
@@ -151,3 +151,47 @@ def test_channels_last_inputs_give_the_nchw_results(op, case):
     for plain, cl in zip(*results):
         np.testing.assert_allclose(cl, plain, rtol=1e-12, atol=1e-12)
     assert results[0][0].shape == results[1][0].shape
+
+
+# --- Winograd F(2x2, 3x3) ------------------------------------------------------------------------------------
+
+def test_winograd_filter_transform_matches_g_w_gt():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((5, 3, 3, 3))
+    g = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+    expected = np.einsum("ai,ocij,bj->abco", g, w, g).reshape(16, 3, 5)
+    np.testing.assert_allclose(winograd_cpu.filter_transform(w, np.float64), expected, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("n,c,h,w,o", [(2, 3, 6, 8, 4), (3, 5, 4, 4, 2), (1, 2, 2, 10, 3)])
+def test_winograd_forward_and_input_gradient_match_oracles(monkeypatch, n, c, h, w, o):
+    monkeypatch.setattr(winograd_cpu, "MIN_CHANNEL_PRODUCT", 0)  # every 3x3 layer with even sizes
+    rng = np.random.default_rng(6)
+    x, wt, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((o, c, 3, 3)), rng.standard_normal(o)
+    assert winograd_cpu.applies(wt.shape, h, w)
+    y = conv_cpu.conv_forward(channels_last(x), wt, b, (1, 1))
+    np.testing.assert_allclose(y, conv2d_oracle(x, wt, b, 1, 1), rtol=1e-10, atol=1e-10)
+    g = rng.standard_normal(y.shape)
+    gpad = conv_cpu.padded_nhwc(g, 1, 1)
+    dx, dw = conv_cpu.padded_conv_grads(gpad, wt.shape, wt, np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(dx.transpose(0, 3, 1, 2), conv_transpose2d_oracle(g, wt, None, 1, 1),
+                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dw, weight_grad_oracle(x, g, 3, 3, 1, 1), rtol=1e-10, atol=1e-10)
+
+
+def test_winograd_only_for_even_3x3_layers_with_enough_channels():
+    assert winograd_cpu.applies((64, 32, 3, 3), 8, 8)
+    assert not winograd_cpu.applies((16, 16, 3, 3), 8, 8)   # few channels: patch products are faster
+    assert not winograd_cpu.applies((64, 32, 3, 3), 7, 8)   # odd size: no whole 2x2 output tiles
+    assert not winograd_cpu.applies((64, 32, 5, 5), 8, 8)
+
+
+def test_winograd_blocks_on_the_pool_give_the_same_result(monkeypatch):
+    monkeypatch.setattr(winograd_cpu, "MIN_CHANNEL_PRODUCT", 0)
+    rng = np.random.default_rng(7)
+    x, wt = rng.standard_normal((5, 4, 6, 6)), rng.standard_normal((3, 4, 3, 3))
+    serial = conv_cpu.conv_forward(x, wt, None, (1, 1))
+    monkeypatch.setattr(winograd_cpu, "BLOCK_TILES", 1)
+    monkeypatch.setattr(winograd_cpu, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setenv("NFED_NUM_THREADS", "3")
+    np.testing.assert_allclose(conv_cpu.conv_forward(x, wt, None, (1, 1)), serial, rtol=1e-12, atol=1e-12)

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .layout import empty_channels_last, from_nhwc, is_channels_last, nhwc
+from . import winograd_cpu
 from .parallel import num_workers, run_blocks, single_threaded_blas
 
 # Zero-bordered scratch arrays kept per thread (see zero_bordered).
@@ -160,6 +161,9 @@ def padded_conv(xpad, w, b, epilogue=None):
     n, hp, wp, c = xpad.shape
     o, _, kh, kw = w.shape
     ho, wo = hp - kh + 1, wp - kw + 1
+    if winograd_cpu.applies(w.shape, ho, wo):
+        out = np.empty((n, ho, wo, o), dtype=xpad.dtype)
+        return out, winograd_cpu.conv(xpad, winograd_cpu.filter_transform(w, xpad.dtype), out, b, epilogue)
     k = pixels_per_row(wo, o, kw)
     weights = packed_weight(w, k, xpad.dtype)
     bias = None if b is None else np.tile(b.astype(xpad.dtype, copy=False), k)
@@ -203,17 +207,24 @@ def padded_conv_grads(gpad, w_shape, w=None, x_rows=None):
     n, hp, wp, _ = gpad.shape
     h, wd = hp - kh + 1, wp - kw + 1
     k = pixels_per_row(wd, c, kw)
-    weights = None if w is None else packed_weight(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), k, gpad.dtype)
+    flipped = None if w is None else w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
     dx = None if w is None else np.empty((n, h, wd, c), dtype=gpad.dtype)
+    weights = None
+    if w is not None and winograd_cpu.applies(flipped.shape, h, wd):
+        winograd_cpu.conv(gpad, winograd_cpu.filter_transform(flipped, gpad.dtype), dx)
+    elif w is not None:
+        weights = packed_weight(flipped, k, gpad.dtype)
+    if weights is None and x_rows is None:
+        return dx, None
 
     def block(item):
         patches = _patch_rows(gpad, item, kh, kw, k, wd)
-        if dx is not None:
+        if weights is not None:
             np.matmul(patches, weights, out=_output_rows(dx, item, k))
         return None if x_rows is None else np.matmul(_output_rows(x_rows, item, k).T, patches)
 
     width = kh * (kw + k - 1) * o
-    work = n * h * wd * o * c * kh * kw * ((w is not None) + (x_rows is not None))
+    work = n * h * wd * o * c * kh * kw * ((weights is not None) + (x_rows is not None))
     parts = _map(block, row_blocks(n, h, (wd // k) * width * gpad.itemsize, work), work)
     if x_rows is None:
         return dx, None
