@@ -115,6 +115,7 @@ def test_block_splits_and_threads_give_the_same_result(monkeypatch):
     serial = everything()
     monkeypatch.setattr(conv_cpu, "PATCH_BLOCK_BYTES", 1)  # one output row per block
     monkeypatch.setattr(conv_cpu, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(conv_cpu, "PARALLEL_MIN_COPY", 0)  # padded copies by image blocks too
     monkeypatch.setenv("NFED_NUM_THREADS", "3")
     for a, c in zip(serial, everything()):
         np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-12)

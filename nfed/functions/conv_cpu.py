@@ -3,12 +3,14 @@
 Stride 1, any kernel and padding: the input is zero-padded once into NHWC memory, then each block of output
 rows copies its patch rows and multiplies them by the weights in one product,
     patches [pixels / k, kh * (kw + k - 1) * C] @ packed weights [kh * (kw + k - 1) * C, k * O],
-whose result rows are already the NHWC output. OpenBLAS runs such tall-by-narrow products well only when the
-narrow side is >= 32 columns wide, so layers with few output channels (the W-Net's 8 and 16) let k
-neighbouring pixels share one patch row ("packing"): a k-times wider product that also copies fewer
-patch values per pixel. The weight gradient is patches^T @ output-gradient rows, summed block by block in a
-fixed order (the same result whatever thread ran which block), then folded back from the packed form; the
-input gradient is the forward with the flipped kernel.
+whose result rows are already the NHWC output. OpenBLAS runs such tall-by-narrow products slowly when the
+narrow side is only 8 columns wide, so layers with few output channels let k neighbouring pixels share one
+patch row ("packing", up to PACKED_COLUMNS wide): a wider product that also copies fewer patch values per pixel.
+Backward takes ONE patch matrix of the zero-padded output gradient per block for both gradients: times the
+packed flipped kernel it is the input gradient, and the input rows (transposed) times it is the flipped
+kernel's gradient, summed block by block in a fixed order (the same result whatever thread ran which block).
+3x3 layers with many channels take Winograd F(2x2, 3x3) instead for the forward and the input gradient
+(winograd_cpu.py).
 
 Non-overlapping patches (stride = kernel, no padding: the W-Net's 2x2 deconvolutions and their adjoints)
 are a permutation of the image ("patchify") and its inverse; 1x1 kernels are plain products per image and
@@ -22,8 +24,8 @@ from collections import OrderedDict
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .layout import empty_channels_last, from_nhwc, is_channels_last, nhwc
 from . import winograd_cpu
+from .layout import from_nhwc, is_channels_last, nhwc
 from .parallel import num_workers, run_blocks, single_threaded_blas
 
 # Zero-bordered scratch arrays kept per thread (see zero_bordered).
@@ -36,6 +38,7 @@ _scratch = threading.local()
 # an op runs on the calling thread (a hand-off costs tens of microseconds).
 PATCH_BLOCK_BYTES = 4 << 20
 PARALLEL_MIN_WORK = 1 << 22
+PARALLEL_MIN_COPY = 1 << 18  # values from which padded_nhwc copies on the pool
 PACKED_COLUMNS = 16
 
 
@@ -49,10 +52,20 @@ def pixels_per_row(width: int, out_channels: int, kw: int) -> int:
 
 
 def padded_nhwc(x, ph: int, pw: int, dtype=None):
-    """NCHW-shaped x (either layout) as a new [N, H + 2ph, W + 2pw, C] array with zero borders."""
+    """NCHW-shaped x (either layout) in a zero_bordered [N, H + 2ph, W + 2pw, C] scratch array (copied by image
+    blocks on the worker pool when big)."""
     n, c, h, w = x.shape
     out = zero_bordered((n, h, w, c), (ph, pw), x.dtype if dtype is None else dtype)
-    inside(out, (n, h, w, c))[...] = nhwc(x)
+    dst, src = inside(out, (n, h, w, c)), nhwc(x)
+    if x.size < PARALLEL_MIN_COPY or n < 2:
+        dst[...] = src
+        return out
+    per = -(-n // (2 * num_workers()))
+
+    def copy(i0):
+        dst[i0:i0 + per] = src[i0:i0 + per]
+
+    run_blocks(copy, range(0, n, per))
     return out
 
 
@@ -141,10 +154,6 @@ def _output_rows(a, block, k: int):
     return a[i0:i1, r0:r1].reshape(-1, k * a.shape[3])
 
 
-def _out_size(x_shape, w_shape, ph: int, pw: int) -> tuple[int, int]:
-    return x_shape[2] + 2 * ph - w_shape[2] + 1, x_shape[3] + 2 * pw - w_shape[3] + 1
-
-
 def conv_forward(x, w, b, padding: tuple[int, int]):
     """Stride-1 conv2d of NCHW-shaped x (either layout) -> channels-last [N, O, Ho, Wo]."""
     dtype = np.result_type(x.dtype, w.dtype)
@@ -228,13 +237,13 @@ def padded_conv_grads(gpad, w_shape, w=None, x_rows=None):
     parts = _map(block, row_blocks(n, h, (wd // k) * width * gpad.itemsize, work), work)
     if x_rows is None:
         return dx, None
-    flipped_grad = fold_packed_grad(_sum_in_order(parts).T, k, w_shape, channels_first=False)
+    flipped_grad = fold_packed_grad(sum_in_order(parts).T, k, w_shape, channels_first=False)
     return dx, flipped_grad[:, :, ::-1, ::-1].copy()
 
 
 # --- non-overlapping patches (stride = kernel, no padding) ------------------------------------------------
 
-def _image_blocks(x_shape, k_out: int, itemsize: int, work: int):
+def _image_blocks(x_shape, itemsize: int, work: int):
     """Blocks of whole images, about PATCH_BLOCK_BYTES of patch rows each."""
     n, c, h, w = x_shape
     return [(i0, i1) for i0, i1, _, _ in row_blocks(n, 1, c * h * w * itemsize, work)]
@@ -280,7 +289,7 @@ def patch_forward(x, w, b):
             rows += bias
 
     work = x.size * o
-    _map(block, _image_blocks(x.shape, o, out.itemsize, work), work)
+    _map(block, _image_blocks(x.shape, out.itemsize, work), work)
     return from_nhwc(out)
 
 
@@ -298,7 +307,7 @@ def patch_input_grad(gout, w, x_shape, b=None):
         unpatchify(np.matmul(_pixel_rows(gout[i0:i1], dtype), taps), out[i0:i1], kh, kw, bias)
 
     work = n * h * wd * c * o
-    _map(block, _image_blocks(x_shape, c, out.itemsize, work), work)
+    _map(block, _image_blocks(x_shape, out.itemsize, work), work)
     return from_nhwc(out)
 
 
@@ -312,11 +321,11 @@ def patch_weight_grad(x, gout, w_shape):
         return np.matmul(patchify(x[i0:i1], kh, kw, dtype).T, _pixel_rows(gout[i0:i1], dtype))
 
     work = x.size * o
-    grad = _sum_in_order(_map(block, _image_blocks(x.shape, o, np.dtype(dtype).itemsize, work), work))
+    grad = sum_in_order(_map(block, _image_blocks(x.shape, np.dtype(dtype).itemsize, work), work))
     return grad.reshape(kh, kw, c, o).transpose(3, 2, 0, 1).copy()
 
 
-def _sum_in_order(parts):
+def sum_in_order(parts):
     """Sum of per-block partial results, always in block order (deterministic whatever thread ran what)."""
     total = parts[0].copy()
     for part in parts[1:]:
@@ -350,7 +359,7 @@ def pointwise_forward(x, w, b):
             out[i0:i1] += b.astype(dtype, copy=False).reshape(o, 1)
 
     work = x.size * o
-    _map(block, _image_blocks(x.shape, o, out.itemsize, work), work)
+    _map(block, _image_blocks(x.shape, out.itemsize, work), work)
     return out.reshape(n, o, h, wd)
 
 
@@ -370,7 +379,7 @@ def pointwise_input_grad(gout, w, b=None):
             out[i0:i1] += b.astype(dtype, copy=False)
 
     work = gout.size * c
-    _map(block, _image_blocks(gout.shape, c, out.itemsize, work), work)
+    _map(block, _image_blocks(gout.shape, out.itemsize, work), work)
     return from_nhwc(out.reshape(n, h, wd, c))
 
 
@@ -380,10 +389,10 @@ def pointwise_weight_grad(x, gout, w_shape):
 
     def block(item):
         i0, i1 = item
-        return _sum_in_order(np.matmul(gplanes[i0:i1], xplanes[i0:i1].transpose(0, 2, 1)))
+        return sum_in_order(np.matmul(gplanes[i0:i1], xplanes[i0:i1].transpose(0, 2, 1)))
 
     work = x.size * gout.shape[1]
-    return _sum_in_order(_map(block, _image_blocks(x.shape, gout.shape[1], x.itemsize, work), work)).reshape(w_shape)
+    return sum_in_order(_map(block, _image_blocks(x.shape, x.itemsize, work), work)).reshape(w_shape)
 
 
 # --- entry points by kernel family (conv.py picks the family) ------------------------------------------------

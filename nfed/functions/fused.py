@@ -67,13 +67,6 @@ class _ImageRows:
         return [task(item) for item in slices]
 
 
-def _sum_in_order(parts):
-    total = parts[0].copy()
-    for part in parts[1:]:
-        total += part
-    return total
-
-
 def _moments(width: int, channels: int):
     """Epilogue for padded_conv: (count, mean, sum of squared deviations) per channel of a block of image rows
     [rows, width * channels]."""
@@ -180,8 +173,8 @@ class ConvBNReLU(Function):
             return rows.sums(live), rows.sums(centred)
 
         parts = rows.map(relu_grad_sums)
-        dbeta = _sum_in_order([p[0] for p in parts])
-        dgamma = _sum_in_order([p[1] for p in parts]) * self.invstd
+        dbeta = conv_cpu.sum_in_order([p[0] for p in parts])
+        dgamma = conv_cpu.sum_in_order([p[1] for p in parts]) * self.invstd
         # dz = scale * (g - dbeta / M - xhat * dgamma / M) with xhat = (z - mean) * invstd (centred first:
         # z and mean may be large against their difference)
         scale_t = rows.tile(self.scale, dtype)
@@ -206,7 +199,7 @@ class ConvBNReLU(Function):
         grads = [None if gx is None else from_nhwc(gx), gw,
                  dgamma.astype(dtype) if needs[2] else None, dbeta.astype(dtype) if needs[3] else None]
         if len(needs) == 5:
-            grads.append(_sum_in_order(bias_parts).astype(dtype) if needs[4] else None)
+            grads.append(conv_cpu.sum_in_order(bias_parts).astype(dtype) if needs[4] else None)
         return tuple(grads)
 
 
