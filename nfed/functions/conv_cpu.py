@@ -170,7 +170,7 @@ def padded_conv(xpad, w, b, epilogue=None):
     n, hp, wp, c = xpad.shape
     o, _, kh, kw = w.shape
     ho, wo = hp - kh + 1, wp - kw + 1
-    if winograd_cpu.applies(w.shape, ho, wo):
+    if winograd_cpu.applies(w.shape, n, ho, wo):
         out = np.empty((n, ho, wo, o), dtype=xpad.dtype)
         return out, winograd_cpu.conv(xpad, winograd_cpu.filter_transform(w, xpad.dtype), out, b, epilogue)
     k = pixels_per_row(wo, o, kw)
@@ -219,7 +219,7 @@ def padded_conv_grads(gpad, w_shape, w=None, x_rows=None):
     flipped = None if w is None else w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
     dx = None if w is None else np.empty((n, h, wd, c), dtype=gpad.dtype)
     weights = None
-    if w is not None and winograd_cpu.applies(flipped.shape, h, wd):
+    if w is not None and winograd_cpu.applies(flipped.shape, n, h, wd):
         winograd_cpu.conv(gpad, winograd_cpu.filter_transform(flipped, gpad.dtype), dx)
     elif w is not None:
         weights = packed_weight(flipped, k, gpad.dtype)

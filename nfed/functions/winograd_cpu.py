@@ -18,15 +18,19 @@ from .parallel import num_workers, run_blocks, single_threaded_blas
 # C * O from which a 3x3 layer takes Winograd (measured on a 2-core EPYC: 32 -> 96 channels 18 % faster,
 # 128 -> 128 44 %; 32 -> 32 even, 16 -> 16 and 48 -> 16 slower).
 MIN_CHANNEL_PRODUCT = 2048
+# ... and from this many 2x2 output tiles: the 16 products have one row per tile, and OpenBLAS is slow on short
+# ones (64 tiles, e.g. 16 images of 4x4 pixels, ran no faster than the patch matrix).
+MIN_TILES = 256
 # Tiles per block (16 * tiles * (C + O) values of transforms in flight) and when blocks go to the pool.
 BLOCK_TILES = 1024
 PARALLEL_MIN_WORK = 1 << 22
 
-def applies(w_shape, out_height: int, out_width: int) -> bool:
-    """Whether a valid (already padded) stride-1 convolution with kernel w_shape [O, C, kh, kw] and this output
-    size takes this path."""
+def applies(w_shape, batch: int, out_height: int, out_width: int) -> bool:
+    """Whether a valid (already padded) stride-1 convolution with kernel w_shape [O, C, kh, kw], this batch and
+    output size takes this path."""
     o, c, kh, kw = w_shape
-    return (kh, kw) == (3, 3) and out_height % 2 == 0 and out_width % 2 == 0 and c * o >= MIN_CHANNEL_PRODUCT
+    return ((kh, kw) == (3, 3) and out_height % 2 == 0 and out_width % 2 == 0 and c * o >= MIN_CHANNEL_PRODUCT
+            and batch * out_height * out_width // 4 >= MIN_TILES)
 
 
 def filter_transform(w, dtype):
