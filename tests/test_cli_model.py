@@ -200,11 +200,14 @@ def test_checkpoint_of_another_width_is_rejected_with_the_mismatch(trained, tmp_
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_bench_step_reports_both_sides_as_json(mode):
     result = invoke("bench", "step", "--device", "cpu", "--width", "1", "--tile", "32", "--batch", "1",
-                    "--repeat", "1", "--warmup", "0", "--json", *(["--eval"] if mode == "eval" else []))
+                    "--repeat", "1", "--warmup", "0", "--json", "--op-profile", *(["--eval"] if mode == "eval" else []))
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["mode"] == mode
     assert report["nfed_img_per_s"] > 0 and report["nfed_peak_rss_mb"] > 0 and report["nfed_blas"]
+    profile = {name: share for name, _, share in report["nfed_op_profile"]}
+    assert "ConvBNReLU forward" in profile and ("Adam step" in profile) == (mode == "train")
+    assert sum(profile.values()) == pytest.approx(1.0)
     try:
         import torch  # noqa: F401
     except ImportError:

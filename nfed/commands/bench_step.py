@@ -9,6 +9,7 @@ reported as null with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -38,9 +39,11 @@ TWIN_PATH = Path(__file__).resolve().parents[2] / "bench" / "torch_wnet.py"
 @click.option("--no-reference", is_flag=True, help="time nfed only")
 @click.option("--cprofile", "cprofile_top", type=int, default=0,
               help="also profile nfed's timed steps and print the top N functions (by total time) to stderr")
+@click.option("--op-profile", is_flag=True,
+              help="also report where nfed's step goes: time per op and phase, the optimiser, the rest (CPU)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, inference, no_reference, cprofile_top,
-         as_json):
+         op_profile, as_json):
     """Training-step (or --eval inference) throughput of nfed vs the same model in PyTorch, in the same run."""
     device = str(backend.parse_device(device))
     if width < 1 or batch < 1 or repeat < 1 or warmup < 0:
@@ -49,7 +52,8 @@ def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, infe
         raise ConfigError(f"--tile {tile}: must be a positive multiple of 16 (W-Net pools 4 times)")
     mode = "eval" if inference else "train"
     task = {"device": device, "precision": precision, "width": width, "tile": tile, "batch": batch,
-            "lambda_rec": lambda_rec, "repeat": repeat, "warmup": warmup, "cprofile_top": cprofile_top, "mode": mode}
+            "lambda_rec": lambda_rec, "repeat": repeat, "warmup": warmup, "cprofile_top": cprofile_top, "mode": mode,
+            "op_profile": op_profile}
     result = {"device": device, "precision": precision, "mode": mode, "width": width, "tile": tile, "batch": batch,
               "lambda_rec": lambda_rec, "repeat": repeat, "cpu_count": os.cpu_count()}
     nfed_side = _run_worker("nfed", task)
@@ -81,6 +85,10 @@ def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, infe
         click.echo(f"ratio (nfed / pytorch img/s): {result['ratio']:.2f}")
     else:
         click.echo(f"pytorch   not measured: {result['reference_note']}")
+    if op_profile:
+        click.echo("nfed time per step by op (mean over the timed steps; wall time, worker pool included):")
+        for name, ms, share in nfed_side["op_profile"]:
+            click.echo(f"  {name:32s} {ms:8.2f} ms  {share:5.1%}")
 
 
 def _run_worker(side: str, task: dict) -> dict:
@@ -160,10 +168,12 @@ def _nfed_steps(task: dict) -> dict:
         profiler = cProfile.Profile()
         profiler.enable()
     seconds = []
-    for _ in range(task["repeat"]):
-        start = time.perf_counter()
-        one_step()
-        seconds.append(time.perf_counter() - start)
+    ops = _OpProfile(optimizer) if task.get("op_profile") else None
+    with ops if ops is not None else contextlib.nullcontext():
+        for _ in range(task["repeat"]):
+            start = time.perf_counter()
+            one_step()
+            seconds.append(time.perf_counter() - start)
     if profiler is not None:
         import pstats
 
@@ -172,9 +182,49 @@ def _nfed_steps(task: dict) -> dict:
     from ..functions.parallel import blas_kernels
 
     result = {"seconds": seconds, "version": _nfed_version(), "blas": blas_kernels()}
+    if ops is not None:
+        result["op_profile"] = ops.table(sum(seconds), len(seconds))
     if device.is_gpu:  # CuPy's pool keeps what it allocated: its size is the peak reserved memory
         result["peak_gpu_mb"] = backend.cupy_module().get_default_memory_pool().total_bytes() / 2**20
     return result
+
+
+class _OpProfile:
+    """Time per (op, phase) through autograd.op_timer, plus the optimiser's step, over the timed steps;
+    table() gives [name, ms per step, share of the step] with the remainder as "other"."""
+
+    def __init__(self, optimizer):
+        self.seconds: dict[str, float] = {}
+        self.optimizer = optimizer
+        self.timer = None
+
+    def record(self, phase: str, function, seconds: float) -> None:
+        name = f"{type(function).__name__} {phase}"
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def __enter__(self):
+        from ..autograd import op_timer
+
+        step = self.optimizer.step
+
+        def timed_step():
+            start = time.perf_counter()
+            step()
+            self.record("step", self.optimizer, time.perf_counter() - start)
+
+        self.optimizer.step = timed_step
+        self.timer = op_timer(self.record)
+        self.timer.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.__exit__(*exc)
+        del self.optimizer.step  # the instance attribute goes, the class's method is back
+
+    def table(self, total_seconds: float, steps: int) -> list:
+        rows = sorted(self.seconds.items(), key=lambda item: -item[1])
+        rows.append(("other (autograd, Python glue)", total_seconds - sum(self.seconds.values())))
+        return [[name, 1e3 * seconds / steps, seconds / total_seconds] for name, seconds in rows]
 
 
 def _torch_steps(task: dict) -> dict:
