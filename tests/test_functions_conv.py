@@ -110,13 +110,15 @@ def _weight(rng, channels, kernel):
 
 @pytest.fixture(params=["kernels", "generic"])
 def cpu_path(request, monkeypatch):
-    """NumPy convolutions through conv_cpu's channels-last kernels, or through the array-agnostic code that
-    serves CuPy arrays the GPU kernels hand back (forced here by pretending no kernel family applies)."""
+    """NumPy convolutions through conv_cpu's channels-last kernels (forced here for the NCHW test inputs too),
+    or through the array-agnostic code that serves NCHW and CuPy arrays (forced: no kernel family applies)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cuda" and request.param == "generic":
+        pytest.skip("the GPU runs its own kernels: one run is enough")
     if request.param == "generic":
-        callspec = getattr(request.node, "callspec", None)
-        if callspec is not None and callspec.params.get("device") == "cuda":
-            pytest.skip("the GPU runs its own kernels: one run is enough")
         monkeypatch.setattr(conv_module, "_cpu_family", lambda *args: None)
+    else:
+        monkeypatch.setattr(conv_module, "_channels_last_data", lambda a: True)
     return request.param
 
 

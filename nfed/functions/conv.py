@@ -4,9 +4,9 @@ The heavy lifting is in module-level functions on raw arrays (`conv2d_forward`, 
 `conv2d_backward_weight`, `conv2d_backward_bias`, `conv_transpose2d_*`), so a device backend can swap in
 its own kernels function by function; the Function classes only decide what to save and call these.
 Transposed convolution is the adjoint of convolution: its forward is conv2d's input gradient and its
-input gradient is conv2d's forward. NumPy arrays take the channels-last kernels of conv_cpu.py for stride 1,
-non-overlapping patches and 1x1 kernels; the array-agnostic code below serves the other cases and CuPy
-arrays that the GPU kernels hand back.
+input gradient is conv2d's forward. Channels-last NumPy arrays (layout.py) take the kernels of conv_cpu.py for
+stride 1, non-overlapping patches and 1x1 kernels (1x1 in any layout); the array-agnostic code below serves NCHW
+arrays, the other cases and CuPy arrays that the GPU kernels hand back.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .. import backend
 from ..autograd import Function
 from . import conv_cpu
 from .im2col import col2im, conv_output_size, flat_cols, im2col, padded_rows
-from .layout import ChannelView
+from .layout import ChannelView, channels_innermost
 from .parallel import run_blocks
 from .utils import pair
 
@@ -54,17 +54,25 @@ def _is_disjoint(kh, kw, sh, sw, ph, pw, h, wd) -> bool:
     return (sh, sw) == (kh, kw) and ph == pw == 0 and h % kh == 0 and wd % kw == 0
 
 
-def _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd) -> str | None:
-    """Which conv_cpu kernel family serves a NumPy convolution of these sizes (None: the generic code)."""
+def _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd, data) -> str | None:
+    """Which conv_cpu kernel family serves a NumPy convolution of these sizes whose input (or gradient) is
+    `data` (None: the generic code). 1x1 kernels take it in any layout; the others only for channels-last
+    data: NCHW data keeps the NCHW code below, which needs no layout conversions."""
     if xp is not np:
         return None
     if _is_pointwise(kh, kw, sh, sw, ph, pw):
         return "pointwise"
+    if not _channels_last_data(data):
+        return None
     if sh == sw == 1 and ph <= kh - 1 and pw <= kw - 1:
         return "stride1"
     if _is_disjoint(kh, kw, sh, sw, ph, pw, h, wd):
         return "disjoint"
     return None
+
+
+def _channels_last_data(a) -> bool:
+    return channels_innermost(a)
 
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
@@ -78,7 +86,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     ho, wo = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d: kernel {kh}x{kw} larger than padded input {h + 2 * ph}x{wd + 2 * pw}")
-    family = _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd)
+    family = _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd, x)
     if family is not None:
         return conv_cpu.forward(family, x, w, b, (ph, pw))
     w2 = w.reshape(o, c * kh * kw)
@@ -134,7 +142,7 @@ def _scatter_patches(gout, w, x_shape, stride, padding, b):
     _, c, kh, kw = w.shape
     h, wd = x_shape[2], x_shape[3]
     (sh, sw), (ph, pw) = pair(stride), pair(padding)
-    family = _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd)
+    family = _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd, gout)
     if family is not None and family != "stride1":  # stride 1: the flipped-kernel convolution below
         return conv_cpu.input_grad(family, gout, w, x_shape, b)
     if sh == 1 and sw == 1 and ph <= kh - 1 and pw <= kw - 1 and not _is_pointwise(kh, kw, sh, sw, ph, pw):
@@ -171,7 +179,7 @@ def conv2d_backward_weight(x, gout, w_shape, stride=1, padding=0):
     o, _, kh, kw = w_shape
     _, _, ho, wo = gout.shape
     (sh, sw), (ph, pw) = pair(stride), pair(padding)
-    family = _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd)
+    family = _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd, x)
     if family is not None:
         return conv_cpu.weight_grad(family, x, gout, w_shape, (ph, pw))
     dtype = xp.result_type(x.dtype, gout.dtype)
