@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from .. import backend
+from ..functions.parallel import ENV_THREADS
 from .options import device_option, precision_option
 from ..errors import ConfigError, NfedError
 
@@ -36,26 +37,30 @@ TWIN_PATH = Path(__file__).resolve().parents[2] / "bench" / "torch_wnet.py"
 @click.option("--repeat", type=int, default=5, show_default=True, help="timed steps (after --warmup)")
 @click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
 @click.option("--eval", "inference", is_flag=True, help="time the inference forward (eval mode, no graph) instead")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for both sides (NFED_NUM_THREADS / torch.set_num_threads; default: all usable CPUs)")
 @click.option("--no-reference", is_flag=True, help="time nfed only")
 @click.option("--cprofile", "cprofile_top", type=int, default=0,
               help="also profile nfed's timed steps and print the top N functions (by total time) to stderr")
 @click.option("--op-profile", is_flag=True,
               help="also report where nfed's step goes: time per op and phase, the optimiser, the rest (CPU)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, inference, no_reference, cprofile_top,
-         op_profile, as_json):
+def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, inference, threads, no_reference,
+         cprofile_top, op_profile, as_json):
     """Training-step (or --eval inference) throughput of nfed vs the same model in PyTorch, in the same run."""
     device = str(backend.parse_device(device))
     if width < 1 or batch < 1 or repeat < 1 or warmup < 0:
         raise ConfigError("--width, --batch and --repeat must be >= 1 and --warmup >= 0")
     if tile < 16 or tile % 16:
         raise ConfigError(f"--tile {tile}: must be a positive multiple of 16 (W-Net pools 4 times)")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: must be >= 1")
     mode = "eval" if inference else "train"
     task = {"device": device, "precision": precision, "width": width, "tile": tile, "batch": batch,
             "lambda_rec": lambda_rec, "repeat": repeat, "warmup": warmup, "cprofile_top": cprofile_top, "mode": mode,
-            "op_profile": op_profile}
+            "op_profile": op_profile, "threads": threads}
     result = {"device": device, "precision": precision, "mode": mode, "width": width, "tile": tile, "batch": batch,
-              "lambda_rec": lambda_rec, "repeat": repeat, "cpu_count": os.cpu_count()}
+              "lambda_rec": lambda_rec, "repeat": repeat, "cpu_count": os.cpu_count(), "threads": threads}
     nfed_side = _run_worker("nfed", task)
     result.update({f"nfed_{k}": v for k, v in nfed_side.items()})
     reference = None
@@ -94,7 +99,11 @@ def step(device, precision, width, tile, batch, lambda_rec, repeat, warmup, infe
 def _run_worker(side: str, task: dict) -> dict:
     """Run one side in a fresh interpreter; it prints one JSON line with its timings and peak memory."""
     code = "import sys; from nfed.commands.bench_step import worker_main; worker_main(sys.argv[1], sys.argv[2])"
-    proc = subprocess.run([sys.executable, "-c", code, side, json.dumps(task)], capture_output=True, text=True)
+    env = dict(os.environ)
+    if task.get("threads"):
+        env[ENV_THREADS] = str(task["threads"])
+    proc = subprocess.run([sys.executable, "-c", code, side, json.dumps(task)], capture_output=True, text=True,
+                          env=env)
     if proc.stderr and task.get("cprofile_top") and side == "nfed":
         sys.stderr.write(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -241,6 +250,8 @@ def _torch_steps(task: dict) -> dict:
     spec.loader.exec_module(twin)
     device = backend.parse_device(task["device"])
     torch_device = torch.device(f"cuda:{device.index}" if device.is_gpu else "cpu")
+    if task.get("threads"):
+        torch.set_num_threads(task["threads"])
     torch.manual_seed(0)
     model = twin.WNetCD(task["width"], 2, task["lambda_rec"]).to(torch_device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
