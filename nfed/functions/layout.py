@@ -70,7 +70,7 @@ def zeros_like_layout(x, shape=None, dtype=None):
     return out
 
 
-def pixel_group(pixels: int, channels: int) -> int:
+def _pixel_group(pixels: int, channels: int) -> int:
     """Whole pixels per wide row: the largest divisor of `pixels` with group * channels <= WIDE_ROW_VALUES."""
     group = max(1, min(pixels, WIDE_ROW_VALUES // max(1, channels)))
     while pixels % group:
@@ -88,13 +88,12 @@ class ChannelView:
     """
 
     def __init__(self, x):
-        self.xp = backend.array_module(x)
         self.shape = x.shape
         self.channels = x.shape[1]
         self.channels_last = is_channels_last(x)
         if self.channels_last:
             pixels = x.size // self.channels
-            self.group = pixel_group(pixels, self.channels)
+            self.group = _pixel_group(pixels, self.channels)
             self.rows = (pixels // self.group, self.group * self.channels)
         else:
             self.rows = (x.shape[0], self.channels, x.size // max(1, x.shape[0] * self.channels))
@@ -119,10 +118,6 @@ class ChannelView:
         if self.channels_last:
             return v.sum(axis=0).reshape(self.group, self.channels).sum(axis=0)
         return v.sum(axis=2).sum(axis=0)
-
-    def empty(self, dtype):
-        """A new view-shaped array (wrap() of it is laid out like x)."""
-        return self.xp.empty(self.rows, dtype=dtype)
 
 
 def concatenate(arrays, axis: int):
