@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import numpy as np
 
 from . import backend
 
-__all__ = ["Tensor", "Function", "as_tensor", "no_grad", "enable_grad", "is_grad_enabled", "set_grad_enabled"]
+__all__ = ["Tensor", "Function", "as_tensor", "no_grad", "enable_grad", "is_grad_enabled", "set_grad_enabled",
+           "op_timer"]
 
 
 class _GradMode(threading.local):
@@ -51,6 +53,28 @@ def no_grad():
 def enable_grad():
     """Context manager: graph recording on inside, even within `no_grad()`."""
     return set_grad_enabled(True)
+
+
+_op_timer = None  # record(phase, function, seconds) while an op_timer() block runs
+
+
+@contextlib.contextmanager
+def op_timer(record):
+    """Inside: record("forward" | "backward", function, seconds) after every Function's forward and backward
+    (host wall time: a profile of where a CPU step goes, e.g. `nfed bench step --op-profile`)."""
+    global _op_timer
+    previous, _op_timer = _op_timer, record
+    try:
+        yield
+    finally:
+        _op_timer = previous
+
+
+def _timed(phase: str, function, method, *arrays):
+    start = time.perf_counter()
+    result = method(*arrays)
+    _op_timer(phase, function, time.perf_counter() - start)
+    return result
 
 
 def _ops():
@@ -220,7 +244,8 @@ class Function:
         recording = _grad_mode.enabled and any(needs)
         self.needs_input_grad = needs
         self.recording = recording
-        outputs = self.forward(*[t.data for t in tensors])
+        arrays = [t.data for t in tensors]
+        outputs = self.forward(*arrays) if _op_timer is None else _timed("forward", self, self.forward, *arrays)
         single = not isinstance(outputs, tuple)
         if single:
             outputs = (outputs,)
@@ -295,7 +320,10 @@ def _run_backward(root: Function, root_index: int, grad, retain_graph: bool) -> 
                 xp = backend.array_module(*[g for g in grad_outputs if g is not None])
                 grad_outputs = [xp.zeros(shape, dtype) if g is None else g
                                 for g, (shape, dtype) in zip(grad_outputs, node._output_meta)]
-            input_grads = node.backward(*grad_outputs)
+            if _op_timer is None:
+                input_grads = node.backward(*grad_outputs)
+            else:
+                input_grads = _timed("backward", node, node.backward, *grad_outputs)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             if len(input_grads) != len(node._edges):

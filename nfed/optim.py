@@ -10,6 +10,10 @@ import numpy as np
 
 from . import backend
 from .errors import CheckpointError
+from .functions.parallel import num_workers, run_blocks
+
+# Parameter values from which a CPU step updates on the worker pool (below, the hand-off costs more).
+PARALLEL_MIN_VALUES = 1 << 18
 
 __all__ = ["Optimizer", "Adam", "AdamW", "SGD"]
 
@@ -50,11 +54,18 @@ class Optimizer:
         return buf
 
     def step(self) -> None:
-        """One update of every parameter that has a gradient (parameters without one are left alone)."""
+        """One update of every parameter that has a gradient (parameters without one are left alone).
+        NumPy parameters of PARALLEL_MIN_VALUES values or more in all are updated in groups on the CPU worker
+        pool (each parameter's update is independent, so the result is the same)."""
         self.step_count += 1
-        for name, p in self.params:
-            if p.grad is not None:
+        todo = [(name, p) for name, p in self.params if p.grad is not None]
+        sizes = [p.data.size for _, p in todo]
+        if sum(sizes) < PARALLEL_MIN_VALUES or any(backend.is_gpu_array(p.data) for _, p in todo):
+            for name, p in todo:
                 self._update(name, p, p.grad)
+            return
+        run_blocks(lambda group: [self._update(name, p, p.grad) for name, p in group],
+                   _groups(todo, sizes, 2 * num_workers()))
 
     def _update(self, name, p, grad):  # pragma: no cover - interface
         raise NotImplementedError
@@ -93,6 +104,19 @@ class Optimizer:
                 if backend.is_gpu_array(value) != backend.is_gpu_array(p.data):
                     value = backend.to_device(value, backend.device_of(p.data))
                 self.state[kind][name] = xp.array(value, dtype=p.data.dtype, copy=True)
+
+
+def _groups(items, sizes, count: int) -> list[list]:
+    """items split in order into about `count` runs of similar total size."""
+    target = sum(sizes) / count
+    groups, current, filled = [], [], 0
+    for item, size in zip(items, sizes):
+        current.append(item)
+        filled += size
+        if filled >= target:
+            groups.append(current)
+            current, filled = [], 0
+    return groups + ([current] if current else [])
 
 
 class Adam(Optimizer):

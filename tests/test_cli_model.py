@@ -202,17 +202,25 @@ def test_checkpoint_of_another_width_is_rejected_with_the_mismatch(trained, tmp_
     _one_line_error(invoke("evaluate", "--model", lying, "--data", tmp_path), "lying.h5", "shape mismatch")
 
 
-def test_bench_step_reports_both_sides_as_json():
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bench_step_reports_both_sides_as_json(mode):
+    extra = ["--eval", "--threads", "1"] if mode == "eval" else []
     result = invoke("bench", "step", "--device", "cpu", "--width", "1", "--tile", "32", "--batch", "1",
-                    "--repeat", "1", "--warmup", "0", "--json")
+                    "--repeat", "1", "--warmup", "0", "--json", "--op-profile", *extra)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["nfed_img_per_s"] > 0 and report["nfed_peak_rss_mb"] > 0
+    assert report["mode"] == mode and report["threads"] == (1 if mode == "eval" else None)
+    assert report["nfed_img_per_s"] > 0 and report["nfed_peak_rss_mb"] > 0 and report["nfed_blas"]
+    profile = {name: share for name, _, share in report["nfed_op_profile"]}
+    assert "ConvBNReLU forward" in profile and ("Adam step" in profile) == (mode == "train")
+    assert sum(profile.values()) == pytest.approx(1.0)
     try:
         import torch  # noqa: F401
     except ImportError:
         assert report["ratio"] is None and "PyTorch" in report["reference_note"]
     else:
         assert report["reference_img_per_s"] > 0 and report["reference_peak_rss_mb"] > 0
+        assert (", 1 threads" in report["reference_version"]) == (mode == "eval")
         assert report["ratio"] == pytest.approx(report["nfed_img_per_s"] / report["reference_img_per_s"])
     _one_line_error(invoke("bench", "step", "--tile", "40"), "multiple of 16")
+    _one_line_error(invoke("bench", "step", "--threads", "0"), "--threads")

@@ -108,10 +108,24 @@ def _weight(rng, channels, kernel):
     return rng.standard_normal(channels + _pair(kernel))
 
 
+@pytest.fixture(params=["kernels", "generic"])
+def cpu_path(request, monkeypatch):
+    """NumPy convolutions through conv_cpu's channels-last kernels (forced here for the NCHW test inputs too),
+    or through the array-agnostic code that serves NCHW and CuPy arrays (forced: no kernel family applies)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cuda" and request.param == "generic":
+        pytest.skip("the GPU runs its own kernels: one run is enough")
+    if request.param == "generic":
+        monkeypatch.setattr(conv_module, "_cpu_family", lambda *args: None)
+    else:
+        monkeypatch.setattr(conv_module, "_channels_last_data", lambda a: True)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op,oracle,case,channels", OP_CASES, ids=OP_IDS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_matches_oracle(device, op, oracle, case, channels, bias):
+def test_forward_matches_oracle(device, op, oracle, case, channels, bias, cpu_path):
     """conv2d against scipy.signal.correlate, conv_transpose2d against naive scatter loops."""
     xp = backend.parse_device(device).xp
     kernel, stride, padding = case
@@ -125,7 +139,7 @@ def test_forward_matches_oracle(device, op, oracle, case, channels, bias):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op,oracle,case,channels", OP_CASES, ids=OP_IDS)
-def test_gradcheck(device, op, oracle, case, channels):
+def test_gradcheck(device, op, oracle, case, channels, cpu_path):
     xp = backend.parse_device(device).xp
     kernel, stride, padding = case
     rng = np.random.default_rng(3)
@@ -165,12 +179,13 @@ def test_float32_matches_float64(op):
         np.testing.assert_allclose(lo, hi, rtol=2e-4, atol=2e-3 * np.abs(hi).max())
 
 
-def test_blocked_patch_matrix_gives_the_same_result(monkeypatch):
+def test_blocked_patch_matrix_gives_the_same_result(monkeypatch, cpu_path):
     rng = np.random.default_rng(8)
     x, w = rng.standard_normal((5, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
     g = rng.standard_normal((5, 4, 6, 6))
     whole = (conv_module.conv2d_forward(x, w, None, 1, 1), conv_module.conv2d_backward_weight(x, g, w.shape, 1, 1))
     monkeypatch.setattr(conv_module, "CPU_BLOCK_BYTES", 1)  # one output row per block
+    monkeypatch.setattr(conv_module.conv_cpu, "PATCH_BLOCK_BYTES", 1)
     chunked = (conv_module.conv2d_forward(x, w, None, 1, 1), conv_module.conv2d_backward_weight(x, g, w.shape, 1, 1))
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(a, b, rtol=1e-12)
@@ -224,7 +239,7 @@ def test_conv_transpose2d_against_torch():
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 1, 0), (3, 2, 1), (2, 2, 0)])
-def test_parallel_blocks_match_serial(monkeypatch, kernel, stride, padding):
+def test_parallel_blocks_match_serial(monkeypatch, kernel, stride, padding, cpu_path):
     """The worker-pool path (forced on small inputs, many one-row blocks) equals the serial path."""
     rng = np.random.default_rng(12)
     x, w, b = rng.standard_normal((3, 4, 8, 8)), rng.standard_normal((5, 4, kernel, kernel)), rng.standard_normal(5)
@@ -240,6 +255,8 @@ def test_parallel_blocks_match_serial(monkeypatch, kernel, stride, padding):
     serial = everything()
     monkeypatch.setattr(conv_module, "PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(conv_module, "CPU_BLOCK_BYTES", 1)
+    monkeypatch.setattr(conv_module.conv_cpu, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(conv_module.conv_cpu, "PATCH_BLOCK_BYTES", 1)
     monkeypatch.setenv("NFED_NUM_THREADS", "3")
     for a, c in zip(serial, everything()):
         np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-12)

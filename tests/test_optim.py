@@ -143,3 +143,27 @@ def test_against_torch(name):
         opt.step()
         topt.step()
     np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("factory", [lambda ps: optim.Adam(ps, lr=0.01, weight_decay=0.1),
+                                     lambda ps: optim.SGD(ps, lr=0.01, momentum=0.9)], ids=["adam", "sgd"])
+def test_updates_on_the_worker_pool_equal_the_serial_ones(monkeypatch, factory):
+    rng = np.random.default_rng(0)
+    shapes = [(64, 8, 3, 3), (8,), (3, 5), (128,), (16, 16)]
+    start = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
+
+    def run():
+        params = [(f"p{i}", Parameter(a.copy())) for i, a in enumerate(start)]
+        opt = factory(params)
+        for step_grads in grads:
+            for (_, p), g in zip(params, step_grads):
+                p.grad = g
+            opt.step()
+        return [p.data for _, p in params]
+
+    serial = run()
+    monkeypatch.setattr(optim, "PARALLEL_MIN_VALUES", 0)
+    monkeypatch.setenv("NFED_NUM_THREADS", "3")
+    for a, b in zip(run(), serial):
+        np.testing.assert_array_equal(a, b)

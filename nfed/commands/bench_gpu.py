@@ -149,6 +149,7 @@ def _probe_calls(width: int, classes: int, lambda_rec: float) -> list[tuple]:
     from .. import wnet  # noqa: PLC0415
     from ..autograd import no_grad  # noqa: PLC0415
     from ..functions import conv as conv_module  # noqa: PLC0415
+    from ..functions import fused  # noqa: PLC0415
 
     calls = []
     conv2d_forward = conv_module.conv2d_forward
@@ -165,11 +166,13 @@ def _probe_calls(width: int, classes: int, lambda_rec: float) -> list[tuple]:
     model = wnet.WNetCD(width=width, classes=classes, lambda_rec=lambda_rec, rng=np.random.default_rng(0))
     pair = np.zeros((1, 3, PROBE_TILE, PROBE_TILE), dtype=np.float32)
     conv_module.conv2d_forward, conv_module.conv_transpose2d_forward = record_conv, record_deconv
+    fused.ENABLED, enabled = False, fused.ENABLED  # every convolution through conv2d_forward
     try:
         with no_grad():
             model(pair, pair)
     finally:
         conv_module.conv2d_forward, conv_module.conv_transpose2d_forward = conv2d_forward, conv_transpose2d_forward
+        fused.ENABLED = enabled
     return calls
 
 

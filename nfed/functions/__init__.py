@@ -1,6 +1,7 @@
 """Differentiable operations on Tensors (raw arrays accepted as inputs): `from nfed import functions as F`.
 
-One family per module: arithmetic, reduction, shape, activation, conv, pooling, normalization, loss.
+One family per module: arithmetic, reduction, shape, activation, conv, pooling, normalization, loss, and
+fused (conv -> batch norm -> ReLU in one op on the CPU).
 Each op is a Function class with forward/backward on raw arrays plus a lowercase wrapper; the heavy ops
 keep their raw-array compute in module-level functions (e.g. `conv.conv2d_forward`) so a device backend
 can replace them one by one.
@@ -8,6 +9,7 @@ can replace them one by one.
 from .activation import log_softmax, relu, sigmoid, softmax
 from .arithmetic import add, div, exp, log, mul, neg, pow, sub
 from .conv import conv2d, conv_transpose2d
+from .fused import conv_bn_relu
 from .loss import bce_with_logits, cross_entropy, mse_loss, soft_dice_loss
 from .normalization import batch_norm
 from .pooling import max_pool2d
@@ -18,7 +20,7 @@ __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log",
     "sum", "mean", "reshape", "transpose", "concat", "getitem",
     "relu", "sigmoid", "softmax", "log_softmax",
-    "conv2d", "conv_transpose2d", "max_pool2d", "batch_norm",
+    "conv2d", "conv_transpose2d", "max_pool2d", "batch_norm", "conv_bn_relu",
     "cross_entropy", "mse_loss", "bce_with_logits", "soft_dice_loss",
 ]
 

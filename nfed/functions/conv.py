@@ -4,7 +4,9 @@ The heavy lifting is in module-level functions on raw arrays (`conv2d_forward`, 
 `conv2d_backward_weight`, `conv2d_backward_bias`, `conv_transpose2d_*`), so a device backend can swap in
 its own kernels function by function; the Function classes only decide what to save and call these.
 Transposed convolution is the adjoint of convolution: its forward is conv2d's input gradient and its
-input gradient is conv2d's forward.
+input gradient is conv2d's forward. Channels-last NumPy arrays (layout.py) take the kernels of conv_cpu.py for
+stride 1, non-overlapping patches and 1x1 kernels (1x1 in any layout); the array-agnostic code below serves NCHW
+arrays, the other cases and CuPy arrays that the GPU kernels hand back.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import numpy as np
 
 from .. import backend
 from ..autograd import Function
+from . import conv_cpu
 from .im2col import col2im, conv_output_size, flat_cols, im2col, padded_rows
+from .layout import ChannelView, channels_innermost
 from .parallel import run_blocks
 from .utils import pair
 
@@ -45,6 +49,32 @@ def _is_pointwise(kh, kw, sh, sw, ph, pw) -> bool:
     return kh == kw == 1 and sh == sw == 1 and ph == pw == 0
 
 
+def _is_disjoint(kh, kw, sh, sw, ph, pw, h, wd) -> bool:
+    """Stride = kernel, no padding, the image tiled exactly: every input pixel is in one patch."""
+    return (sh, sw) == (kh, kw) and ph == pw == 0 and h % kh == 0 and wd % kw == 0
+
+
+def _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd, data) -> str | None:
+    """Which conv_cpu kernel family serves a NumPy convolution of these sizes whose input (or gradient) is
+    `data` (None: the generic code). 1x1 kernels take it in any layout; the others only for channels-last
+    data: NCHW data keeps the NCHW code below, which needs no layout conversions."""
+    if xp is not np:
+        return None
+    if _is_pointwise(kh, kw, sh, sw, ph, pw):
+        return "pointwise"
+    if not _channels_last_data(data):
+        return None
+    if sh == sw == 1 and ph <= kh - 1 and pw <= kw - 1:
+        return "stride1"
+    if _is_disjoint(kh, kw, sh, sw, ph, pw, h, wd):
+        return "disjoint"
+    return None
+
+
+def _channels_last_data(a) -> bool:
+    return channels_innermost(a)
+
+
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
     """y[n, o] = sum_c x[n, c] (cross-correlated with) w[o, c] + b[o]; x [N, C, H, W], w [O, C, kh, kw]."""
     xp = backend.array_module(x, w)
@@ -56,6 +86,9 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     ho, wo = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d: kernel {kh}x{kw} larger than padded input {h + 2 * ph}x{wd + 2 * pw}")
+    family = _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd, x)
+    if family is not None:
+        return conv_cpu.forward(family, x, w, b, (ph, pw))
     w2 = w.reshape(o, c * kh * kw)
     if sh == 1 and sw == 1 and not _is_pointwise(kh, kw, sh, sw, ph, pw):
         return _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo)
@@ -109,6 +142,9 @@ def _scatter_patches(gout, w, x_shape, stride, padding, b):
     _, c, kh, kw = w.shape
     h, wd = x_shape[2], x_shape[3]
     (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    family = _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd, gout)
+    if family is not None and family != "stride1":  # stride 1: the flipped-kernel convolution below
+        return conv_cpu.input_grad(family, gout, w, x_shape, b)
     if sh == 1 and sw == 1 and ph <= kh - 1 and pw <= kw - 1 and not _is_pointwise(kh, kw, sh, sw, ph, pw):
         # Stride 1: the input gradient is a plain convolution with the flipped, transposed kernel.
         flipped = xp.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
@@ -143,6 +179,9 @@ def conv2d_backward_weight(x, gout, w_shape, stride=1, padding=0):
     o, _, kh, kw = w_shape
     _, _, ho, wo = gout.shape
     (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    family = _cpu_family(xp, kh, kw, sh, sw, ph, pw, h, wd, x)
+    if family is not None:
+        return conv_cpu.weight_grad(family, x, gout, w_shape, (ph, pw))
     dtype = xp.result_type(x.dtype, gout.dtype)
     if not (sh == 1 and sw == 1) or _is_pointwise(kh, kw, sh, sw, ph, pw):
         def sample(i):
@@ -177,8 +216,8 @@ def _total(xp, parts, shape, dtype):
 
 def conv2d_backward_bias(gout):
     """d(loss)/db: the output gradient summed over batch and pixels, per channel."""
-    n, o = gout.shape[:2]
-    return gout.reshape(n, o, -1).sum(axis=2).sum(axis=0)
+    channels = ChannelView(gout)
+    return channels.sums(channels.view(gout))
 
 
 def conv_transpose2d_output_shape(x_shape, w_shape, stride=2, padding=0) -> tuple:

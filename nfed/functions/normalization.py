@@ -7,44 +7,39 @@ from __future__ import annotations
 
 from .. import backend
 from ..autograd import Function, Tensor
-
-
-def _channels_view(x):
-    """x as [N, C, S] (S = product of the spatial sizes, 1 for [N, C])."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _per_channel_sum(a3):
-    return a3.sum(axis=2).sum(axis=0)
+from .layout import ChannelView
 
 
 def batch_norm_train_forward(x, gamma, beta, eps=1e-5):
-    """(y, xhat, mean, var, invstd) with batch statistics; xhat and invstd are what backward needs."""
+    """(y, xhat, mean, var, invstd) with batch statistics; xhat and invstd are what backward needs.
+    y and xhat have x's layout (channels-last stays channels-last, see layout.ChannelView)."""
     xp = backend.array_module(x)
-    x3 = _channels_view(x)
-    count = x3.shape[0] * x3.shape[2]
-    mean = _per_channel_sum(x3) / count
-    xhat = x3 - mean[None, :, None]
-    var = _per_channel_sum(xp.square(xhat)) / count
+    channels = ChannelView(x)
+    x2 = channels.view(x)
+    count = x.size // x.shape[1]
+    mean = channels.sums(x2) / count
+    xhat = x2 - channels.per_channel(mean)
+    var = channels.sums(xp.square(xhat)) / count
     invstd = 1.0 / xp.sqrt(var + eps)
-    xhat *= invstd[None, :, None]
-    y = xhat * gamma[None, :, None]
-    y += beta[None, :, None]
-    return y.reshape(x.shape), xhat, mean, var, invstd
+    xhat *= channels.per_channel(invstd)
+    y = xhat * channels.per_channel(gamma)
+    y += channels.per_channel(beta)
+    return channels.wrap(y), channels.wrap(xhat), mean, var, invstd
 
 
 def batch_norm_train_backward(gout, xhat, gamma, invstd):
-    """(dx, dgamma, dbeta) for the training-mode forward (statistics depend on x)."""
-    g3 = _channels_view(gout)
-    count = g3.shape[0] * g3.shape[2]
-    dbeta = _per_channel_sum(g3)
-    dgamma = _per_channel_sum(g3 * xhat)
+    """(dx, dgamma, dbeta) for the training-mode forward (statistics depend on x); dx has xhat's layout."""
+    channels = ChannelView(xhat)
+    g2, xhat2 = channels.view(gout), channels.view(xhat)
+    count = gout.size // gout.shape[1]
+    dbeta = channels.sums(g2)
+    dgamma = channels.sums(g2 * xhat2)
     # dx = gamma*invstd * (g - mean(g) - xhat * mean(g * xhat))
-    dx = xhat * (dgamma / count)[None, :, None]
-    backend.array_module(gout).subtract(g3, dx, out=dx)
-    dx -= (dbeta / count)[None, :, None]
-    dx *= (gamma * invstd)[None, :, None]
-    return dx.reshape(gout.shape), dgamma, dbeta
+    dx = xhat2 * channels.per_channel(dgamma / count)
+    backend.array_module(gout).subtract(g2, dx, out=dx)
+    dx -= channels.per_channel(dbeta / count)
+    dx *= channels.per_channel(gamma * invstd)
+    return channels.wrap(dx), dgamma, dbeta
 
 
 def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
@@ -62,10 +57,10 @@ def batch_norm_eval_forward(x, gamma, beta, running_mean, running_var, eps=1e-5)
     invstd = (1.0 / xp.sqrt(running_var + eps)).astype(x.dtype)
     scale = gamma * invstd
     shift = beta - running_mean.astype(x.dtype) * scale
-    x3 = _channels_view(x)
-    y = x3 * scale[None, :, None]
-    y += shift[None, :, None]
-    return y.reshape(x.shape)
+    channels = ChannelView(x)
+    y = channels.view(x) * channels.per_channel(scale)
+    y += channels.per_channel(shift)
+    return channels.wrap(y)
 
 
 class BatchNorm(Function):
@@ -104,12 +99,13 @@ class BatchNorm(Function):
 
 def batch_norm_eval_backward(g, x, gamma, mean, invstd):
     """(dx, dgamma, dbeta) for the evaluation-mode forward (fixed statistics)."""
-    g3 = _channels_view(g)
-    xhat = (_channels_view(x) - mean[None, :, None]) * invstd[None, :, None]
-    dgamma = _per_channel_sum(g3 * xhat)
-    dbeta = _per_channel_sum(g3)
-    dx = g3 * (gamma * invstd)[None, :, None]
-    return dx.reshape(g.shape), dgamma, dbeta
+    channels = ChannelView(x)
+    g2 = channels.view(g)
+    xhat = (channels.view(x) - channels.per_channel(mean)) * channels.per_channel(invstd)
+    dgamma = channels.sums(g2 * xhat)
+    dbeta = channels.sums(g2)
+    dx = g2 * channels.per_channel(gamma * invstd)
+    return channels.wrap(dx), dgamma, dbeta
 
 
 def batch_norm(x, gamma, beta, running_mean, running_var, training: bool, momentum: float = 0.1,

@@ -58,12 +58,13 @@ if hasattr(os, "register_at_fork"):
 
 
 class _OpenBLAS:
-    """get/set of OpenBLAS's thread count through ctypes (None when NumPy is not on OpenBLAS)."""
+    """get/set of OpenBLAS's thread count and its kernel family (core name) through ctypes (None when NumPy is
+    not on OpenBLAS)."""
 
     SUFFIXES = ("scipy_openblas{}64_", "scipy_openblas{}", "openblas{}64_", "openblas{}")
 
     def __init__(self):
-        self.get = self.set = None
+        self.get = self.set = self.corename = None
         for path in self._loaded_libraries():
             try:
                 lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
@@ -76,6 +77,9 @@ class _OpenBLAS:
                     getter.restype = ctypes.c_int
                     setter.argtypes = [ctypes.c_int]
                     self.get, self.set = getter, setter
+                    self.corename = getattr(lib, pattern.format("_get_corename"), None)
+                    if self.corename is not None:
+                        self.corename.restype = ctypes.c_char_p
                     return
 
     @staticmethod
@@ -97,6 +101,14 @@ def _openblas() -> _OpenBLAS:
     if _blas is None:
         _blas = _OpenBLAS()
     return _blas
+
+
+def blas_kernels() -> str:
+    """"OpenBLAS <core>" (the kernel family it runs, e.g. Haswell or SkylakeX), or "unknown"."""
+    blas = _openblas()
+    if blas.corename is None:
+        return "unknown"
+    return f"OpenBLAS {blas.corename().decode()}"
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ import numbers
 
 from .. import backend
 from ..autograd import Function, Tensor
+from .layout import concatenate, is_channels_last, to_channels_last
 
 
 class Reshape(Function):
@@ -40,17 +41,17 @@ class Concat(Function):
         self.axis = axis
 
     def forward(self, *arrays):
-        xp = backend.array_module(*arrays)
         self.sizes = [a.shape[self.axis] for a in arrays]
-        return xp.concatenate(arrays, axis=self.axis)
+        return concatenate(arrays, self.axis)
 
     def backward(self, g):
         grads = []
         start = 0
         axis = self.axis % g.ndim
+        compact = is_channels_last(g)  # hand on compact channels-last slices, not strided views
         for size, needed in zip(self.sizes, self.needs_input_grad):
             index = (slice(None),) * axis + (slice(start, start + size),)
-            grads.append(g[index] if needed else None)
+            grads.append((to_channels_last(g[index]) if compact else g[index]) if needed else None)
             start += size
         return tuple(grads)
 
