@@ -249,6 +249,8 @@ class FlowerDeployment:
         self.superlink_port: int | None = None
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[str, subprocess.Popen] = {}
+        self._supernode_args: dict[str, tuple[list[str], int]] = {}   # name -> (command line, runtime port)
+        self._runs = 0
         self._processes: list[subprocess.Popen] = []
         self._known_pids: set[tuple[int, str]] = set()
 
@@ -315,6 +317,7 @@ class FlowerDeployment:
             if keys and name in keys:
                 args += ["--auth-supernode-private-key", str(keys[name])]
             self.supernodes[name] = process = self._start(f"supernode-{name}", args)
+            self._supernode_args[name] = (args, port)
             started.append((port, process))
         for port, process in started:
             wait_for_port(port, timeout, process)
@@ -323,6 +326,33 @@ class FlowerDeployment:
         """Kill one SuperNode and everything it started (SIGKILL: a machine that drops off the network)."""
         process = self.supernodes.pop(name)
         self._stop(process, signal.SIGKILL)
+
+    def restart_supernode(self, name: str, timeout: float = 60.0) -> None:
+        """Stop a SuperNode as its service manager would (SIGTERM, then wait) and start it again with the same
+        command line: it registers with the SuperLink afresh."""
+        process = self.supernodes.pop(name)
+        self._stop(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._stop(process, signal.SIGKILL)
+            process.wait()
+        args, port = self._supernode_args[name]
+        self.supernodes[name] = restarted = self._start(f"supernode-{name}-restarted", args)
+        wait_for_port(port, timeout, restarted)
+
+    def kill_serverapp(self) -> bool:
+        """SIGKILL the running ServerApp process (the SuperLink's `flwr-serverapp`); False if none runs."""
+        for identity in descendants(self.superlink.pid) if self.superlink is not None else []:
+            try:
+                command = Path(f"/proc/{identity[0]}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(part.endswith(b"flwr-serverapp") for part in command[:2]):
+                self._known_pids.add(identity)
+                _signal_identity(identity, signal.SIGKILL)
+                return True
+        return False
 
     def _write_connection_config(self) -> None:
         lines = ['[superlink]', 'default = "nfed-test"', '', '[superlink.nfed-test]',
@@ -357,7 +387,8 @@ class FlowerDeployment:
         finally:
             timer.cancel()
         output = "".join(lines)
-        (self.workdir / "flwr-run.log").write_text("".join(stamped))
+        self._runs += 1
+        (self.workdir / f"flwr-run-{self._runs}.log").write_text("".join(stamped))
         if timer.fired:
             raise TimeoutError(f"flwr run did not finish within {timeout:.0f} s; output:\n{output[-4000:]}")
         return RunResult(process.returncode, output, time.monotonic() - started)
