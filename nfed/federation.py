@@ -308,8 +308,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "terminated (SIGTERM)"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(exc, SystemExit):
-        return f"stopped (exit status {exc.code})"
+    if isinstance(exc, SystemExit):   # Flower's ServerApp exits so when its SuperLink stops or `flwr stop`
+        return f"stopped from outside (exit status {exc.code}: the SuperLink stopped, or flwr stop)"
     return one_line(exc)
 
 

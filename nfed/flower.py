@@ -449,9 +449,9 @@ class FlowerClients:
             return label[len(PACK_PREFIX):]
         raise DataError(f"{label}: not a district of this Flower run")
 
-    def _drop(self, district: str, reason: str) -> str:
+    def _drop(self, district: str, node_id: int, reason: str) -> str:
         """Leave a node that broke the protocol out (while it stays connected), and say so once."""
-        self.roster.drop(district, reason)
+        self.roster.drop(district, node_id, reason)
         return reason
 
     def _message(self, node_id: int, message_type: str, weights_record: ArrayRecord, setup: Mapping,
@@ -474,7 +474,7 @@ class FlowerClients:
         prefetched = self._take_prefetched(global_weights)
         outcomes: dict[str, ClientOutcome] = {}
         messages, nodes = {}, {}
-        record = None
+        record, used = None, 0
         for task in tasks:
             district = task.district
             ready = prefetched.get(district)
@@ -483,6 +483,7 @@ class FlowerClients:
                 serving = self.roster.node_of(district)
                 if outcome.status == "ok" or serving is None or serving.node_id == ready.node_id:
                     outcomes[district] = outcome
+                    used += 1
                     continue
                 self.silent.pop(district, None)   # a standby took over: it gets this round's message afresh
             node = self.roster.node_of(district)
@@ -494,10 +495,10 @@ class FlowerClients:
             messages[district] = self._message(node.node_id, MessageType.TRAIN, record, task.setup,
                                                int(task.setup.get("round", 0)), timeout)
         round_number = int(tasks[0].setup.get("round", 0)) if tasks else 0
-        if prefetched:
-            self.echo(f"round {round_number}: {len(tasks) - len(messages)} SuperNode(s) trained with the previous "
-                      f"round's evaluation" + (f"; sending to {len(messages)} more" if messages else ""))
-        if messages or not prefetched:
+        if used:
+            self.echo(f"round {round_number}: {used} SuperNode(s) trained with the previous round's evaluation"
+                      + (f"; sending to {len(messages)} more" if messages else ""))
+        if messages or not used:
             self.echo(f"sending round {round_number} to {len(messages)} SuperNode(s)"
                       + (f", deadline {timeout:g} s" if timeout else ""))
         replies = exchange(self.grid, messages, timeout) if messages else {}
@@ -521,7 +522,7 @@ class FlowerClients:
         try:
             weights, num_samples, metrics = self._read_train_reply(district, reply.message)
         except Exception as exc:  # whatever a node sends, it can only fail itself, never the round
-            reason = self._drop(district, f"bad reply: {one_line(exc)[:300]}")
+            reason = self._drop(district, node_id, f"bad reply: {one_line(exc)[:300]}")
             return ClientOutcome(district, "failed", reply.seconds, reason=reason)
         return ClientOutcome(district, "ok", reply.seconds, result=ClientResult(weights, num_samples, metrics))
 
@@ -561,8 +562,8 @@ class FlowerClients:
             key = "evaluation" if reply.message.metadata.message_type == MessageType.TRAIN else "metrics"
             return evaluation_metrics(_from_json_record(reply.message.content[RESULT_RECORD], key))
         except Exception as exc:
-            raise DataError(f"{district}: {self._drop(district, f'bad evaluation reply: {one_line(exc)[:300]}')}") \
-                from None
+            reason = self._drop(district, node_id, f"bad evaluation reply: {one_line(exc)[:300]}")
+            raise DataError(f"{district}: {reason}") from None
 
     def _evaluate_all(self, weights, setup, split: str):
         """Ask every district's node to evaluate (with the next round's training where planned); returns
@@ -656,9 +657,11 @@ def run_config_for(train_config, fed_config, *, run_dir: Path, resume: bool = Fa
     if districts and fed_config.min_clients > len(districts):
         raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(districts)} district(s) of "
                           "--districts")
+    if eval_deadline is None:
+        eval_deadline = fed_config.deadline
     config = {"run-dir": str(Path(run_dir).expanduser().resolve()), "resume": bool(resume),
               "overwrite": bool(overwrite), "expected-nodes": int(expected_nodes),
-              "connect-timeout": float(connect_timeout), "eval-deadline": float(eval_deadline if eval_deadline is not None else fed_config.deadline or 0.0),
+              "connect-timeout": float(connect_timeout), "eval-deadline": float(eval_deadline or 0.0),
               "districts": ",".join(districts or ())}
     for key, (field_name, kind) in FEDERATION_KEYS.items():
         value = federation[field_name]
@@ -749,6 +752,9 @@ def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], No
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
+    # nfed's warnings are echoed as lines of the run's output already; without a handler Python would print
+    # each a second time on stderr, which `flwr run --stream` shows as well.
+    logging.getLogger("nfed").addHandler(logging.NullHandler())
     try:
         serve(grid, context.run_config)
     except Exception as exc:

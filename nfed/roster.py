@@ -116,13 +116,17 @@ class Roster:
             self._replace(district, why)
             self.standby[district].append(node)
 
-    def drop(self, district: str, why: str) -> None:
-        """The serving node broke the protocol: refused while it stays connected; a standby may take over."""
+    def drop(self, district: str, node_id: int, why: str) -> None:
+        """A node of the district broke the protocol: refused while it stays connected; if it was the serving
+        one, a standby may take over."""
+        if node_id in self.refused:
+            return
+        self.refused[node_id] = why
+        self.standby[district] = [node for node in self.standby.get(district, []) if node.node_id != node_id]
+        self.echo(f"SuperNode {node_id} ({district}) left out: {why}")
         node = self.serving.get(district)
-        if node is not None:
-            self.refused[node.node_id] = why
-            self.echo(f"SuperNode {node.node_id} ({district}) left out: {why}")
-            self._replace(district, f"SuperNode {node.node_id} was left out: {why}")
+        if node is not None and node.node_id == node_id:
+            self._replace(district, f"SuperNode {node_id} was left out: {why}")
 
     def admit(self, claims: Mapping[int, dict | str]) -> None:
         """Decide on newly described nodes: node id -> its checked description, or why it gave none."""

@@ -172,6 +172,12 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    """True while the process runs (not gone, not a zombie waiting for its parent)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in "ZX"
+
+
 def _signal_identity(identity: tuple[int, str], sig: int) -> None:
     """Signal the process only while it is still the one recorded (same PID and start time)."""
     if _identity(identity[0]) == identity:
@@ -341,18 +347,23 @@ class FlowerDeployment:
         self.supernodes[name] = restarted = self._start(f"supernode-{name}-restarted", args)
         wait_for_port(port, timeout, restarted)
 
-    def kill_serverapp(self) -> bool:
-        """SIGKILL the running ServerApp process (the SuperLink's `flwr-serverapp`); False if none runs."""
+    def kill_serverapp(self, timeout: float = 10.0) -> bool:
+        """SIGKILL the running ServerApp process (the SuperLink's `flwr-serverapp`; one of an earlier run may
+        still be ending) and wait until it is dead (its files closed, its locks released); False if none runs."""
+        victims = []
         for identity in descendants(self.superlink.pid) if self.superlink is not None else []:
             try:
                 command = Path(f"/proc/{identity[0]}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if any(part.endswith(b"flwr-serverapp") for part in command[:2]):
+            if any(part.endswith(b"flwr-serverapp") for part in command[:2]) and _alive(identity[0]):
+                victims.append(identity)
                 self._known_pids.add(identity)
                 _signal_identity(identity, signal.SIGKILL)
-                return True
-        return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(pid) for pid, _ in victims):
+            time.sleep(0.05)
+        return bool(victims)
 
     def _write_connection_config(self) -> None:
         lines = ['[superlink]', 'default = "nfed-test"', '', '[superlink.nfed-test]',
@@ -364,8 +375,11 @@ class FlowerDeployment:
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def run_app(self, app_dir: Path, *, run_config: Mapping[str, object] | None = None, timeout: float = 120.0,
-                on_line: Callable[[str], None] | None = None) -> RunResult:
-        """`flwr run APP_DIR nfed-test --stream`, until the run ends; `on_line` sees each printed line."""
+                on_line: Callable[[str], None] | None = None,
+                until: Callable[[str], bool] | None = None) -> RunResult:
+        """`flwr run APP_DIR nfed-test --stream`, until the run ends; `on_line` sees each printed line. With
+        `until`, `flwr run` is stopped (SIGTERM) after the first line for which it is true (a run whose
+        ServerApp was killed streams nothing more until the SuperLink notices, about a minute later)."""
         args = ["flwr", "run", str(app_dir), "nfed-test", "--stream"]
         if run_config:
             args += ["--run-config", format_node_config(run_config)]
@@ -383,6 +397,9 @@ class FlowerDeployment:
                 stamped.append(f"{time.monotonic() - started:7.1f} {line}")
                 if on_line is not None:
                     on_line(line)
+                if until is not None and until(line):
+                    self._stop(process, signal.SIGTERM)
+                    break
             process.wait()
         finally:
             timer.cancel()

@@ -418,14 +418,15 @@ def test_operating_a_deployment_restart_kill_allow_list_and_status(tmp_path):
         assert nfed_status(tmp_path / "run")[0] == 0
 
         resumed = flower.run_app(app, run_config={"resume": True, "rounds": 4, "expected-nodes": 1}, timeout=200,
-                                 on_line=lambda line: "(resuming)" in line and flower.kill_serverapp())
+                                 until=lambda line: "(resuming)" in line and flower.kill_serverapp())
         code, output = nfed_status(tmp_path / "run")
     assert code == 1 and "ended without finishing after round 3 (killed?)" in output, output + resumed.output
 
     out = result.output
     assert "(Jung-gu) refused: district 'Jung-gu' is not in the allow-list (--districts)" in out, out
     assert "(Gangnam-gu) refused for now: a duplicate of SuperNode" in out, out
-    first, second, third = rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    first, second, third = rounds
     assert first["late"] == [killed] and first["answered"] == ["Gangnam-gu", restarted]
     assert deadline <= first["clients"][killed]["seconds"] <= first["seconds"]
     assert f"not asked to evaluate: in this round's training, no answer within the {deadline:g} s deadline" in out

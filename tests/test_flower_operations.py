@@ -133,7 +133,8 @@ def test_allow_list_refuses_outsiders_and_duplicates_without_failing_the_run(tmp
     result = serve(grid, flat_run_config(tiny_train(), fed, tmp_path / "run", districts=allowed,
                                          connect_timeout=1.0), echo=operator)
     assert "SuperNode 4 (Mapo-gu) refused: district 'Mapo-gu' is not in the allow-list (--districts)" in lines
-    assert any(line.startswith("SuperNode 5 (Gangdong-gu) refused for now: a duplicate of SuperNode 2") for line in lines)
+    duplicate = "SuperNode 5 (Gangdong-gu) refused for now: a duplicate of SuperNode 2"
+    assert any(line.startswith(duplicate) for line in lines)
     assert "no SuperNode serves Gwangjin-gu, Jung-gu yet (a district takes part once one does)" in lines
     first, second = result.rounds
     assert first["selected"] == allowed and first["answered"] == ["Gangnam-gu", "Gangdong-gu"]
@@ -172,3 +173,32 @@ def test_exchange_tells_a_refused_push_from_silence(task_identity):
                                          message_type=MessageType.QUERY)}, timeout=30.0)["x"]
     assert reply.pushed is False and reply.seconds == 0.0
     assert reply.silence(7, 30.0) == "SuperNode 7 could not be reached (the SuperLink no longer lists it)"
+
+
+def test_flower_app_writes_the_allow_list_and_the_evaluation_deadline(tmp_path):
+    from flwr.common.config import get_fused_config_from_dir
+
+    from nfed.cli import cli
+    from nfed.flower import settings_from_run_config
+
+    def flower_app(*options):
+        return CliRunner().invoke(cli, ["flower-app", "--out", str(tmp_path / "app"), "--run-dir",
+                                        str(tmp_path / "run"), *options])
+
+    names = tmp_path / "districts.txt"
+    names.write_text("# planned districts\nGangnam-gu\n\nJung-gu  # joins later\n")
+    result = flower_app("--districts-file", str(names), "--eval-deadline", "45", "--deadline", "300")
+    assert result.exit_code == 0 and "districts Gangnam-gu, Jung-gu" in result.output, result.output
+    settings = settings_from_run_config(get_fused_config_from_dir(tmp_path / "app", {}))
+    assert settings.districts == ["Gangnam-gu", "Jung-gu"] and settings.eval_deadline == 45.0
+    settings = settings_from_run_config(get_fused_config_from_dir(tmp_path / "app", {"districts": "",
+                                                                                     "eval-deadline": 0.0}))
+    assert settings.districts is None and settings.eval_deadline is None          # any district; wait for all
+
+    for options, problem in [(("--districts", "Jung-gu", "--districts-file", str(names)), "give one of them"),
+                             (("--districts-file", str(tmp_path / "none.txt")), "none.txt not found"),
+                             (("--districts", "Jung-gu,Jung-gu"), "named twice"),
+                             (("--districts", "Jung-gu", "--min-clients", "2"), "exceeds the 1 district"),
+                             (("--eval-deadline", "-1"), "--eval-deadline")]:
+        result = flower_app(*options)
+        assert result.exit_code == 1 and problem in result.output, (options, result.output)

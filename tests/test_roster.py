@@ -61,10 +61,13 @@ def test_standby_takes_over_from_a_node_that_is_gone_or_missed_a_round():
     assert roster.standby["Jung-gu"] == [] and served(roster) == {"Jung-gu": 2}
     roster.missed("Jung-gu", "late")                                   # no standby: it keeps serving
     assert served(roster) == {"Jung-gu": 2}
-    roster.drop("Jung-gu", "bad reply")
-    assert served(roster) == {} and roster.refused[2] == "bad reply"
+    roster.admit({3: claim("Jung-gu")})
+    roster.drop("Jung-gu", 3, "bad evaluation")                       # a standby that broke the protocol
+    assert served(roster) == {"Jung-gu": 2} and roster.standby["Jung-gu"] == []
+    roster.drop("Jung-gu", 2, "bad reply")
+    assert served(roster) == {} and roster.refused == {2: "bad reply", 3: "bad evaluation"}
     assert "SuperNode 2 was left out: bad reply" in roster.why_unserved("Jung-gu")
-    roster.forget_offline(set())                                       # a refused node that left is forgotten
+    roster.forget_offline(set())                                       # refused nodes that left are forgotten
     assert roster.refused == {}
 
 

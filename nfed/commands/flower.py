@@ -164,6 +164,7 @@ def flower_run_config(train_config, fed_config, **options) -> dict:
         from ..flower import run_config_for
     except ImportError as exc:
         if getattr(exc, "name", "") and str(exc.name).startswith("flwr"):
-            raise ConfigError("nfed flower-app needs Flower: pip install 'nfed[flower]'") from None
+            raise ConfigError("nfed flower-app needs Flower (flwr 1.42): install nfed with its flower extra, e.g. "
+                              "pip install '/path/to/nfed[flower]' or 'nfed-0.1.0-py3-none-any.whl[flower]'") from None
         raise
     return run_config_for(train_config, fed_config, **options)
