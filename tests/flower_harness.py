@@ -173,9 +173,21 @@ def descendants(pid: int) -> list[tuple[int, str]]:
 
 
 def _alive(pid: int) -> bool:
-    """True while the process runs (not gone, not a zombie waiting for its parent)."""
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in "ZX"
+    """True while any thread of the process runs: its main thread can be a zombie while others still exit,
+    holding the process's files (and their locks) until the last one is gone."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    states = [_task_state(pid, thread) for thread in threads]
+    return any(state is not None and state not in "ZX" for state in states)
+
+
+def _task_state(pid: int, thread: str) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/task/{thread}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _signal_identity(identity: tuple[int, str], sig: int) -> None:
