@@ -72,11 +72,11 @@ def _from_per_name(record) -> dict:
 def _round_trip(grid: Grid, node: int, content: RecordDict, label: str):
     message = Message(content, dst_node_id=node, message_type=MessageType.QUERY, group_id=label)
     started = time.perf_counter()
-    replies = exchange(grid, {label: message}, timeout=1800)
+    reply = exchange(grid, {label: message}, timeout=1800)[label]
     seconds = time.perf_counter() - started
-    if label not in replies or replies[label].error is not None:
-        raise RuntimeError(f"{label}: no reply ({replies[label].error if label in replies else 'timeout'})")
-    return replies[label].message, seconds
+    if reply.message is None or reply.error is not None:
+        raise RuntimeError(f"{label}: no reply ({reply.error or reply.silence(node, 1800)})")
+    return reply.message, seconds
 
 
 @server_app.main()

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nfed.commands.demo", "demo"),
     "bench": ("nfed.commands.bench", "bench"),
     "flower-app": ("nfed.commands.flower", "flower_app"),
+    "status": ("nfed.commands.status", "status"),
 }
 
 

@@ -17,12 +17,14 @@ Run folder layout:
     RUN/best.h5              global weights of the best round so far (lowest mean validation loss)
     RUN/rounds.jsonl         one JSON line per finished round
     RUN/summary.json         how the run ended: rounds, best round, the stop rule that fired, steps per client
+    RUN/status.json          running / finished / failed (with the one-line reason), last round (nfed.runstatus)
     RUN/federated.csv        the best global model on every district's test split
     RUN/client_state/        per-client optimiser state with --client-state keep (<district>.r<round>.h5)
     RUN/work/                worker task/result files (--workers), removed after each round
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -48,6 +50,7 @@ from .errors import CheckpointError, ConfigError, DataError, NfedError
 from .progress import progress
 from .results import test_facts, write_results_csv
 from .runlock import RunLock
+from .runstatus import write_status
 from .validate import check_fields, check_number
 
 log = logging.getLogger(__name__)
@@ -334,6 +337,94 @@ def client_work(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
     return work
 
 
+def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A resume needs a checkpoint; a fresh run needs a folder without a run's results, or `overwrite`."""
+    if resume:
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: nothing to resume (no checkpoint in the run "
+                                  "folder)")
+        return
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{run_dir}: holds a federated run ({', '.join(existing)}); --resume continues it, "
+                          "--overwrite replaces it")
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if type(exc).__name__ == "Terminated":
+        return "terminated (SIGTERM)"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, SystemExit):   # Flower's ServerApp exits so when its SuperLink stops or `flwr stop`
+        return f"stopped from outside (exit status {exc.code}: the SuperLink stopped, or flwr stop)"
+    return one_line(exc)
+
+
+class RunRecorder:
+    """Keeps RUN/status.json current for one run: running after each round, then finished or failed."""
+
+    def __init__(self, run_dir: Path, rounds: int, round_number: int = 0):
+        self.run_dir = run_dir
+        self.rounds = rounds
+        self.round = round_number
+        self.best_round: int | None = None
+        self.stop_reason: str | None = None
+
+    def running(self, round_number: int, *, best_round: int | None = None, stop_reason: str | None = None) -> None:
+        self.round, self.best_round, self.stop_reason = round_number, best_round or None, stop_reason
+        self._write("running")
+
+    def finished(self, result: "FederationResult") -> None:
+        self.round, self.best_round, self.stop_reason = len(result.rounds), result.best_round, result.stop_reason
+        if result.rounds and isinstance(result.rounds[-1].get("round"), int):
+            self.round = result.rounds[-1]["round"]
+        self._write("finished")
+
+    def failed(self, exc: BaseException) -> None:
+        self._write("failed", _failure_reason(exc))
+
+    def _write(self, state: str, reason: str | None = None) -> None:
+        write_status(self.run_dir, state, round_number=self.round, rounds=self.rounds, reason=reason,
+                     stop_reason=self.stop_reason, best_round=self.best_round)
+
+
+_recording: dict[Path, RunRecorder] = {}   # run folders this process records, so nested users share one
+
+
+@contextlib.contextmanager
+def recorded_run(run_dir: str | Path, *, resume: bool, overwrite: bool, rounds: int):
+    """Hold the run folder (lock), check it may be written, and keep RUN/status.json for the run inside:
+    running now, failed with the one-line reason if the block raises. Nested calls share the outer record.
+
+    The folder checks come first, so a refused run never touches another run's status; a run that fails
+    after them leaves its status (failed, and why) for `nfed status`."""
+    run_dir = Path(run_dir)
+    with new_folder(run_dir), RunLock(run_dir):
+        key = run_dir.resolve()
+        if key in _recording:
+            yield _recording[key]
+            return
+        check_run_folder(run_dir, resume, overwrite)
+        recorder = _recording[key] = RunRecorder(run_dir, rounds, _finished_rounds(run_dir) if resume else 0)
+        try:
+            recorder.running(recorder.round)
+            yield recorder
+        except BaseException as exc:
+            with contextlib.suppress(Exception):   # the original error matters more than a failed status write
+                recorder.failed(exc)
+            raise
+        finally:
+            _recording.pop(key, None)
+
+
+def _finished_rounds(run_dir: Path) -> int:
+    """Rounds on record in RUN/rounds.jsonl (0 when it cannot be read: the resume will say why)."""
+    try:
+        return len(read_rounds(run_dir / ROUNDS_NAME))
+    except NfedError:
+        return 0
+
+
 # ------------------------------------------------------------------------------------------ the rounds
 
 @dataclass
@@ -392,6 +483,7 @@ class Federation:
         self._runner_override = runner
         self._best = (0, math.inf)   # (round, mean validation loss) of the best round so far
         self.show_progress = show_progress
+        self.recorder: RunRecorder | None = None   # keeps RUN/status.json (set by federate)
         if fed_config.min_clients > len(self.districts):
             raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.districts)} "
                               f"district(s) available")
@@ -620,9 +712,8 @@ class Federation:
     def run(self, *, resume: bool = False, overwrite: bool = False) -> FederationResult:
         """Run (or resume) the rounds in the run folder, holding its lock. A folder with a run's results is
         only replaced with `overwrite`."""
-        if resume and not (self.run_dir / CHECKPOINT_NAME).is_file():
-            raise CheckpointError(f"{self.run_dir / CHECKPOINT_NAME}: nothing to resume (no checkpoint "
-                                  "in the run folder)")
+        if resume:
+            check_run_folder(self.run_dir, resume, overwrite)
         with new_folder(self.run_dir), RunLock(self.run_dir) as lock:
             if lock.stale:
                 self.echo(f"note: the previous run in {self.run_dir} did not end cleanly ({lock.stale}); "
@@ -641,10 +732,7 @@ class Federation:
             for district in self.districts:
                 _prune_client_states(self.run_dir, district, done)
         else:
-            existing = [name for name in RUN_FILES if (self.run_dir / name).exists()]
-            if existing and not overwrite:
-                raise ConfigError(f"{self.run_dir}: holds a federated run ({', '.join(existing)}); --resume "
-                                  "continues it, --overwrite replaces it")
+            check_run_folder(self.run_dir, resume, overwrite)
             weights, done, records, stop_reason = self._fresh_state(), 0, [], None
             # a fresh run in a used folder must not pick up another run's client state or results
             shutil.rmtree(self.run_dir / "client_state", ignore_errors=True)
@@ -673,6 +761,7 @@ class Federation:
                     _prune_client_states(self.run_dir, district, round_number)
             self.echo(_round_line(record, cfg.rounds))
             done = round_number
+            self._record_progress(done, stop_reason)
         self.echo(f"stopped after round {done}: {stop_reason}")
         best_round = self._best[0]
         best_weights = weights
@@ -703,6 +792,10 @@ class Federation:
         if self.attackers:
             summary["simulated_attack"] = {"kind": cfg.simulate_attack, "attackers": self.attackers}
         return summary
+
+    def _record_progress(self, round_number: int, stop_reason: str | None) -> None:
+        if self.recorder is not None:
+            self.recorder.running(round_number, best_round=self._best[0], stop_reason=stop_reason)
 
     def _track_best(self, weights, record: dict) -> None:
         """Keep RUN/best.h5 = the global weights of the round with the lowest mean validation loss of the
@@ -881,9 +974,11 @@ def federate(packs: Mapping[str, Path], run_dir: str | Path, train_config, fed_c
              resume: bool = False, overwrite: bool = False, echo: Callable[[str], None] | None = None,
              evaluate_test: bool = True, **hooks) -> FederationResult:
     """Run (or resume) a whole federation, then evaluate the global model on every test split."""
-    federation = Federation(packs, run_dir, train_config, fed_config, echo=echo, **hooks)
-    with new_folder(run_dir), RunLock(run_dir):
+    with recorded_run(run_dir, resume=resume, overwrite=overwrite, rounds=fed_config.rounds) as recorder:
+        federation = Federation(packs, run_dir, train_config, fed_config, echo=echo, **hooks)
+        federation.recorder = recorder
         result = federation.run(resume=resume, overwrite=overwrite)
         if evaluate_test:
             result.results = federation.evaluate_test(result.best_weights, result.best_round, result.rounds)
+        recorder.finished(result)
     return result

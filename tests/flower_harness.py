@@ -172,6 +172,24 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    """True while any thread of the process runs: its main thread can be a zombie while others still exit,
+    holding the process's files (and their locks) until the last one is gone."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    states = [_task_state(pid, thread) for thread in threads]
+    return any(state is not None and state not in "ZX" for state in states)
+
+
+def _task_state(pid: int, thread: str) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/task/{thread}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _signal_identity(identity: tuple[int, str], sig: int) -> None:
     """Signal the process only while it is still the one recorded (same PID and start time)."""
     if _identity(identity[0]) == identity:
@@ -249,6 +267,8 @@ class FlowerDeployment:
         self.superlink_port: int | None = None
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[str, subprocess.Popen] = {}
+        self._supernode_args: dict[str, tuple[list[str], int]] = {}   # name -> (command line, runtime port)
+        self._runs = 0
         self._processes: list[subprocess.Popen] = []
         self._known_pids: set[tuple[int, str]] = set()
 
@@ -315,6 +335,7 @@ class FlowerDeployment:
             if keys and name in keys:
                 args += ["--auth-supernode-private-key", str(keys[name])]
             self.supernodes[name] = process = self._start(f"supernode-{name}", args)
+            self._supernode_args[name] = (args, port)
             started.append((port, process))
         for port, process in started:
             wait_for_port(port, timeout, process)
@@ -323,6 +344,38 @@ class FlowerDeployment:
         """Kill one SuperNode and everything it started (SIGKILL: a machine that drops off the network)."""
         process = self.supernodes.pop(name)
         self._stop(process, signal.SIGKILL)
+
+    def restart_supernode(self, name: str, timeout: float = 60.0) -> None:
+        """Stop a SuperNode as its service manager would (SIGTERM, then wait) and start it again with the same
+        command line: it registers with the SuperLink afresh."""
+        process = self.supernodes.pop(name)
+        self._stop(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._stop(process, signal.SIGKILL)
+            process.wait()
+        args, port = self._supernode_args[name]
+        self.supernodes[name] = restarted = self._start(f"supernode-{name}-restarted", args)
+        wait_for_port(port, timeout, restarted)
+
+    def kill_serverapp(self, timeout: float = 10.0) -> bool:
+        """SIGKILL the running ServerApp process (the SuperLink's `flwr-serverapp`; one of an earlier run may
+        still be ending) and wait until it is dead (its files closed, its locks released); False if none runs."""
+        victims = []
+        for identity in descendants(self.superlink.pid) if self.superlink is not None else []:
+            try:
+                command = Path(f"/proc/{identity[0]}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(part.endswith(b"flwr-serverapp") for part in command[:2]) and _alive(identity[0]):
+                victims.append(identity)
+                self._known_pids.add(identity)
+                _signal_identity(identity, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(pid) for pid, _ in victims):
+            time.sleep(0.05)
+        return bool(victims)
 
     def _write_connection_config(self) -> None:
         lines = ['[superlink]', 'default = "nfed-test"', '', '[superlink.nfed-test]',
@@ -334,8 +387,11 @@ class FlowerDeployment:
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def run_app(self, app_dir: Path, *, run_config: Mapping[str, object] | None = None, timeout: float = 120.0,
-                on_line: Callable[[str], None] | None = None) -> RunResult:
-        """`flwr run APP_DIR nfed-test --stream`, until the run ends; `on_line` sees each printed line."""
+                on_line: Callable[[str], None] | None = None,
+                until: Callable[[str], bool] | None = None) -> RunResult:
+        """`flwr run APP_DIR nfed-test --stream`, until the run ends; `on_line` sees each printed line. With
+        `until`, `flwr run` is stopped (SIGTERM) after the first line for which it is true (a run whose
+        ServerApp was killed streams nothing more until the SuperLink notices, about a minute later)."""
         args = ["flwr", "run", str(app_dir), "nfed-test", "--stream"]
         if run_config:
             args += ["--run-config", format_node_config(run_config)]
@@ -353,11 +409,15 @@ class FlowerDeployment:
                 stamped.append(f"{time.monotonic() - started:7.1f} {line}")
                 if on_line is not None:
                     on_line(line)
+                if until is not None and until(line):
+                    self._stop(process, signal.SIGTERM)
+                    break
             process.wait()
         finally:
             timer.cancel()
         output = "".join(lines)
-        (self.workdir / "flwr-run.log").write_text("".join(stamped))
+        self._runs += 1
+        (self.workdir / f"flwr-run-{self._runs}.log").write_text("".join(stamped))
         if timer.fired:
             raise TimeoutError(f"flwr run did not finish within {timeout:.0f} s; output:\n{output[-4000:]}")
         return RunResult(process.returncode, output, time.monotonic() - started)

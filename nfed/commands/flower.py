@@ -44,7 +44,7 @@ def pyproject_text(run_config: dict) -> str:
     """pyproject.toml of the Flower app: metadata, components and the (one level nested) run config."""
     lines = [
         "# Written by `nfed flower-app`: a Flower app whose ServerApp and ClientApp are nfed's (nfed.flower).",
-        "# Every machine (SuperLink and each SuperNode) needs `pip install 'nfed[flower]'`; start the SuperLink",
+        "# Every machine (SuperLink and each SuperNode) needs nfed with its flower extra; start the SuperLink",
         "# with --disable-runtime-dependency-installation so Flower uses that installation as it is.",
         "[project]",
         f"name = {toml_value(APP_NAME)}",
@@ -87,6 +87,12 @@ def write_flower_app(app_dir: Path, run_config: dict) -> Path:
 @protocol_options
 @click.option("--deadline", type=limited("flower_deadline"), default=600.0, show_default=True,
               help="seconds a round waits for the SuperNodes' replies; later ones are left out (0: wait for all)")
+@click.option("--eval-deadline", type=limited("flower_deadline"), default=120.0, show_default=True,
+              help="seconds an evaluation waits for the SuperNodes' replies (0: wait for all)")
+@click.option("--districts", "district_names", default=None,
+              help="allow-list: comma-separated districts that may take part (others, and duplicates, are refused)")
+@click.option("--districts-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="the allow-list as a file: one district per line, # starts a comment")
 @click.option("--expected-nodes", type=limited("expected_nodes"), default=0, show_default=True,
               help="wait for this many SuperNodes before the first round (at least --min-clients)")
 @click.option("--connect-timeout", type=limited("connect_timeout"), default=300.0, show_default=True,
@@ -102,20 +108,23 @@ def write_flower_app(app_dir: Path, run_config: dict) -> Path:
               help="secure aggregation: each update coordinate is clipped to +-this before quantisation "
                    "(--dp-clip, when set, is used instead)")
 def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
-               min_clients, expected_nodes, connect_timeout, server_opt, server_lr, server_momentum, lr,
-               batch_size, width, no_round_eval, resume, overwrite, seed, **defences):
+               min_clients, eval_deadline, district_names, districts_file, expected_nodes, connect_timeout,
+               server_opt, server_lr, server_momentum, lr, batch_size, width, no_round_eval, resume, overwrite, seed,
+               **defences):
     """Write a Flower app folder that runs `nfed federate`'s protocol on a SuperLink and one SuperNode per
     district.
 
     Each SuperNode trains on the pack named in its node config (`--node-config 'pack="/data/X.h5"'`); the
-    ServerApp writes the same RUN/rounds.jsonl, RUN/global.h5 (every round) and RUN/federated.csv as
-    `nfed federate`. Run it with `flwr run APP_DIR CONNECTION --stream`.
+    ServerApp writes the same RUN/rounds.jsonl, RUN/global.h5 (every round), RUN/federated.csv and
+    RUN/status.json as `nfed federate`. Run it with `flwr run APP_DIR CONNECTION --stream`, then check
+    `nfed status RUN` (flwr run exits 0 even when the run failed).
     """
     from ..federation import FederationConfig
     from ..training import profile_config
 
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --run-dir, --overwrite replaces it: give one of them")
+    districts = allow_list(district_names, districts_file)
 
     app_dir = Path(app_dir)
     run_dir = run_dir if run_dir is not None else app_dir.parent / f"{app_dir.name}-run"
@@ -127,11 +136,34 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
                               **defences)
     path = write_flower_app(app_dir, flower_run_config(train_config, config, run_dir=run_dir, resume=resume,
                                                        overwrite=overwrite, expected_nodes=expected_nodes,
-                                                       connect_timeout=connect_timeout))
+                                                       connect_timeout=connect_timeout,
+                                                       eval_deadline=eval_deadline, districts=districts))
     click.echo(f"wrote {path}: {config.aggregator}" + (" under secure aggregation" if config.secure_aggregation
                                                       else "") + f" + {server_opt}, up to {rounds} round(s), deadline "
-               + (f"{deadline:g} s" if deadline > 0 else "none") + f"; run folder {Path(run_dir).resolve()}")
+               + (f"{deadline:g} s" if deadline > 0 else "none")
+               + (f", districts {', '.join(districts)}" if districts else ", any district")
+               + f"; run folder {Path(run_dir).resolve()}")
     click.echo(f"run it with: flwr run {app_dir} <connection> --stream")
+
+
+def allow_list(names: str | None, path: Path | None) -> list[str] | None:
+    """The districts of --districts or --districts-file (None when neither is given)."""
+    from ..roster import parse_allow_list
+
+    if names is not None and path is not None:
+        raise ConfigError("--districts and --districts-file: give one of them")
+    if names is not None:
+        return parse_allow_list([name.strip() for name in names.split(",") if name.strip()], "--districts")
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"--districts-file: {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--districts-file: {path} is unreadable ({str(exc)[:120]})") from None
+    return parse_allow_list([line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()],
+                            f"--districts-file {path}")
 
 
 def flower_run_config(train_config, fed_config, **options) -> dict:
@@ -140,6 +172,7 @@ def flower_run_config(train_config, fed_config, **options) -> dict:
         from ..flower import run_config_for
     except ImportError as exc:
         if getattr(exc, "name", "") and str(exc.name).startswith("flwr"):
-            raise ConfigError("nfed flower-app needs Flower: pip install 'nfed[flower]'") from None
+            raise ConfigError("nfed flower-app needs Flower (flwr 1.42): install nfed with its flower extra, e.g. "
+                              "pip install '/path/to/nfed[flower]' or 'nfed-0.1.0-py3-none-any.whl[flower]'") from None
         raise
     return run_config_for(train_config, fed_config, **options)
