@@ -38,6 +38,7 @@ class TrainConfig:
     batch_size: int = 8
     epochs: int = 50
     patience: int = 3
+    patience_steps: int = 0   # early stopping also waits this many optimiser steps (epochs of a step or two)
     seed: int = 0
     device: str = "cpu"
     augment: bool = True
@@ -46,7 +47,7 @@ class TrainConfig:
     profile: str = "custom"   # the profile it was made from (recorded in every checkpoint)
 
     def __post_init__(self) -> None:
-        check_fields(self, ("width", "lambda_rec", "lr", "batch_size", "epochs", "patience", "seed",
+        check_fields(self, ("width", "lambda_rec", "lr", "batch_size", "epochs", "patience", "patience_steps", "seed",
                             "weight_decay"))
         if self.classes not in (2, 5):
             raise ConfigError(f"classes {self.classes}: use 2 (change / no change) or 5 (no change + 4 types)")
@@ -72,7 +73,7 @@ class TrainConfig:
 # higher lr; its epoch cap is far enough that early stopping, not the cap, ends a run.
 PROFILES: dict[str, dict] = {
     "paper": {"width": 64, "lr": 1e-4, "batch_size": 8, "epochs": 50, "patience": 3},
-    "demo": {"width": 6, "lr": 1e-3, "batch_size": 8, "epochs": 200, "patience": 3},
+    "demo": {"width": 6, "lr": 1e-3, "batch_size": 8, "epochs": 200, "patience": 3, "patience_steps": 20},
 }
 # Tile size each profile is meant for (a property of the packs, not of TrainConfig): used by synth/pack.
 PROFILE_TILES: dict[str, int] = {"paper": 256, "demo": 64}
@@ -141,7 +142,9 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
     """Train on the pack's train split for up to `epochs` epochs, validating after each on its val split.
 
     Early stopping watches the validation loss (the training loss when the pack has no val tiles): after
-    `config.patience` epochs without improvement training stops and the best epoch's weights are restored.
+    `config.patience` epochs without improvement (and at least `config.patience_steps` optimiser steps, so
+    that a district whose epoch is one step is not stopped by three noisy steps) training stops and the best
+    epoch's weights are restored.
     With `validate_start` the starting weights are validated first and count as epoch 0, so fine-tuning
     that never beats them gives them back (best_epoch 0). Each epoch appends one JSON line to `log_path`
     (when given) and, with `progress`, shows a bar and a summary line on stderr.
@@ -155,7 +158,7 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
     steps = -(-n_train // config.batch_size)
     log = _open_log(log_path)
     history: list[dict] = []
-    best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
+    best_loss, best_epoch, best_state, stale, best_step = float("inf"), 0, None, 0, 0
     stop_epoch = None
     train_seconds = 0.0
     step_count = 0
@@ -195,14 +198,14 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
                 log.write(strict_json.dumps({"district": pack.district, **row}) + "\n")
             improved = val_loss < best_loss
             if improved:
-                best_loss, best_epoch, stale = val_loss, epoch, 0
+                best_loss, best_epoch, stale, best_step = val_loss, epoch, 0, step_count
                 if early_stopping:
                     best_state = model.state_dict()   # a copy
             else:
                 stale += 1
             if progress:
                 _print_epoch(pack.district, row, epochs, improved)
-            if early_stopping and stale >= config.patience:
+            if early_stopping and stale >= config.patience and step_count - best_step >= config.patience_steps:
                 stop_epoch = epoch
                 break
     finally:

@@ -75,6 +75,7 @@ LIMITS: dict[str, Limit] = {
     "batch_size": Limit(1, 65536, integer=True),
     "epochs": Limit(1, 100000, integer=True),
     "patience": Limit(1, 100000, integer=True),
+    "patience_steps": Limit(0, 10_000_000, integer=True),
     "seed": Limit(0, SEED_MAX, integer=True),
     # federation (FederationConfig, StopRules, server optimisers)
     "rounds": Limit(1, 100000, integer=True),

@@ -107,6 +107,22 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(pack_pa
         np.testing.assert_array_equal(result.best_state[name], value, err_msg=name)
 
 
+def test_patience_steps_keeps_short_epochs_training(pack_path, monkeypatch):
+    """With epochs of few steps, patience also counts optimiser steps: 3 stale epochs are not enough when
+    they hold fewer than patience_steps steps; the stop comes one epoch later, at the step count."""
+    scripted = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97])
+    real_evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda model, pack, split="test", batch_size=8, **kw:
+                        {**real_evaluate(model, pack, split, batch_size, **kw), "loss": next(scripted)})
+    with DistrictPack(pack_path) as pack:
+        per_epoch = -(-pack.num_samples("train") // 4)
+        config = _tiny(patience=3, patience_steps=3 * per_epoch + 1)
+        model = build_model(config)
+        result = fit(model, build_optimizer(model, config), pack, config, epochs=10)
+    assert result.stop_epoch == 6 and result.best_epoch == 2 and result.stop == "early-stop"
+    assert result.steps == 6 * per_epoch
+
+
 def test_without_early_stopping_all_epochs_run_and_weights_are_the_last(pack_path, monkeypatch):
     scripted = iter([1.0, 2.0, 3.0])
     real_evaluate = training.evaluate

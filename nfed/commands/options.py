@@ -64,6 +64,8 @@ TRAINING_OPTIONS = [
                  help="demo: small and fast on CPU; paper: the study's set-up (w 64, lr 1e-4, 50 epochs)"),
     click.option("--epochs", type=limited("epochs"), help="maximum epochs (profile's value by default)"),
     click.option("--patience", type=limited("patience"), help="early-stopping patience in epochs"),
+    click.option("--patience-steps", type=limited("patience_steps"),
+                 help="early stopping also waits this many optimiser steps without improvement (demo: 20)"),
     click.option("--batch-size", type=limited("batch_size")),
     click.option("--lr", type=limited("lr"), help="Adam learning rate"),
     click.option("--width", type=limited("width"), help="W-Net base width w"),
@@ -76,11 +78,12 @@ TRAINING_OPTIONS = [
 ]
 
 
-def training_config(profile, *, device, epochs=None, patience=None, batch_size=None, lr=None, width=None,
-                    classes=None, lambda_rec=None, seed=None, no_augment=False, **_ignored):
+def training_config(profile, *, device, epochs=None, patience=None, patience_steps=None, batch_size=None, lr=None,
+                    width=None, classes=None, lambda_rec=None, seed=None, no_augment=False, **_ignored):
     """The TrainConfig of TRAINING_OPTIONS' values (None keeps the profile's value)."""
     from ..training import profile_config
 
-    return profile_config(profile, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, width=width,
+    return profile_config(profile, epochs=epochs, patience=patience, patience_steps=patience_steps,
+                          batch_size=batch_size, lr=lr, width=width,
                           classes=int(classes) if classes else None, lambda_rec=lambda_rec, seed=seed,
                           device=device, augment=False if no_augment else None)
