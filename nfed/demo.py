@@ -62,10 +62,11 @@ class DemoSettings:
     patience_rounds: int = 3       # the validation-loss rule of the federation
     eps: float = 0.0               # the norm-difference rule (0: off)
     server_opt: str = "fedavg"
-    epochs: int = 200              # local / personalised / centralised epoch cap (never what ends a fair run)
+    epochs: int = 400              # local / personalised / centralised epoch cap (never what ends a fair run)
     patience: int = 3
     lr: float | None = None
     device: str = "cpu"
+    jobs: int = 0                  # districts trained at once (local, personalised columns); 0: one per CPU
     quiet: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -97,7 +98,17 @@ class DemoSettings:
                 "test_tiles": self.test_tiles, "districts": self.districts, "data_seed": self.data_seed,
                 "seeds": list(self.seeds), "max_rounds": self.max_rounds, "local_epochs": self.local_epochs,
                 "patience_rounds": self.patience_rounds, "eps": self.eps, "server_opt": self.server_opt,
-                "epoch_cap": self.epoch_cap, "patience": self.patience, "lr": self.lr, "device": self.device}
+                "epoch_cap": self.epoch_cap, "patience": self.patience, "lr": self.lr, "device": self.device,
+                "jobs": self.district_jobs}
+
+    @property
+    def district_jobs(self) -> int:
+        """Worker processes of the per-district columns: one per CPU core on the CPU, one on a GPU."""
+        from .district_jobs import usable_cpus
+
+        if not self.device.startswith("cpu"):
+            return 1
+        return self.jobs if self.jobs > 0 else usable_cpus()
 
 
 def _bar(enabled: bool):
@@ -147,9 +158,11 @@ def make_data(out_dir: Path, settings: DemoSettings, echo: Callable[[str], None]
 def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, seed: int, stages: _Stages,
                 echo: Callable[[str], None]) -> None:
     """The four columns of one seed into RUN/local, federated, personalised, central (CSV tables)."""
-    from .federation import FederationConfig, federate
+    from .checkpoint import save_checkpoint
+    from .district_jobs import PoolRunner, make_task, run_tasks, worker_pool
+    from .federation import BEST_NAME, FederationConfig, federate
     from .results import write_results_csv
-    from .study import fine_tune_config, personalise_district, train_central, train_district
+    from .study import fine_tune_config, train_central
     from .training import profile_config
 
     config = profile_config("demo", seed=seed, device=settings.device, epochs=settings.epoch_cap,
@@ -157,35 +170,47 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
     for name in STAGE_FOLDERS:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
-    echo(f"[demo] seed {seed}: local column, every district alone (early stopping, cap {config.epochs} epochs)")
-    rows = []
-    for path in packs.values():
-        row = train_district(path, run_dir / "local", config, quiet=True)
-        rows.append(row)
-        echo(f"  {row['district']:<16} local F1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
-             f"{row['stop']}, {row['wall_time_s']:.1f} s)")
-    write_results_csv(run_dir / "local" / "local.csv", rows, "local")
-    stages.done("local")
+    with worker_pool(settings.district_jobs) as pool:
+        echo(f"[demo] seed {seed}: local column, every district alone (early stopping, cap {config.epochs} "
+             "epochs)")
 
-    fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
-                           patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed)
-    echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
-         f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
-    result = federate(packs, run_dir / "federated", config, fed, echo=echo, show_progress=not settings.quiet,
-                      overwrite=True)
-    stages.done("federated")
+        def said_local(row: dict) -> None:
+            echo(f"  {row['district']:<16} local F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
+                 f"{row['steps']} steps, {row['stop']}, {row['wall_time_s']:.1f} s)")
 
-    echo(f"[demo] seed {seed}: personalised column, the round-{result.best_round} global model fine-tuned "
-         f"per district")
-    rows = []
-    for path in packs.values():
-        row = personalise_district(result.best_weights, path, run_dir / "personalised", fine_tune_config(config),
-                                   quiet=True)
-        rows.append(row)
-        echo(f"  {row['district']:<16} personalised F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
-             f"best epoch {row['best_epoch']})")
-    write_results_csv(run_dir / "personalised" / "personalised.csv", rows, "personalised")
-    stages.done("personalised")
+        tasks = [make_task("local", path, run_dir / "local", config) for path in packs.values()]
+        rows = run_tasks(tasks, pool, said_local)
+        write_results_csv(run_dir / "local" / "local.csv", rows, "local")
+        stages.done("local")
+
+        fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
+                               patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed)
+        echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
+             f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
+        pooled = {}
+        if pool is not None:
+            runner = PoolRunner(pool, run_dir / "federated" / "work", packs)
+            pooled = {"runner": runner, "evaluate_fn": runner.evaluate}
+        result = federate(packs, run_dir / "federated", config, fed, echo=echo, show_progress=not settings.quiet,
+                          overwrite=True, **pooled)
+        shutil.rmtree(run_dir / "federated" / "work", ignore_errors=True)
+        stages.done("federated")
+
+        echo(f"[demo] seed {seed}: personalised column, the round-{result.best_round} global model fine-tuned "
+             f"per district")
+
+        def said_personalised(row: dict) -> None:
+            echo(f"  {row['district']:<16} personalised F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
+                 f"best epoch {row['best_epoch']})")
+
+        start = run_dir / "federated" / BEST_NAME
+        if not start.is_file():   # no round was evaluated: the run's final weights are its best
+            save_checkpoint(start, result.best_weights)
+        tasks = [make_task("personalise", path, run_dir / "personalised", fine_tune_config(config), weights=start)
+                 for path in packs.values()]
+        rows = run_tasks(tasks, pool, said_personalised)
+        write_results_csv(run_dir / "personalised" / "personalised.csv", rows, "personalised")
+        stages.done("personalised")
 
     echo(f"[demo] seed {seed}: centralised column, one model on the pooled data")
     summary, rows = train_central(list(packs.values()), run_dir / "central", config, quiet=settings.quiet)

@@ -73,7 +73,7 @@ class TrainConfig:
 # higher lr; its epoch cap is far enough that early stopping, not the cap, ends a run.
 PROFILES: dict[str, dict] = {
     "paper": {"width": 64, "lr": 1e-4, "batch_size": 8, "epochs": 50, "patience": 3},
-    "demo": {"width": 6, "lr": 1e-3, "batch_size": 8, "epochs": 200, "patience": 3, "patience_steps": 20},
+    "demo": {"width": 6, "lr": 1e-3, "batch_size": 8, "epochs": 400, "patience": 3, "patience_steps": 20},
 }
 # Tile size each profile is meant for (a property of the packs, not of TrainConfig): used by synth/pack.
 PROFILE_TILES: dict[str, int] = {"paper": 256, "demo": 64}

@@ -45,14 +45,17 @@ DEFAULTS = DemoSettings()
 @click.option("--lr", type=limited("lr"), help="learning rate (demo profile's by default)")
 @device_option
 @precision_option
+@click.option("--jobs", type=limited("jobs"), default=0, show_default=True,
+              help="districts trained at once in the local and personalised columns (0: one per CPU core)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def demo(out_dir, scale, val_tiles, test_tiles, districts, seeds, seed, data_seed, rounds, patience_rounds,
-         local_epochs, server_opt, epochs, lr, device, precision, quiet):
+         local_epochs, server_opt, epochs, lr, device, precision, jobs, quiet):
     """Re-run the whole study on synthetic districts: local, federated, personalised and centralised F1."""
     settings = settings_with(DEFAULTS, scale=scale, val_tiles=val_tiles, test_tiles=test_tiles, districts=districts,
                              data_seed=data_seed, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
                              patience_rounds=patience_rounds, local_epochs=local_epochs, server_opt=server_opt,
-                             epochs=epochs, lr=lr, device=str(backend.parse_device(device)), quiet=quiet)
+                             epochs=epochs, lr=lr, device=str(backend.parse_device(device)), jobs=jobs or None,
+                             quiet=quiet)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
     with RunLock(out_dir):
