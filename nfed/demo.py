@@ -57,8 +57,8 @@ class DemoSettings:
     districts: str = "all"
     data_seed: int = 0             # synthetic data and split
     seeds: tuple[int, ...] = (0,)  # model initialisation and shuffling
-    max_rounds: int = 60           # safety budget of the federation (a stop rule should fire first)
-    local_epochs: int = 1
+    max_rounds: int = 100          # safety budget of the federation (a stop rule should fire first)
+    local_epochs: int = 3          # a client's epochs per round (the study sends epochs with the set-up)
     patience_rounds: int = 3       # the validation-loss rule of the federation
     eps: float = 0.0               # the norm-difference rule (0: off)
     server_opt: str = "fedavg"
