@@ -154,7 +154,8 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
 
             source = FlippedMasks(pack)
         result = fit(model, optimizer, source, config, epochs=int(setup["local_epochs"]), early_stopping=False,
-                     progress=False, epoch_seed_offset=int(setup.get("epoch_seed_offset", 0)))
+                     progress=False, epoch_seed_offset=int(setup.get("epoch_seed_offset", 0)),
+                     validate_last_only=True)
     last = result.history[-1] if result.history else {}
     metrics = {
         "train_loss": float(last.get("train_loss", result.train_loss)),

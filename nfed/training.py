@@ -138,7 +138,7 @@ def epoch_seed(seed: int, offset: int, epoch: int) -> int:
 
 def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, early_stopping: bool = True,
         progress: bool = False, log_path: str | os.PathLike | None = None, epoch_seed_offset: int = 0,
-        validate_start: bool = False) -> FitResult:
+        validate_start: bool = False, validate_last_only: bool = False) -> FitResult:
     """Train on the pack's train split for up to `epochs` epochs, validating after each on its val split.
 
     Early stopping watches the validation loss (the training loss when the pack has no val tiles): after
@@ -146,8 +146,10 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
     that a district whose epoch is one step is not stopped by three noisy steps) training stops and the best
     epoch's weights are restored.
     With `validate_start` the starting weights are validated first and count as epoch 0, so fine-tuning
-    that never beats them gives them back (best_epoch 0). Each epoch appends one JSON line to `log_path`
-    (when given) and, with `progress`, shows a bar and a summary line on stderr.
+    that never beats them gives them back (best_epoch 0). With `validate_last_only` (no early stopping: a
+    federated client's round) only the last epoch is validated, since nothing reads the others. Each epoch
+    appends one JSON line to `log_path` (when given) and, with `progress`, shows a bar and a summary line on
+    stderr.
     """
     if epochs < 1:
         raise ConfigError(f"epochs {epochs}: must be >= 1")
@@ -189,14 +191,16 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
                 seen += count
             train_seconds += time.perf_counter() - epoch_start
             train_loss = total / max(seen, 1)
-            val = evaluate(model, pack, "val", config.batch_size, device=config.device) if has_val else None
-            val_loss = val["loss"] if val else train_loss
+            skipped = has_val and validate_last_only and not early_stopping and epoch < epochs
+            val = evaluate(model, pack, "val", config.batch_size, device=config.device) if has_val and not skipped \
+                else None
+            val_loss = val["loss"] if val else (None if skipped else train_loss)
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "val_f1": val["f1"] if val else None, "seconds": time.perf_counter() - epoch_start}
             history.append(row)
             if log is not None:
                 log.write(strict_json.dumps({"district": pack.district, **row}) + "\n")
-            improved = val_loss < best_loss
+            improved = val_loss is not None and val_loss < best_loss
             if improved:
                 best_loss, best_epoch, stale, best_step = val_loss, epoch, 0, step_count
                 if early_stopping:
@@ -316,6 +320,7 @@ def _print_epoch(district: str, row: dict, epochs: int, improved: bool) -> None:
     import click
 
     f1 = "-" if row["val_f1"] is None else f"{row['val_f1']:.4f}"
+    loss = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
     mark = " *" if improved else ""
     click.echo(f"{district} epoch {row['epoch']}/{epochs}: train_loss {row['train_loss']:.4f} "
-               f"val_loss {row['val_loss']:.4f} val_f1 {f1} ({row['seconds']:.1f}s){mark}", err=True)
+               f"val_loss {loss} val_f1 {f1} ({row['seconds']:.1f}s){mark}", err=True)

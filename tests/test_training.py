@@ -123,6 +123,30 @@ def test_patience_steps_keeps_short_epochs_training(pack_path, monkeypatch):
     assert result.steps == 6 * per_epoch
 
 
+def test_a_client_round_validates_only_its_last_epoch_and_trains_the_same(pack_path, monkeypatch):
+    """validate_last_only skips the validations nothing reads; the training (and so the weights) is the same."""
+    calls = []
+    real_evaluate = training.evaluate
+
+    def counting(model, pack, split="test", batch_size=8, **kwargs):
+        calls.append(split)
+        return real_evaluate(model, pack, split, batch_size, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", counting)
+    states = []
+    for last_only in (False, True):
+        config = _tiny()
+        model = build_model(config)
+        with DistrictPack(pack_path) as pack:
+            result = fit(model, build_optimizer(model, config), pack, config, epochs=3, early_stopping=False,
+                         validate_last_only=last_only)
+        states.append(model.state_dict())
+        assert [row["val_loss"] is None for row in result.history] == [last_only, last_only, False]
+    assert calls == ["val"] * 3 + ["val"]
+    for name, value in states[0].items():
+        np.testing.assert_array_equal(states[1][name], value, err_msg=name)
+
+
 def test_without_early_stopping_all_epochs_run_and_weights_are_the_last(pack_path, monkeypatch):
     scripted = iter([1.0, 2.0, 3.0])
     real_evaluate = training.evaluate
