@@ -73,6 +73,7 @@ def test_bench_round_json_parts_add_up(tmp_path):
     for part in PARTS + ("total",):
         assert report["seconds"][part] == {"median": timed[part], "min": timed[part]}
     assert report["peak_rss_mb"] > 10
+    assert len(report["load_average_before"]) == len(report["load_average_after"]) == 3
 
 
 def test_bench_round_missing_data_is_one_line(tmp_path):

@@ -61,9 +61,11 @@ def round_(data, district_count, scale, tile, width, rounds, warmup, workers, as
             find_packs(data)   # a missing or empty folder fails here, in one line
             source = {"data": str(data)}
         task.update(packs=str(data), run_dir=str(Path(scratch) / "run"))
+        load_before = list(os.getloadavg())
         measured = _run_worker(task)
     result = {**source, "width": config.width, "batch": config.batch_size, "rounds": rounds, "warmup": warmup,
-              "workers": workers, "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), **measured}
+              "workers": workers, "cpu_count": os.cpu_count(), "load_average_before": load_before,
+              "load_average_after": list(os.getloadavg()), **measured}
     if out is not None:
         from ..atomic import write_json_atomic
 
@@ -82,7 +84,9 @@ def summary_line(result: dict) -> str:
     return (f"{result['districts_run']} districts, w {result['width']}, batch {result['batch']}, "
             f"{result['rounds']} rounds after {result['warmup']} warm-up: {parts['total']['median']:.2f} s per round "
             f"(min {parts['total']['min']:.2f}); median (min) s: {split}; peak RSS {result['peak_rss_mb']:.0f} MB"
-            + (f" (+ largest worker {result['peak_rss_children_mb']:.0f} MB)" if result["workers"] > 1 else ""))
+            + (f" (+ largest worker {result['peak_rss_children_mb']:.0f} MB)" if result["workers"] > 1 else "")
+            + f"; load average {result['load_average_before'][0]:.2f} before, {result['load_average_after'][0]:.2f} "
+              f"after")
 
 
 def _synthetic_packs(folder: Path, count: int, scale: float, tile: int, settings) -> Path:
