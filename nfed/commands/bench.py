@@ -9,6 +9,7 @@ from ..cli import LazyGroup
 BENCHES: dict[str, tuple[str, str]] = {
     "conv": ("nfed.commands.bench_conv", "conv"),
     "step": ("nfed.commands.bench_step", "step"),
+    "round": ("nfed.commands.bench_round", "round_"),
     "kernels": ("nfed.commands.bench_gpu", "kernels"),
     "aggregate": ("nfed.commands.bench_gpu", "aggregate"),
 }

@@ -102,14 +102,20 @@ def _run_worker(side: str, task: dict) -> dict:
     env = dict(os.environ)
     if task.get("threads"):
         env[ENV_THREADS] = str(task["threads"])
-    proc = subprocess.run([sys.executable, "-c", code, side, json.dumps(task)], capture_output=True, text=True,
-                          env=env)
-    if proc.stderr and task.get("cprofile_top") and side == "nfed":
+    return json_worker(code, [side, json.dumps(task)], f"{side} benchmark", env=env,
+                       echo_stderr=bool(task.get("cprofile_top")) and side == "nfed")
+
+
+def json_worker(code: str, args: list[str], label: str, *, env: dict | None = None, echo_stderr: bool = False) -> dict:
+    """Run `code` in a fresh interpreter with `args`; its last stdout line that starts with "{" is its answer.
+    A crash gives NfedError with the last stderr line; an answer {"error": ...} gives NfedError with it."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    if proc.stderr and echo_stderr:
         sys.stderr.write(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise NfedError(f"{side} benchmark failed: {tail}")
+        raise NfedError(f"{label} failed: {tail}")
     payload = json.loads(lines[-1])
     if "error" in payload:
         raise NfedError(payload["error"])
