@@ -81,20 +81,28 @@ class _TimedRunner:
 
 
 def time_rounds(packs: Mapping[str, Path], run_dir: Path, train_config, *, rounds: int, warmup: int,
-                workers: int = 0, seed: int = 0) -> dict:
-    """Run warmup + rounds FedAvg rounds of one local epoch (no stop rule fires before the budget) in
-    `run_dir`; returns the timed rounds (after the warm-up ones) and the federation's own round seconds."""
+                workers: int = 0, jobs: int = 0, local_epochs: int = 1, seed: int = 0) -> dict:
+    """Run warmup + rounds FedAvg rounds of `local_epochs` (no stop rule fires before the budget) in
+    `run_dir`, the clients in turn, in `workers` processes (one per client) or on a pool of `jobs` processes
+    (nfed demo's); returns the timed rounds (after the warm-up ones) and the federation's own round seconds."""
     from .client import evaluate_weights
+    from .district_jobs import PoolRunner, worker_pool
     from .federation import Federation, FederationConfig, SequentialRunner, read_rounds, ROUNDS_NAME
     from .worker import WorkerRunner
 
-    config = FederationConfig(rounds=warmup + rounds, local_epochs=1, workers=workers, seed=seed)
-    runner = WorkerRunner(workers, run_dir / "work") if workers > 1 else SequentialRunner()
+    config = FederationConfig(rounds=warmup + rounds, local_epochs=local_epochs, workers=workers, seed=seed)
     clock = RoundClock()
-    federation = Federation(packs, run_dir, train_config, config, runner=clock.timed_runner(runner),
-                            evaluate_fn=clock.timed_evaluate(evaluate_weights))
-    federation.recorder = clock
-    federation.run(overwrite=True)
+    with worker_pool(jobs) as pool:
+        if pool is not None:
+            runner = PoolRunner(pool, run_dir / "work", packs)
+            evaluate_fn = runner.evaluate
+        else:
+            runner = WorkerRunner(workers, run_dir / "work") if workers > 1 else SequentialRunner()
+            evaluate_fn = evaluate_weights
+        federation = Federation(packs, run_dir, train_config, config, runner=clock.timed_runner(runner),
+                                evaluate_fn=clock.timed_evaluate(evaluate_fn))
+        federation.recorder = clock
+        federation.run(overwrite=True)
     recorded = {r["round"]: r.get("seconds") for r in read_rounds(run_dir / ROUNDS_NAME)}
     timed = clock.rounds[warmup:]
     for entry in timed:

@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 from click.testing import CliRunner
 
 from nfed.cli import cli
@@ -51,10 +52,11 @@ def test_round_clock_splits_a_round_at_its_hooks():
     assert summarise(clock.rounds)["evaluate"] == {"median": 2.375, "min": 2.375}
 
 
-def test_bench_round_json_parts_add_up(tmp_path):
+@pytest.mark.parametrize("pool", [[], ["--jobs", "2", "--local-epochs", "2"]], ids=["in-turn", "pool"])
+def test_bench_round_json_parts_add_up(tmp_path, pool):
     out = tmp_path / "round.json"
     result = CliRunner().invoke(cli, ["bench", "round", "--districts", "3", "--width", "2", "--tile", "32",
-                                       "--rounds", "1", "--warmup", "1", "--json", "--out", str(out)])
+                                       "--rounds", "1", "--warmup", "1", "--json", "--out", str(out), *pool])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert json.loads(out.read_text()) == report

@@ -35,10 +35,15 @@ from ..errors import ConfigError, NfedError
 @click.option("--warmup", type=limited("warmup"), default=1, show_default=True, help="untimed rounds first")
 @click.option("--workers", type=limited("workers"), default=0, show_default=True,
               help="train the clients in N worker processes (as nfed federate --workers; 0/1: in turn, in-process)")
+@click.option("--jobs", type=limited("jobs"), default=0, show_default=True,
+              help="clients trained and evaluated on a pool of N worker processes, as nfed demo does (0/1: none)")
+@click.option("--local-epochs", type=limited("local_epochs"), default=1, show_default=True,
+              help="epochs per client per round (nfed demo: 3)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the JSON to this file (atomically)")
-def round_(data, district_count, scale, tile, width, rounds, warmup, workers, as_json, out):
+def round_(data, district_count, scale, tile, width, rounds, warmup, workers, jobs, local_epochs, as_json,
+           out):
     """Seconds per federated round (FedAvg, one local epoch, the demo profile) split into train / aggregate /
     evaluate / other: median and min over --rounds after --warmup, and the peak memory of the run."""
     from ..demo import DemoSettings
@@ -50,7 +55,10 @@ def round_(data, district_count, scale, tile, width, rounds, warmup, workers, as
     if tile % 16:
         raise ConfigError(f"--tile {tile}: must be a multiple of 16 (W-Net pools 4 times)")
     config = profile_config("demo", width=width)
-    task = {"rounds": rounds, "warmup": warmup, "workers": workers, "train_config": config.to_dict()}
+    if workers > 1 and jobs > 1:
+        raise ConfigError("--workers (a process per client) and --jobs (a pool of processes): give one of them")
+    task = {"rounds": rounds, "warmup": warmup, "workers": workers, "jobs": jobs, "local_epochs": local_epochs,
+            "train_config": config.to_dict()}
     with tempfile.TemporaryDirectory(prefix="nfed-bench-round-") as scratch:
         if data is None:
             data = _synthetic_packs(Path(scratch), district_count, scale, tile, settings)
@@ -64,7 +72,8 @@ def round_(data, district_count, scale, tile, width, rounds, warmup, workers, as
         load_before = list(os.getloadavg())
         measured = _run_worker(task)
     result = {**source, "width": config.width, "batch": config.batch_size, "rounds": rounds, "warmup": warmup,
-              "workers": workers, "cpu_count": os.cpu_count(), "load_average_before": load_before,
+              "workers": workers, "jobs": jobs, "local_epochs": local_epochs, "cpu_count": os.cpu_count(),
+              "load_average_before": load_before,
               "load_average_after": list(os.getloadavg()), **measured}
     if out is not None:
         from ..atomic import write_json_atomic
@@ -122,7 +131,8 @@ def worker_main(task_json: str) -> None:
     try:
         packs = find_packs(task["packs"])
         timed = time_rounds(packs, Path(task["run_dir"]), TrainConfig.from_dict(task["train_config"]),
-                            rounds=task["rounds"], warmup=task["warmup"], workers=task["workers"])
+                            rounds=task["rounds"], warmup=task["warmup"], workers=task["workers"],
+                            jobs=task.get("jobs", 0), local_epochs=task.get("local_epochs", 1))
     except NfedError as exc:
         print(json.dumps({"error": str(exc)}))
         return
