@@ -19,7 +19,8 @@ from .atomic import write_json_atomic, write_text_atomic
 from .csvtable import read_csv_rows
 from .districts import district_order_key, load_districts
 from .errors import DataError
-from .stats import bootstrap_correlation, finite_mean, mean_interval, pearson, strength, wilcoxon_paired
+from .stats import (bootstrap_correlation, finite_mean, mean_interval, pearson, spearman, strength,
+                    wilcoxon_paired)
 
 COLUMNS = ("local", "federated", "personalised", "centralised")
 RUN_FILES = {"local": Path("local", "local.csv"), "federated": Path("federated", "federated.csv"),
@@ -167,7 +168,8 @@ def headline(rows: list[dict], columns: Sequence[str], prefix: str = "") -> dict
                      ("f1_local", [f1(r, "local") for r in rows])):
         r = pearson(xs, gains)
         out.update({f"corr_{name}_gain": r, f"corr_{name}_gain_strength": strength(r),
-                    f"corr_{name}_gain_interval": bootstrap_correlation(xs, gains)})
+                    f"corr_{name}_gain_interval": bootstrap_correlation(xs, gains),
+                    f"rank_corr_{name}_gain": spearman(xs, gains)})
     out["wilcoxon"] = {f"{after}_vs_{before}": wilcoxon_paired([f1(r, after) for r in rows],
                                                                [f1(r, before) for r in rows])
                        for after, before in PAIRED_TESTS if after in columns and before in columns}

@@ -87,7 +87,8 @@ def _correlation(summary: dict, name: str, label: str) -> str:
     study = summary.get("study", {}).get(f"corr_{name}_gain")
     return (f"corr({label}, federated gain) = {_number(summary, f'corr_{name}_gain', 2, signed=True)}, "
             f"{summary.get(f'corr_{name}_gain_strength')}, 95 % bootstrap interval {bounds} "
-            f"(study {_fmt(study, 2, True)})")
+            f"(study {_fmt(study, 2, True)}); rank correlation (Spearman) "
+            f"{_number(summary, f'rank_corr_{name}_gain', 2, signed=True)}")
 
 
 def _p_value(p: float | None) -> str:

@@ -64,6 +64,17 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy)
 
 
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Rank correlation of the finite pairs (ties share their mean rank): one district whose local F1 is near
+    zero has a gain of thousands of percent, which dominates Pearson's r but is only the top rank here."""
+    from scipy.stats import rankdata
+
+    pairs = finite_pairs(xs, ys)
+    if len(pairs) < 3:
+        return None
+    return pearson(list(rankdata([x for x, _ in pairs])), list(rankdata([y for _, y in pairs])))
+
+
 def strength(r: float | None) -> str:
     """Words for a correlation: negligible (|r| < 0.1), weak (< 0.3), moderate (< 0.5), strong, with its sign."""
     if r is None:

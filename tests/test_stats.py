@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nfed.stats import (bootstrap_correlation, least_squares_line, mean_interval, pearson, percentile_interval,
-                        resampled_correlations, strength, wilcoxon_paired)
+                        resampled_correlations, spearman, strength, wilcoxon_paired)
 
 
 def test_t_interval_by_hand():
@@ -90,3 +90,14 @@ def test_least_squares_line():
     slope, intercept = np.polyfit(xs, ys, 1)
     assert least_squares_line(xs + [1], ys + [math.inf]) == pytest.approx((intercept, slope))
     assert least_squares_line([2, 2], [1, 3]) is None
+
+
+def test_spearman_against_scipy_with_ties_and_gaps():
+    from scipy.stats import spearmanr
+
+    xs = [44, 44, 51, 57, 62, 74, None, 49]
+    ys = [48159.0, 369.8, -3.9, 13.7, -9.9, -26.8, 5.0, float("nan")]
+    kept = [(x, y) for x, y in zip(xs, ys) if x is not None and y == y]
+    expected = spearmanr([x for x, _ in kept], [y for _, y in kept]).statistic
+    assert spearman(xs, ys) == pytest.approx(expected, abs=1e-12)
+    assert spearman([1, 2], [3, 4]) is None
