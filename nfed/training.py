@@ -69,7 +69,7 @@ class TrainConfig:
 
 
 # TrainConfig overrides per profile. "paper" is the study's set-up (Table 2). "demo" is sized so `nfed demo`
-# (four columns, each trained to convergence) re-runs on 2 CPU cores in about 10 minutes: a small width and a
+# (four columns, each trained to convergence) re-runs on 2 CPU cores in about 15 minutes: a small width and a
 # higher lr; its epoch cap is far enough that early stopping, not the cap, ends a run.
 PROFILES: dict[str, dict] = {
     "paper": {"width": 64, "lr": 1e-4, "batch_size": 8, "epochs": 50, "patience": 3},
