@@ -24,13 +24,20 @@ def _packs(data_path: Path) -> list[Path]:
     return packs
 
 
+# What both commands take: the packs, the run folder, the training set-up and where it runs.
+COLUMN_OPTIONS = [
+    click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+                 help="folder of district packs"),
+    click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="run folder"),
+    *TRAINING_OPTIONS,
+    device_option,
+    precision_option,
+    click.option("--quiet", is_flag=True, help="no progress bars"),
+]
+
+
 @click.command("train-central")
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="folder of district packs")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="run folder")
-@apply_options(TRAINING_OPTIONS)
-@device_option
-@precision_option
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@apply_options(COLUMN_OPTIONS)
 def train_central(data_path, out_dir, device, precision, quiet, **options):
     """Train one model on the pooled data of every district (the centralised upper bound).
 
@@ -54,12 +61,7 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
 @click.command("personalise")
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="the federation's global model (RUN/best.h5 or RUN/global.h5)")
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="folder of district packs")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="run folder")
-@apply_options(TRAINING_OPTIONS)
-@device_option
-@precision_option
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@apply_options(COLUMN_OPTIONS)
 def personalise(model_path, data_path, out_dir, device, precision, quiet, **options):
     """Fine-tune the global model on each district's own data (the personalised column).
 
