@@ -37,3 +37,20 @@ def levir_dir() -> Path:
     if not LEVIR_SAMPLES.is_dir():
         pytest.skip(f"real LEVIR-CD samples not present at {LEVIR_SAMPLES}")
     return LEVIR_SAMPLES
+
+
+@pytest.fixture
+def incoming_grad_dtypes(monkeypatch):
+    """(leaf dtype, dtype of the gradient the op's backward handed it) for every leaf gradient: autograd casts a
+    leaf's gradient to the leaf's dtype, so .grad alone cannot show a backward that computes in float64."""
+    from nfed import autograd
+
+    seen = []
+    real = autograd._accumulate_leaf
+
+    def recording(leaf, grad):
+        seen.append((leaf.data.dtype, grad.dtype))
+        return real(leaf, grad)
+
+    monkeypatch.setattr(autograd, "_accumulate_leaf", recording)
+    return seen

@@ -235,9 +235,10 @@ def test_concat_forward_and_gradcheck(device):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_dtypes_are_preserved(dtype):
+def test_dtypes_are_preserved(dtype, incoming_grad_dtypes):
     x = Tensor(np.ones((2, 3), dtype=dtype), requires_grad=True)
     y = F.concat([x * 2, x], axis=1).mean()
     assert y.dtype == dtype
     y.backward()
     assert x.grad.dtype == dtype
+    assert incoming_grad_dtypes == [(np.dtype(dtype), np.dtype(dtype))] * 2   # not cast on the way in

@@ -52,10 +52,11 @@ def _run(fn, arrays, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_float32_and_float64(name):
+def test_float32_and_float64(name, incoming_grad_dtypes):
     fn, arrays = OPS[name]
     out64, grads64 = _run(fn, arrays, np.float64)
     out32, grads32 = _run(fn, arrays, np.float32)
+    assert incoming_grad_dtypes and all(leaf == grad for leaf, grad in incoming_grad_dtypes), incoming_grad_dtypes
     assert out64.dtype == np.float64 and out32.dtype == np.float32
     np.testing.assert_allclose(out32.data, out64.data, rtol=1e-4, atol=1e-5)
     for g32, g64 in zip(grads32, grads64):
