@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import selectors
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -116,8 +117,8 @@ class WorkerPool:
     def __enter__(self) -> "WorkerPool":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(kill=exc_type is not None)   # interrupted or failed: do not wait for the tasks in flight
 
     def map(self, tasks: Sequence[Mapping]) -> Iterator[tuple[int, dict]]:
         """(task index, answer) as each task ends; a worker that dies answers {"error": ...} and is replaced."""
@@ -154,8 +155,10 @@ class WorkerPool:
             process.stdin.write(strict_json.dumps(task) + "\n")
             process.stdin.flush()
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         for process in self.processes:
+            if kill:
+                process.kill()
             try:
                 process.stdin.close()
             except OSError:
@@ -248,6 +251,7 @@ def serve(parent_pid: int | None) -> int:
     from .worker import die_with_parent
 
     die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle: it stops the pool
     cache: dict = {}
     for line in sys.stdin:
         try:
