@@ -60,6 +60,7 @@ class DemoSettings:
     max_rounds: int = 100          # safety budget of the federation (a stop rule should fire first)
     local_epochs: int = 3          # a client's epochs per round (the study sends epochs with the set-up)
     patience_rounds: int = 3       # the validation-loss rule of the federation
+    warmup_rounds: int = 10        # no stop rule fires or counts before this round (the early loss plateau)
     eps: float = 0.0               # the norm-difference rule (0: off)
     server_opt: str = "fedavg"
     epochs: int = 400              # local / personalised / centralised epoch cap (never what ends a fair run)
@@ -97,7 +98,8 @@ class DemoSettings:
         return {"scale": self.scale, "min_train_tiles": self.min_train_tiles, "val_tiles": self.val_tiles,
                 "test_tiles": self.test_tiles, "districts": self.districts, "data_seed": self.data_seed,
                 "seeds": list(self.seeds), "max_rounds": self.max_rounds, "local_epochs": self.local_epochs,
-                "patience_rounds": self.patience_rounds, "eps": self.eps, "server_opt": self.server_opt,
+                "patience_rounds": self.patience_rounds, "warmup_rounds": self.warmup_rounds, "eps": self.eps,
+                "server_opt": self.server_opt,
                 "epoch_cap": self.epoch_cap, "patience": self.patience, "lr": self.lr, "device": self.device,
                 "jobs": self.district_jobs}
 
@@ -184,7 +186,8 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
         stages.done("local")
 
         fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
-                               patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed)
+                               patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed,
+                               warmup_rounds=settings.warmup_rounds)
         echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
              f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
         pooled = {}

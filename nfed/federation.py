@@ -65,8 +65,8 @@ RUN_FILES = (CHECKPOINT_NAME, ROUNDS_NAME, RESULTS_NAME)
 SPEED_PROFILES = ("uniform", "study")
 # Fields that change the arithmetic of the federation: a resumed run must use the values it started with.
 RESUME_FIELDS = ("local_epochs", "fraction", "min_clients", "server_opt", "server_lr", "server_momentum",
-                 "client_state", "seed", "eps", "patience_rounds", "delta", "aggregator", "trim_beta", "krum_f",
-                 "krum_m", "clip_factor", "max_sample_share", "dp_clip", "dp_noise", "dp_delta",
+                 "client_state", "seed", "eps", "patience_rounds", "warmup_rounds", "delta", "aggregator", "trim_beta",
+                 "krum_f", "krum_m", "clip_factor", "max_sample_share", "dp_clip", "dp_noise", "dp_delta",
                  "secure_aggregation", "secagg_range", "simulate_attack", "attackers")
 
 
@@ -78,6 +78,7 @@ class FederationConfig:
     local_epochs: int = 1
     eps: float = 0.0
     patience_rounds: int = 0
+    warmup_rounds: int = 0      # rounds in which no stop rule fires nor counts (see aggregator.StopRules)
     delta: float = 0.0
     deadline: float | None = None
     fraction: float = 1.0
@@ -107,8 +108,8 @@ class FederationConfig:
     attackers: int = 0
 
     def __post_init__(self):
-        check_fields(self, ("rounds", "local_epochs", "eps", "patience_rounds", "delta", "deadline", "fraction",
-                            "min_clients", "workers", "server_lr", "server_momentum", "seed", "trim_beta",
+        check_fields(self, ("rounds", "local_epochs", "eps", "patience_rounds", "warmup_rounds", "delta", "deadline",
+                            "fraction", "min_clients", "workers", "server_lr", "server_momentum", "seed", "trim_beta",
                             "krum_f", "krum_m", "clip_factor", "max_sample_share", "dp_clip", "dp_noise",
                             "dp_delta", "secagg_range", "attackers"),
                      optional=("deadline", "server_lr", "dp_delta"))
@@ -724,7 +725,8 @@ class Federation:
     def _run(self, resume: bool, overwrite: bool) -> FederationResult:
         cfg = self.config
         server = build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum)
-        stop = StopRules(max_rounds=cfg.rounds, eps=cfg.eps, patience_rounds=cfg.patience_rounds, delta=cfg.delta)
+        stop = StopRules(max_rounds=cfg.rounds, eps=cfg.eps, patience_rounds=cfg.patience_rounds, delta=cfg.delta,
+                         warmup_rounds=cfg.warmup_rounds)
         if resume:
             weights, done, records, stop_reason = self._resume(server, stop)
             self.echo(f"resuming {self.run_dir} after round {done}" + (f" (stopped: {stop_reason})"

@@ -78,6 +78,7 @@ FEDERATION_KEYS = {
     "local-epochs": ("local_epochs", int),
     "eps": ("eps", float),
     "patience-rounds": ("patience_rounds", int),
+    "warmup-rounds": ("warmup_rounds", int),
     "delta": ("delta", float),
     "deadline": ("deadline", float),          # seconds; 0: wait for every client
     "fraction": ("fraction", float),
@@ -100,8 +101,8 @@ FEDERATION_KEYS = {
     "secure-aggregation": ("secure_aggregation", bool),
     "secagg-range": ("secagg_range", float),
 }
-OPTIONAL_KEYS = ("aggregator", "trim-beta", "krum-f", "krum-m", "clip-factor", "max-sample-share", "dp-clip",
-                 "dp-noise", "dp-delta", "secure-aggregation", "secagg-range")
+OPTIONAL_KEYS = ("warmup-rounds", "aggregator", "trim-beta", "krum-f", "krum-m", "clip-factor", "max-sample-share",
+                 "dp-clip", "dp-noise", "dp-delta", "secure-aggregation", "secagg-range")
 TRAIN_PREFIX = "train."
 
 

@@ -82,6 +82,7 @@ LIMITS: dict[str, Limit] = {
     "local_epochs": Limit(1, 10000, integer=True),
     "eps": Limit(0, 1),
     "patience_rounds": Limit(0, 100000, integer=True),
+    "warmup_rounds": Limit(0, 100000, integer=True),
     "delta": Limit(0, 1e9),
     "deadline": Limit(0, SECONDS_MAX, low_open=True),
     "fraction": Limit(0, 1, low_open=True),

@@ -166,3 +166,21 @@ def test_norm_difference_rule_compares_trainable_parameters_only():
     new = _model([3.0, 4.0], [0.0], [5.0], [9.0])   # only the BatchNorm statistics moved
     assert relative_norm_difference(trainable(new), trainable(old)) == 0.0
     assert sorted(trainable(new)) == ["conv.bias", "conv.weight"]
+
+
+def test_no_stop_rule_fires_or_counts_during_the_warm_up():
+    """The demo's seed-2 curve: the loss sits on a plateau in rounds 5-8 while F1 climbs, then falls again."""
+    losses = [0.58, 0.48, 0.41, 0.38, 0.376, 0.380, 0.380, 0.383, 0.379, 0.377, 0.36, 0.37, 0.37, 0.37]
+    plain = StopRules(max_rounds=20, patience_rounds=3)
+    fired = [r for r, loss in enumerate(losses, 1) if plain.check(r, None, loss)]
+    assert fired[0] == 8   # without the warm-up the plateau stops the run (best round 5)
+    warm = StopRules(max_rounds=20, patience_rounds=3, warmup_rounds=10, eps=1.0)
+    reasons = [warm.check(r, 1e-6, loss) for r, loss in enumerate(losses, 1)]
+    assert reasons[:10] == [None] * 10                      # neither the norm rule nor the loss rule in the warm-up
+    assert reasons[10] is not None and warm.fired == "norm"  # after it, the norm rule (eps 1.0) fires at once
+    loss_only = StopRules(max_rounds=20, patience_rounds=3, warmup_rounds=10)
+    reasons = [loss_only.check(r, None, loss) for r, loss in enumerate(losses, 1)]
+    assert [r for r, why in enumerate(reasons, 1) if why] == [14] and loss_only.fired == "val_loss"
+    assert loss_only.best_val_loss == 0.36
+    budget = StopRules(max_rounds=3, patience_rounds=1, warmup_rounds=10)
+    assert [budget.check(r, None, 1.0) for r in (1, 2, 3)][-1] == "round budget of 3 spent"

@@ -35,6 +35,8 @@ DEFAULTS = DemoSettings()
 @click.option("--patience-rounds", type=limited("patience_rounds"),
               help=f"federation stops when the mean validation loss has not improved for this many rounds "
                    f"(default {DEFAULTS.patience_rounds})")
+@click.option("--warmup-rounds", type=limited("warmup_rounds"),
+              help=f"no stop rule fires in these first rounds (default {DEFAULTS.warmup_rounds})")
 @click.option("--local-epochs", type=limited("local_epochs"),
               help=f"epochs per client per round (default {DEFAULTS.local_epochs})")
 @click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), help="server optimiser")
@@ -49,11 +51,12 @@ DEFAULTS = DemoSettings()
               help="districts trained at once in the local and personalised columns (0: one per CPU core)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def demo(out_dir, scale, val_tiles, test_tiles, districts, seeds, seed, data_seed, rounds, patience_rounds,
-         local_epochs, server_opt, epochs, lr, device, precision, jobs, quiet):
+         warmup_rounds, local_epochs, server_opt, epochs, lr, device, precision, jobs, quiet):
     """Re-run the whole study on synthetic districts: local, federated, personalised and centralised F1."""
     settings = settings_with(DEFAULTS, scale=scale, val_tiles=val_tiles, test_tiles=test_tiles, districts=districts,
                              data_seed=data_seed, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
-                             patience_rounds=patience_rounds, local_epochs=local_epochs, server_opt=server_opt,
+                             patience_rounds=patience_rounds, warmup_rounds=warmup_rounds, local_epochs=local_epochs,
+                             server_opt=server_opt,
                              epochs=epochs, lr=lr, device=str(backend.parse_device(device)), jobs=jobs or None,
                              quiet=quiet)
     if out_dir.exists() and not out_dir.is_dir():

@@ -34,6 +34,8 @@ PROTOCOL_OPTIONS = [
                  help="stop when ||w_r+1 - w_r|| / ||w_r|| < eps (0 disables)"),
     click.option("--patience-rounds", type=limited("patience_rounds"), default=0, show_default=True,
                  help="stop when the validation loss has not improved by --delta for this many rounds (0 disables)"),
+    click.option("--warmup-rounds", type=limited("warmup_rounds"), default=0, show_default=True,
+                 help="no stop rule fires (or counts a stale round) in these first rounds"),
     click.option("--delta", type=limited("delta"), default=0.0, show_default=True,
                  help="minimum validation-loss improvement"),
     click.option("--fraction", type=limited("fraction"), default=1.0, show_default=True,
@@ -113,9 +115,9 @@ def protocol_options(command):
 @device_option
 @precision_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
-             min_clients, workers, gpus, server_opt, server_lr, server_momentum, client_state, client_speeds, lr,
-             batch_size, width, no_round_eval, resume, overwrite, seed, device, precision, quiet, **defences):
+def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, warmup_rounds, delta, deadline,
+             fraction, min_clients, workers, gpus, server_opt, server_lr, server_momentum, client_state, client_speeds,
+             lr, batch_size, width, no_round_eval, resume, overwrite, seed, device, precision, quiet, **defences):
     """Federated training over district packs (FedAvg weighted by sample count), one line per round.
 
     Writes RUN/rounds.jsonl, an atomic checkpoint RUN/global.h5 after every round (--resume continues from
@@ -135,6 +137,7 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
     train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed, device=device)
     packs = find_packs(data_dir)
     config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
+                              warmup_rounds=warmup_rounds,
                               delta=delta, deadline=deadline, fraction=fraction, min_clients=min_clients,
                               workers=workers, server_opt=server_opt, server_lr=server_lr,
                               server_momentum=server_momentum, client_state=client_state,

@@ -107,8 +107,8 @@ def write_flower_app(app_dir: Path, run_config: dict) -> Path:
 @click.option("--secagg-range", type=limited("secagg_range"), default=8.0, show_default=True,
               help="secure aggregation: each update coordinate is clipped to +-this before quantisation "
                    "(--dp-clip, when set, is used instead)")
-def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, delta, deadline, fraction,
-               min_clients, eval_deadline, district_names, districts_file, expected_nodes, connect_timeout,
+def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, warmup_rounds, delta, deadline,
+               fraction, min_clients, eval_deadline, district_names, districts_file, expected_nodes, connect_timeout,
                server_opt, server_lr, server_momentum, lr, batch_size, width, no_round_eval, resume, overwrite, seed,
                **defences):
     """Write a Flower app folder that runs `nfed federate`'s protocol on a SuperLink and one SuperNode per
@@ -130,6 +130,7 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
     run_dir = run_dir if run_dir is not None else app_dir.parent / f"{app_dir.name}-run"
     train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed)
     config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
+                              warmup_rounds=warmup_rounds,
                               delta=delta, deadline=deadline if deadline > 0 else None, fraction=fraction,
                               min_clients=min_clients, server_opt=server_opt, server_lr=server_lr,
                               server_momentum=server_momentum, seed=seed, evaluate_rounds=not no_round_eval,
