@@ -106,7 +106,7 @@ class DemoSettings:
     @property
     def district_jobs(self) -> int:
         """Worker processes of the per-district columns: one per CPU core on the CPU, one on a GPU."""
-        from .district_jobs import usable_cpus
+        from .functions.parallel import usable_cpus
 
         if not self.device.startswith("cpu"):
             return 1

@@ -22,16 +22,11 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from . import strict_json
 from .errors import TrainingError
+from .functions.parallel import ENV_THREADS, usable_cpus
+from .worker import THREAD_VARIABLES as WORKER_THREAD_VARIABLES
 
 FLOAT_KEYS = ("precision", "recall", "f1", "iou", "loss", "best_val_loss")   # None in JSON -> NaN again
-THREAD_VARIABLES = ("NFED_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+THREAD_VARIABLES = (ENV_THREADS, *WORKER_THREAD_VARIABLES)   # nfed's own pool and the BLAS libraries'
 
 
 def make_task(kind: str, pack: str | Path, out_dir: str | Path, config, weights: str | Path | None = None) -> dict:

@@ -30,6 +30,11 @@ def num_workers() -> int:
     text = os.environ.get(ENV_THREADS, "").strip()
     if text.isdigit() and int(text) > 0:
         return int(text)
+    return usable_cpus()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
