@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-sample-share", type=float, default=1.0)
     args = parser.parse_args(argv)
 
-    from nfed.federation import FederationConfig
+    from nfed.federation.server import FederationConfig
 
     args.out.mkdir(parents=True, exist_ok=True)
     aggregators = [a for a in args.aggregators.split(",") if a]
@@ -106,7 +106,7 @@ def goals(table, aggregators, attacks, counts) -> list[str]:
 
 
 def write_outputs(out: Path, table, losses, aggregators, attacks, counts, size) -> None:
-    from nfed.figures import line_chart
+    from nfed.report.plots import line_chart
 
     header = "| aggregator | attack | " + " | ".join(f"{n} attackers" for n in counts) + " |"
     lines = [f"Mean test F1 (mean test loss) of the final global model ({size['districts']} districts; "

@@ -30,8 +30,8 @@ DISTRICTS = ("Gangnam-gu", "Gangdong-gu", "Gwangjin-gu", "Jung-gu", "Jongno-gu",
 
 
 def prepare_packs(out: Path, districts: list[str], scale: float) -> Path:
-    from nfed.pack import pack_folder
-    from nfed.synth import synthesise
+    from nfed.data.pack import pack_folder
+    from nfed.data.synth import synthesise
 
     packs = out / "packs"
     if sorted(p.stem for p in packs.glob("*.h5")) != sorted(districts):

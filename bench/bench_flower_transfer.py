@@ -1,7 +1,7 @@
 """Round trip of W-Net-CD's weights through a real Flower deployment on loopback (issue 7, item 4).
 
 Starts a SuperLink and one SuperNode on 127.0.0.1 (tests/flower_harness.py), then a ServerApp (defined in
-this file) sends the full state of a W-Net-CD of the given width to the node, packed by nfed.flower's
+this file) sends the full state of a W-Net-CD of the given width to the node, packed by nfed.federation.flower's
 weights_to_record, and the ClientApp decodes it and sends it back re-encoded, as a client's update travels.
 The server checks the returned arrays are bit-identical and reports, per repeat, the round-trip time of the
 weights message against an empty message and against the reference layout (one Array per parameter name,
@@ -31,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from nfed.flower import exchange, record_to_weights, weights_to_record
+from nfed.federation.flower import exchange, record_to_weights, weights_to_record
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_BYTES = 5 * 1024 * 1024
@@ -81,8 +81,8 @@ def _round_trip(grid: Grid, node: int, content: RecordDict, label: str):
 
 @server_app.main()
 def bench_main(grid: Grid, context: Context) -> None:
-    from nfed.client import host_state
-    from nfed.wnet import WNetCD
+    from nfed.federation.client import host_state
+    from nfed.model.wnet import WNetCD
 
     config = context.run_config
     width, repeats, out = int(config["width"]), int(config["repeats"]), Path(str(config["out"]))

@@ -1,7 +1,7 @@
 """Differential privacy against utility: mean federated test F1 of DP-FedAvg at several epsilons.
 
 For each target epsilon (at delta = 1 / the districts' training samples, every district every round) the
-noise multiplier z comes from the accountant (nfed.privacy.noise_for_epsilon over --rounds releases); the
+noise multiplier z comes from the accountant (nfed.federation.privacy.noise_for_epsilon over --rounds releases); the
 clipping bound C is the median client update norm of a clean first round (measured here with a one-round
 `--aggregator clipped` run) unless --dp-clip gives one. "inf" is DP-FedAvg without noise (clipping and equal
 weights only); plain FedAvg is run beside it. Writes OUT/privacy.json (cells kept as they finish),
@@ -29,9 +29,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dp-clip", type=float, default=None, help="default: the median update norm of round 1")
     args = parser.parse_args(argv)
 
-    from nfed.data import DistrictPack
-    from nfed.federation import FederationConfig, federate
-    from nfed.privacy import noise_for_epsilon
+    from nfed.data.reader import DistrictPack
+    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.privacy import noise_for_epsilon
 
     args.out.mkdir(parents=True, exist_ok=True)
     packs = prepare_packs(args)
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
 
 def write_outputs(out: Path, rows, size) -> None:
-    from nfed.figures import line_chart
+    from nfed.report.plots import line_chart
 
     lines = [f"DP-FedAvg: mean test F1 of the final global model against epsilon (size {size})", "",
              "| run | target epsilon | noise multiplier z | epsilon spent | mean test F1 | mean test loss |",

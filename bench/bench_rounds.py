@@ -23,9 +23,9 @@ RUNS = {  # name -> (server optimiser, server lr)
 
 
 def prepare_packs(out: Path, scale: float, seed: int) -> Path:
-    from nfed.pack import pack_folder
-    from nfed.synth import synthesise
-    from nfed.training import PROFILE_TILES
+    from nfed.data.pack import pack_folder
+    from nfed.data.synth import synthesise
+    from nfed.training.trainer import PROFILE_TILES
 
     packs = out / "packs"
     if not any(packs.glob("*.h5")):
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from nfed.federation import FederationConfig, federate, find_packs
-    from nfed.training import profile_config
+    from nfed.federation.server import FederationConfig, federate, find_packs
+    from nfed.training.trainer import profile_config
 
     args.out.mkdir(parents=True, exist_ok=True)
     packs = find_packs(args.data or prepare_packs(args.out, args.scale, args.seed))

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from nfed import synth
-from nfed.districts import load_districts
+from nfed.data import synth
+from nfed.data.districts import load_districts
 
 
 def cpu_seconds() -> float:

@@ -29,9 +29,9 @@ def size_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
 
 def prepare_packs(args) -> dict[str, Path]:
     """The demo's 25 synthetic districts at --scale/--tile, packed once into OUT/packs."""
-    from nfed.federation import find_packs
-    from nfed.pack import pack_folder
-    from nfed.synth import synthesise
+    from nfed.federation.server import find_packs
+    from nfed.data.pack import pack_folder
+    from nfed.data.synth import synthesise
 
     if args.data:
         return find_packs(args.data)
@@ -44,7 +44,7 @@ def prepare_packs(args) -> dict[str, Path]:
 
 
 def train_config(args):
-    from nfed.training import profile_config
+    from nfed.training.trainer import profile_config
 
     return profile_config("demo", width=args.width, lr=args.lr, seed=args.seed)
 
@@ -70,8 +70,8 @@ class Grid:
 
     def run(self, key: str, packs, train_config, fed_config, run_dir: Path, extra: dict | None = None) -> dict:
         """Mean test F1 and loss over the districts of the final global model of one federation (cached)."""
-        from nfed.client import evaluate_weights, make_round_setup
-        from nfed.federation import federate
+        from nfed.federation.client import evaluate_weights, make_round_setup
+        from nfed.federation.server import federate
 
         if key in self.data["cells"] or self.table_only:
             return self.data["cells"].get(key)

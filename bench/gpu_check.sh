@@ -65,7 +65,7 @@ if ! "$py" -c "import nfed" >/dev/null 2>&1; then
   export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
   say "nfed is not installed: running from the checkout $repo"
 fi
-if ! "$py" -c "from nfed.resources import kernels_dir, data_dir; kernels_dir(); data_dir()" 2>>"$log"; then
+if ! "$py" -c "from nfed.common.resources import kernels_dir, data_dir; kernels_dir(); data_dir()" 2>>"$log"; then
   say "nfed cannot find its kernels/ or data/ folder; nothing was run"
   exit 2
 fi
@@ -119,11 +119,11 @@ done
 mkdir -p "$work/site"
 cat >"$work/site/sitecustomize.py" <<'EOF'
 try:
-    import nfed.cuda_ops as _cuda_ops
+    import nfed.gpu.ops as _cuda_ops
     _cuda_ops.install()
 except Exception as _exc:  # never break the interpreter
     import sys as _sys
-    print(f"gpu_check: nfed.cuda_ops.install() failed: {_exc}", file=_sys.stderr)
+    print(f"gpu_check: nfed.gpu.ops.install() failed: {_exc}", file=_sys.stderr)
 EOF
 step_path="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 # fp32: NVIDIA_TF32_OVERRIDE=0 keeps cuDNN (whose PyTorch default allows TF32) and cuBLAS in true fp32

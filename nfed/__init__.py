@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import cpu_runtime as _cpu_runtime
+from nfed.common import cpu_runtime as _cpu_runtime
 
 _cpu_runtime.choose_openblas_core()
 _cpu_runtime.keep_freed_memory()

@@ -1,7 +1,7 @@
 """The `nfed` command line: a click group whose subcommands live in nfed/commands/ and load lazily.
 
 Lazy loading keeps `nfed --help` fast and lets each area own its command module. Errors the user can act
-on (nfed.errors.NfedError, missing files, bad options) print as one line and exit non-zero; set
+on (nfed.common.errors.NfedError, missing files, bad options) print as one line and exit non-zero; set
 NFED_DEBUG=1 to see the traceback of unexpected errors.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 
 import click
 
-from . import __version__
-from .errors import NfedError
+from nfed import __version__
+from nfed.common.errors import NfedError
 
 # command name -> (module, attribute). A command whose module is absent is simply not listed.
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .atomic import write_json_atomic
+from nfed.common.atomic import write_json_atomic
 
 STAGE_FOLDERS = ("local", "federated", "personalised", "central", "report")
 DATA_FOLDERS = ("synth", "packs")
@@ -32,9 +32,9 @@ DEMO_MARKER = ".nfed-demo"   # says "nfed demo made this folder": a rerun may re
 def claim_demo_folder(out_dir: Path) -> None:
     """Make `out_dir` a demo folder, refusing a non-empty folder that a demo did not make (a rerun deletes the
     stage folders, and must never delete a user's files)."""
-    from .atomic import write_text_atomic
-    from .errors import ConfigError
-    from .runlock import LOCK_NAME
+    from nfed.common.atomic import write_text_atomic
+    from nfed.common.errors import ConfigError
+    from nfed.runs.runlock import LOCK_NAME
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
@@ -72,7 +72,7 @@ class DemoSettings:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from .errors import ConfigError
+        from nfed.common.errors import ConfigError
 
         if not self.seeds:
             raise ConfigError("--seeds must be >= 1")
@@ -106,7 +106,7 @@ class DemoSettings:
     @property
     def district_jobs(self) -> int:
         """Worker processes of the per-district columns: one per CPU core on the CPU, one on a GPU."""
-        from .functions.parallel import usable_cpus
+        from nfed.core.functions.parallel import usable_cpus
 
         if not self.device.startswith("cpu"):
             return 1
@@ -114,7 +114,7 @@ class DemoSettings:
 
 
 def _bar(enabled: bool):
-    from .progress import progress
+    from nfed.common.progress import progress
 
     def show(iterable, length, label):
         return progress(iterable, label=label, length=length, enabled=enabled)
@@ -143,10 +143,10 @@ class _Stages:
 
 def make_data(out_dir: Path, settings: DemoSettings, echo: Callable[[str], None]) -> dict[str, Path]:
     """Synthetic districts and their packs; returns district -> pack path."""
-    from .federation import find_packs
-    from .pack import pack_folder
-    from .synth import synthesise
-    from .training import PROFILE_TILES
+    from nfed.federation.server import find_packs
+    from nfed.data.pack import pack_folder
+    from nfed.data.synth import synthesise
+    from nfed.training.trainer import PROFILE_TILES
 
     echo(f"[demo] generating synthetic districts (scale {settings.scale:g}, {settings.val_tiles} validation and "
          f"{settings.test_tiles} test tiles each) -> {out_dir / 'synth'}")
@@ -160,12 +160,12 @@ def make_data(out_dir: Path, settings: DemoSettings, echo: Callable[[str], None]
 def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, seed: int, stages: _Stages,
                 echo: Callable[[str], None]) -> None:
     """The four columns of one seed into RUN/local, federated, personalised, central (CSV tables)."""
-    from .checkpoint import save_checkpoint
-    from .district_jobs import PoolRunner, make_task, run_tasks, worker_pool
-    from .federation import BEST_NAME, FederationConfig, federate
-    from .results import write_results_csv
-    from .study import fine_tune_config, train_central
-    from .training import profile_config
+    from nfed.model.checkpoint import save_checkpoint
+    from nfed.federation.district_jobs import PoolRunner, make_task, run_tasks, worker_pool
+    from nfed.federation.server import BEST_NAME, FederationConfig, federate
+    from nfed.runs.results import write_results_csv
+    from nfed.training.study import fine_tune_config, train_central
+    from nfed.training.trainer import profile_config
 
     config = profile_config("demo", seed=seed, device=settings.device, epochs=settings.epoch_cap,
                             patience=settings.patience, lr=settings.lr)
@@ -228,7 +228,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
 
     One seed: the run's folders and report/ are in OUT itself. Several: each seed's in OUT/seed-<k>/, and
     OUT/report/ aggregates them (mean and 95 % interval per column, paired tests over districts)."""
-    from .report import make_study_report, table_text
+    from nfed.report.build import make_study_report, table_text
 
     settings = settings or DemoSettings()
     warn = warn or echo

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nfed import backend
+from nfed.common import backend
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def levir_dir() -> Path:
 def incoming_grad_dtypes(monkeypatch):
     """(leaf dtype, dtype of the gradient the op's backward handed it) for every leaf gradient: autograd casts a
     leaf's gradient to the leaf's dtype, so .grad alone cannot show a backward that computes in float64."""
-    from nfed import autograd
+    from nfed.core import autograd
 
     seen = []
     real = autograd._accumulate_leaf

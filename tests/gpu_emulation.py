@@ -245,8 +245,10 @@ def emulated_kernel(libraries: dict[str, ctypes.CDLL], kernels: dict, name: str)
 
 @contextlib.contextmanager
 def emulated_gpu(libraries: dict[str, ctypes.CDLL]):
-    """Make nfed.backend report one (emulated) GPU and route kernels and GEMMs to the emulation."""
-    from nfed import backend, cuda_ops, precision
+    """Make nfed.common.backend report one (emulated) GPU and route kernels and GEMMs to the emulation."""
+    from nfed.common import backend
+    from nfed.gpu import ops as cuda_ops
+    from nfed.gpu import precision
 
     saved = (backend._cupy, backend.cupy_module, precision._cublas, cuda_ops._function)
     cuda_ops._multiprocessors.cache_clear()

@@ -5,7 +5,7 @@ import csv
 import json
 from pathlib import Path
 
-from nfed.districts import load_districts
+from nfed.data.districts import load_districts
 
 RESULT = ("district", "samples", "precision", "recall", "f1", "iou")
 TEST_SPLIT = ("train_samples", "test_tiles", "test_pixels", "test_change_pixels")

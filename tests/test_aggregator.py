@@ -5,10 +5,10 @@ import logging
 import numpy as np
 import pytest
 
-from nfed.aggregator import (FedAdam, FedAvgAggregator, FedAvgM, ServerOptimizer, StopRules,
+from nfed.federation.aggregator import (FedAdam, FedAvgAggregator, FedAvgM, ServerOptimizer, StopRules,
                              build_server_optimizer, fedavg, global_norm, relative_norm_difference,
                              update_problem)
-from nfed.errors import CheckpointError, ConfigError
+from nfed.common.errors import CheckpointError, ConfigError
 
 
 def _model(a, b, mean, var):
@@ -65,7 +65,7 @@ def test_streaming_sum_keeps_one_model_of_memory():
 def test_bad_update_is_rejected_with_a_logged_reason_and_the_round_goes_on(bad, reason, caplog):
     reference = {"w": np.zeros(2, np.float32)}
     aggregator = FedAvgAggregator(reference)
-    with caplog.at_level(logging.WARNING, logger="nfed.aggregator"):
+    with caplog.at_level(logging.WARNING, logger="nfed.federation.aggregator"):
         assert not aggregator.add(bad, 10, client="Bad-gu")
     assert "Bad-gu" in caplog.text and reason in caplog.text
     assert reason in aggregator.rejected["Bad-gu"]
@@ -160,7 +160,7 @@ def test_stop_rule_round_budget_and_state():
 
 
 def test_norm_difference_rule_compares_trainable_parameters_only():
-    from nfed.aggregator import trainable
+    from nfed.federation.aggregator import trainable
 
     old = _model([3.0, 4.0], [0.0], [0.0], [1.0])
     new = _model([3.0, 4.0], [0.0], [5.0], [9.0])   # only the BatchNorm statistics moved

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nfed.attacks import FlippedMasks, attack_result, choose_attackers
-from nfed.client import ClientResult
-from nfed.errors import ConfigError
-from nfed.federation import FederationConfig, federate, read_rounds
+from nfed.federation.attacks import FlippedMasks, attack_result, choose_attackers
+from nfed.federation.client import ClientResult
+from nfed.common.errors import ConfigError
+from nfed.federation.server import FederationConfig, federate, read_rounds
 
 from test_federation import PACKS, SAMPLES, TARGETS, FakeTrainConfig, fake_evaluate, fake_train
 from test_flower import make_tiny_packs
@@ -70,7 +70,7 @@ def test_sample_inflation_takes_over_fedavg_unless_capped(tmp_path):
 
 
 def test_label_flip_trains_the_attacker_on_inverted_masks(tmp_path):
-    from nfed.data import DistrictPack
+    from nfed.data.reader import DistrictPack
 
     pack_path = make_tiny_packs(tmp_path / "packs", districts=("Gangnam-gu",), counts=((3, 2, 1),))["Gangnam-gu"]
     with DistrictPack(pack_path) as pack:

@@ -7,10 +7,10 @@ import weakref
 import numpy as np
 import pytest
 
-from nfed import backend
-from nfed import functions as F
-from nfed.autograd import Function, Tensor, as_tensor, is_grad_enabled, no_grad
-from nfed.gradcheck import check_gradients
+from nfed.common import backend
+from nfed.core import functions as F
+from nfed.core.autograd import Function, Tensor, as_tensor, is_grad_enabled, no_grad
+from nfed.core.gradcheck import check_gradients
 
 from conftest import DEVICES
 

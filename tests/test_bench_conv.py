@@ -5,7 +5,7 @@ import json
 
 from click.testing import CliRunner
 
-from nfed import benchmarks_conv
+from nfed.benchmarks import conv as benchmarks_conv
 from nfed.cli import cli
 
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from nfed import precision
+from nfed.gpu import precision
 from nfed.commands.bench_gpu import aggregate, bench_devices, kernels, wnet_layer_shapes
-from nfed.errors import ConfigError
+from nfed.common.errors import ConfigError
 
 from conftest import REPO_ROOT
 

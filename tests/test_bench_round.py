@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from nfed.cli import cli
-from nfed.round_timing import PARTS, RoundClock, summarise
+from nfed.benchmarks.round import PARTS, RoundClock, summarise
 
 
 class FakeTime:

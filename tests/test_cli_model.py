@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from nfed.checkpoint import load_checkpoint
+from nfed.model.checkpoint import load_checkpoint
 from nfed.cli import cli
 from test_training import synthetic_pack
 from test_wnet import closed_form_parameters
@@ -158,9 +158,9 @@ def test_predict_any_size_pair_and_pair_folder(trained, tmp_path):
 
 
 def test_predict_tiles_agree_with_the_model_on_whole_tiles(trained, packs):
-    from nfed.data import DistrictPack
-    from nfed.predict import predict_change
-    from nfed.training import model_from_checkpoint
+    from nfed.data.reader import DistrictPack
+    from nfed.training.predict import predict_change
+    from nfed.training.trainer import model_from_checkpoint
 
     model, _ = model_from_checkpoint(trained / "Jung-gu" / "best.h5")
     with DistrictPack(packs / "Jung-gu.h5") as pack:
@@ -188,9 +188,9 @@ def test_predict_errors(trained, tmp_path):
 
 
 def test_checkpoint_of_another_width_is_rejected_with_the_mismatch(trained, tmp_path):
-    from nfed.checkpoint import save_checkpoint
-    from nfed.errors import CheckpointError
-    from nfed.training import TrainConfig, build_model, load_weights
+    from nfed.model.checkpoint import save_checkpoint
+    from nfed.common.errors import CheckpointError
+    from nfed.training.trainer import TrainConfig, build_model, load_weights
 
     ckpt = load_checkpoint(trained / "Jung-gu" / "best.h5")
     wider = build_model(TrainConfig(width=4))

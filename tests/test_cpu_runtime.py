@@ -1,11 +1,11 @@
-"""Process settings for the CPU path (nfed/cpu_runtime.py): the OpenBLAS core choice and glibc's thresholds."""
+"""Process settings for the CPU path (nfed/common/cpu_runtime.py): the OpenBLAS core choice and glibc's thresholds."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
-from nfed import cpu_runtime
+from nfed.common import cpu_runtime
 
 AVX512 = frozenset({"avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
 

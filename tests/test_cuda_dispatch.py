@@ -1,4 +1,4 @@
-"""nfed.cuda_ops.install() on any machine: every CPU function it replaces exists with the same parameters
+"""nfed.gpu.ops.install() on any machine: every CPU function it replaces exists with the same parameters
 (so a rename in the core cannot silently leave the GPU path unused), NumPy calls are untouched, and
 uninstall() restores the originals."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import inspect
 
 import numpy as np
 
-from nfed import cuda_ops
+from nfed.gpu import ops as cuda_ops
 
 
 def test_every_dispatched_function_exists_with_the_gpu_signature():
@@ -23,7 +23,7 @@ def test_every_dispatched_function_exists_with_the_gpu_signature():
 
 
 def test_optimizers_keep_the_update_hook_and_state_names():
-    from nfed import optim
+    from nfed.core import optim
 
     for cls, kinds in ((optim.Adam, ("exp_avg", "exp_avg_sq")), (optim.AdamW, ("exp_avg", "exp_avg_sq"))):
         assert cls.state_names == kinds
@@ -32,7 +32,7 @@ def test_optimizers_keep_the_update_hook_and_state_names():
 
 
 def test_install_leaves_numpy_calls_alone_and_uninstall_restores():
-    from nfed.functions import conv
+    from nfed.core.functions import conv
 
     original = conv.conv2d_forward
     x = np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)

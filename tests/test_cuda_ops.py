@@ -1,15 +1,17 @@
-"""GPU ops (nfed.cuda_ops, nfed.precision) against nfed's CPU functions, and a full W-Net-CD step GPU vs CPU.
+"""GPU ops (nfed.gpu.ops, nfed.gpu.precision) against nfed's CPU functions, and a full W-Net-CD step GPU vs CPU.
 
 Every test here is marked `gpu` (skipped without CuPy and a CUDA device); collection never needs CuPy.
 Errors are compared as max |gpu - cpu| / max |cpu| (normalised) with the float32 bound of
-nfed.precision.TOLERANCES; float64 cases use 1e-10.
+nfed.gpu.precision.TOLERANCES; float64 cases use 1e-10.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nfed import backend, cuda_ops, precision
+from nfed.common import backend
+from nfed.gpu import ops as cuda_ops
+from nfed.gpu import precision
 
 pytestmark = pytest.mark.gpu
 
@@ -81,7 +83,7 @@ def test_bf16_packing_rounds_to_nearest_even(rng):
 
 @pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0), (5, 1, 2)])
 def test_im2col_matches_cpu_and_col2im_is_its_adjoint(rng, k, s, p):
-    from nfed.functions.im2col import im2col as cpu_im2col
+    from nfed.core.functions.im2col import im2col as cpu_im2col
 
     x = randn(rng, 2, 3, 9, 11)
     col = cuda_ops.im2col(gpu(x), k, s, p)
@@ -114,7 +116,7 @@ ALGORITHMS = {"auto": ("auto", "32"), "no-direct": ("auto", "0"), "im2col": ("im
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv2d_forward_and_backward_match_cpu(rng, monkeypatch, case, dtype, algorithm):
-    from nfed.functions import conv
+    from nfed.core.functions import conv
 
     monkeypatch.setenv("NFED_CONV_ALGORITHM", ALGORITHMS[algorithm][0])
     monkeypatch.setenv("NFED_CONV_DIRECT_MAX_K", ALGORITHMS[algorithm][1])
@@ -134,7 +136,7 @@ def test_conv2d_forward_and_backward_match_cpu(rng, monkeypatch, case, dtype, al
 
 @pytest.mark.parametrize("case", [(2, 8, 5, 6, 4, 2, 2, 0), (2, 3, 4, 4, 5, 3, 2, 1)])
 def test_conv_transpose2d_matches_cpu(rng, case):
-    from nfed.functions import conv
+    from nfed.core.functions import conv
 
     n, c_in, h, w, c_out, k, s, p = case
     x, wt, b = randn(rng, n, c_in, h, w), randn(rng, c_in, c_out, k, k), randn(rng, c_out)
@@ -149,7 +151,7 @@ def test_conv_transpose2d_matches_cpu(rng, case):
 
 @pytest.mark.parametrize("mode", ["tf32", "bf16"])
 def test_reduced_precision_convolution_stays_within_its_tolerance(rng, mode):
-    from nfed.functions import conv
+    from nfed.core.functions import conv
 
     x, wt = randn(rng, 2, 16, 12, 12), randn(rng, 8, 16, 3, 3)
     gy = randn(rng, 2, 8, 12, 12)
@@ -169,7 +171,7 @@ def test_reduced_precision_convolution_stays_within_its_tolerance(rng, mode):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k,s", [(2, None), (3, 2), (3, 1), (2, 3)])
 def test_max_pool2d_matches_cpu_including_indices(rng, k, s, dtype):
-    from nfed.functions import pooling
+    from nfed.core.functions import pooling
 
     x = randn(rng, 2, 3, 9, 8, dtype=dtype)
     x[0, 0, :2, :2] = 1.5  # a tie: the first maximum wins on both sides
@@ -186,7 +188,7 @@ def test_max_pool2d_matches_cpu_including_indices(rng, k, s, dtype):
 
 @pytest.mark.parametrize("shape", [(4, 5, 7, 6), (8, 3), (2, 16, 33, 1)])
 def test_batch_norm_train_functions_match_cpu(rng, shape):
-    from nfed.functions import normalization as bn
+    from nfed.core.functions import normalization as bn
 
     x = randn(rng, *shape) * 3 + 50  # a large mean: the shifted one-pass variance must stay accurate
     gamma, beta = randn(rng, shape[1]), randn(rng, shape[1])
@@ -202,7 +204,7 @@ def test_batch_norm_train_functions_match_cpu(rng, shape):
 
 
 def test_batch_norm_eval_and_fused_relu_match_cpu(rng):
-    from nfed.functions import normalization as bn
+    from nfed.core.functions import normalization as bn
 
     x = randn(rng, 3, 4, 6, 5)
     gamma, beta = randn(rng, 4), randn(rng, 4)
@@ -248,8 +250,8 @@ def test_softmax_and_log_softmax_forward_backward(rng):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_cross_entropy_matches_cpu(rng, reduction, weighted):
-    from nfed import functions as F
-    from nfed.autograd import Tensor
+    from nfed.core import functions as F
+    from nfed.core.autograd import Tensor
 
     logits = randn(rng, 3, 4, 5, 6) * 3
     target = rng.integers(0, 4, size=(3, 5, 6))
@@ -285,8 +287,8 @@ def test_relu_forward_backward(rng):
 
 @pytest.mark.parametrize("kind", ["adam", "adamw", "adam_l2", "sgd", "sgd_nesterov"])
 def test_fused_optimiser_updates_match_cpu_optimisers(rng, kind):
-    from nfed import optim
-    from nfed.nn import Parameter
+    from nfed.core import optim
+    from nfed.core.nn import Parameter
 
     shapes = [(7, 3), (129,)]
     init = [randn(rng, *s) for s in shapes]
@@ -338,8 +340,8 @@ def test_weighted_sum_and_accumulate(rng):
 # --- the dispatch hook and a full W-Net-CD training step -----------------------------------------------------
 
 def test_install_routes_functional_ops_and_leaves_numpy_alone(rng):
-    from nfed import functions as F
-    from nfed.autograd import Tensor
+    from nfed.core import functions as F
+    from nfed.core.autograd import Tensor
 
     x, w, b = randn(rng, 2, 3, 8, 8), randn(rng, 4, 3, 3, 3), randn(rng, 4)
     cpu_out = F.conv2d(Tensor(x), Tensor(w), Tensor(b), padding=1)
@@ -363,8 +365,8 @@ def test_full_wnet_training_step_gpu_matches_cpu():
     Adam kernel is compared on its own above. Gradients are compared per tensor, normalised by the larger
     of the tensor's own scale and 1e-3 of the largest gradient (those analytic zeros again).
     """
-    wnet = pytest.importorskip("nfed.wnet")
-    from nfed import optim
+    wnet = pytest.importorskip("nfed.model.wnet")
+    from nfed.core import optim
 
     rng = np.random.default_rng(0)
     past = rng.random((2, 3, 32, 32), dtype=np.float32)

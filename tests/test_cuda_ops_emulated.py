@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import gpu_emulation
-from nfed.resources import kernels_dir
+from nfed.common.resources import kernels_dir
 from test_cuda_ops import *  # noqa: F401,F403 - re-collect every test body under the emulation
 
 pytestmark = []  # not gpu-marked: runs on any machine with a C++ compiler

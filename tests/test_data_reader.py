@@ -6,10 +6,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from nfed import backend
-from nfed.data import DistrictPack, augment_tiles, list_packs
-from nfed.errors import DataError
-from nfed.pack import PackWriter, write_pack
+from nfed.common import backend
+from nfed.data.reader import DistrictPack, augment_tiles, list_packs
+from nfed.common.errors import DataError
+from nfed.data.pack import PackWriter, write_pack
 
 from conftest import DEVICES
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nfed.checkpoint import save_checkpoint
-from nfed.district_jobs import PoolRunner, WorkerPool, make_task, run_tasks
-from nfed.federation import FederationConfig, federate
-from nfed.errors import TrainingError
-from nfed.training import TrainConfig, build_model
+from nfed.model.checkpoint import save_checkpoint
+from nfed.federation.district_jobs import PoolRunner, WorkerPool, make_task, run_tasks
+from nfed.federation.server import FederationConfig, federate
+from nfed.common.errors import TrainingError
+from nfed.training.trainer import TrainConfig, build_model
 from test_training import synthetic_pack
 
 COUNTS = {"Gangseo-gu": (7, 3, 4), "Nowon-gu": (3, 2, 4), "Jung-gu": (5, 2, 4)}

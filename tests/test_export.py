@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO_ROOT
-from nfed.checkpoint import save_checkpoint
+from nfed.model.checkpoint import save_checkpoint
 from nfed.cli import cli
-from nfed.wnet import WNetCD
+from nfed.model.wnet import WNetCD
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors not installed (nfed[export])")
 

@@ -6,8 +6,8 @@ import json
 
 from report_runs import NAMES, districts, make_run, write_csv
 
-from nfed.fairness import MIN_TEST_CHANGE_PIXELS, MIN_TEST_TILES
-from nfed.report import compare_run, read_run
+from nfed.report.fairness import MIN_TEST_CHANGE_PIXELS, MIN_TEST_TILES
+from nfed.report.build import compare_run, read_run
 
 
 def section_of(run):
@@ -81,7 +81,7 @@ def test_different_test_splits_and_missing_results_are_flagged(tmp_path):
 
 
 def test_personalised_that_kept_the_global_model_is_shown(tmp_path):
-    from nfed.report_text import fairness_markdown
+    from nfed.report.text import fairness_markdown
 
     run = make_run(tmp_path / "run", districts(**{NAMES[0]: {"personalised_best_epoch": 0}}))
     section, _ = section_of(run)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nfed.client import ClientResult
-from nfed.errors import CheckpointError, ConfigError
-from nfed.federation import (FederationConfig, Federation, federate, load_client_speeds, read_rounds,
+from nfed.federation.client import ClientResult
+from nfed.common.errors import CheckpointError, ConfigError
+from nfed.federation.server import (FederationConfig, Federation, federate, load_client_speeds, read_rounds,
                              select_clients)
 
 TARGETS = {"A-gu": 1.0, "B-gu": 2.0, "C-gu": 4.0}
@@ -176,7 +176,7 @@ def test_client_speeds_profiles_and_files(tmp_path):
 HANGING_CLIENT = textwrap.dedent('''
     import time
     from pathlib import Path
-    from nfed.client import ClientResult
+    from nfed.federation.client import ClientResult
 
     def train(global_weights, setup, pack, optimizer_state=None, device=None):
         name = Path(pack).stem
@@ -190,7 +190,7 @@ HANGING_CLIENT = textwrap.dedent('''
 
 
 def test_worker_mode_kills_a_hung_client_at_the_deadline(tmp_path, monkeypatch):
-    from nfed.worker import WorkerRunner
+    from nfed.federation.worker import WorkerRunner
 
     (tmp_path / "hangclient.py").write_text(HANGING_CLIENT)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + ":" + ":".join(sys.path))
@@ -213,9 +213,9 @@ def test_worker_mode_kills_a_hung_client_at_the_deadline(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_packs(tmp_path_factory):
-    from nfed.federation import find_packs
-    from nfed.pack import pack_folder
-    from nfed.synth import synthesise
+    from nfed.federation.server import find_packs
+    from nfed.data.pack import pack_folder
+    from nfed.data.synth import synthesise
 
     root = tmp_path_factory.mktemp("tiny")
     synthesise(root / "synth", scale=0.002, tile=32, seed=1, districts="Gangseo-gu,Nowon-gu,Jung-gu",
@@ -225,7 +225,7 @@ def tiny_packs(tmp_path_factory):
 
 
 def _tiny_config():
-    from nfed.training import profile_config
+    from nfed.training.trainer import profile_config
 
     return profile_config("demo", width=2, batch_size=4, lr=1e-3)
 
@@ -256,7 +256,7 @@ def test_tiny_federation_end_to_end_and_resume_is_exact(tiny_packs, tmp_path):
     assert full.global_weights.keys() == resumed.global_weights.keys()
     for name, value in full.global_weights.items():
         np.testing.assert_array_equal(value, resumed.global_weights[name], err_msg=name)
-    from nfed.checkpoint import load_checkpoint
+    from nfed.model.checkpoint import load_checkpoint
 
     saved = load_checkpoint(tmp_path / "split" / "global.h5")
     assert saved.round == 2 and any(k.startswith("server.velocity.") for k in saved.extra)
@@ -298,7 +298,7 @@ def test_best_round_is_kept_and_scored_and_the_summary_says_how_the_run_ended(tm
     rows = (tmp_path / "run" / "federated.csv").read_text().splitlines()
     f1 = float(rows[1].split(",")[4])
     assert f1 == pytest.approx(1.0 / (1.0 + abs(float(result.best_weights["w"].mean()) - 3.0)), rel=1e-5)
-    from nfed.checkpoint import load_checkpoint
+    from nfed.model.checkpoint import load_checkpoint
 
     saved = load_checkpoint(tmp_path / "run" / "best.h5")
     assert saved.round == 5

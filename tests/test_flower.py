@@ -21,7 +21,7 @@ except ImportError:  # Python 3.10
 from flower_harness import FlowerDeployment, flwr_available, make_supernode_key, make_tls_files
 
 if flwr_available():
-    from nfed.flower import serve
+    from nfed.federation.flower import serve
 
 pytestmark = [pytest.mark.flower,
               pytest.mark.skipif(not flwr_available(), reason="flwr is not installed (pip install 'nfed[flower]')")]
@@ -33,8 +33,8 @@ WIDTH = 4
 
 def make_tiny_packs(folder: Path, districts=DISTRICTS, counts=((4, 2, 2), (6, 2, 2), (3, 2, 2))) -> dict[str, Path]:
     """One small synthetic pack per district (the data helper's generator and pack writer)."""
-    from nfed.pack import write_pack
-    from nfed.synth import district_style, generate_tile, tile_rng
+    from nfed.data.pack import write_pack
+    from nfed.data.synth import district_style, generate_tile, tile_rng
 
     folder.mkdir(parents=True, exist_ok=True)
     packs = {}
@@ -67,7 +67,7 @@ def start_nodes(flower: FlowerDeployment, packs: dict[str, Path]) -> None:
 
 
 def load_global(run_dir: Path) -> dict[str, np.ndarray]:
-    from nfed.checkpoint import load_checkpoint
+    from nfed.model.checkpoint import load_checkpoint
 
     return load_checkpoint(run_dir / "global.h5").model_state
 
@@ -77,15 +77,15 @@ def load_global(run_dir: Path) -> dict[str, np.ndarray]:
 def test_flower_app_writes_a_valid_app_whose_config_round_trips(tmp_path):
     from flwr.common.config import get_fused_config_from_dir, validate_config
 
-    from nfed.flower import settings_from_run_config
+    from nfed.federation.flower import settings_from_run_config
 
     app = write_app(tmp_path / "app", tmp_path / "run", "--rounds", "3", "--deadline", "12.5",
                     "--min-clients", "2", "--server-opt", "fedadam", "--profile", "demo")
     config = tomllib.loads((app / "pyproject.toml").read_text())
     valid, errors, _ = validate_config(config, check_module=True, project_dir=app)
     assert valid, errors
-    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "nfed.flower:server_app",
-                                                            "clientapp": "nfed.flower:client_app"}
+    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "nfed.federation.flower:server_app",
+                                                            "clientapp": "nfed.federation.flower:client_app"}
     flat = get_fused_config_from_dir(app, {"rounds": 5, "train.lr": 0.01})
     settings = settings_from_run_config(flat)
     assert settings.run_dir == (tmp_path / "run").resolve()
@@ -107,8 +107,8 @@ def test_flower_app_rejects_bad_options(tmp_path):
 
 
 def test_weights_travel_by_name_packed_as_npy_without_pickle():
-    from nfed.errors import DataError
-    from nfed.flower import record_to_weights, weights_to_record
+    from nfed.common.errors import DataError
+    from nfed.federation.flower import record_to_weights, weights_to_record
 
     weights = {"enc.e1.conv1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
                "enc.e1.bn1.running_var": np.ones(3, np.float32), "step": np.asarray(4, np.int64),
@@ -132,13 +132,13 @@ def test_weights_travel_by_name_packed_as_npy_without_pickle():
 # ------------------------------------------------------------------------------------------ in-memory grid
 
 class LoopbackGrid:
-    """A Grid double: every message goes straight to nfed.flower's ClientApp in this process.
+    """A Grid double: every message goes straight to nfed.federation.flower's ClientApp in this process.
 
     Nodes are node id -> node config; ids in `silent` answer the describe query, then never again (a machine
     that dropped off after joining); ids in `dead` get no answer but, after their delay, the SuperLink's
     "Node Unavailable" error (a killed machine whose heartbeats stopped); messages to ids no longer in
     `contexts` are refused at push (a node that left and unregistered). The server
-    code under test (nfed.flower.serve) is the real one; only the SuperLink/SuperNode transport is skipped.
+    code under test (nfed.federation.flower.serve) is the real one; only the SuperLink/SuperNode transport is skipped.
     """
 
     def __init__(self, node_configs: dict[int, dict], silent: set[int] = frozenset(), rogue: dict | None = None):
@@ -163,7 +163,7 @@ class LoopbackGrid:
         return list(self.contexts)
 
     def push_messages(self, messages):
-        from nfed.flower import client_app
+        from nfed.federation.flower import client_app
 
         import time
 
@@ -212,15 +212,15 @@ def task_identity():
 def flat_run_config(train_config, fed_config, run_dir, **options):
     from flwr.common.config import flatten_dict
 
-    from nfed.flower import run_config_for
+    from nfed.federation.flower import run_config_for
 
     return flatten_dict(run_config_for(train_config, fed_config, run_dir=run_dir, **options))
 
 
 def test_serve_equals_in_process_federation_and_resumes(tmp_path, task_identity):
-    """nfed.flower.serve over a Grid: 1 round, then resumed to 2 = an uninterrupted in-process 2-round run."""
-    from nfed.federation import FederationConfig, federate
-    from nfed.training import profile_config
+    """nfed.federation.flower.serve over a Grid: 1 round, then resumed to 2 = an uninterrupted in-process 2-round run."""
+    from nfed.federation.server import FederationConfig, federate
+    from nfed.training.trainer import profile_config
 
     packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1), (3, 1, 1), (2, 1, 1)))
     grid = LoopbackGrid({30 + i: {"pack": str(path)} for i, path in enumerate(reversed(list(packs.values())))})
@@ -247,8 +247,8 @@ def test_serve_equals_in_process_federation_and_resumes(tmp_path, task_identity)
 
 def test_serve_leaves_out_silent_and_failing_nodes(tmp_path, task_identity):
     """A node that never answers is late after the deadline, one whose training fails is failed (one line)."""
-    from nfed.federation import FederationConfig
-    from nfed.training import profile_config
+    from nfed.federation.server import FederationConfig
+    from nfed.training.trainer import profile_config
 
     packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1), (2, 1, 1), (2, 1, 1)))
     grid = LoopbackGrid({1: {"pack": str(packs["Gangnam-gu"])},
@@ -273,7 +273,7 @@ def _rogue_replies():
     train reply, a malformed evaluation reply (each keyed by the message type it spoils)."""
     from flwr.app import Array, ConfigRecord, Message, RecordDict
 
-    from nfed.flower import RESULT_RECORD, WEIGHTS_RECORD
+    from nfed.federation.flower import RESULT_RECORD, WEIGHTS_RECORD
 
     def reply_with(content):
         return lambda message, honest: Message(RecordDict(content), reply_to=message)
@@ -310,8 +310,8 @@ def test_rogue_supernodes_are_dropped_and_the_run_goes_on(tmp_path, task_identit
     describing itself in nonsense, one replying garbage to train, one sending an oversized model, one garbling
     its evaluation, one serving another node's district with the same pack. Each is logged and refused or left
     out (for as long as it stays connected once it broke the protocol); the honest district federates."""
-    from nfed.federation import FederationConfig
-    from nfed.training import profile_config
+    from nfed.federation.server import FederationConfig
+    from nfed.training.trainer import profile_config
 
     packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1),) * 3)
     packs.update(make_tiny_packs(tmp_path / "packs", ("Jung-gu", "Jongno-gu"), ((2, 1, 1),) * 2))
@@ -350,8 +350,8 @@ def test_rogue_supernodes_are_dropped_and_the_run_goes_on(tmp_path, task_identit
 @pytest.mark.slow
 def test_flower_run_equals_in_process_federation(tmp_path):
     """3 SuperNodes, 2 rounds: same final global weights, rounds.jsonl and federated.csv as nfed federate."""
-    from nfed.federation import FederationConfig, federate
-    from nfed.training import profile_config
+    from nfed.federation.server import FederationConfig, federate
+    from nfed.training.trainer import profile_config
 
     packs = make_tiny_packs(tmp_path / "packs")
     app = write_app(tmp_path / "app", tmp_path / "flower-run", "--rounds", "2", "--min-clients", "3",

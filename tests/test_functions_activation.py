@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nfed import backend
-from nfed import functions as F
-from nfed.gradcheck import check_gradients
+from nfed.common import backend
+from nfed.core import functions as F
+from nfed.core.gradcheck import check_gradients
 
 from conftest import DEVICES
 

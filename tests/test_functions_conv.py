@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from nfed import backend
-from nfed import functions as F
-from nfed.autograd import Tensor
-from nfed.functions import conv as conv_module
-from nfed.functions.im2col import col2im, flat_cols, im2col, padded_rows
-from nfed.gradcheck import check_gradients
+from nfed.common import backend
+from nfed.core import functions as F
+from nfed.core.autograd import Tensor
+from nfed.core.functions import conv as conv_module
+from nfed.core.functions.im2col import col2im, flat_cols, im2col, padded_rows
+from nfed.core.gradcheck import check_gradients
 
 from conftest import DEVICES
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nfed import functions as F
-from nfed.autograd import Tensor
+from nfed.core import functions as F
+from nfed.core.autograd import Tensor
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((2, 4, 6, 6))

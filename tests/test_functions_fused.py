@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nfed import functions as F
-from nfed.autograd import Tensor, no_grad
-from nfed.functions import fused
-from nfed.gradcheck import check_gradients
+from nfed.core import functions as F
+from nfed.core.autograd import Tensor, no_grad
+from nfed.core.functions import fused
+from nfed.core.gradcheck import check_gradients
 
 
 def channels_last(a):

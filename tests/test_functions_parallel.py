@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from nfed.functions import parallel
+from nfed.core.functions import parallel
 
 
 def test_results_keep_item_order_and_use_several_threads(monkeypatch):

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from nfed.cli import cli
-from nfed.errors import DataError
-from nfed.predict import OutputOptions, predict_arrays, predict_files
+from nfed.common.errors import DataError
+from nfed.training.predict import OutputOptions, predict_arrays, predict_files
 
 rasterio = pytest.importorskip("rasterio", reason="rasterio not installed (pip install 'nfed[geo]')")
 pytest.importorskip("shapely", reason="shapely not installed (pip install 'nfed[geo]')")
@@ -86,7 +86,7 @@ def test_geotiff_pair_is_read_by_window_and_georeferenced_outputs_follow(geo_set
 
 def test_png_mask_from_geotiff_pair_and_pairs_folder_of_geotiffs(geo_setup, tmp_path):
     folder, model, past, current = geo_setup
-    from nfed.checkpoint import save_checkpoint
+    from nfed.model.checkpoint import save_checkpoint
 
     checkpoint = save_checkpoint(tmp_path / "m.h5", model.state_dict(),
                                  config={"width": model.width, "classes": 5, "lambda_rec": 0.0, "tile": TILE})
@@ -129,7 +129,7 @@ def _geotiff_source(geo_setup, root: Path, geojson: dict) -> Path:
 
 
 def _pack_masks(pack_path: Path) -> dict[str, np.ndarray]:
-    from nfed.data import DistrictPack
+    from nfed.data.reader import DistrictPack
 
     masks = {}
     with DistrictPack(pack_path) as pack:
@@ -145,8 +145,8 @@ def test_geotiff_pairs_with_geojson_labels_pack_into_the_labelled_mask(geo_setup
 
     import h5py
 
-    from nfed.labels import CHANGE_CODES
-    from nfed.pack import MASK_VALUES_BINARY, MASK_VALUES_TYPED, pack_folder
+    from nfed.data.labels import CHANGE_CODES
+    from nfed.data.pack import MASK_VALUES_BINARY, MASK_VALUES_TYPED, pack_folder
 
     geojson, classes = _predicted_geojson(geo_setup, tmp_path)
     if lonlat:                  # RFC 7946: no crs member, lon/lat coordinates; and no change types
@@ -175,7 +175,7 @@ def test_geotiff_pairs_with_geojson_labels_pack_into_the_labelled_mask(geo_setup
 
 
 def test_bad_geojson_labels_fail_in_one_line_naming_the_feature(geo_setup, tmp_path):
-    from nfed.pack import pack_folder
+    from nfed.data.pack import pack_folder
 
     geojson, _ = _predicted_geojson(geo_setup, tmp_path)
     bad_type = json.loads(json.dumps(geojson))

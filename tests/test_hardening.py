@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from nfed.cli import cli
-from nfed.errors import CheckpointError, ConfigError, DataError, TrainingError
+from nfed.common.errors import CheckpointError, ConfigError, DataError, TrainingError
 from test_cli_model import packs  # noqa: F401  (the module-scoped fixture: Jung-gu and Nowon-gu packs)
 from test_training import synthetic_pack
 
@@ -69,11 +69,11 @@ def test_numeric_options_must_be_finite_and_in_range(packs, tmp_path, args, opti
 
 
 def test_config_dataclasses_and_json_outputs_are_strict(tmp_path):
-    from nfed import strict_json
-    from nfed.aggregator import StopRules, build_server_optimizer
-    from nfed.atomic import write_json_atomic
-    from nfed.federation import FederationConfig
-    from nfed.training import TrainConfig
+    from nfed.common import strict_json
+    from nfed.federation.aggregator import StopRules, build_server_optimizer
+    from nfed.common.atomic import write_json_atomic
+    from nfed.federation.server import FederationConfig
+    from nfed.training.trainer import TrainConfig
 
     for bad in ({"lr": math.inf}, {"lambda_rec": math.nan}, {"seed": -1}, {"width": 2.5}, {"batch_size": True}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
@@ -97,8 +97,8 @@ def test_config_dataclasses_and_json_outputs_are_strict(tmp_path):
 
 
 def test_training_that_diverges_stops_with_one_line_and_writes_nothing(packs, tmp_path):
-    from nfed.data import DistrictPack
-    from nfed.training import TrainConfig, build_model, build_optimizer, fit
+    from nfed.data.reader import DistrictPack
+    from nfed.training.trainer import TrainConfig, build_model, build_optimizer, fit
 
     config = TrainConfig(width=2, batch_size=4, epochs=1)
     model = build_model(config)
@@ -118,8 +118,8 @@ def _damaged_copy(source: Path, target: Path, name: str, value) -> Path:
 
 
 def test_unusable_checkpoints_are_refused_by_name(trained, packs, tmp_path):
-    from nfed.checkpoint import load_checkpoint
-    from nfed.training import checkpoint_tile, model_from_checkpoint
+    from nfed.model.checkpoint import load_checkpoint
+    from nfed.training.trainer import checkpoint_tile, model_from_checkpoint
 
     best = trained / "local" / "Jung-gu" / "best.h5"
     layer = "encoder.e1.conv1.weight"
@@ -171,7 +171,7 @@ def _pack_with(path: Path, **arrays) -> Path:
 
 
 def test_packs_with_wrong_dtypes_or_mask_values_are_refused(tmp_path):
-    from nfed.data import DistrictPack
+    from nfed.data.reader import DistrictPack
 
     floats = _pack_with(tmp_path / "floats.h5", past=np.random.default_rng(0).random((2, 32, 32, 3), np.float32))
     big_mask = _pack_with(tmp_path / "mask.h5", mask=np.full((2, 32, 32), 288, np.int64))
@@ -193,7 +193,7 @@ def test_packs_with_wrong_dtypes_or_mask_values_are_refused(tmp_path):
 # ------------------------------------------------------------------------------------------ 6. aggregation
 
 def test_aggregator_rejects_hostile_updates_one_client_at_a_time():
-    from nfed.aggregator import FedAvgAggregator
+    from nfed.federation.aggregator import FedAvgAggregator
 
     reference = {"w": np.zeros(3, np.float32), "bn.running_var": np.ones(2, np.float32)}
     good = {"w": np.ones(3, np.float32), "bn.running_var": np.ones(2, np.float32)}
@@ -217,11 +217,11 @@ def test_aggregator_rejects_hostile_updates_one_client_at_a_time():
 
 
 def test_unusable_server_step_keeps_the_previous_global_weights(tmp_path):
-    from nfed.federation import FederationConfig, federate
+    from nfed.federation.server import FederationConfig, federate
     from test_federation import PACKS, FakeTrainConfig, fake_evaluate
 
     def huge(global_weights, setup, pack_path, **_):
-        from nfed.client import ClientResult
+        from nfed.federation.client import ClientResult
 
         return ClientResult({k: np.full_like(v, 3e38) for k, v in global_weights.items()}, 10, {"wall_time_s": 0.0})
 
@@ -234,9 +234,9 @@ def test_unusable_server_step_keeps_the_previous_global_weights(tmp_path):
 
 
 def test_a_malformed_worker_result_fails_only_that_client(tmp_path):
-    from nfed.checkpoint import save_checkpoint
-    from nfed.client import ClientTask
-    from nfed.worker import WorkerRunner
+    from nfed.model.checkpoint import save_checkpoint
+    from nfed.federation.client import ClientTask
+    from nfed.federation.worker import WorkerRunner
 
     class Done:
         returncode = 0

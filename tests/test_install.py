@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import nfed
-from nfed import resources
+from nfed.common import resources
 
 from conftest import REPO_ROOT
 

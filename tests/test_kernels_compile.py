@@ -1,6 +1,6 @@
 """Every CUDA source in kernels/ compiles with nvcc (sm_80; sm_90 in the slow suite), no GPU needed.
 
-Also checks, from the compiled PTX, that every kernel nfed.cuda_ops launches exists and takes exactly the
+Also checks, from the compiled PTX, that every kernel nfed.gpu.ops launches exists and takes exactly the
 argument types cuda_ops converts to (pointer/int64 -> .u64, int32 -> .u32, float -> .f32, double -> .f64),
 so a signature drift between a .cu file and its Python caller fails here instead of corrupting a launch
 on a GPU. Skipped only where nvcc is absent. Output goes to a temporary folder (nothing cached in the repo).
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nfed import cuda_ops
-from nfed.resources import kernels_dir
+from nfed.gpu import ops as cuda_ops
+from nfed.common.resources import kernels_dir
 
 PTX_TYPE_OF_KIND = {"p": "u64", "l": "u64", "i": "u32", "f": "f32", "d": "f64"}
 ENTRY = re.compile(r"\.entry\s+(\w+)\s*\((.*?)\)", re.S)

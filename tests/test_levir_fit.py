@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from nfed.checkpoint import save_checkpoint
+from nfed.model.checkpoint import save_checkpoint
 from nfed.cli import cli
-from nfed.data import DistrictPack
-from nfed.training import TrainConfig, build_model, build_optimizer, evaluate, fit
+from nfed.data.reader import DistrictPack
+from nfed.training.trainer import TrainConfig, build_model, build_optimizer, evaluate, fit
 
 DOWNSAMPLED = 128
 TARGET_F1 = 0.95

@@ -7,9 +7,9 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from nfed import pack
+from nfed.data import pack
 from nfed.cli import cli
-from nfed.data import DistrictPack
+from nfed.data.reader import DistrictPack
 
 LABELLED = 11
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nfed.metrics import ConfusionMatrix, cohen_kappa
+from nfed.core.metrics import ConfusionMatrix, cohen_kappa
 
 
 def test_counts_and_metrics_match_hand_computed_matrix():

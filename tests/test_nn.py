@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nfed import backend, nn
-from nfed import functions as F
-from nfed.autograd import Tensor
-from nfed.errors import CheckpointError
+from nfed.common import backend
+from nfed.core import nn
+from nfed.core import functions as F
+from nfed.core.autograd import Tensor
+from nfed.common.errors import CheckpointError
 
 from conftest import DEVICES
 

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from nfed import optim
-from nfed.errors import CheckpointError
-from nfed.nn import Parameter
+from nfed.core import optim
+from nfed.common.errors import CheckpointError
+from nfed.core.nn import Parameter
 
 
 def _quadratic_run(opt_factory, steps, start=1.0):

@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from nfed import labels, pack
+from nfed.data import labels
+from nfed.data import pack
 from nfed.cli import cli
-from nfed.data import DistrictPack
-from nfed.errors import ConfigError, DataError
+from nfed.data.reader import DistrictPack
+from nfed.common.errors import ConfigError, DataError
 
 
 def write_pair(folder: Path, tile_id: str, district: str = "Jung-gu", size=(32, 32), changes=None,

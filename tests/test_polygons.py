@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nfed.labels import parse_label, rasterise
-from nfed.polygons import change_regions, label_outlines, summarise
-from nfed.vectors import Georeference, geojson_document, label_json_document
+from nfed.data.labels import parse_label, rasterise
+from nfed.data.polygons import change_regions, label_outlines, summarise
+from nfed.data.vectors import Georeference, geojson_document, label_json_document
 
 shapely = pytest.importorskip("shapely", reason="shapely not installed (pip install 'nfed[geo]')")
 
@@ -98,8 +98,8 @@ def test_label_json_validates_and_packs_back_into_the_predicted_mask(seed, tmp_p
 def test_real_levir_labels_round_trip_with_the_default_simplification(levir_dir):
     from PIL import Image
 
-    from nfed.labels import rasterise_polygons
-    from nfed.polygons import DEFAULT_SIMPLIFY
+    from nfed.data.labels import rasterise_polygons
+    from nfed.data.polygons import DEFAULT_SIMPLIFY
 
     scores = []
     for path in sorted((levir_dir / "label").glob("*.png")):
@@ -116,7 +116,7 @@ def test_label_outlines_of_hole_free_regions_round_trip_exactly():
     mask = blob_mask(5)
     filled = ndimage.binary_fill_holes(mask)
     regions = change_regions(filled.astype(np.uint8), filled.astype(np.float32), typed=False, min_area=0, simplify=0)
-    from nfed.labels import rasterise_polygons
+    from nfed.data.labels import rasterise_polygons
     back = rasterise_polygons(96, 96, [(1, outline) for r in regions for outline in label_outlines(r)])
     assert np.array_equal(back > 0, filled)
 

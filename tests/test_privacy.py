@@ -10,10 +10,10 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from nfed import privacy
-from nfed.errors import ConfigError
-from nfed.federation import FederationConfig, federate, read_rounds
-from nfed.privacy import DPFedAvgAggregator, clip_update, noise_for_epsilon, privacy_spent, update_norm
+from nfed.federation import privacy
+from nfed.common.errors import ConfigError
+from nfed.federation.server import FederationConfig, federate, read_rounds
+from nfed.federation.privacy import DPFedAvgAggregator, clip_update, noise_for_epsilon, privacy_spent, update_norm
 
 from test_federation import PACKS, FakeTrainConfig, fake_evaluate, fake_train
 
@@ -64,8 +64,8 @@ def test_dp_fedavg_without_noise_is_the_mean_of_clipped_deltas():
 
 
 def test_train_round_clips_the_update_it_sends(tmp_path):
-    from nfed.client import host_state, make_round_setup, train_round
-    from nfed.training import build_model, profile_config
+    from nfed.federation.client import host_state, make_round_setup, train_round
+    from nfed.training.trainer import build_model, profile_config
 
     from test_flower import make_tiny_packs
 
@@ -134,8 +134,8 @@ def test_dp_without_the_accountant_fails_in_one_line(monkeypatch):
 
 
 def test_the_report_states_the_privacy_spent(tmp_path):
-    from nfed.report import make_study_report
-    from nfed.report_text import summary_lines
+    from nfed.report.build import make_study_report
+    from nfed.report.text import summary_lines
 
     from report_runs import districts, make_run
 

@@ -9,7 +9,7 @@ import pytest
 from headless_browser import HeadlessChromium, find_chromium
 from report_runs import NAMES, districts, make_run
 
-from nfed.report import make_study_report
+from nfed.report.build import make_study_report
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from report_runs import NAMES, districts, make_run
 
 from nfed.cli import cli
-from nfed.errors import DataError
-from nfed.report import make_report, make_study_report
-from nfed.report_text import cell_text, headline_lines, table_columns
+from nfed.common.errors import DataError
+from nfed.report.build import make_report, make_study_report
+from nfed.report.text import cell_text, headline_lines, table_columns
 
 
 class Page(HTMLParser):

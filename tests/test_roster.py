@@ -1,10 +1,10 @@
-"""nfed.roster: which SuperNode serves which district as nodes come, go, restart, duplicate or were not planned."""
+"""nfed.federation.roster: which SuperNode serves which district as nodes come, go, restart, duplicate or were not planned."""
 from __future__ import annotations
 
 import pytest
 
-from nfed.errors import ConfigError
-from nfed.roster import Roster, parse_allow_list
+from nfed.common.errors import ConfigError
+from nfed.federation.roster import Roster, parse_allow_list
 
 
 def claim(district, fingerprint="sha256:a", tile=64, train=4):

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from nfed.cli import cli
-from nfed.errors import CheckpointError, ConfigError, OutputError
+from nfed.common.errors import CheckpointError, ConfigError, OutputError
 from test_federation import INITIAL, FakeTrainConfig, fake_evaluate, fake_train
 from test_training import synthetic_pack
 
@@ -103,7 +103,7 @@ def test_full_and_read_only_disks_fail_in_one_line_and_keep_what_was_there(small
 
 def test_unwritable_output_is_one_line(monkeypatch, tmp_path):
     """EACCES (root is never refused, so the refusal is simulated where nfed creates its temporary file)."""
-    import nfed.atomic
+    import nfed.common.atomic
 
     real_open = os.open
 
@@ -112,15 +112,15 @@ def test_unwritable_output_is_one_line(monkeypatch, tmp_path):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(nfed.atomic.os, "open", refuse)
+    monkeypatch.setattr(nfed.common.atomic.os, "open", refuse)
     with pytest.raises(OutputError, match=r"out.json: cannot write \(Permission denied\)"):
-        nfed.atomic.write_json_atomic(tmp_path / "out.json", {})
+        nfed.common.atomic.write_json_atomic(tmp_path / "out.json", {})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_leftovers_of_dead_writers_are_removed_and_outputs_follow_the_umask(tmp_path, packs):
-    from nfed import atomic
-    from nfed.checkpoint import save_checkpoint
+    from nfed.common import atomic
+    from nfed.model.checkpoint import save_checkpoint
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -149,7 +149,7 @@ def test_leftovers_of_dead_writers_are_removed_and_outputs_follow_the_umask(tmp_
 # ------------------------------------------------------------------------------------------ 5. run folders
 
 def _fake_run(run_dir, packs=None, **options):
-    from nfed.federation import FederationConfig, federate
+    from nfed.federation.server import FederationConfig, federate
 
     paths = {name: (packs / f"{name}.h5" if packs else Path(f"/nonexistent/{name}.h5"))
              for name in ("A-gu", "B-gu", "C-gu")}
@@ -206,9 +206,9 @@ HANGING_DRIVER = textwrap.dedent('''
     from pathlib import Path
 
     from nfed.cli import _terminate
-    from nfed.federation import Federation, FederationConfig, find_packs
-    from nfed.training import profile_config
-    from nfed.worker import WorkerRunner
+    from nfed.federation.server import Federation, FederationConfig, find_packs
+    from nfed.training.trainer import profile_config
+    from nfed.federation.worker import WorkerRunner
 
     signal.signal(signal.SIGTERM, _terminate)      # what `nfed` installs
     packs, run = Path(sys.argv[1]), Path(sys.argv[2])
@@ -221,7 +221,7 @@ HANGING_CLIENT = "import time\n\ndef train(*args, **kwargs):\n    time.sleep(600
 
 
 def _workers_of(pid: int) -> list[int]:
-    """PIDs of the nfed.worker processes whose parent is `pid`."""
+    """PIDs of the nfed.federation.worker processes whose parent is `pid`."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -231,7 +231,7 @@ def _workers_of(pid: int) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == pid and b"nfed.worker" in cmdline:
+        if int(stat[1]) == pid and b"nfed.federation.worker" in cmdline:
             found.append(int(entry))
     return found
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from nfed.federation import FederationConfig, federate
-from nfed.runlock import RunLock
-from nfed.runstatus import read_status, write_status
-from nfed.training import profile_config
+from nfed.federation.server import FederationConfig, federate
+from nfed.runs.runlock import RunLock
+from nfed.runs.runstatus import read_status, write_status
+from nfed.training.trainer import profile_config
 
 from test_flower import make_tiny_packs   # noqa: E402  (plain pack writer; needs no Flower)
 

@@ -1,4 +1,4 @@
-"""nfed.stats against numbers worked out by hand and against exact enumeration."""
+"""nfed.report.stats against numbers worked out by hand and against exact enumeration."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from nfed.stats import (bootstrap_correlation, least_squares_line, mean_interval, pearson, percentile_interval,
+from nfed.report.stats import (bootstrap_correlation, least_squares_line, mean_interval, pearson, percentile_interval,
                         resampled_correlations, spearman, strength, wilcoxon_paired)
 
 

@@ -8,11 +8,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from nfed import labels, synth
+from nfed.data import labels
+from nfed.data import synth
 from nfed.cli import cli
-from nfed.data import DistrictPack
-from nfed.districts import find_district, load_districts
-from nfed.pack import pack_folder
+from nfed.data.reader import DistrictPack
+from nfed.data.districts import find_district, load_districts
+from nfed.data.pack import pack_folder
 
 
 def run(*args):

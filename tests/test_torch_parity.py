@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from nfed.training import TrainConfig, build_model, build_optimizer
-from nfed.wnet import WNetCD, count_parameters
+from nfed.training.trainer import TrainConfig, build_model, build_optimizer
+from nfed.model.wnet import WNetCD, count_parameters
 
 torch = pytest.importorskip("torch")
 

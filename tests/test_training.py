@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nfed import training
-from nfed.data import DistrictPack
-from nfed.errors import ConfigError
-from nfed.pack import write_pack
-from nfed.synth import district_style, generate_tile
-from nfed.training import PROFILES, TrainConfig, build_model, build_optimizer, evaluate, fit
+from nfed.training import trainer as training
+from nfed.data.reader import DistrictPack
+from nfed.common.errors import ConfigError
+from nfed.data.pack import write_pack
+from nfed.data.synth import district_style, generate_tile
+from nfed.training.trainer import PROFILES, TrainConfig, build_model, build_optimizer, evaluate, fit
 
 
 def synthetic_pack(path: Path, district: str = "Jung-gu", counts=(8, 4, 4), tile: int = 32,

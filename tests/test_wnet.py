@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nfed import nn
-from nfed.autograd import Tensor
-from nfed.wnet import WNetCD, count_parameters, dates_to_channels, weighted_layers
+from nfed.core import nn
+from nfed.core.autograd import Tensor
+from nfed.model.wnet import WNetCD, count_parameters, dates_to_channels, weighted_layers
 
 
 def closed_form_parameters(w: int, k: int) -> int:

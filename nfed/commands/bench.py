@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import LazyGroup
+from nfed.cli import LazyGroup
 
 # subcommand -> (module, attribute); absent modules are not listed.
 BENCHES: dict[str, tuple[str, str]] = {

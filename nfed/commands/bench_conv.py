@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from ..errors import ConfigError
-from .options import limited
+from nfed.common.errors import ConfigError
+from nfed.commands.options import limited
 
 
 @click.command("conv")
@@ -20,7 +20,7 @@ from .options import limited
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def conv(repeat, no_memory, threads, as_json, quiet):
     """conv2d 3x3/pad 1 float32 on (N,C,K,HW) = (8,16,16,64), (8,64,64,64), (8,32,32,128): nfed vs PyTorch."""
-    from ..benchmarks_conv import PASSES, SHAPES, format_table, run_conv_bench
+    from nfed.benchmarks.conv import PASSES, SHAPES, format_table, run_conv_bench
 
     if repeat < 1:
         raise ConfigError(f"--repeat {repeat}: must be >= 1")

@@ -9,7 +9,7 @@ aggregate: FedAvg of K models of P parameters, in GB/s (bytes read + written), a
 copy bandwidth measured in the same run (cudaMemcpy device-to-device; on CPU a NumPy copy), and against
 PyTorch's weighted sum (a GEMV over the stacked models) when torch imports.
 Both run on every visible GPU for `--device cuda` (or `all`), print a table and write JSON (--out).
-GPU-only code reaches CuPy through nfed.backend; torch is imported only here, only when present.
+GPU-only code reaches CuPy through nfed.common.backend; torch is imported only here, only when present.
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ import time
 import click
 import numpy as np
 
-from .. import backend
-from .. import precision as precision_modes
-from ..atomic import write_json_atomic
-from ..errors import ConfigError
-from .options import limited
+from nfed.common import backend
+from nfed.gpu import precision as precision_modes
+from nfed.common.atomic import write_json_atomic
+from nfed.common.errors import ConfigError
+from nfed.commands.options import limited
 
 PROBE_TILE = 16  # W-Net pools four times: the smallest tile that runs; every size scales linearly from it
 
@@ -146,10 +146,10 @@ def _geomean(values) -> float | None:
 
 def _probe_calls(width: int, classes: int, lambda_rec: float) -> list[tuple]:
     """(kind, x shape, weight shape, stride, padding) of every conv call in one forward at the probe size."""
-    from .. import wnet  # noqa: PLC0415
-    from ..autograd import no_grad  # noqa: PLC0415
-    from ..functions import conv as conv_module  # noqa: PLC0415
-    from ..functions import fused  # noqa: PLC0415
+    from nfed.model import wnet  # noqa: PLC0415
+    from nfed.core.autograd import no_grad  # noqa: PLC0415
+    from nfed.core.functions import conv as conv_module  # noqa: PLC0415
+    from nfed.core.functions import fused  # noqa: PLC0415
 
     calls = []
     conv2d_forward = conv_module.conv2d_forward
@@ -210,10 +210,10 @@ def wnet_layer_shapes(width: int, tile: int, batch: int, classes: int = 2, lambd
 
 def _nfed_conv_ops(device: backend.Device):
     if device.is_gpu:
-        from .. import cuda_ops  # noqa: PLC0415
+        from nfed.gpu import ops as cuda_ops  # noqa: PLC0415
 
         return cuda_ops
-    from ..functions import conv  # noqa: PLC0415
+    from nfed.core.functions import conv  # noqa: PLC0415
 
     return conv
 
@@ -251,7 +251,7 @@ def _forward_path(layer, device) -> str | None:
     """The GPU forward algorithm of a layer (deconv forward is a col2im of a GEMM)."""
     if not device.is_gpu:
         return None
-    from .. import cuda_ops  # noqa: PLC0415
+    from nfed.gpu import ops as cuda_ops  # noqa: PLC0415
 
     if layer["kind"] == "deconv":
         return "gemm+col2im"
@@ -267,7 +267,7 @@ def _measure_nfed_layer(layer, device, repeat, warmup) -> dict:
         t_fwd = median_seconds(forward, sync, repeat, warmup)
         t_bwd = median_seconds(backward, sync, repeat, warmup)
         if result["forward_path"] in ("direct", "winograd"):  # the GEMM alternative: which wins per shape
-            from .. import cuda_ops  # noqa: PLC0415
+            from nfed.gpu import ops as cuda_ops  # noqa: PLC0415
 
             saved = os.environ.get(cuda_ops.ENV_CONV_ALGORITHM)
             os.environ[cuda_ops.ENV_CONV_ALGORITHM] = "im2col"
@@ -460,7 +460,7 @@ def _copy_bandwidth(device: backend.Device, nbytes: int, repeat: int, warmup: in
 def run_aggregate_bench(device: backend.Device, models: int, parameters: int, repeat: int, warmup: int,
                         reference: bool) -> dict:
     """FedAvg of `models` flat float32 models of `parameters` values on one device."""
-    from ..aggregator import fedavg  # noqa: PLC0415
+    from nfed.federation.aggregator import fedavg  # noqa: PLC0415
 
     xp = device.xp
     rng = np.random.default_rng(0)
@@ -475,7 +475,7 @@ def run_aggregate_bench(device: backend.Device, models: int, parameters: int, re
         copy_bw = _copy_bandwidth(device, parameters * 4, repeat, warmup)
         result["copy_gb_s"] = copy_bw / 1e9
         if device.is_gpu:
-            from .. import cuda_ops  # noqa: PLC0415
+            from nfed.gpu import ops as cuda_ops  # noqa: PLC0415
 
             out = xp.empty(parameters, dtype=np.float32)
             seconds = median_seconds(lambda: cuda_ops.weighted_sum(stack, weights, out=out), sync, repeat, warmup)

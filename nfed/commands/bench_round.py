@@ -3,7 +3,7 @@ at the demo's settings (25 synthetic districts, scale 0.008, tile 64, width 6, b
 
 The data is made first (or taken from --data); the rounds then run in a fresh Python process, so its peak
 resident memory (ru_maxrss of the process, and of its largest worker with --workers) is the federation's
-alone, not the data generation's. What each part holds is said in nfed/round_timing.py.
+alone, not the data generation's. What each part holds is said in nfed/benchmarks/round.py.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from .bench_step import json_worker
-from .options import limited
-from ..errors import ConfigError, NfedError
+from nfed.commands.bench_step import json_worker
+from nfed.commands.options import limited
+from nfed.common.errors import ConfigError, NfedError
 
 
 @click.command("round")
@@ -46,8 +46,8 @@ def round_(data, district_count, scale, tile, width, rounds, warmup, workers, jo
            out):
     """Seconds per federated round (FedAvg, one local epoch, the demo profile) split into train / aggregate /
     evaluate / other: median and min over --rounds after --warmup, and the peak memory of the run."""
-    from ..demo import DemoSettings
-    from ..training import PROFILE_TILES, profile_config
+    from nfed.demo import DemoSettings
+    from nfed.training.trainer import PROFILE_TILES, profile_config
 
     settings = DemoSettings()
     scale = settings.scale if scale is None else scale
@@ -64,7 +64,7 @@ def round_(data, district_count, scale, tile, width, rounds, warmup, workers, jo
             data = _synthetic_packs(Path(scratch), district_count, scale, tile, settings)
             source = {"districts": district_count, "scale": scale, "tile": tile}
         else:
-            from ..federation import find_packs
+            from nfed.federation.server import find_packs
 
             find_packs(data)   # a missing or empty folder fails here, in one line
             source = {"data": str(data)}
@@ -76,7 +76,7 @@ def round_(data, district_count, scale, tile, width, rounds, warmup, workers, jo
               "load_average_before": load_before,
               "load_average_after": list(os.getloadavg()), **measured}
     if out is not None:
-        from ..atomic import write_json_atomic
+        from nfed.common.atomic import write_json_atomic
 
         write_json_atomic(out, result)
     if as_json:
@@ -99,9 +99,9 @@ def summary_line(result: dict) -> str:
 
 
 def _synthetic_packs(folder: Path, count: int, scale: float, tile: int, settings) -> Path:
-    from ..districts import district_names
-    from ..pack import pack_folder
-    from ..synth import synthesise
+    from nfed.data.districts import district_names
+    from nfed.data.pack import pack_folder
+    from nfed.data.synth import synthesise
 
     names = district_names()
     if count > len(names):
@@ -123,9 +123,9 @@ def worker_main(task_json: str) -> None:
     """Entry point of the benchmark subprocess (prints one JSON object)."""
     import resource
 
-    from ..federation import find_packs
-    from ..round_timing import summarise, time_rounds
-    from ..training import TrainConfig
+    from nfed.federation.server import find_packs
+    from nfed.benchmarks.round import summarise, time_rounds
+    from nfed.training.trainer import TrainConfig
 
     task = json.loads(task_json)
     try:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import click
 
-from .. import backend
-from ..functions.parallel import ENV_THREADS
-from .options import device_option, limited, precision_option
-from ..errors import ConfigError, NfedError
+from nfed.common import backend
+from nfed.core.functions.parallel import ENV_THREADS
+from nfed.commands.options import device_option, limited, precision_option
+from nfed.common.errors import ConfigError, NfedError
 
 TWIN_PATH = Path(__file__).resolve().parents[2] / "bench" / "torch_wnet.py"
 
@@ -149,8 +149,8 @@ def _inputs(task: dict):
 
 
 def _nfed_steps(task: dict) -> dict:
-    from ..autograd import no_grad
-    from ..training import TrainConfig, build_model, build_optimizer
+    from nfed.core.autograd import no_grad
+    from nfed.training.trainer import TrainConfig, build_model, build_optimizer
 
     config = TrainConfig(width=task["width"], lambda_rec=task["lambda_rec"], device=task["device"])
     device = backend.parse_device(task["device"])
@@ -194,7 +194,7 @@ def _nfed_steps(task: dict) -> dict:
 
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(task["cprofile_top"])
-    from ..functions.parallel import blas_kernels
+    from nfed.core.functions.parallel import blas_kernels
 
     result = {"seconds": seconds, "version": _nfed_version(), "blas": blas_kernels()}
     if ops is not None:
@@ -218,7 +218,7 @@ class _OpProfile:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def __enter__(self):
-        from ..autograd import op_timer
+        from nfed.core.autograd import op_timer
 
         step = self.optimizer.step
 
@@ -313,6 +313,6 @@ def _peak_rss_mb() -> float:
 
 
 def _nfed_version() -> str:
-    from .. import __version__
+    from nfed import __version__
 
     return f"nfed {__version__}"

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from .. import strict_json
-from ..progress import progress
-from .options import limited
+from nfed.common import strict_json
+from nfed.common.progress import progress
+from nfed.commands.options import limited
 
 
 def _bar(enabled: bool):
-    """Adapter from nfed.progress to the (iterable, length, label) callback of synth/pack."""
+    """Adapter from nfed.common.progress to the (iterable, length, label) callback of synth/pack."""
     return lambda iterable, length, label: progress(iterable, label=label, length=length, enabled=enabled)
 
 
@@ -38,7 +38,7 @@ def _bar(enabled: bool):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def synth(out_dir, scale, tile, seed, districts, min_per_district, val_tiles, test_tiles, jobs, quiet):
     """Generate synthetic bi-temporal tiles with JSON change labels for Seoul's districts."""
-    from ..synth import synthesise
+    from nfed.data.synth import synthesise
 
     start = time.perf_counter()
     summary = synthesise(out_dir, scale=scale, tile=tile, seed=seed, districts=districts,
@@ -69,7 +69,7 @@ def synth(out_dir, scale, tile, seed, districts, min_per_district, val_tiles, te
 def pack(src, out_dir, fmt, tile, split, seed, district_map, skip_bad, quiet):
     """Pack JSON-labelled pairs, a LEVIR-CD folder or GeoTIFF pairs with GeoJSON labels into one HDF5 file per
     district."""
-    from ..pack import pack_folder, parse_split
+    from nfed.data.pack import pack_folder, parse_split
 
     report = pack_folder(src, out_dir, fmt=fmt, tile=tile, split=parse_split(split), seed=seed,
                          district_map=district_map, skip_bad=skip_bad, progress=_bar(not quiet))
@@ -88,7 +88,7 @@ def pack(src, out_dir, fmt, tile, split, seed, district_map, skip_bad, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(pack_path, as_json):
     """Show what a district pack holds: tiles per split, change share, change types, tile size, source."""
-    from ..data import DistrictPack
+    from nfed.data.reader import DistrictPack
 
     with DistrictPack(pack_path) as district_pack:
         summary = district_pack.summary()

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import click
 
-from .. import backend
-from ..demo import DemoSettings, run_demo, settings_with
-from ..errors import ConfigError
-from ..runlock import RunLock
-from .options import device_option, limited, precision_option
+from nfed.common import backend
+from nfed.demo import DemoSettings, run_demo, settings_with
+from nfed.common.errors import ConfigError
+from nfed.runs.runlock import RunLock
+from nfed.commands.options import device_option, limited, precision_option
 
 DEFAULTS = DemoSettings()
 

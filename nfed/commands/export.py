@@ -15,8 +15,8 @@ import click
 @click.option("--onnx", "with_onnx", is_flag=True, help="also write the U-Encoder as ONNX beside it (.onnx)")
 def export(model_path, fmt, out_path, with_onnx):
     """Export a checkpoint's weights (and, with --onnx, the prediction graph) for other frameworks."""
-    from ..export import export_onnx, export_safetensors
-    from ..training import checkpoint_tile, model_from_checkpoint
+    from nfed.model.export import export_onnx, export_safetensors
+    from nfed.training.trainer import checkpoint_tile, model_from_checkpoint
 
     model, checkpoint = model_from_checkpoint(model_path)
     tile = checkpoint_tile(checkpoint)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from .. import backend
-from ..errors import ConfigError
-from ..validate import check_number
-from .options import device_option, limited, precision_option
+from nfed.common import backend
+from nfed.common.errors import ConfigError
+from nfed.common.validate import check_number
+from nfed.commands.options import device_option, limited, precision_option
 
 
 
@@ -125,8 +125,8 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
     district's test split (district, samples, precision, recall, f1, iou). One run at a time per folder; a
     folder holding a run is only replaced with --overwrite.
     """
-    from ..federation import FederationConfig, federate as run_federation, find_packs, load_client_speeds
-    from ..training import profile_config
+    from nfed.federation.server import FederationConfig, federate as run_federation, find_packs, load_client_speeds
+    from nfed.training.trainer import profile_config
 
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out, --overwrite replaces it: give one of them")
@@ -171,7 +171,7 @@ def report(run_dirs, local_run, federated_run, personalised_run, centralised_run
     a fairness section and, over several --run seeds, intervals and paired tests (table.csv, table.md,
     summary.json, figures, and all of it on one page: report.html). Each unfairness found is a `warning:` line
     on stderr."""
-    from ..report import make_report, make_study_report, table_text
+    from nfed.report.build import make_report, make_study_report, table_text
 
     files = {"--local": local_run, "--federated": federated_run, "--personalised": personalised_run,
              "--centralised": centralised_run}

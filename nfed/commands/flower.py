@@ -1,6 +1,6 @@
 """`nfed flower-app`: write the Flower app folder that runs nfed's federation on a SuperLink + SuperNodes.
 
-The folder holds only pyproject.toml: its [tool.flwr.app.components] point at nfed.flower's ServerApp and
+The folder holds only pyproject.toml: its [tool.flwr.app.components] point at nfed.federation.flower's ServerApp and
 ClientApp (the code lives in the installed nfed package on every machine), and [tool.flwr.app.config] holds
 the federation set-up, overridable per run with `flwr run APP_DIR CONNECTION --run-config 'rounds=5'`.
 """
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import click
 
-from .. import __version__
-from ..atomic import write_text_atomic
-from ..errors import ConfigError
-from .federation import protocol_options
-from .options import limited
+from nfed import __version__
+from nfed.common.atomic import write_text_atomic
+from nfed.common.errors import ConfigError
+from nfed.commands.federation import protocol_options
+from nfed.commands.options import limited
 
 APP_NAME = "nfed-flower"
 PUBLISHER = "nfed"
@@ -43,7 +43,8 @@ def toml_value(value) -> str:
 def pyproject_text(run_config: dict) -> str:
     """pyproject.toml of the Flower app: metadata, components and the (one level nested) run config."""
     lines = [
-        "# Written by `nfed flower-app`: a Flower app whose ServerApp and ClientApp are nfed's (nfed.flower).",
+        "# Written by `nfed flower-app`: a Flower app whose ServerApp and ClientApp are nfed's "
+    "(nfed.federation.flower).",
         "# Every machine (SuperLink and each SuperNode) needs nfed with its flower extra; start the SuperLink",
         "# with --disable-runtime-dependency-installation so Flower uses that installation as it is.",
         "[project]",
@@ -57,8 +58,8 @@ def pyproject_text(run_config: dict) -> str:
         f"publisher = {toml_value(PUBLISHER)}",
         "",
         "[tool.flwr.app.components]",
-        'serverapp = "nfed.flower:server_app"',
-        'clientapp = "nfed.flower:client_app"',
+        'serverapp = "nfed.federation.flower:server_app"',
+        'clientapp = "nfed.federation.flower:client_app"',
         "",
         "[tool.flwr.app.config]",
     ]
@@ -119,8 +120,8 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
     RUN/status.json as `nfed federate`. Run it with `flwr run APP_DIR CONNECTION --stream`, then check
     `nfed status RUN` (flwr run exits 0 even when the run failed).
     """
-    from ..federation import FederationConfig
-    from ..training import profile_config
+    from nfed.federation.server import FederationConfig
+    from nfed.training.trainer import profile_config
 
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --run-dir, --overwrite replaces it: give one of them")
@@ -149,7 +150,7 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
 
 def allow_list(names: str | None, path: Path | None) -> list[str] | None:
     """The districts of --districts or --districts-file (None when neither is given)."""
-    from ..roster import parse_allow_list
+    from nfed.federation.roster import parse_allow_list
 
     if names is not None and path is not None:
         raise ConfigError("--districts and --districts-file: give one of them")
@@ -168,9 +169,9 @@ def allow_list(names: str | None, path: Path | None) -> list[str] | None:
 
 
 def flower_run_config(train_config, fed_config, **options) -> dict:
-    """nfed.flower's run configuration (imports flwr: a clear error where it is not installed)."""
+    """nfed.federation.flower's run configuration (imports flwr: a clear error where it is not installed)."""
     try:
-        from ..flower import run_config_for
+        from nfed.federation.flower import run_config_for
     except ImportError as exc:
         if getattr(exc, "name", "") and str(exc.name).startswith("flwr"):
             raise ConfigError("nfed flower-app needs Flower (flwr 1.42): install nfed with its flower extra, e.g. "

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import click
 
-from .. import backend, strict_json
-from ..atomic import new_folder
-from ..errors import ConfigError, DataError
-from ..runlock import RunLock
-from .options import TRAINING_OPTIONS, apply_options, device_option, limited, precision_option, training_config
-from .predict_outputs import describe_regions, output_options, write_change_summary
+from nfed.common import backend
+from nfed.common import strict_json
+from nfed.common.atomic import new_folder
+from nfed.common.errors import ConfigError, DataError
+from nfed.runs.runlock import RunLock
+from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, limited, precision_option,
+                                   training_config)
+from nfed.commands.predict_outputs import describe_regions, output_options, write_change_summary
 
-from ..study import METRIC_KEYS
+from nfed.training.study import METRIC_KEYS
 
 
 @click.command("model-info")
@@ -24,7 +26,7 @@ from ..study import METRIC_KEYS
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 def model_info(width, classes, as_json):
     """Print W-Net-CD's weighted layers, their count and the trainable parameter count."""
-    from ..wnet import WNetCD, count_parameters, weighted_layers
+    from nfed.model.wnet import WNetCD, count_parameters, weighted_layers
     import numpy as np
 
     if width < 1:
@@ -64,9 +66,9 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
     tiles, pixels, change pixels) and how training ended (epochs, optimiser steps, stop: early-stop when
     the patience ran out, cap when --epochs was reached first, i.e. possibly not converged).
     """
-    from ..data import list_packs
-    from ..results import write_results_csv
-    from ..study import train_district
+    from nfed.data.reader import list_packs
+    from nfed.runs.results import write_results_csv
+    from nfed.training.study import train_district
 
     config = training_config(device=str(backend.parse_device(device)), **options)
     if train_all:
@@ -105,9 +107,9 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
 @precision_option
 def evaluate(model_path, data_path, split, batch_size, as_json, device, precision):
     """Pooled change metrics of a checkpoint per district and over all districts together."""
-    from ..data import DistrictPack, list_packs
-    from ..metrics import ConfusionMatrix
-    from ..training import evaluate as evaluate_split, model_from_checkpoint
+    from nfed.data.reader import DistrictPack, list_packs
+    from nfed.core.metrics import ConfusionMatrix
+    from nfed.training.trainer import evaluate as evaluate_split, model_from_checkpoint
 
     device = backend.parse_device(device)
     if batch_size < 1:
@@ -147,9 +149,9 @@ def evaluate(model_path, data_path, split, batch_size, as_json, device, precisio
 def predict(model_path, past, current, pairs, out_path, batch_size, outputs, device, precision, quiet):
     """Write 0/255 change masks for image pairs of any size (tiled at the model's tile size): PNG, or GeoTIFF
     for GeoTIFF input (nfed[geo]); optionally change polygons (GeoJSON, label JSON) and an overlay PNG."""
-    from ..predict import check_pair_sizes, find_pairs, mask_format, mask_name, predict_files
-    from ..progress import progress
-    from ..training import checkpoint_tile, model_from_checkpoint
+    from nfed.training.predict import check_pair_sizes, find_pairs, mask_format, mask_name, predict_files
+    from nfed.common.progress import progress
+    from nfed.training.trainer import checkpoint_tile, model_from_checkpoint
 
     if (pairs is None) == (past is None and current is None) or (pairs is None and (past is None or current is None)):
         raise ConfigError("give either --past and --current, or --pairs DIR")

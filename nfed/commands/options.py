@@ -12,7 +12,7 @@ device_option = click.option("--device", default=None, help=DEVICE_HELP)
 
 def _apply_precision(ctx, param, value):
     """Set the process-wide GEMM precision; exported so worker processes inherit it."""
-    from .. import precision
+    from nfed.gpu import precision
 
     mode = precision.parse_precision(value)
     precision.set_precision(mode)
@@ -27,7 +27,7 @@ precision_option = click.option(
 
 
 class LimitedNumber(click.ParamType):
-    """A number option checked against nfed.validate.LIMITS: finite and in range, else one line and exit 1
+    """A number option checked against nfed.common.validate.LIMITS: finite and in range, else one line and exit 1
     (`--lr inf: must be a finite number > 0 and <= 1`)."""
 
     def __init__(self, limit):
@@ -43,7 +43,7 @@ class LimitedNumber(click.ParamType):
 
 def limited(key: str) -> LimitedNumber:
     """The click type of a numeric option whose accepted range is LIMITS[key]."""
-    from ..validate import LIMITS
+    from nfed.common.validate import LIMITS
 
     return LimitedNumber(LIMITS[key])
 
@@ -81,7 +81,7 @@ TRAINING_OPTIONS = [
 def training_config(profile, *, device, epochs=None, patience=None, patience_steps=None, batch_size=None, lr=None,
                     width=None, classes=None, lambda_rec=None, seed=None, no_augment=False, **_ignored):
     """The TrainConfig of TRAINING_OPTIONS' values (None keeps the profile's value)."""
-    from ..training import profile_config
+    from nfed.training.trainer import profile_config
 
     return profile_config(profile, epochs=epochs, patience=patience, patience_steps=patience_steps,
                           batch_size=batch_size, lr=lr, width=width,

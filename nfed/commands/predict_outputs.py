@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError
-from ..polygons import DEFAULT_MIN_AREA, DEFAULT_SIMPLIFY
+from nfed.common.errors import ConfigError
+from nfed.data.polygons import DEFAULT_MIN_AREA, DEFAULT_SIMPLIFY
 
 _OPTIONS = (
     click.option("--polygons", is_flag=True,
@@ -27,8 +27,8 @@ def output_options(command):
     """Add the GIS output options to a click command; it receives them as `outputs` (OutputOptions)."""
     @functools.wraps(command)
     def wrapper(*args, polygons, overlay, min_area, simplify, district, **kwargs):
-        from ..polygons import require_shapely
-        from ..predict import OutputOptions
+        from nfed.data.polygons import require_shapely
+        from nfed.training.predict import OutputOptions
 
         if min_area < 0:
             raise ConfigError(f"--min-area {min_area}: must be >= 0")
@@ -49,7 +49,7 @@ def output_options(command):
 
 def write_change_summary(summaries: list[dict], out_path: Path, single: bool) -> Path | None:
     """<mask stem>_changes.csv (one pair) or OUT/changes.csv (a folder): image, type, count, pixels, area."""
-    from ..vectors import write_summary_csv
+    from nfed.data.vectors import write_summary_csv
 
     if not any("regions" in summary for summary in summaries):
         return None

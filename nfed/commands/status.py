@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .. import strict_json
+from nfed.common import strict_json
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_RUNNING = 0, 1, 3
 
@@ -18,7 +18,7 @@ def status(run_dir, as_json):
     """Print the state of the federated run in RUN_DIR (nfed federate or the Flower ServerApp): finished
     (exit 0), failed with the one-line reason (exit 1; also when the run's process was killed) or still
     running (exit 3)."""
-    from ..runstatus import current_status, status_line
+    from nfed.runs.runstatus import current_status, status_line
 
     current = current_status(run_dir)
     click.echo(strict_json.dumps(current, sort_keys=True) if as_json else f"{run_dir}: {status_line(current)}")

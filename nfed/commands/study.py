@@ -6,15 +6,15 @@ from pathlib import Path
 
 import click
 
-from .. import backend
-from ..atomic import new_folder
-from ..errors import ConfigError, DataError
-from ..runlock import RunLock
-from .options import TRAINING_OPTIONS, apply_options, device_option, precision_option, training_config
+from nfed.common import backend
+from nfed.common.atomic import new_folder
+from nfed.common.errors import ConfigError, DataError
+from nfed.runs.runlock import RunLock
+from nfed.commands.options import TRAINING_OPTIONS, apply_options, device_option, precision_option, training_config
 
 
 def _packs(data_path: Path) -> list[Path]:
-    from ..data import list_packs
+    from nfed.data.reader import list_packs
 
     if not data_path.is_dir():
         raise ConfigError(f"--data {data_path}: expected the folder of district packs")
@@ -44,8 +44,8 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
     Early stopping on the pooled validation splits. Writes OUT/best.h5, OUT/epochs.jsonl, OUT/summary.json
     (epochs, optimiser steps, why it stopped) and OUT/central.csv: the model on each district's test split.
     """
-    from ..results import write_results_csv
-    from ..study import train_central as run
+    from nfed.runs.results import write_results_csv
+    from nfed.training.study import train_central as run
 
     config = training_config(device=str(backend.parse_device(device)), **options)
     packs = _packs(data_path)
@@ -70,10 +70,10 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
     is a tenth of the profile's unless --lr is given. The model's width, classes and lambda-rec come from the
     checkpoint. Writes OUT/<district>/ and OUT/personalised.csv.
     """
-    from ..results import write_results_csv
-    from ..study import fine_tune_config, personalise_district
-    from ..checkpoint import load_checkpoint
-    from ..training import checkpoint_train_config
+    from nfed.runs.results import write_results_csv
+    from nfed.training.study import fine_tune_config, personalise_district
+    from nfed.model.checkpoint import load_checkpoint
+    from nfed.training.trainer import checkpoint_train_config
 
     checkpoint = load_checkpoint(model_path)
     trained = checkpoint_train_config(checkpoint)

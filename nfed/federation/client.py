@@ -1,0 +1,199 @@
+"""A federation client: one district's local training for one round, and evaluation of global weights.
+
+`train_round` is a plain function (global weights + the round's set-up + the district's pack path ->
+weights, number of training samples, metrics) with no process or file assumptions beyond reading the pack,
+so the in-process simulation, the worker subprocesses and the Flower client all call the same code.
+
+The round set-up is a JSON-able dict (what the study's server sends to every client):
+    {"round": 3, "local_epochs": 1, "config": TrainConfig.to_dict(), "epoch_seed_offset": 2,
+     "keep_optimizer_state": False}
+plus, where used, "dp_clip" (DP-FedAvg: clip the update to this L2 norm) and "simulate_attack" (a simulated
+label-flipping attacker trains on inverted masks).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from nfed.common.backend import to_numpy
+from nfed.common.errors import ConfigError, NfedError
+
+
+@dataclass
+class ClientResult:
+    """What a client sends back: its weights by name, its number of training samples, its metrics."""
+
+    weights: dict[str, np.ndarray]
+    num_samples: int
+    metrics: dict = field(default_factory=dict)
+    optimizer_state: dict[str, np.ndarray] | None = None
+
+
+@dataclass
+class ClientTask:
+    """One client's job in one round."""
+
+    district: str
+    pack_path: Path
+    setup: dict
+    optimizer_state: dict | None = None
+    device: str | None = None
+
+
+@dataclass
+class ClientOutcome:
+    """How a client's round ended: ok (on time), late, or failed (crashed / unreadable result)."""
+
+    district: str
+    status: str
+    seconds: float = 0.0
+    simulated_seconds: float | None = None
+    result: ClientResult | None = None
+    reason: str = ""
+
+
+def one_line(exc: BaseException) -> str:
+    """A crash as one line: nfed errors by their message, others prefixed with their type."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(exc, NfedError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+DP_CLIP_KEY = "dp_clip"
+ATTACK_KEY = "simulate_attack"
+
+# Entries of a round record that a client's metrics must not overwrite.
+RESERVED_ENTRIES = ("status", "seconds", "simulated_seconds", "reason", "num_samples", "weight", "capped",
+                    "attacker")
+MAX_METRICS = 32
+
+
+def clean_metrics(metrics) -> dict:
+    """What of a client's metrics the server records: at most MAX_METRICS entries with short names and finite
+    numbers or short strings as values; anything else (a malformed or hostile reply) is dropped."""
+    if not isinstance(metrics, Mapping):
+        return {}
+    clean = {}
+    for key, value in metrics.items():
+        if len(clean) >= MAX_METRICS:
+            break
+        if not isinstance(key, str) or len(key) > 64 or key in RESERVED_ENTRIES:
+            continue
+        if isinstance(value, bool) or value is None:
+            clean[key] = value
+        elif isinstance(value, numbers.Integral):
+            clean[key] = int(value)
+        elif isinstance(value, numbers.Real) and math.isfinite(float(value)):
+            clean[key] = float(value)
+        elif isinstance(value, str) and len(value) <= 200:
+            clean[key] = value
+    return clean
+
+
+def make_round_setup(config, round_number: int, local_epochs: int, *,
+                     keep_optimizer_state: bool = False) -> dict:
+    """The set-up the server sends for round `round_number` (1-based); epochs continue the seed sequence."""
+    if local_epochs < 1:
+        raise ConfigError(f"local epochs must be >= 1, got {local_epochs}")
+    return {"round": int(round_number), "local_epochs": int(local_epochs), "config": config.to_dict(),
+            "epoch_seed_offset": int((round_number - 1) * local_epochs),
+            "keep_optimizer_state": bool(keep_optimizer_state)}
+
+
+def _config_for(setup: Mapping, device: str | None):
+    from nfed.training.trainer import TrainConfig
+
+    config = TrainConfig.from_dict(dict(setup["config"]))
+    if device is not None:
+        config.device = str(device)
+    return config
+
+
+def _model_with(weights: Mapping, config):
+    from nfed.training.trainer import build_model
+
+    model = build_model(config)
+    model.load_state_dict(dict(weights))
+    return model
+
+
+def host_state(model) -> dict[str, np.ndarray]:
+    """The model's state dict copied to host memory (parameters and BatchNorm statistics)."""
+    return {name: np.array(to_numpy(value)) for name, value in model.state_dict().items()}
+
+
+def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
+                optimizer_state: Mapping[str, np.ndarray] | None = None,
+                device: str | None = None) -> ClientResult:
+    """Train `setup["local_epochs"]` epochs on the pack's train split, starting from the global weights.
+
+    The local optimiser starts fresh unless `optimizer_state` (kept by the client from its previous round)
+    is given. Early stopping is off: every client does the same amount of work per round.
+    """
+    from nfed.data.reader import DistrictPack
+    from nfed.training.trainer import build_optimizer, fit
+
+    started = time.perf_counter()
+    config = _config_for(setup, device)
+    model = _model_with(global_weights, config)
+    optimizer = build_optimizer(model, config)
+    if optimizer_state:
+        optimizer.load_state_dict(dict(optimizer_state))
+    with DistrictPack(pack_path) as pack:
+        source = pack
+        if setup.get(ATTACK_KEY) == "label-flip":   # a simulated attacker (nfed federate --simulate-attack)
+            from nfed.federation.attacks import FlippedMasks
+
+            source = FlippedMasks(pack)
+        result = fit(model, optimizer, source, config, epochs=int(setup["local_epochs"]), early_stopping=False,
+                     progress=False, epoch_seed_offset=int(setup.get("epoch_seed_offset", 0)),
+                     validate_last_only=True)
+    last = result.history[-1] if result.history else {}
+    metrics = {
+        "train_loss": float(last.get("train_loss", result.train_loss)),
+        "val_loss": _maybe_float(last.get("val_loss")),
+        "val_f1": _maybe_float(last.get("val_f1")),
+        "epochs": int(result.epochs_run),
+        "steps": int(result.steps),
+        "wall_time_s": time.perf_counter() - started,
+    }
+    keep = bool(setup.get("keep_optimizer_state"))
+    weights = host_state(model)
+    if setup.get(DP_CLIP_KEY):   # DP-FedAvg: the update leaves the client clipped to this L2 norm
+        from nfed.federation.privacy import clip_update
+
+        weights, _ = clip_update(weights, global_weights, float(setup[DP_CLIP_KEY]))
+    return ClientResult(weights=weights, num_samples=int(result.num_train_samples), metrics=metrics,
+                        optimizer_state={k: np.array(to_numpy(v)) for k, v in optimizer.state_dict().items()}
+                        if keep else None)
+
+
+def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
+                     split: str = "val", device: str | None = None) -> dict:
+    """Loss and change-class metrics of `weights` on one split of the pack (federated evaluation).
+
+    `samples` counts the evaluated tiles, `pack_samples` all tiles of the pack (local.csv's `samples`),
+    `train_samples` its training tiles and `tile` its tile size (what the F1 rests on)."""
+    from nfed.data.reader import DistrictPack
+    from nfed.training.trainer import evaluate
+
+    config = _config_for(setup, device)
+    model = _model_with(weights, config)
+    with DistrictPack(pack_path) as pack:
+        metrics = evaluate(model, pack, split=split, batch_size=config.batch_size)
+        metrics["pack_samples"] = sum(int(pack.num_samples(s)) for s in ("train", "val", "test"))
+        metrics["train_samples"] = int(pack.num_samples("train"))
+        metrics["tile"] = int(pack.tile)
+    return metrics
+
+
+def _maybe_float(value):
+    return None if value is None else float(value)

@@ -1,0 +1,193 @@
+"""Parallel clients in worker subprocesses, with a real wall-clock deadline (`nfed federate --workers N`).
+
+Nothing crosses the process boundary as a pickle: the server writes the global weights (and a client's kept
+optimiser state) as HDF5 checkpoints and the task as JSON; the worker (`python -m nfed.federation.worker TASK.json`)
+writes its weights as an HDF5 checkpoint and its number of samples and metrics as JSON. A worker still
+running at the deadline is killed with its whole process group and its update is left out of the round.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from nfed.common import strict_json
+from nfed.common.atomic import write_json_atomic
+from nfed.model.checkpoint import load_checkpoint, save_checkpoint
+from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics, one_line
+from nfed.common.errors import CheckpointError, ConfigError
+
+DEFAULT_CLIENT = "nfed.federation.client:train_round"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _client_function(spec: str):
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"client function '{spec}' must be 'module:function'")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+class WorkerRunner:
+    """Runs up to `workers` clients at a time as subprocesses; kills those still running at the deadline.
+
+    `gpus` assigns the clients round-robin to cuda:<id> (already done per task by the federation);
+    `client_function` names the client's train function as "module:function" (tests use a hanging one).
+    """
+
+    def __init__(self, workers: int, work_dir: str | Path, *, gpus: Sequence[int] = (),
+                 client_function: str = DEFAULT_CLIENT, poll_s: float = 0.05):
+        if workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {workers}")
+        self.workers = int(workers)
+        self.work_dir = Path(work_dir)
+        self.gpus = tuple(gpus)
+        self.client_function = client_function
+        self.poll_s = poll_s
+
+    def _environment(self) -> dict:
+        env = dict(os.environ)
+        threads = str(max(1, (os.cpu_count() or 1) // self.workers))
+        for name in THREAD_VARIABLES:
+            env.setdefault(name, threads)
+        return env
+
+    def run(self, global_weights, tasks, deadline: float | None):
+        round_dir = self.work_dir / f"round-{tasks[0].setup.get('round', 0) if tasks else 0}"
+        shutil.rmtree(round_dir, ignore_errors=True)
+        round_dir.mkdir(parents=True)
+        global_path = save_checkpoint(round_dir / "global.h5", global_weights)
+        env = self._environment()
+        pending = list(enumerate(tasks))
+        running: dict[int, tuple] = {}
+        outcomes: dict[int, ClientOutcome] = {}
+        started = time.monotonic()
+        try:
+            while pending or running:
+                elapsed = time.monotonic() - started
+                if deadline is not None and elapsed >= deadline:
+                    for index, (task, process, launched, _) in running.items():
+                        _kill(process)
+                        outcomes[index] = ClientOutcome(task.district, "late", time.monotonic() - launched,
+                                                        reason=f"still running at the {deadline:g} s deadline")
+                    running.clear()
+                    for index, task in pending:
+                        outcomes[index] = ClientOutcome(task.district, "late", 0.0,
+                                                        reason=f"not started before the {deadline:g} s deadline")
+                    pending.clear()
+                    break
+                while pending and len(running) < self.workers:
+                    index, task = pending.pop(0)
+                    running[index] = self._launch(index, task, round_dir, global_path, env)
+                for index in list(running):
+                    task, process, launched, files = running[index]
+                    if process.poll() is not None:
+                        outcomes[index] = self._collect(task, process, time.monotonic() - launched, files)
+                        del running[index]
+                time.sleep(self.poll_s)
+        finally:
+            for task, process, _, _ in running.values():
+                _kill(process)
+            shutil.rmtree(round_dir, ignore_errors=True)
+        return [outcomes[i] for i in sorted(outcomes)]
+
+    def _launch(self, index, task, round_dir: Path, global_path: Path, env):
+        prefix = round_dir / f"client-{index:03d}"
+        files = {"task": prefix.with_suffix(".task.json"), "weights": prefix.with_suffix(".weights.h5"),
+                 "result": prefix.with_suffix(".result.json"), "log": prefix.with_suffix(".log"),
+                 "state": prefix.with_suffix(".state.h5")}
+        state_path = None
+        if task.optimizer_state:
+            state_path = str(save_checkpoint(files["state"], {}, optimizer_state=task.optimizer_state))
+        write_json_atomic(files["task"], {
+            "district": task.district, "pack": str(task.pack_path), "setup": task.setup,
+            "global": str(global_path), "optimizer_state": state_path, "device": task.device,
+            "client_function": self.client_function, "parent_pid": os.getpid(),
+            "result_weights": str(files["weights"]), "result_json": str(files["result"])})
+        with open(files["log"], "wb") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "nfed.federation.worker", str(files["task"])],
+                                       stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)
+        return task, process, time.monotonic(), files
+
+    def _collect(self, task, process, seconds: float, files):
+        """The worker's outcome; anything malformed fails this client only, never the round."""
+        try:
+            answer = strict_json.loads(files["result"].read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            tail = _last_line(files["log"])
+            return ClientOutcome(task.district, "failed", seconds,
+                                 reason=f"worker exited with code {process.returncode}" + (f": {tail}" if tail else ""))
+        if not isinstance(answer, dict):
+            return ClientOutcome(task.district, "failed", seconds, reason="worker result is not a JSON object")
+        if "error" in answer:
+            return ClientOutcome(task.district, "failed", seconds, reason=str(answer["error"])[:500])
+        num_samples = answer.get("num_samples")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            return ClientOutcome(task.district, "failed", seconds,
+                                 reason=f"worker result has no valid num_samples ({str(num_samples)[:40]!r})")
+        try:
+            checkpoint = load_checkpoint(files["weights"])
+        except CheckpointError as exc:
+            return ClientOutcome(task.district, "failed", seconds, reason=str(exc))
+        result = ClientResult(checkpoint.model_state, num_samples, clean_metrics(answer.get("metrics")),
+                              checkpoint.optimizer_state or None)
+        return ClientOutcome(task.district, "ok", seconds, None, result)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """Kill the worker and anything it started (it leads its own process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Have the kernel kill this worker when the server process dies (Linux PR_SET_PDEATHSIG), and exit now if
+    it is already gone: a killed `nfed federate` leaves no worker behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def run_task(task_path: str | Path) -> int:
+    """Worker entry point: run one client task file, write its result files; exit status 0 on success."""
+    task = json.loads(Path(task_path).read_text(encoding="utf-8"))
+    die_with_parent(task.get("parent_pid"))
+    try:
+        train = _client_function(task.get("client_function", DEFAULT_CLIENT))
+        global_weights = load_checkpoint(task["global"]).model_state
+        state = load_checkpoint(task["optimizer_state"]).optimizer_state if task.get("optimizer_state") else None
+        result = train(global_weights, task["setup"], task["pack"], optimizer_state=state, device=task.get("device"))
+        save_checkpoint(task["result_weights"], result.weights, optimizer_state=result.optimizer_state)
+        write_json_atomic(task["result_json"], {"num_samples": int(result.num_samples), "metrics": result.metrics})
+        return 0
+    except Exception as exc:  # reported to the server as this client's one-line failure
+        write_json_atomic(task["result_json"], {"error": one_line(exc)})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_task(sys.argv[1]))

@@ -1,0 +1,4 @@
+"""A run folder on disk: its results tables, its lock against a second process and its status file.
+
+May import nfed.common only.
+"""

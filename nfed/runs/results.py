@@ -1,0 +1,60 @@
+"""The per-district results tables of a study run: one owner of their columns and number format.
+
+local.csv, personalised.csv, federated.csv and central.csv share the first columns (the test metrics and
+what they rest on); the columns after them say how much training each side had, which is what makes a
+comparison fair or not (SEED.md's protocol; ARCHITECTURE.md "what makes a comparison count").
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from nfed.common.atomic import write_text_atomic
+
+METRIC_COLUMNS = ("district", "samples", "precision", "recall", "f1", "iou")
+TEST_COLUMNS = ("train_samples", "test_tiles", "test_pixels", "test_change_pixels")
+TRAINING_COLUMNS = ("epochs_run", "steps", "stop", "best_epoch")
+
+# Which columns each table has (a table written by an older nfed has only METRIC_COLUMNS).
+COLUMNS = {
+    "local": METRIC_COLUMNS + TEST_COLUMNS + TRAINING_COLUMNS,
+    "personalised": METRIC_COLUMNS + TEST_COLUMNS + TRAINING_COLUMNS,
+    "federated": METRIC_COLUMNS + TEST_COLUMNS + ("epochs_run", "steps"),
+    "central": METRIC_COLUMNS + TEST_COLUMNS,
+}
+FILE_NAMES = {"local": "local.csv", "personalised": "personalised.csv", "federated": "federated.csv",
+              "central": "central.csv"}
+
+
+def test_facts(scores: Mapping, tile: int) -> dict:
+    """What an F1 rests on: tiles, pixels and change pixels (tp + fn) of the evaluated split."""
+    tiles = int(scores.get("samples", 0))
+    return {"test_tiles": tiles, "test_pixels": tiles * int(tile) * int(tile),
+            "test_change_pixels": int(scores.get("tp", 0)) + int(scores.get("fn", 0))}
+
+
+def format_value(value) -> str:
+    """Floats with 6 decimals (every table the same), None as empty, the rest as text."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return str(value)
+
+
+def results_csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([format_value(row.get(column)) for column in columns])
+    return buffer.getvalue()
+
+
+def write_results_csv(path: str | Path, rows: Sequence[Mapping], kind: str) -> Path:
+    """Write one results table (`kind`: local, personalised, federated or central) atomically."""
+    path = Path(path)
+    write_text_atomic(path, results_csv_text(rows, COLUMNS[kind]))
+    return path

@@ -1,0 +1,81 @@
+"""RUN/status.json: is a federated run running, finished or failed, and why; read by `nfed status RUN`.
+
+`flwr run` exits 0 whatever became of the run, and a killed ServerApp says nothing: the run folder is the one
+place that knows. The federation (nfed.federation.server, in-process or over Flower) writes this file atomically
+when the run starts, after every round, once federated.csv is written (finished), and with the one-line reason
+when it fails. A process killed outright cannot write "failed", so a file that still says "running" while no
+process holds the run folder's lock (nfed.runs.runlock) is read as failed: the run ended without finishing.
+
+    {"state": "running" | "finished" | "failed", "round": last finished round, "rounds": round budget,
+     "reason": why it failed (or null), "stop_reason": why the rounds ended (or null),
+     "best_round": the round whose model is scored (or null), "updated": ISO time, "process": "pid N on host"}
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+
+from nfed.common import strict_json
+from nfed.common.atomic import write_json_atomic
+from nfed.common.errors import DataError
+from nfed.runs.runlock import lock_holder
+
+STATUS_NAME = "status.json"
+STATES = ("running", "finished", "failed")
+MAX_REASON = 500
+
+
+def write_status(run_dir: str | os.PathLike, state: str, *, round_number: int, rounds: int,
+                 reason: str | None = None, stop_reason: str | None = None, best_round: int | None = None) -> dict:
+    """Write RUN/status.json atomically; returns what was written."""
+    if state not in STATES:
+        raise ValueError(f"unknown run state {state!r}")
+    status = {"state": state, "round": int(round_number), "rounds": int(rounds),
+              "reason": None if reason is None else str(reason)[:MAX_REASON], "stop_reason": stop_reason,
+              "best_round": best_round,
+              "updated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "process": f"pid {os.getpid()} on {socket.gethostname()}"}
+    write_json_atomic(Path(run_dir) / STATUS_NAME, status)
+    return status
+
+
+def read_status(run_dir: str | os.PathLike) -> dict:
+    """RUN/status.json as written, checked (DataError naming the file when missing or malformed)."""
+    path = Path(run_dir) / STATUS_NAME
+    if not Path(run_dir).is_dir():
+        raise DataError(f"{run_dir}: run folder not found")
+    try:
+        status = strict_json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (no federated run was started in this folder, or one by an nfed "
+                        "older than status files)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable ({str(exc)[:200]})") from None
+    if not isinstance(status, dict) or status.get("state") not in STATES \
+            or not isinstance(status.get("round"), int) or isinstance(status.get("round"), bool):
+        raise DataError(f"{path}: not a run status (expected state {', '.join(STATES)} and a round number)")
+    return status
+
+
+def current_status(run_dir: str | os.PathLike) -> dict:
+    """The run's status as it stands: a "running" file whose writer no longer holds the run folder is failed."""
+    status = read_status(run_dir)
+    if status["state"] == "running" and lock_holder(run_dir) is None:
+        status = {**status, "state": "failed",
+                  "reason": f"the run's process ({status.get('process') or 'unknown'}) ended without finishing "
+                            f"after round {status['round']} (killed?); resume it to continue"}
+    return status
+
+
+def status_line(status: dict) -> str:
+    """One line for the operator: state, rounds done of the budget, and why it stopped or failed."""
+    line = f"{status['state']}: round {status['round']}/{status.get('rounds', '?')}"
+    if status.get("best_round"):
+        line += f", best round {status['best_round']}"
+    if status["state"] == "failed" and status.get("reason"):
+        line += f"; {status['reason']}"
+    elif status.get("stop_reason"):
+        line += f"; {status['stop_reason']}"
+    return line + f" (updated {status.get('updated', '?')})"
