@@ -44,7 +44,7 @@ def pyproject_text(run_config: dict) -> str:
     """pyproject.toml of the Flower app: metadata, components and the (one level nested) run config."""
     lines = [
         "# Written by `nfed flower-app`: a Flower app whose ServerApp and ClientApp are nfed's "
-    "(nfed.federation.flower).",
+        "(nfed.federation.flower).",
         "# Every machine (SuperLink and each SuperNode) needs nfed with its flower extra; start the SuperLink",
         "# with --disable-runtime-dependency-installation so Flower uses that installation as it is.",
         "[project]",
