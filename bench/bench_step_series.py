@@ -1,6 +1,6 @@
 """`nfed bench step --json` run several times in a row for a few profiles: median ratios and the load.
 
-Each run times nfed and then the PyTorch twin in fresh processes (see nfed/commands/bench_step.py), so the
+Each run times nfed and then the PyTorch twin in fresh processes (see nfed/benchmarks/step.py), so the
 runs interleave the two sides; on a shared machine the medians over runs, reported with the load average
 before each run, are the numbers to quote. Usage:
 

@@ -2,13 +2,10 @@
 onnxruntime runs to the same logits. Weights are a trained-like state (random BatchNorm statistics)."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO_ROOT
 from nfed.model.checkpoint import save_checkpoint
 from nfed.cli import cli
 from nfed.model.wnet import WNetCD
@@ -67,9 +64,7 @@ def test_pytorch_twin_loads_the_safetensors_strictly_and_gives_the_same_logits(e
     torch = pytest.importorskip("torch", reason="torch not installed (nfed[bench])")
     from safetensors.torch import load_file
 
-    spec = importlib.util.spec_from_file_location("torch_wnet_export", REPO_ROOT / "bench" / "torch_wnet.py")
-    twin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(twin)
+    from nfed.benchmarks import torch_twin as twin
     model, path, _ = exported
     theirs = twin.WNetCD(4, model.classes, 0.1)
     theirs.load_state_dict(load_file(str(path)), strict=True)

@@ -1,26 +1,14 @@
-"""nfed's W-Net-CD against its PyTorch twin (bench/torch_wnet.py) with the same weights: an independent oracle."""
+"""nfed's W-Net-CD against its PyTorch twin (nfed.benchmarks.torch_twin), same weights: an independent oracle."""
 from __future__ import annotations
-
-import importlib.util
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
 from nfed.training.trainer import TrainConfig, build_model, build_optimizer
 from nfed.model.wnet import WNetCD, count_parameters
 
 torch = pytest.importorskip("torch")
-
-
-def _twin_module():
-    spec = importlib.util.spec_from_file_location("torch_wnet_twin", REPO_ROOT / "bench" / "torch_wnet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-twin = _twin_module()
+from nfed.benchmarks import torch_twin as twin  # noqa: E402  (imports torch: only once torch is known present)
 
 
 def _pair(n=2, size=32):

@@ -5,7 +5,8 @@ padding 1, float32 -- it times the forward pass and the backward pass (input and
 both implementations, interleaved so both see the same machine load, and keeps the fastest of `repeat`
 runs (the least disturbed one on a shared machine). Peak memory of one call is measured in a fresh
 subprocess per (implementation, shape, pass) as the rise of the peak resident set size above its level
-once the inputs exist (Linux: the peak mark is reset through /proc/self/clear_refs just before the call). PyTorch is only a reference here; nfed itself never imports it.
+once the inputs exist (Linux: the peak mark is reset through /proc/self/clear_refs just before the call).
+PyTorch is only a reference here; nfed itself never imports it.
 """
 from __future__ import annotations
 
@@ -127,6 +128,11 @@ def _elapsed(fn) -> float:
     return time.perf_counter() - start
 
 
+def progress_steps(repeat: int, shapes=SHAPES) -> int:
+    """How many times run_conv_bench calls its progress callback."""
+    return len(shapes) * len(PASSES) * repeat
+
+
 def run_conv_bench(shapes=SHAPES, repeat: int = 5, memory: bool = True, threads: int | None = None,
                    progress=None) -> dict:
     """Time (and optionally peak memory) of nfed vs PyTorch conv2d; returns a JSON-able dict.
@@ -214,8 +220,9 @@ def format_table(result: dict) -> str:
             lines.append(f"geometric mean throughput ratio nfed/torch, {which}: {value:.2f} "
                          f"({verdict} the goal {goal[which]})")
         threads = result["threads"]
-        lines.append(f"reference: PyTorch {result['torch_version']} CPU in the same run ({threads.get('torch_threads')} "
-                     f"threads; nfed {threads['nfed_workers']}); ratio > 1 means nfed is faster")
+        lines.append(f"reference: PyTorch {result['torch_version']} CPU in the same run "
+                     f"({threads.get('torch_threads')} threads; nfed {threads['nfed_workers']}); "
+                     "ratio > 1 means nfed is faster")
     else:
         lines.append("PyTorch is not installed: nfed timings only (pip install torch for the reference)")
     return "\n".join(lines)

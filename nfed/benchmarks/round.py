@@ -9,13 +9,24 @@ sees what `nfed federate` and `nfed demo` do:
 - other: the rest of the round, i.e. client selection and tasks before training, and after validation the best-
   model checkpoint, rounds.jsonl and global.h5. A round ends when the Federation reports its progress
   (its recorder's running(), the last thing of a round).
+
+The data is made first (or taken from a folder); the rounds then run in a fresh Python process
+(nfed.benchmarks.isolated), so its peak resident memory (ru_maxrss of the process, and of its largest worker
+with workers > 1) is the federation's alone, not the data generation's.
 """
 from __future__ import annotations
 
+import json
+import os
+import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Mapping
+
+from nfed.benchmarks.isolated import answer, json_worker, peak_rss_mb
+from nfed.common.errors import ConfigError
 
 PARTS = ("train", "aggregate", "evaluate", "other")
 
@@ -117,3 +128,81 @@ def summarise(rounds: list[dict]) -> dict:
         values = [r[part] for r in rounds]
         summary[part] = {"median": statistics.median(values), "min": min(values)}
     return summary
+
+
+def run_round_bench(train_config, *, settings, data: Path | None = None, district_count: int = 25,
+                    scale: float | None = None, tile: int = 64, rounds: int = 3, warmup: int = 1, workers: int = 0,
+                    jobs: int = 0, local_epochs: int = 1) -> dict:
+    """Time `rounds` rounds after `warmup` on the packs in `data`, or on `district_count` synthetic districts
+    made in a temporary folder (removed afterwards) at `scale` and `tile` with the data settings of `settings`
+    (nfed demo's: data_seed, min_train_tiles, val_tiles, test_tiles). Returns the JSON of `nfed bench round`."""
+    scale = settings.scale if scale is None else scale
+    if tile % 16:
+        raise ConfigError(f"--tile {tile}: must be a multiple of 16 (W-Net pools 4 times)")
+    if workers > 1 and jobs > 1:
+        raise ConfigError("--workers (a process per client) and --jobs (a pool of processes): give one of them")
+    task = {"rounds": rounds, "warmup": warmup, "workers": workers, "jobs": jobs, "local_epochs": local_epochs,
+            "train_config": train_config.to_dict()}
+    with tempfile.TemporaryDirectory(prefix="nfed-bench-round-") as scratch:
+        if data is None:
+            data = synthetic_packs(Path(scratch), district_count, scale, tile, settings)
+            source = {"districts": district_count, "scale": scale, "tile": tile}
+        else:
+            from nfed.federation.server import find_packs
+
+            find_packs(data)   # a missing or empty folder fails here, in one line
+            source = {"data": str(data)}
+        task.update(packs=str(data), run_dir=str(Path(scratch) / "run"))
+        load_before = list(os.getloadavg())
+        code = "import sys; from nfed.benchmarks.round import worker_main; worker_main(sys.argv[1])"
+        measured = json_worker(code, [json.dumps(task)], "round benchmark")
+    return {**source, "width": train_config.width, "batch": train_config.batch_size, "rounds": rounds,
+            "warmup": warmup, "workers": workers, "jobs": jobs, "local_epochs": local_epochs,
+            "cpu_count": os.cpu_count(), "load_average_before": load_before,
+            "load_average_after": list(os.getloadavg()), **measured}
+
+
+def summary_line(result: dict) -> str:
+    """One line: median (min) seconds per round and per part, and the peak memory."""
+    parts = result["seconds"]
+    split = ", ".join(f"{part} {parts[part]['median']:.2f} ({parts[part]['min']:.2f})" for part in PARTS)
+    return (f"{result['districts_run']} districts, w {result['width']}, batch {result['batch']}, "
+            f"{result['rounds']} rounds after {result['warmup']} warm-up: {parts['total']['median']:.2f} s per round "
+            f"(min {parts['total']['min']:.2f}); median (min) s: {split}; peak RSS {result['peak_rss_mb']:.0f} MB"
+            + (f" (+ largest worker {result['peak_rss_children_mb']:.0f} MB)" if result["workers"] > 1 else "")
+            + f"; load average {result['load_average_before'][0]:.2f} before, {result['load_average_after'][0]:.2f} "
+              f"after")
+
+
+def synthetic_packs(folder: Path, count: int, scale: float, tile: int, settings) -> Path:
+    """The first `count` districts of the district table, synthesised and packed under `folder`/packs."""
+    from nfed.data.districts import district_names
+    from nfed.data.pack import pack_folder
+    from nfed.data.synth import synthesise
+
+    names = district_names()
+    if count > len(names):
+        raise ConfigError(f"--districts {count}: there are {len(names)} districts")
+    synthesise(folder / "synth", scale=scale, tile=tile, seed=settings.data_seed, districts=names[:count],
+               min_per_district=settings.min_train_tiles, val_tiles=settings.val_tiles,
+               test_tiles=settings.test_tiles)
+    pack_folder(folder / "synth", folder / "packs", seed=settings.data_seed)
+    return folder / "packs"
+
+
+def worker_main(task_json: str) -> None:
+    """Entry point of the benchmark subprocess (prints one JSON object)."""
+    from nfed.federation.server import find_packs
+    from nfed.training.trainer import TrainConfig
+
+    task = json.loads(task_json)
+
+    def measure() -> dict:
+        packs = find_packs(task["packs"])
+        timed = time_rounds(packs, Path(task["run_dir"]), TrainConfig.from_dict(task["train_config"]),
+                            rounds=task["rounds"], warmup=task["warmup"], workers=task["workers"],
+                            jobs=task.get("jobs", 0), local_epochs=task.get("local_epochs", 1))
+        return {"districts_run": len(packs), "seconds": summarise(timed["per_round"]), **timed,
+                "peak_rss_mb": peak_rss_mb(), "peak_rss_children_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+
+    answer(measure)

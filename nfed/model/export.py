@@ -1,7 +1,7 @@
 """Weights others can load (the optional extra nfed[export]): safetensors and ONNX.
 
 safetensors: every state tensor under nfed's names, which are the PyTorch twin's `state_dict()` keys
-(bench/torch_wnet.py; `load_state_dict(strict=True)` accepts them, BatchNorm's num_batches_tracked is filled
+(nfed/benchmarks/torch_twin.py; `load_state_dict(strict=True)` accepts them, BatchNorm's num_batches_tracked is filled
 in by PyTorch), plus the model config as string metadata. Like nfed's own HDF5, the format holds only raw
 tensors and JSON text: nothing is pickled on either side.
 ONNX: the U-Encoder (what prediction uses) as a graph of standard operators (Conv, BatchNormalization in

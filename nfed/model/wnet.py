@@ -11,7 +11,7 @@ Structure (widths c1..c5 = w, 2w, 4w, 8w, 16w; K classes; "block" = conv3x3-BN-R
 Weighted layers: 2 x (9 blocks x 2 conv3x3 + 4 deconv + 1 conv1x1) = 46.
 Trainable parameters: 16425 w^2 + (615 + 10 K) w + K + 6 (67,317,448 at w = 64, K = 2; the study's "67.3M").
 
-Parameter names (stable; checkpoints and the PyTorch twin in bench/torch_wnet.py use exactly these):
+Parameter names (stable; checkpoints and the PyTorch twin nfed/benchmarks/torch_twin.py use exactly these):
   <part>.<layer>.<sub>.<tensor>
   part   = encoder | decoder
   layer  = e1..e5, d4..d1 (blocks), up4..up1 (deconv), head (conv1x1)

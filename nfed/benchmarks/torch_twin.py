@@ -1,16 +1,23 @@
 """PyTorch twin of nfed's W-Net-CD: the same layers, the same forward and the same parameter names.
 
-An independent reference for `nfed bench step` (speed) and tests/test_torch_parity.py (forward values).
-`state_dict()` keys equal nfed's (`encoder.e1.conv1.weight`, ...) apart from BatchNorm's extra
-`num_batches_tracked`, so weights move 1:1 with `load_nfed_state` / `nfed_state`. Not part of the installed
-package: nfed never imports torch at run time; this file is loaded by path from the checkout.
+An independent reference for `nfed bench step` (speed) and the parity and export tests (values), shipped in
+the package so an installed nfed finds it. `state_dict()` keys equal nfed's (`encoder.e1.conv1.weight`, ...)
+apart from BatchNorm's extra `num_batches_tracked`, so weights move 1:1 with `load_nfed_state` / `nfed_state`.
+Optional: importing this module imports torch, and without torch raises NfedError; only benchmark and test
+code imports it, never the product (nfed's runtime does not depend on torch).
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
+
+from nfed.common.errors import NfedError
+
+try:
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+except ImportError:
+    raise NfedError("PyTorch is not installed: pip install torch") from None
 
 
 class ConvBlock(nn.Module):
@@ -99,7 +106,8 @@ def load_nfed_state(model: nn.Module, state: dict) -> None:
     """Copy an nfed state dict (name -> array) into the twin; every name must match."""
     own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     if own != set(state):
-        raise KeyError(f"names differ: missing {sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - own)[:3]}")
+        raise KeyError(f"names differ: missing {sorted(own - set(state))[:3]}, "
+                       f"unexpected {sorted(set(state) - own)[:3]}")
     with torch.no_grad():
         for name, value in model.state_dict().items():
             if name in state:
