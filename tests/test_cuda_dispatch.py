@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 import subprocess
 import sys
 
@@ -59,9 +60,13 @@ print(",".join(sorted(m for m in sys.modules if m.split(".")[0] in ("cupy", "cup
 """
 
 
-def test_importing_nfed_and_a_numpy_step_load_no_cupy_nor_gpu_code():
+def test_importing_nfed_and_a_numpy_step_load_no_cupy_nor_gpu_code(tmp_path):
+    stand_in = tmp_path / "cupy"  # importable here whether CuPy is installed or not: any import shows
+    stand_in.mkdir()
+    (stand_in / "__init__.py").write_text('"""A stand-in for CuPy: nfed must not import it for NumPy work."""\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO_ROOT)]))
     run = subprocess.run([sys.executable, "-c", NUMPY_STEP], capture_output=True, text=True, cwd=REPO_ROOT,
-                         timeout=120)
+                         timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     loaded = set(filter(None, run.stdout.strip().split(",")))
     assert loaded <= {"nfed.gpu.precision"}, loaded  # precision: the --precision option's names, no CuPy
