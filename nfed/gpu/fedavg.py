@@ -10,20 +10,14 @@ from nfed.gpu import kernels
 
 
 def weighted_accumulate(acc, x, weight):
-    """acc += weight * x, in place (streaming FedAvg as clients arrive); acc may be float64 for float32 x
-    (a float64 running sum without a float64 copy of x)."""
+    """acc += weight * x, in place: acc a contiguous float64 sum, x float32 or float64 of its shape."""
     if acc.shape != x.shape or not acc.flags.c_contiguous:
         raise ValueError("weighted_accumulate: shapes differ or the sum is not contiguous")
-    x = kernels.contiguous(x)
-    if acc.dtype == x.dtype:
-        name = f"weighted_accumulate_{kernels.dtype_suffix(acc.dtype)}"
-    elif acc.dtype == np.float64 and x.dtype == np.float32:
-        name = "weighted_accumulate_f32_to_f64"
-    else:
+    if acc.dtype != np.float64 or x.dtype not in (np.float32, np.float64):
         raise backend.Unsupported(f"weighted_accumulate: {x.dtype} into {acc.dtype}")
+    x = kernels.contiguous(x)
+    name = "weighted_accumulate_f64" if x.dtype == np.float64 else "weighted_accumulate_f32_to_f64"
     if acc.size:
         dev = kernels.device_index(acc)
-        kernels.launch(name, kernels.grid_1d(acc.size, dev), (acc, x, weight, acc.size), dev)
+        kernels.launch(name, kernels.grid_1d(acc.size, dev), (acc, x, float(weight), acc.size), dev)
     return acc
-
-

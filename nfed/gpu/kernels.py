@@ -57,7 +57,6 @@ _ARG_KINDS = {
         "winograd_weight_output_transform_{t}": "ppii",
     },
     "fedavg.cu": {
-        "weighted_accumulate_f32": "ppfl",
         "weighted_accumulate_f64": "ppdl",
         "weighted_accumulate_f32_to_f64": "ppdl",
     },
