@@ -20,12 +20,14 @@ import numpy as np
 from nfed.common import backend
 from nfed.gpu import gemm, kernels, precision
 
+
 def _col_budget_bytes() -> int:
     """Largest im2col buffer a convolution may allocate (env NFED_IM2COL_BUDGET_MB, default 256 MiB)."""
     return int(float(os.environ.get("NFED_IM2COL_BUDGET_MB", "256")) * 2 ** 20)
 
 
 def _chunk(n: int, per_sample_bytes: int) -> int:
+    """Samples per chunk so that a chunk's temporary buffers stay within the im2col budget (at least 1)."""
     return max(1, min(n, _col_budget_bytes() // max(1, per_sample_bytes)))
 
 

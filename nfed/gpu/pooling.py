@@ -7,6 +7,7 @@ import numpy as np
 from nfed.common import backend
 from nfed.gpu import kernels
 
+
 def _square_pool(kernel_size, stride) -> tuple[int, int]:
     kh, kw = kernels.pair(kernel_size)
     sh, sw = kernels.pair(kernel_size if stride is None else stride)
