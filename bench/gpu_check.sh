@@ -114,25 +114,15 @@ for precision in fp32 tf32 bf16; do
     --out "$out/kernels_$precision.json"
 done
 
-# bench step runs each side in a fresh interpreter; this sitecustomize (only on this step's PYTHONPATH)
-# routes nfed's ops to the CUDA kernels there too, in case the package does not install them itself.
-mkdir -p "$work/site"
-cat >"$work/site/sitecustomize.py" <<'EOF'
-try:
-    import nfed.gpu.ops as _cuda_ops
-    _cuda_ops.install()
-except Exception as _exc:  # never break the interpreter
-    import sys as _sys
-    print(f"gpu_check: nfed.gpu.ops.install() failed: {_exc}", file=_sys.stderr)
-EOF
-step_path="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+# bench step runs each side in a fresh interpreter: nfed's ops send CuPy arrays to the CUDA kernels by
+# themselves (nfed.core.dispatch), nothing to set up.
 # fp32: NVIDIA_TF32_OVERRIDE=0 keeps cuDNN (whose PyTorch default allows TF32) and cuBLAS in true fp32
-run step_fp32 75 "$work/step_fp32.json" env PYTHONPATH="$step_path" NFED_PRECISION=fp32 NVIDIA_TF32_OVERRIDE=0 \
+run step_fp32 75 "$work/step_fp32.json" env NFED_PRECISION=fp32 NVIDIA_TF32_OVERRIDE=0 \
   "${nfed_cli[@]}" bench step --device cuda --width 64 --tile 256 --batch 8 --repeat 3 --warmup 1 --json
-run step_tf32 60 "$work/step_tf32.json" env PYTHONPATH="$step_path" NFED_PRECISION=tf32 \
+run step_tf32 60 "$work/step_tf32.json" env NFED_PRECISION=tf32 \
   "${nfed_cli[@]}" bench step --device cuda --width 64 --tile 256 --batch 8 --repeat 3 --warmup 1 --json
 # bf16: PyTorch's twin has no autocast switch in bench step, so nfed alone (reference: 53.7 ms, issue 6)
-run step_bf16 40 "$work/step_bf16.json" env PYTHONPATH="$step_path" NFED_PRECISION=bf16 \
+run step_bf16 40 "$work/step_bf16.json" env NFED_PRECISION=bf16 \
   "${nfed_cli[@]}" bench step --device cuda --width 64 --tile 256 --batch 8 --repeat 3 --warmup 1 --json \
   --no-reference
 

@@ -1,5 +1,5 @@
-"""pytest plugin: the whole session sees one emulated GPU (tests/gpu_emulation.py) with nfed.gpu.ops
-installed, so every gpu-marked test of the suite runs on a CPU-only machine through the CUDA kernels:
+"""pytest plugin: the whole session sees one emulated GPU (tests/gpu_emulation.py), so every gpu-marked test
+of the suite runs on a CPU-only machine through the CUDA kernels (nfed's ops dispatch CuPy arrays to nfed.gpu):
 
     PYTHONPATH=tests pytest -p emulated_gpu -m gpu
 
@@ -20,13 +20,11 @@ def pytest_configure(config):
     global _session
     if gpu_emulation.compiler() is None:
         raise RuntimeError("the emulated GPU needs a host C++ compiler (g++ or clang++)")
-    from nfed.gpu import ops as cuda_ops
     from nfed.common.resources import kernels_dir
 
     libraries = gpu_emulation.build_host_kernels(kernels_dir(), Path(tempfile.mkdtemp(prefix="nfed_emulated_gpu_")))
     _session = gpu_emulation.emulated_gpu(libraries)
     _session.__enter__()
-    cuda_ops.install()
 
 
 def pytest_unconfigure(config):

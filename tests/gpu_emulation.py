@@ -35,8 +35,6 @@ static inline void __syncthreads() {}
 template <typename T> static inline T __shfl_down_sync(unsigned, T, int) { return T(0); }
 static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-struct float4 { float x, y, z, w; };
-static inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 template <typename T> static inline T nfed_host_atomic_add(T* p, T v) { T old = *p; *p += v; return old; }
 #define atomicAdd nfed_host_atomic_add
 using std::sqrt; using std::exp; using std::log;
@@ -245,22 +243,23 @@ def emulated_kernel(libraries: dict[str, ctypes.CDLL], kernels: dict, name: str)
 
 @contextlib.contextmanager
 def emulated_gpu(libraries: dict[str, ctypes.CDLL]):
-    """Make nfed.common.backend report one (emulated) GPU and route kernels and GEMMs to the emulation."""
-    from nfed.common import backend
-    from nfed.gpu import ops as cuda_ops
-    from nfed.gpu import precision
+    """Make nfed.common.backend report one (emulated) GPU and route kernels and GEMMs to the emulation.
 
-    saved = (backend._cupy, backend.cupy_module, precision._cublas, cuda_ops._function)
-    cuda_ops._multiprocessors.cache_clear()
+    Test-only patching of the machine (CuPy, cuBLAS, the compiled-kernel cache); nfed's ops then reach the
+    GPU code exactly as on a real GPU: by their own call-time check of the array type."""
+    from nfed.common import backend
+    from nfed.gpu import gemm, kernels
+
+    saved = (backend._cupy, backend.cupy_module, gemm._cublas, kernels.compiled_kernel)
+    kernels.multiprocessors.cache_clear()
     cupy = fake_cupy()
     cublas = fake_cublas()
     backend._cupy = cupy
     backend.cupy_module = lambda: cupy
-    precision._cublas = lambda: cublas
-    cuda_ops._function = lambda name, device_index: emulated_kernel(libraries, cuda_ops.KERNELS, name)
+    gemm._cublas = lambda: cublas
+    kernels.compiled_kernel = lambda name, device_index: emulated_kernel(libraries, kernels.KERNELS, name)
     try:
         yield cupy
     finally:
-        backend._cupy, backend.cupy_module, precision._cublas, cuda_ops._function = saved
-        cuda_ops._multiprocessors.cache_clear()
-        cuda_ops.uninstall()
+        backend._cupy, backend.cupy_module, gemm._cublas, kernels.compiled_kernel = saved
+        kernels.multiprocessors.cache_clear()

@@ -11,7 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from nfed.gpu import precision
-from nfed.commands.bench_gpu import aggregate, bench_devices, kernels, wnet_layer_shapes
+from nfed.benchmarks.gpu import bench_devices
+from nfed.benchmarks.gpu_kernels import wnet_layer_shapes
+from nfed.commands.bench_gpu import aggregate, kernels
 from nfed.common.errors import ConfigError
 
 from conftest import REPO_ROOT

@@ -1,4 +1,5 @@
-"""GPU ops (nfed.gpu.ops, nfed.gpu.precision) against nfed's CPU functions, and a full W-Net-CD step GPU vs CPU.
+"""GPU ops (nfed.gpu.*) against nfed's CPU functions, the ops' dispatch of CuPy arrays to them, and a full
+W-Net-CD step GPU vs CPU.
 
 Every test here is marked `gpu` (skipped without CuPy and a CUDA device); collection never needs CuPy.
 Errors are compared as max |gpu - cpu| / max |cpu| (normalised) with the float32 bound of
@@ -6,12 +7,18 @@ nfed.gpu.precision.TOLERANCES; float64 cases use 1e-10.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 from nfed.common import backend
-from nfed.gpu import ops as cuda_ops
-from nfed.gpu import precision
+from nfed.gpu import batchnorm as gpu_batchnorm
+from nfed.gpu import conv as gpu_conv
+from nfed.gpu import fedavg as gpu_fedavg
+from nfed.gpu import gemm, kernels, precision
+from nfed.gpu import pooling as gpu_pooling
+from nfed.gpu import softmax as gpu_softmax
 
 pytestmark = pytest.mark.gpu
 
@@ -55,7 +62,7 @@ def test_gemm_matches_numpy_in_every_mode(rng, mode, trans_a, trans_b):
     a = randn(rng, 3, 37, 53) if not trans_a else randn(rng, 3, 53, 37)
     b = randn(rng, 53, 29) if not trans_b else randn(rng, 29, 53)
     expected = np.matmul(a.swapaxes(-1, -2) if trans_a else a, b.T if trans_b else b)
-    out = precision.gemm(gpu(a), gpu(b), trans_a=trans_a, trans_b=trans_b, mode=mode)
+    out = gemm.gemm(gpu(a), gpu(b), trans_a=trans_a, trans_b=trans_b, mode=mode)
     assert out.dtype == np.float32
     assert_close(out, expected, precision.TOLERANCES[mode])
 
@@ -64,18 +71,18 @@ def test_gemm_batched_both_sides_accumulates_with_beta_and_float64(rng):
     a, b = randn(rng, 4, 8, 16, dtype=np.float64), randn(rng, 4, 16, 5, dtype=np.float64)
     c = randn(rng, 4, 8, 5, dtype=np.float64)
     out = gpu(c)
-    precision.gemm(gpu(a), gpu(b), out=out, alpha=2.0, beta=1.0)
+    gemm.gemm(gpu(a), gpu(b), out=out, alpha=2.0, beta=1.0)
     assert_close(out, 2.0 * np.matmul(a, b) + c, 1e-12)
 
 
 def test_bf16_packing_rounds_to_nearest_even(rng):
     x = np.array([1.0, 1.00390625, 1.01171875, -2.5, 3.4e38, np.inf, 0.0], dtype=np.float32)
-    bits = cuda_ops.float_to_bf16(gpu(x))
-    back = host(precision.bf16_to_float(bits))
+    bits = gemm.float_to_bf16(gpu(x))
+    back = host(gemm.bf16_to_float(bits))
     # 1 + 2^-8 is a tie -> even (1.0); 1 + 3*2^-8 is a tie -> even (1 + 2^-6)
     assert back.tolist()[:4] == [1.0, 1.0, 1.015625, -2.5]
     assert np.isinf(back[5]) and back[6] == 0.0
-    nan = host(precision.bf16_to_float(cuda_ops.float_to_bf16(gpu(np.array([np.nan], np.float32)))))
+    nan = host(gemm.bf16_to_float(gemm.float_to_bf16(gpu(np.array([np.nan], np.float32)))))
     assert np.isnan(nan[0])
 
 
@@ -86,10 +93,10 @@ def test_im2col_matches_cpu_and_col2im_is_its_adjoint(rng, k, s, p):
     from nfed.core.functions.im2col import im2col as cpu_im2col
 
     x = randn(rng, 2, 3, 9, 11)
-    col = cuda_ops.im2col(gpu(x), k, s, p)
+    col = gpu_conv.im2col(gpu(x), k, s, p)
     assert_close(col, cpu_im2col(x, k, k, s, s, p, p), 0.0)
     c = randn(rng, *col.shape)
-    back = cuda_ops.col2im(gpu(c), x.shape, k, s, p)
+    back = gpu_conv.col2im(gpu(c), x.shape, k, s, p)
     # <im2col(x), c> == <x, col2im(c)>
     assert np.isclose(float(np.sum(host(col).astype(np.float64) * c)), float(np.sum(x.astype(np.float64) * host(back))),
                       rtol=1e-4)
@@ -124,14 +131,14 @@ def test_conv2d_forward_and_backward_match_cpu(rng, monkeypatch, case, dtype, al
     n, c, h, w, o, k, s, p = case
     x, wt, b = randn(rng, n, c, h, w, dtype=dtype), randn(rng, o, c, k, k, dtype=dtype), randn(rng, o, dtype=dtype)
     tol = FP32 if dtype == np.float32 else 1e-10
-    y = cuda_ops.conv2d_forward(gpu(x), gpu(wt), gpu(b), s, p)
+    y = gpu_conv.conv2d_forward(gpu(x), gpu(wt), gpu(b), s, p)
     assert_close(y, conv.conv2d_forward(x, wt, b, s, p), tol)
     gy = randn(rng, *y.shape, dtype=dtype)
-    assert_close(cuda_ops.conv2d_backward_input(gpu(gy), gpu(wt), x.shape, s, p),
+    assert_close(gpu_conv.conv2d_backward_input(gpu(gy), gpu(wt), x.shape, s, p),
                  conv.conv2d_backward_input(gy, wt, x.shape, s, p), tol)
-    assert_close(cuda_ops.conv2d_backward_weight(gpu(x), gpu(gy), wt.shape, s, p),
+    assert_close(gpu_conv.conv2d_backward_weight(gpu(x), gpu(gy), wt.shape, s, p),
                  conv.conv2d_backward_weight(x, gy, wt.shape, s, p), tol)
-    assert_close(cuda_ops.conv2d_backward_bias(gpu(gy)), conv.conv2d_backward_bias(gy), tol)
+    assert_close(gpu_conv.conv2d_backward_bias(gpu(gy)), conv.conv2d_backward_bias(gy), tol)
 
 
 @pytest.mark.parametrize("case", [(2, 8, 5, 6, 4, 2, 2, 0), (2, 3, 4, 4, 5, 3, 2, 1)])
@@ -140,12 +147,12 @@ def test_conv_transpose2d_matches_cpu(rng, case):
 
     n, c_in, h, w, c_out, k, s, p = case
     x, wt, b = randn(rng, n, c_in, h, w), randn(rng, c_in, c_out, k, k), randn(rng, c_out)
-    y = cuda_ops.conv_transpose2d_forward(gpu(x), gpu(wt), gpu(b), s, p)
+    y = gpu_conv.conv_transpose2d_forward(gpu(x), gpu(wt), gpu(b), s, p)
     assert_close(y, conv.conv_transpose2d_forward(x, wt, b, s, p))
     gy = randn(rng, *y.shape)
-    assert_close(cuda_ops.conv_transpose2d_backward_input(gpu(gy), gpu(wt), s, p),
+    assert_close(gpu_conv.conv_transpose2d_backward_input(gpu(gy), gpu(wt), s, p),
                  conv.conv_transpose2d_backward_input(gy, wt, s, p))
-    assert_close(cuda_ops.conv_transpose2d_backward_weight(gpu(x), gpu(gy), wt.shape, s, p),
+    assert_close(gpu_conv.conv_transpose2d_backward_weight(gpu(x), gpu(gy), wt.shape, s, p),
                  conv.conv_transpose2d_backward_weight(x, gy, wt.shape, s, p))
 
 
@@ -156,9 +163,9 @@ def test_reduced_precision_convolution_stays_within_its_tolerance(rng, mode):
     x, wt = randn(rng, 2, 16, 12, 12), randn(rng, 8, 16, 3, 3)
     gy = randn(rng, 2, 8, 12, 12)
     with precision.precision(mode):
-        y = cuda_ops.conv2d_forward(gpu(x), gpu(wt), None, 1, 1)
-        gx = cuda_ops.conv2d_backward_input(gpu(gy), gpu(wt), x.shape, 1, 1)
-        gw = cuda_ops.conv2d_backward_weight(gpu(x), gpu(gy), wt.shape, 1, 1)
+        y = gpu_conv.conv2d_forward(gpu(x), gpu(wt), None, 1, 1)
+        gx = gpu_conv.conv2d_backward_input(gpu(gy), gpu(wt), x.shape, 1, 1)
+        gw = gpu_conv.conv2d_backward_weight(gpu(x), gpu(gy), wt.shape, 1, 1)
     tol = precision.TOLERANCES[mode]
     assert_close(y, conv.conv2d_forward(x, wt, None, 1, 1), tol)
     assert_close(gx, conv.conv2d_backward_input(gy, wt, x.shape, 1, 1), tol)
@@ -175,12 +182,12 @@ def test_max_pool2d_matches_cpu_including_indices(rng, k, s, dtype):
 
     x = randn(rng, 2, 3, 9, 8, dtype=dtype)
     x[0, 0, :2, :2] = 1.5  # a tie: the first maximum wins on both sides
-    y, index = cuda_ops.max_pool2d_forward(gpu(x), k, s)
+    y, index = gpu_pooling.max_pool2d_forward(gpu(x), k, s)
     y_cpu, index_cpu = pooling.max_pool2d_forward(x, k, s)
     assert_close(y, y_cpu, 0.0)
     assert np.array_equal(host(index).astype(np.int64), index_cpu.astype(np.int64))
     gy = randn(rng, *y.shape, dtype=dtype)
-    assert_close(cuda_ops.max_pool2d_backward(gpu(gy), index, x.shape, k, s),
+    assert_close(gpu_pooling.max_pool2d_backward(gpu(gy), index, x.shape, k, s),
                  pooling.max_pool2d_backward(gy, index_cpu, x.shape, k, s), 1e-6)
 
 
@@ -192,12 +199,12 @@ def test_batch_norm_train_functions_match_cpu(rng, shape):
 
     x = randn(rng, *shape) * 3 + 50  # a large mean: the shifted one-pass variance must stay accurate
     gamma, beta = randn(rng, shape[1]), randn(rng, shape[1])
-    got = cuda_ops.batch_norm_train_forward(gpu(x), gpu(gamma), gpu(beta), 1e-5)
+    got = gpu_batchnorm.batch_norm_train_forward(gpu(x), gpu(gamma), gpu(beta), 1e-5)
     want = bn.batch_norm_train_forward(x, gamma, beta, 1e-5)
     for g, w in zip(got, want):
         assert_close(g, w.reshape(g.shape) if w.size == g.size else w, 1e-3)
     gy = randn(rng, *shape)
-    got_b = cuda_ops.batch_norm_train_backward(gpu(gy), got[1], gpu(gamma), got[4])
+    got_b = gpu_batchnorm.batch_norm_train_backward(gpu(gy), got[1], gpu(gamma), got[4])
     want_b = bn.batch_norm_train_backward(gy, want[1], gamma, want[4])
     for g, w in zip(got_b, want_b):
         assert_close(g, w, 1e-3)
@@ -209,17 +216,17 @@ def test_batch_norm_eval_and_fused_relu_match_cpu(rng):
     x = randn(rng, 3, 4, 6, 5)
     gamma, beta = randn(rng, 4), randn(rng, 4)
     rm, rv = randn(rng, 4), np.abs(randn(rng, 4)) + 0.5
-    y = cuda_ops.batch_norm_eval_forward(gpu(x), gpu(gamma), gpu(beta), gpu(rm), gpu(rv), 1e-5)
+    y = gpu_batchnorm.batch_norm_eval_forward(gpu(x), gpu(gamma), gpu(beta), gpu(rm), gpu(rv), 1e-5)
     assert_close(y, bn.batch_norm_eval_forward(x, gamma, beta, rm, rv, 1e-5))
     mean, invstd = rm, (1.0 / np.sqrt(rv + 1e-5)).astype(np.float32)
     gy = randn(rng, *x.shape)
-    for g, w in zip(cuda_ops.batch_norm_eval_backward(gpu(gy), gpu(x), gpu(gamma), gpu(mean), gpu(invstd)),
+    for g, w in zip(gpu_batchnorm.batch_norm_eval_backward(gpu(gy), gpu(x), gpu(gamma), gpu(mean), gpu(invstd)),
                     bn.batch_norm_eval_backward(gy, x, gamma, mean, invstd)):
         assert_close(g, w)
 
     # fused BN + ReLU (training) == CPU batch norm followed by relu, running statistics included
     rm_gpu, rv_gpu = gpu(rm), gpu(rv)
-    y_fused, fmean, finvstd = cuda_ops.batch_norm_forward(gpu(x), gpu(gamma), gpu(beta), rm_gpu, rv_gpu,
+    y_fused, fmean, finvstd = gpu_batchnorm.batch_norm_forward(gpu(x), gpu(gamma), gpu(beta), rm_gpu, rv_gpu,
                                                           True, 0.1, 1e-5, relu=True)
     y_cpu, xhat, _, var, invstd_cpu = bn.batch_norm_train_forward(x, gamma, beta, 1e-5)
     rm_cpu, rv_cpu = rm.copy(), rv.copy()
@@ -229,22 +236,22 @@ def test_batch_norm_eval_and_fused_relu_match_cpu(rng):
     assert_close(rv_gpu, rv_cpu, 1e-4)
     g_relu = gy * (y_cpu > 0)
     want = bn.batch_norm_train_backward(g_relu, xhat, gamma, invstd_cpu)
-    got = cuda_ops.batch_norm_backward(gpu(gy), gpu(x), gpu(gamma), gpu(beta), fmean, finvstd, True, relu=True)
+    got = gpu_batchnorm.batch_norm_backward(gpu(gy), gpu(x), gpu(gamma), gpu(beta), fmean, finvstd, True, relu=True)
     for g, w in zip(got, want):
         assert_close(g, w, 1e-3)
 
 
-# --- softmax, cross-entropy, relu -------------------------------------------------------------------------
+# --- softmax, cross-entropy -------------------------------------------------------------------------------
 
 def test_softmax_and_log_softmax_forward_backward(rng):
     x = randn(rng, 2, 5, 4, 3) * 4
     e = np.exp(x - x.max(axis=1, keepdims=True))
     p = e / e.sum(axis=1, keepdims=True)
-    assert_close(cuda_ops.softmax(gpu(x)), p)
-    assert_close(cuda_ops.log_softmax(gpu(x)), np.log(p))
+    assert_close(gpu_softmax.softmax(gpu(x)), p)
+    assert_close(gpu_softmax.log_softmax(gpu(x)), np.log(p))
     gy = randn(rng, *x.shape)
-    assert_close(cuda_ops.softmax_backward(gpu(gy), gpu(p)), p * (gy - (gy * p).sum(axis=1, keepdims=True)))
-    assert_close(cuda_ops.softmax_backward(gpu(gy), gpu(np.log(p)), log=True), gy - p * gy.sum(axis=1, keepdims=True))
+    assert_close(gpu_softmax.softmax_backward(gpu(gy), gpu(p)), p * (gy - (gy * p).sum(axis=1, keepdims=True)))
+    assert_close(gpu_softmax.softmax_backward(gpu(gy), gpu(np.log(p)), log=True), gy - p * gy.sum(axis=1, keepdims=True))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -261,26 +268,18 @@ def test_cross_entropy_matches_cpu(rng, reduction, weighted):
     loss = F.cross_entropy(t, target, weight=weight, reduction=reduction)
     upstream = randn(rng, *loss.shape) if reduction == "none" else np.float32(1.7)
     loss.backward(upstream)
-    value, denominator = cuda_ops.cross_entropy_forward(gpu(logits), gpu(target), None if weight is None else gpu(weight),
+    value, denominator = gpu_softmax.cross_entropy_forward(gpu(logits), gpu(target), None if weight is None else gpu(weight),
                                                         -100, reduction)
     assert_close(value, loss.data)
-    grad = cuda_ops.cross_entropy_backward(gpu(np.asarray(upstream)), gpu(logits), gpu(target),
+    grad = gpu_softmax.cross_entropy_backward(gpu(np.asarray(upstream)), gpu(logits), gpu(target),
                                            None if weight is None else gpu(weight), -100, reduction, denominator)
     assert_close(grad, t.grad)
 
 
 def test_cross_entropy_invalid_target_gives_nan_not_garbage(rng):
     logits = randn(rng, 1, 2, 2, 2)
-    value, _ = cuda_ops.cross_entropy_forward(gpu(logits), gpu(np.array([[[0, 1], [5, 1]]])))
+    value, _ = gpu_softmax.cross_entropy_forward(gpu(logits), gpu(np.array([[[0, 1], [5, 1]]])))
     assert np.isnan(float(host(value)))
-
-
-def test_relu_forward_backward(rng):
-    x = randn(rng, 1000)
-    y = cuda_ops.relu_forward(gpu(x))
-    assert_close(y, np.maximum(x, 0), 0.0)
-    gy = randn(rng, 1000)
-    assert_close(cuda_ops.relu_backward(gpu(gy), y), gy * (x > 0), 0.0)
 
 
 # --- optimisers and FedAvg --------------------------------------------------------------------------------
@@ -307,8 +306,7 @@ def test_fused_optimiser_updates_match_cpu_optimisers(rng, kind):
     cpu_params = [Parameter(a.copy()) for a in init]
     gpu_params = [Parameter(gpu(a)) for a in init]
     cpu_opt, gpu_opt = make(cpu_params), make(gpu_params)
-    cuda_ops.install()
-    try:
+    with launched() as names:
         for step_grads in grads:
             for p, g in zip(cpu_params, step_grads):
                 p.grad = g.copy()
@@ -316,45 +314,88 @@ def test_fused_optimiser_updates_match_cpu_optimisers(rng, kind):
                 p.grad = gpu(g)
             cpu_opt.step()
             gpu_opt.step()
-    finally:
-        cuda_ops.uninstall()
+    assert set(names) == {f"{'sgd' if kind.startswith('sgd') else 'adam'}_update_f32"}  # the fused kernel alone
     for pc, pg in zip(cpu_params, gpu_params):
         assert_close(pg.data, pc.data, 1e-5)
     for key, value in cpu_opt.state_dict().items():
         assert_close(gpu_opt.state_dict()[key], value, 1e-5)
 
 
-def test_weighted_sum_and_accumulate(rng):
+def test_weighted_accumulate_and_the_aggregator_on_device(rng):
+    from nfed.federation.aggregator import FedAvgAggregator
+
     arrays = [randn(rng, 1001) for _ in range(5)]
     weights = rng.random(5)
     expected = sum(w * a.astype(np.float64) for w, a in zip(weights, arrays))
-    assert_close(cuda_ops.weighted_sum([gpu(a) for a in arrays], weights), expected, 1e-6)
-    odd = [gpu(np.concatenate([np.zeros(1, np.float32), a]))[1:] for a in arrays]  # misaligned: scalar kernel
-    assert_close(cuda_ops.weighted_sum(odd, weights), expected, 1e-6)
     acc = cp().zeros(1001, dtype=np.float64)
     for w, a in zip(weights, arrays):
-        cuda_ops.weighted_accumulate(acc, gpu(a), float(w))
+        gpu_fedavg.weighted_accumulate(acc, gpu(a), float(w))
     assert_close(acc, expected, 1e-12)
 
+    counts = [3, 1, 4, 1, 5]
+    results = []
+    for to in (np.asarray, gpu):
+        aggregator = FedAvgAggregator({"w": to(arrays[0]), "b": to(arrays[1][:7].astype(np.float64))})
+        with launched() as names:
+            for a, c in zip(arrays, counts):
+                aggregator.add({"w": to(a), "b": to(a[:7].astype(np.float64))}, c)
+        results.append((aggregator.finish(), names))
+    (cpu_avg, cpu_names), (gpu_avg, gpu_names) = results
+    assert not cpu_names and set(gpu_names) == {"weighted_accumulate_f32_to_f64", "weighted_accumulate_f64"}
+    for name in ("w", "b"):
+        assert backend.is_gpu_array(gpu_avg[name]) and gpu_avg[name].dtype == cpu_avg[name].dtype
+        assert_close(gpu_avg[name], cpu_avg[name], 1e-7)
 
-# --- the dispatch hook and a full W-Net-CD training step -----------------------------------------------------
 
-def test_install_routes_functional_ops_and_leaves_numpy_alone(rng):
+# --- the ops' dispatch and a full W-Net-CD training step -------------------------------------------------------
+
+@contextlib.contextmanager
+def launched():
+    """kernel name -> argument tuples of the launches inside the block (nfed.gpu.kernels.launch, observed)."""
+    names = {}
+    real = kernels.launch
+
+    def recording(name, grid, args, *rest, **kwargs):
+        names.setdefault(name, []).append(args)
+        return real(name, grid, args, *rest, **kwargs)
+
+    kernels.launch = recording
+    try:
+        yield names
+    finally:
+        kernels.launch = real
+
+
+def test_ops_send_cupy_arrays_to_the_gpu_kernels_and_leave_numpy_alone(rng):
     from nfed.core import functions as F
     from nfed.core.autograd import Tensor
 
     x, w, b = randn(rng, 2, 3, 8, 8), randn(rng, 4, 3, 3, 3), randn(rng, 4)
-    cpu_out = F.conv2d(Tensor(x), Tensor(w), Tensor(b), padding=1)
-    cuda_ops.install()
-    try:
-        assert cuda_ops.installed()
-        again = F.conv2d(Tensor(x), Tensor(w), Tensor(b), padding=1)
-        gpu_out = F.conv2d(Tensor(gpu(x)), Tensor(gpu(w)), Tensor(gpu(b)), padding=1)
-    finally:
-        cuda_ops.uninstall()
-    assert isinstance(again.data, np.ndarray)
-    np.testing.assert_array_equal(again.data, cpu_out.data)
-    assert_close(gpu_out.data, cpu_out.data)
+    target = rng.integers(0, 4, size=(2, 4, 4))
+    cpu_x = Tensor(x, requires_grad=True)
+    with launched() as names:
+        cpu_loss = F.cross_entropy(F.max_pool2d(F.conv2d(cpu_x, Tensor(w), Tensor(b), padding=1)), target)
+        cpu_loss.backward()
+    assert not names and isinstance(cpu_loss.data, np.ndarray)
+    gpu_x = Tensor(gpu(x), requires_grad=True)
+    with launched() as names:
+        gpu_loss = F.cross_entropy(F.max_pool2d(F.conv2d(gpu_x, Tensor(gpu(w)), Tensor(gpu(b)), padding=1)),
+                                   gpu(target))
+        gpu_loss.backward()
+    assert {"conv2d_direct_NCHW_f32", "max_pool2d_forward_NCHW_f32_u8",
+            "softmax_cross_entropy_forward_NKHW_f32", "softmax_cross_entropy_backward_NKHW_f32"} <= set(names)
+    assert_close(gpu_loss.data, cpu_loss.data)
+    assert_close(gpu_x.grad, cpu_x.grad)
+
+
+def test_unsupported_arguments_fall_back_to_the_array_agnostic_code(rng):
+    from nfed.core.functions import conv
+
+    x, w = randn(rng, 1, 2, 7, 9), randn(rng, 3, 2, 3, 3)
+    with launched() as names:  # unequal strides: no GPU kernel takes them, CuPy's own operations do
+        y = conv.conv2d_forward(gpu(x), gpu(w), None, (1, 2), 1)
+    assert not names and backend.is_gpu_array(y)
+    assert_close(y, conv.conv2d_forward(x, w, None, (1, 2), 1))
 
 
 def test_full_wnet_training_step_gpu_matches_cpu():
@@ -375,8 +416,7 @@ def test_full_wnet_training_step_gpu_matches_cpu():
     cpu_model = wnet.WNetCD(width=4, lambda_rec=0.1, rng=np.random.default_rng(7))
     gpu_model = wnet.WNetCD(width=4, lambda_rec=0.1, rng=np.random.default_rng(7)).to("cuda")
     results = []
-    cuda_ops.install()
-    try:
+    with launched() as names:
         for model, xp_ in ((cpu_model, np), (gpu_model, cp())):
             opt = optim.SGD(list(model.named_parameters()), lr=0.05, momentum=0.9)
             total, ce, rec = model.loss(*(xp_.asarray(a) for a in (past, current, mask)))
@@ -385,8 +425,11 @@ def test_full_wnet_training_step_gpu_matches_cpu():
             opt.step()
             results.append(([float(host(t.data)) for t in (total, ce, rec)], grads,
                             {name: host(v) for name, v in model.state_dict().items()}))
-    finally:
-        cuda_ops.uninstall()
+    # the GPU counterparts of the CPU's fused ops ran: batch norm + ReLU, softmax cross-entropy, the SGD update
+    assert {"bn_forward_apply_NCHW_f32", "bn_backward_apply_NCHW_f32", "softmax_cross_entropy_forward_NKHW_f32",
+            "sgd_update_f32"} <= set(names)
+    relu_flags = {args[10] for args in names["bn_forward_apply_NCHW_f32"]}  # the fused BN + ReLU of conv_bn_relu
+    assert relu_flags == {1}, relu_flags  # every batch norm of the W-Net feeds a ReLU
     (cpu_losses, cpu_grads, cpu_state), (gpu_losses, gpu_grads, gpu_state) = results
     np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-4)
     largest = max(float(np.max(np.abs(g))) for g in cpu_grads.values())
@@ -402,7 +445,7 @@ def test_full_wnet_training_step_gpu_matches_cpu():
 
 @pytest.mark.parametrize("mode", precision.MODES)
 def test_kernels_bench_runs_on_the_gpu(mode):
-    from nfed.commands.bench_gpu import run_kernels_bench
+    from nfed.benchmarks.gpu_kernels import run_kernels_bench
 
     result = run_kernels_bench(backend.Device("cuda", 0), mode, 1, 16, 1, 1, 0, reference=False)
     assert result["precision"] == mode and sum(r["layers"] for r in result["layers"]) == 46
@@ -412,7 +455,7 @@ def test_kernels_bench_runs_on_the_gpu(mode):
 
 
 def test_aggregate_bench_runs_on_the_gpu():
-    from nfed.commands.bench_gpu import run_aggregate_bench
+    from nfed.benchmarks.gpu_aggregate import run_aggregate_bench
 
     result = run_aggregate_bench(backend.Device("cuda", 0), 3, 1003, 1, 0, reference=False)
     assert result["check_max_error"] < 1e-4

@@ -1,7 +1,7 @@
 """Every CUDA source in kernels/ compiles with nvcc (sm_80; sm_90 in the slow suite), no GPU needed.
 
-Also checks, from the compiled PTX, that every kernel nfed.gpu.ops launches exists and takes exactly the
-argument types cuda_ops converts to (pointer/int64 -> .u64, int32 -> .u32, float -> .f32, double -> .f64),
+Also checks, from the compiled PTX, that every kernel nfed.gpu launches (nfed.gpu.kernels.KERNELS) exists and takes exactly the
+argument types nfed.gpu.kernels.launch converts to (pointer/int64 -> .u64, int32 -> .u32, float -> .f32, double -> .f64),
 so a signature drift between a .cu file and its Python caller fails here instead of corrupting a launch
 on a GPU. Skipped only where nvcc is absent. Output goes to a temporary folder (nothing cached in the repo).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nfed.gpu import ops as cuda_ops
+from nfed.gpu import kernels as gpu_kernels
 from nfed.common.resources import kernels_dir
 
 PTX_TYPE_OF_KIND = {"p": "u64", "l": "u64", "i": "u32", "f": "f32", "d": "f64"}
@@ -56,7 +56,7 @@ def sm80(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
 
 def test_kernel_sources_exist():
     names = {p.name for p in _sources()}
-    assert {source for source, _ in cuda_ops.KERNELS.values()} <= names
+    assert {source for source, _ in gpu_kernels.KERNELS.values()} <= names
 
 
 def _failures(runs) -> dict[str, str]:
@@ -80,12 +80,12 @@ def test_launched_kernels_match_their_ptx_signatures(sm80):
         for kernel, params in ENTRY.findall(run.ptx_path.read_text()):
             entries[kernel] = PARAM.findall(params)
     problems = []
-    for kernel, (source, kinds) in cuda_ops.KERNELS.items():
+    for kernel, (source, kinds) in gpu_kernels.KERNELS.items():
         if kernel not in entries:
             problems.append(f"{kernel}: no such entry in {source}")
             continue
         expected = [PTX_TYPE_OF_KIND[k] for k in kinds]
         actual = [t.replace("s", "u", 1) if t in ("s32", "s64") else t for t in entries[kernel]]
         if expected != actual:
-            problems.append(f"{kernel}: cuda_ops passes {expected}, PTX takes {actual}")
+            problems.append(f"{kernel}: nfed passes {expected}, PTX takes {actual}")
     assert not problems, problems

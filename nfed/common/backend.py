@@ -1,12 +1,16 @@
-"""The one module that knows about CuPy: device choice, array module, transfers, kernel loading.
+"""The one module of nfed.common that knows about CuPy: device choice, array module, transfers, kernel loading.
 
 Everything else in nfed is array-agnostic: it asks `array_module(x)` (numpy or cupy) and calls the
-same functions on either. CUDA kernels from kernels/*.cu are compiled once per process and device.
+same functions on either; the ops of nfed.core ask `is_gpu_array(x)` at call time and then hand the
+arrays to their nfed.gpu implementation. CuPy is imported on first need (a device asked for, an array
+moved to a GPU), never by importing nfed, so a CPU run never loads it nor touches CUDA. CUDA kernels from
+kernels/*.cu are compiled once per process and device.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from types import ModuleType
@@ -17,18 +21,41 @@ from nfed.common.errors import DeviceError
 
 ENV_DEVICE = "NFED_DEVICE"
 
-try:  # CuPy is optional (extra `gpu`); import failures of any kind mean "no GPU support".
-    import cupy as _cupy  # type: ignore
-except Exception:  # pragma: no cover - depends on the machine
-    _cupy = None
+_NOT_LOADED = object()
+_cupy = _NOT_LOADED  # the cupy module once imported, None when it cannot be
+
+
+class Unsupported(Exception):
+    """A GPU implementation cannot handle these arguments: the op then runs its array-agnostic code."""
+
+
+def _load_cupy():
+    """The cupy module, imported on the first call (None when CuPy is absent or broken: no GPU support)."""
+    global _cupy
+    if _cupy is _NOT_LOADED:
+        try:  # CuPy is optional (extra `gpu`); import failures of any kind mean "no GPU support".
+            import cupy  # type: ignore  # noqa: PLC0415
+        except Exception:  # pragma: no cover - depends on the machine
+            cupy = None
+        _cupy = cupy
+    return _cupy
+
+
+def _cupy_if_loaded():
+    """The cupy module if anything imported it yet, else None: no CuPy array can exist before that, so the
+    array-type checks below never import it."""
+    if _cupy is _NOT_LOADED:
+        return _load_cupy() if "cupy" in sys.modules else None
+    return _cupy
 
 
 def cupy_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
-    if _cupy is None:
+    """True when CuPy imports and sees at least one CUDA device (imports CuPy and initialises CUDA)."""
+    cupy = _load_cupy()
+    if cupy is None:
         return False
     try:
-        return _cupy.cuda.runtime.getDeviceCount() > 0
+        return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
 
@@ -51,7 +78,7 @@ class Device:
     @property
     def xp(self) -> ModuleType:
         """The array module (numpy or cupy) that allocates on this device."""
-        return _cupy if self.is_gpu else np
+        return _load_cupy() if self.is_gpu else np
 
     def __str__(self) -> str:
         return f"cuda:{self.index}" if self.is_gpu else "cpu"
@@ -59,18 +86,19 @@ class Device:
     def use(self) -> None:
         """Make this the current CUDA device of the calling thread (no-op on CPU)."""
         if self.is_gpu:
-            _cupy.cuda.Device(self.index).use()
+            _load_cupy().cuda.Device(self.index).use()
 
     def __enter__(self):
         """`with device:` makes it current for the block, then restores the previous device."""
         if self.is_gpu:
-            _previous_devices().append(_cupy.cuda.runtime.getDevice())
-            _cupy.cuda.runtime.setDevice(self.index)
+            runtime = _load_cupy().cuda.runtime
+            _previous_devices().append(runtime.getDevice())
+            runtime.setDevice(self.index)
         return self
 
     def __exit__(self, *exc):
         if self.is_gpu:
-            _cupy.cuda.runtime.setDevice(_previous_devices().pop())
+            _load_cupy().cuda.runtime.setDevice(_previous_devices().pop())
         return False
 
 
@@ -101,7 +129,7 @@ def parse_device(spec: str | Device | None) -> Device:
         if not index_text.isdigit():
             raise DeviceError(f"bad device '{spec}': use cpu, cuda or cuda:N")
         index = int(index_text)
-        if _cupy is None:
+        if _load_cupy() is None:
             raise DeviceError(f"device '{spec}' needs CuPy, which is not installed "
                               "(pip install 'nfed[gpu]' or cupy-cuda13x), or use --device cpu")
         count = gpu_count()
@@ -115,15 +143,18 @@ def parse_device(spec: str | Device | None) -> Device:
 
 def array_module(*arrays) -> ModuleType:
     """numpy or cupy, whichever owns the given arrays (numpy when none is a CuPy array)."""
-    if _cupy is not None:
+    cupy = _cupy_if_loaded()
+    if cupy is not None:
         for a in arrays:
-            if isinstance(a, _cupy.ndarray):
-                return _cupy
+            if isinstance(a, cupy.ndarray):
+                return cupy
     return np
 
 
 def is_gpu_array(a) -> bool:
-    return _cupy is not None and isinstance(a, _cupy.ndarray)
+    """True for a CuPy array (never imports CuPy: without it loaded there is none)."""
+    cupy = _cupy_if_loaded()
+    return cupy is not None and isinstance(a, cupy.ndarray)
 
 
 def device_of(a) -> Device:
@@ -135,7 +166,7 @@ def device_of(a) -> Device:
 def to_numpy(a) -> np.ndarray:
     """Copy to host memory (no copy when already NumPy)."""
     if is_gpu_array(a):
-        return _cupy.asnumpy(a)
+        return _load_cupy().asnumpy(a)
     return np.asarray(a)
 
 
@@ -146,30 +177,33 @@ def to_device(a, device: Device | str | None):
         return to_numpy(a)
     if is_gpu_array(a) and a.device.id == device.index:
         return a
-    with _cupy.cuda.Device(device.index):
-        return _cupy.asarray(a)
+    cupy = _load_cupy()
+    with cupy.cuda.Device(device.index):
+        return cupy.asarray(a)
 
 
 def synchronize(device: Device | None = None) -> None:
     """Wait for queued GPU work (no-op on CPU); needed before timing GPU code."""
     if device is not None and device.is_gpu:
-        with _cupy.cuda.Device(device.index):
-            _cupy.cuda.Device().synchronize()
+        cupy = _load_cupy()
+        with cupy.cuda.Device(device.index):
+            cupy.cuda.Device().synchronize()
 
 
 def cupy_module() -> ModuleType:
     """The cupy module itself, for GPU-only code paths (raises a clear error without CuPy)."""
-    if _cupy is None:
+    if _load_cupy() is None:
         raise DeviceError("CuPy is not installed: GPU code paths are unavailable")
-    return _cupy
+    return _load_cupy()
 
 
 @functools.lru_cache(maxsize=None)
 def _raw_module(source_name: str, device_index: int, options: tuple[str, ...]):
     from nfed.common.resources import kernel_source
 
-    with _cupy.cuda.Device(device_index):
-        module = _cupy.RawModule(code=kernel_source(source_name), options=options)
+    cupy = _load_cupy()
+    with cupy.cuda.Device(device_index):
+        module = cupy.RawModule(code=kernel_source(source_name), options=options)
         module.compile()
     return module
 
@@ -178,5 +212,5 @@ def load_kernel(source_name: str, function_name: str, device: Device | None = No
                 options: tuple[str, ...] = ("-std=c++17",)):
     """A compiled kernel from kernels/<source_name>; compiled once per process and device (memoised)."""
     cupy_module()
-    index = device.index if device is not None and device.is_gpu else _cupy.cuda.Device().id
+    index = device.index if device is not None and device.is_gpu else _load_cupy().cuda.Device().id
     return _raw_module(source_name, index, tuple(options)).get_function(function_name)

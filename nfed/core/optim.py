@@ -2,9 +2,12 @@
 
 State is keyed by parameter NAME ("exp_avg.enc.e1.conv1.weight"), so it can be checkpointed, restored into
 a freshly built model and averaged across federated clients. Updates run in place on the parameters' raw
-arrays, on whichever device they live.
+arrays, on whichever device they live: CuPy parameters take one fused kernel per parameter (nfed.gpu.optim,
+given the parameter, gradient, state buffers and hyper-parameters), NumPy ones the element-wise code here.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -134,6 +137,14 @@ class Adam(Optimizer):
         self.weight_decay = float(weight_decay)
 
     def _update(self, name, p, grad):
+        m = self._buffer("exp_avg", name, p)
+        v = self._buffer("exp_avg_sq", name, p)
+        if backend.is_gpu_array(p.data):
+            from nfed.gpu import optim as gpu_optim  # noqa: PLC0415 - GPU only: importing nfed never loads CuPy
+
+            with contextlib.suppress(backend.Unsupported):
+                return gpu_optim.adam_update(p.data, grad, m, v, self.step_count, self.lr, self.betas, self.eps,
+                                             self.weight_decay, self.decoupled)
         xp = backend.array_module(p.data)
         beta1, beta2 = self.betas
         data = p.data
@@ -142,8 +153,6 @@ class Adam(Optimizer):
                 data *= 1 - self.lr * self.weight_decay
             else:
                 grad = grad + self.weight_decay * data
-        m = self._buffer("exp_avg", name, p)
-        v = self._buffer("exp_avg_sq", name, p)
         m *= beta1
         m += (1 - beta1) * grad
         v *= beta2
@@ -181,11 +190,17 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
 
     def _update(self, name, p, grad):
+        buffer = self._buffer("momentum_buffer", name, p) if self.momentum else None
+        if backend.is_gpu_array(p.data):
+            from nfed.gpu import optim as gpu_optim  # noqa: PLC0415 - GPU only: importing nfed never loads CuPy
+
+            with contextlib.suppress(backend.Unsupported):
+                return gpu_optim.sgd_update(p.data, grad, buffer, self.lr, self.momentum, self.weight_decay,
+                                            self.nesterov)
         if self.weight_decay:
             grad = grad + self.weight_decay * p.data
         if self.momentum:
-            buf = self._buffer("momentum_buffer", name, p)
-            buf *= self.momentum  # zeros at the first step, so buf becomes grad there, as in PyTorch
-            buf += grad
-            grad = grad + self.momentum * buf if self.nesterov else buf
+            buffer *= self.momentum  # zeros at the first step, so buf becomes grad there, as in PyTorch
+            buffer += grad
+            grad = grad + self.momentum * buffer if self.nesterov else buffer
         p.data -= self.lr * grad

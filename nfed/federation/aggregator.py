@@ -10,7 +10,8 @@ so the in-process federation and the Flower server use the same code:
     new_global = server_optimizer.step(global_weights, averaged)
 
 The average is accumulated in a streaming way (one running sum, the memory of one model in float64), whatever
-the number of clients; the robust aggregators of nfed.federation.robust, which need every update at once, share its
+the number of clients (on a GPU, when the weights are CuPy arrays, by nfed.gpu.fedavg's one-pass kernel);
+the robust aggregators of nfed.federation.robust, which need every update at once, share its
 interface and its validation. BatchNorm running statistics are averaged like every parameter; server optimisers move
 only the trainable parameters and take the plain average for such statistics (a momentum or Adam step on a
 running variance could make it negative).
@@ -24,6 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
+from nfed.common import backend
 from nfed.common.backend import array_module
 from nfed.common.errors import ConfigError, CheckpointError
 from nfed.common.validate import check_fields, check_number
@@ -120,15 +122,10 @@ class FedAvgAggregator:
         if not accept_update(self, weights, num_samples, client):
             return False
         if self._sum is None:
-            self._sum = {}
-            for name, value in weights.items():
-                xp = array_module(value)
-                self._sum[name] = value.astype(xp.float64) * float(num_samples)
-        else:
-            for name, value in weights.items():
-                xp = array_module(value)
-                # In place, so the running sum is never copied.
-                self._sum[name] += value.astype(xp.float64) * float(num_samples)
+            self._sum = {name: array_module(value).zeros(value.shape, dtype=np.float64)
+                         for name, value in weights.items()}
+        for name, value in weights.items():
+            _accumulate(self._sum[name], value, float(num_samples))
         self.total_samples += int(num_samples)
         self.accepted.append(client)
         return True
@@ -147,6 +144,19 @@ class FedAvgAggregator:
             log.warning("%s", self.problem)
             return None
         return averaged
+
+
+def _accumulate(total, value, weight: float) -> None:
+    """total += weight * value in place (float64 total): one kernel pass on a GPU, no float64 copy of value."""
+    if backend.is_gpu_array(total) and backend.is_gpu_array(value):
+        from nfed.gpu import fedavg as gpu_fedavg  # noqa: PLC0415 - GPU only: importing nfed never loads CuPy
+
+        try:
+            gpu_fedavg.weighted_accumulate(total, value, weight)
+            return
+        except backend.Unsupported:  # dtypes the kernel does not take
+            pass
+    total += value.astype(array_module(value).float64) * weight
 
 
 def fedavg(updates, reference: Mapping[str, object] | None = None) -> dict[str, object] | None:

@@ -3,8 +3,8 @@
 One family per module: arithmetic, reduction, shape, activation, conv, pooling, normalization, loss, and
 fused (conv -> batch norm -> ReLU in one op on the CPU).
 Each op is a Function class with forward/backward on raw arrays plus a lowercase wrapper; the heavy ops
-keep their raw-array compute in module-level functions (e.g. `conv.conv2d_forward`) so a device backend
-can replace them one by one.
+keep their raw-array compute in module-level functions (e.g. `conv.conv2d_forward`), each of which hands
+CuPy arrays to its CUDA implementation in nfed.gpu at call time (nfed.core.dispatch).
 """
 from nfed.core.functions.activation import log_softmax, relu, sigmoid, softmax
 from nfed.core.functions.arithmetic import add, div, exp, log, mul, neg, pow, sub
@@ -23,10 +23,3 @@ __all__ = [
     "conv2d", "conv_transpose2d", "max_pool2d", "batch_norm", "conv_bn_relu",
     "cross_entropy", "mse_loss", "bce_with_logits", "soft_dice_loss",
 ]
-
-from nfed.common import backend as _backend
-
-if _backend.cupy_available():  # CuPy arrays then run nfed's CUDA kernels; NumPy calls stay untouched.
-    from nfed.gpu import ops as _cuda_ops
-
-    _cuda_ops.install()

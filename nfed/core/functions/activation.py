@@ -1,8 +1,16 @@
-"""Activations: relu, sigmoid, softmax, log_softmax (numerically stable)."""
+"""Activations: relu, sigmoid, softmax, log_softmax (numerically stable); softmax and log_softmax along
+axis 1 of CuPy arrays run nfed.gpu.softmax's one-pass kernels (nfed.core.dispatch)."""
 from __future__ import annotations
 
 from nfed.common import backend
 from nfed.core.autograd import Function
+from nfed.core.dispatch import gpu_implementation
+
+
+def _gpu_softmax():
+    from nfed.gpu import softmax  # noqa: PLC0415 - at the first CuPy call: importing nfed loads no CuPy
+
+    return softmax
 
 
 class ReLU(Function):
@@ -42,10 +50,7 @@ class Softmax(Function):
         return out
 
     def backward(self, g):
-        y = self.out
-        gy = g * y
-        gy -= y * gy.sum(axis=self.axis, keepdims=True)
-        return gy
+        return softmax_backward_array(g, self.out, self.axis)
 
 
 class LogSoftmax(Function):
@@ -59,10 +64,10 @@ class LogSoftmax(Function):
         return out
 
     def backward(self, g):
-        xp = backend.array_module(g)
-        return g - xp.exp(self.out) * g.sum(axis=self.axis, keepdims=True)
+        return log_softmax_backward_array(g, self.out, self.axis)
 
 
+@gpu_implementation(lambda: _gpu_softmax().log_softmax)
 def log_softmax_array(x, axis: int):
     """log(softmax(x)) on a raw array, shifted by the max so exp never overflows."""
     xp = backend.array_module(x)
@@ -71,12 +76,28 @@ def log_softmax_array(x, axis: int):
     return shifted
 
 
+@gpu_implementation(lambda: _gpu_softmax().softmax)
 def softmax_array(x, axis: int):
     """softmax(x) on a raw array, shifted by the max so exp never overflows."""
     xp = backend.array_module(x)
     out = xp.exp(x - x.max(axis=axis, keepdims=True))
     out /= out.sum(axis=axis, keepdims=True)
     return out
+
+
+@gpu_implementation(lambda: _gpu_softmax().softmax_backward)
+def softmax_backward_array(g, y, axis: int):
+    """Gradient of softmax from its output y: y * (g - sum(g * y))."""
+    gy = g * y
+    gy -= y * gy.sum(axis=axis, keepdims=True)
+    return gy
+
+
+@gpu_implementation(lambda: _gpu_softmax().log_softmax_backward)
+def log_softmax_backward_array(g, y, axis: int):
+    """Gradient of log_softmax from its output y: g - exp(y) * sum(g)."""
+    xp = backend.array_module(g)
+    return g - xp.exp(y) * g.sum(axis=axis, keepdims=True)
 
 
 def relu(x):

@@ -1,8 +1,9 @@
 """2-D convolution and transposed convolution (PyTorch layouts and semantics).
 
 The heavy lifting is in module-level functions on raw arrays (`conv2d_forward`, `conv2d_backward_input`,
-`conv2d_backward_weight`, `conv2d_backward_bias`, `conv_transpose2d_*`), so a device backend can swap in
-its own kernels function by function; the Function classes only decide what to save and call these.
+`conv2d_backward_weight`, `conv2d_backward_bias`, `conv_transpose2d_*`); the Function classes only decide
+what to save and call these. Each of them hands CuPy arrays to its CUDA implementation in nfed.gpu.conv
+(`@gpu_implementation`, nfed.core.dispatch), which falls back to the code here for arguments it does not take.
 Transposed convolution is the adjoint of convolution: its forward is conv2d's input gradient and its
 input gradient is conv2d's forward. Channels-last NumPy arrays (layout.py) take the kernels of conv_cpu.py for
 stride 1, non-overlapping patches and 1x1 kernels (1x1 in any layout); the array-agnostic code below serves NCHW
@@ -14,6 +15,7 @@ import numpy as np
 
 from nfed.common import backend
 from nfed.core.autograd import Function
+from nfed.core.dispatch import gpu_implementation
 from nfed.core.functions import conv_cpu
 from nfed.core.functions.im2col import col2im, conv_output_size, flat_cols, im2col, padded_rows
 from nfed.core.functions.layout import ChannelView, channels_innermost
@@ -75,6 +77,13 @@ def _channels_last_data(a) -> bool:
     return channels_innermost(a)
 
 
+def _gpu_conv():
+    from nfed.gpu import conv  # noqa: PLC0415 - at the first CuPy call: importing nfed loads no CuPy
+
+    return conv
+
+
+@gpu_implementation(lambda: _gpu_conv().conv2d_forward)
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
     """y[n, o] = sum_c x[n, c] (cross-correlated with) w[o, c] + b[o]; x [N, C, H, W], w [O, C, kh, kw]."""
     xp = backend.array_module(x, w)
@@ -130,6 +139,7 @@ def _conv2d_forward_flat(x, w2, b, kh, kw, ph, pw, ho, wo):
     return out
 
 
+@gpu_implementation(lambda: _gpu_conv().conv2d_backward_input)
 def conv2d_backward_input(gout, w, x_shape, stride=1, padding=0):
     """d(loss)/dx of conv2d, given d(loss)/dy `gout` [N, O, Ho, Wo]: a transposed convolution."""
     return _scatter_patches(gout, w, x_shape, stride, padding, None)
@@ -172,6 +182,7 @@ def _scatter_patches(gout, w, x_shape, stride, padding, b):
     return dx
 
 
+@gpu_implementation(lambda: _gpu_conv().conv2d_backward_weight)
 def conv2d_backward_weight(x, gout, w_shape, stride=1, padding=0):
     """d(loss)/dw of conv2d [O, C, kh, kw]: patches of x against the output gradient."""
     xp = backend.array_module(x, gout)
@@ -214,6 +225,7 @@ def _total(xp, parts, shape, dtype):
     return total
 
 
+@gpu_implementation(lambda: _gpu_conv().conv2d_backward_bias)
 def conv2d_backward_bias(gout):
     """d(loss)/db: the output gradient summed over batch and pixels, per channel."""
     channels = ChannelView(gout)
@@ -227,6 +239,7 @@ def conv_transpose2d_output_shape(x_shape, w_shape, stride=2, padding=0) -> tupl
     return n, c_out, (h - 1) * sh - 2 * ph + kh, (wd - 1) * sw - 2 * pw + kw
 
 
+@gpu_implementation(lambda: _gpu_conv().conv_transpose2d_forward)
 def conv_transpose2d_forward(x, w, b=None, stride=2, padding=0):
     """Transposed convolution; x [N, C_in, H, W], w [C_in, C_out, kh, kw] (PyTorch layout)."""
     if x.shape[1] != w.shape[0]:
@@ -237,11 +250,13 @@ def conv_transpose2d_forward(x, w, b=None, stride=2, padding=0):
     return _scatter_patches(x, w, out_shape, stride, padding, b)
 
 
+@gpu_implementation(lambda: _gpu_conv().conv_transpose2d_backward_input)
 def conv_transpose2d_backward_input(gout, w, stride=2, padding=0):
     """d(loss)/dx of conv_transpose2d: a plain convolution of the output gradient."""
     return conv2d_forward(gout, w, None, stride, padding)
 
 
+@gpu_implementation(lambda: _gpu_conv().conv_transpose2d_backward_weight)
 def conv_transpose2d_backward_weight(x, gout, w_shape, stride=2, padding=0):
     """d(loss)/dw of conv_transpose2d [C_in, C_out, kh, kw]."""
     return conv2d_backward_weight(gout, x, w_shape, stride, padding)
@@ -249,8 +264,7 @@ def conv_transpose2d_backward_weight(x, gout, w_shape, stride=2, padding=0):
 
 class _Convolution(Function):
     """Node logic shared by conv2d and conv_transpose2d: keep x only for the weight gradient and w only
-    for the input gradient; subclasses name the raw-array functions (looked up at call time, so a device
-    backend that replaces the module's functions is used)."""
+    for the input gradient; subclasses name the raw-array functions."""
 
     def __init__(self, stride, padding):
         self.stride = stride

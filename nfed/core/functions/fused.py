@@ -7,7 +7,9 @@ ReLU and batch norm is written straight into the zero-bordered buffer from which
 gives both the input and the weight gradient (conv_cpu.padded_conv_grads); the normalised values are
 recomputed from the saved convolution output and the ReLU mask comes from the saved output. In evaluation
 without a graph the running statistics fold into the convolution's weights and bias: one product and a
-ReLU per block. CuPy arrays and graphs through evaluation-mode batch norm take the three separate ops.
+ReLU per block. CuPy arrays take the convolution, then batch norm and ReLU fused in one GPU pass each way
+(nfed.gpu.batchnorm, BatchNormReLU below); graphs through evaluation-mode batch norm on NumPy arrays take the
+three separate ops.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from nfed.core.functions import conv_cpu
 from nfed.core.functions.activation import relu
 from nfed.core.functions.conv import conv2d
 from nfed.core.functions.layout import from_nhwc, nhwc
-from nfed.core.functions.normalization import batch_norm, update_running_stats
+from nfed.core.functions.normalization import BatchNorm, batch_norm, update_running_stats
 from nfed.core.functions.parallel import run_blocks
 from nfed.core.functions.utils import pair
 
@@ -203,13 +205,42 @@ class ConvBNReLU(Function):
         return tuple(grads)
 
 
+class BatchNormReLU(BatchNorm):
+    """relu(batch_norm(x)) on CuPy arrays: one kernel pass forward and one backward (nfed.gpu.batchnorm with
+    relu=True; backward recomputes the ReLU mask from x, so neither xhat nor the output is kept)."""
+
+    def forward(self, x, gamma, beta):
+        from nfed.gpu import batchnorm  # noqa: PLC0415 - CuPy arrays only: importing nfed never loads CuPy
+
+        y, mean, invstd = batchnorm.batch_norm_forward(x, gamma, beta, self.running_mean, self.running_var,
+                                                       self.training, self.momentum, self.eps, relu=True)
+        if self.recording:  # evaluation: `mean` is the running buffer, which may change before backward
+            self.x, self.gamma, self.beta = x, gamma, beta
+            self.mean, self.invstd = (mean if self.training else mean.copy()), invstd
+        self.running_mean = self.running_var = None  # the node must not pin the module's buffers
+        return y
+
+    def backward(self, g):
+        from nfed.gpu import batchnorm  # noqa: PLC0415
+
+        return batchnorm.batch_norm_backward(g, self.x, self.gamma, self.beta, self.mean, self.invstd, self.training,
+                                             relu=True)
+
+
 def conv_bn_relu(x, weight, bias, gamma, beta, running_mean, running_var, training: bool, momentum: float = 0.1,
                  eps: float = 1e-5, padding=1):
-    """relu(batch_norm(conv2d(x, weight, bias, stride 1, padding))): one fused op on NumPy arrays (see the
-    module docstring), else the three ops; `running_mean`/`running_var` are updated in place in training."""
+    """relu(batch_norm(conv2d(x, weight, bias, stride 1, padding))): one fused op on NumPy arrays, batch norm and
+    ReLU fused on CuPy arrays (see the module docstring), else the three ops; `running_mean`/`running_var` are
+    updated in place in training."""
     ph, pw = pair(padding)
     kh, kw = weight.shape[2:]
     cpu = backend.array_module(_raw(x), _raw(weight)) is np
+    if ENABLED and not cpu and (training or running_mean is not None):
+        z = conv2d(x, weight, bias, 1, padding)
+        try:
+            return BatchNormReLU(_raw(running_mean), _raw(running_var), training, momentum, eps)(z, gamma, beta)
+        except backend.Unsupported:  # dtypes the kernels do not take
+            return relu(batch_norm(z, gamma, beta, running_mean, running_var, training, momentum, eps))
     graph = is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, bias, gamma, beta))
     if not (ENABLED and cpu and ph <= kh - 1 and pw <= kw - 1) or (not training and (graph or running_mean is None)):
         return relu(batch_norm(conv2d(x, weight, bias, 1, padding), gamma, beta, running_mean, running_var,

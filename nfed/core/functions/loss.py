@@ -1,5 +1,10 @@
-"""Losses: pixel-wise cross-entropy, mean squared error, binary cross-entropy with logits, soft Dice."""
+"""Losses: pixel-wise cross-entropy, mean squared error, binary cross-entropy with logits, soft Dice.
+
+Cross-entropy on CuPy logits runs nfed.gpu.softmax's fused softmax cross-entropy kernels (one pass forward,
+one backward, no log-probabilities kept) after the same target checks as on the CPU."""
 from __future__ import annotations
+
+import contextlib
 
 from nfed.common import backend
 from nfed.core.autograd import Function, Tensor
@@ -48,6 +53,16 @@ class CrossEntropy(Function):
         safe = xp.where(valid, target, 0).astype(xp.int64)
         if bool(((safe < 0) | (safe >= k)).any()):
             raise ValueError(f"cross_entropy: target values must lie in [0, {k - 1}] or equal ignore_index")
+        self.gpu = None
+        if backend.is_gpu_array(logits):
+            from nfed.gpu import softmax as gpu_softmax  # noqa: PLC0415 - GPU only: importing nfed never loads CuPy
+
+            with contextlib.suppress(backend.Unsupported):
+                out, denom = gpu_softmax.cross_entropy_forward(logits, target, self.weight, self.ignore_index,
+                                                               self.reduction)
+                if self.recording:
+                    self.gpu, self.logits, self.gpu_target, self.denom = gpu_softmax, logits, target, denom
+                return out
         logp = log_softmax_array(logits, 1)
         picked = xp.take_along_axis(logp, safe[:, None], axis=1)[:, 0]
         if self.weight is None:
@@ -67,6 +82,9 @@ class CrossEntropy(Function):
         return xp.asarray(out, dtype=logits.dtype)
 
     def backward(self, g):
+        if self.gpu is not None:
+            return self.gpu.cross_entropy_backward(g, self.logits, self.gpu_target, self.weight, self.ignore_index,
+                                                   self.reduction, self.denom)
         xp = backend.array_module(g)
         grad = xp.exp(self.logp)
         k = grad.shape[1]

@@ -2,14 +2,23 @@
 
 Training: normalise with the batch statistics (biased variance) and update the running statistics in
 place with momentum, using the unbiased variance, as PyTorch does. Evaluation: use the running statistics.
+The raw-array functions hand CuPy arrays to nfed.gpu.batchnorm (nfed.core.dispatch).
 """
 from __future__ import annotations
 
 from nfed.common import backend
 from nfed.core.autograd import Function, Tensor
+from nfed.core.dispatch import gpu_implementation
 from nfed.core.functions.layout import ChannelView
 
 
+def _gpu_batchnorm():
+    from nfed.gpu import batchnorm  # noqa: PLC0415 - at the first CuPy call: importing nfed loads no CuPy
+
+    return batchnorm
+
+
+@gpu_implementation(lambda: _gpu_batchnorm().batch_norm_train_forward)
 def batch_norm_train_forward(x, gamma, beta, eps=1e-5):
     """(y, xhat, mean, var, invstd) with batch statistics; xhat and invstd are what backward needs.
     y and xhat have x's layout (channels-last stays channels-last, see layout.ChannelView)."""
@@ -27,6 +36,7 @@ def batch_norm_train_forward(x, gamma, beta, eps=1e-5):
     return channels.wrap(y), channels.wrap(xhat), mean, var, invstd
 
 
+@gpu_implementation(lambda: _gpu_batchnorm().batch_norm_train_backward)
 def batch_norm_train_backward(gout, xhat, gamma, invstd):
     """(dx, dgamma, dbeta) for the training-mode forward (statistics depend on x); dx has xhat's layout."""
     channels = ChannelView(xhat)
@@ -51,6 +61,7 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     running_var += momentum * unbiased
 
 
+@gpu_implementation(lambda: _gpu_batchnorm().batch_norm_eval_forward)
 def batch_norm_eval_forward(x, gamma, beta, running_mean, running_var, eps=1e-5):
     """y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta."""
     xp = backend.array_module(x)
@@ -97,6 +108,7 @@ class BatchNorm(Function):
         return batch_norm_eval_backward(g, self.x, self.gamma, self.mean, self.invstd)
 
 
+@gpu_implementation(lambda: _gpu_batchnorm().batch_norm_eval_backward)
 def batch_norm_eval_backward(g, x, gamma, mean, invstd):
     """(dx, dgamma, dbeta) for the evaluation-mode forward (fixed statistics)."""
     channels = ChannelView(x)

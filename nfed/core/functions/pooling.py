@@ -1,10 +1,11 @@
-"""Max pooling (floor mode, first maximum wins on ties, like PyTorch)."""
+"""Max pooling (floor mode, first maximum wins on ties, like PyTorch); CuPy arrays go to nfed.gpu.pooling."""
 from __future__ import annotations
 
 import numpy as np
 
 from nfed.common import backend
 from nfed.core.autograd import Function
+from nfed.core.dispatch import gpu_implementation
 from nfed.core.functions.im2col import conv_output_size
 from nfed.core.functions.layout import empty_like_layout, zeros_like_layout
 from nfed.core.functions.parallel import num_workers, run_blocks
@@ -15,6 +16,13 @@ from nfed.core.functions.utils import pair
 PARALLEL_MIN_VALUES = 1 << 18
 
 
+def _gpu_pooling():
+    from nfed.gpu import pooling  # noqa: PLC0415 - at the first CuPy call: importing nfed loads no CuPy
+
+    return pooling
+
+
+@gpu_implementation(lambda: _gpu_pooling().max_pool2d_forward)
 def max_pool2d_forward(x, kernel_size=2, stride=None):
     """(y, argmax) for x [N, C, H, W]; argmax (uint8) is the window position (i*kw + j) of each maximum.
     Outputs keep x's layout (channels-last stays channels-last)."""
@@ -66,6 +74,7 @@ def _by_images(xp, x, task) -> None:
         task(slice(None))
 
 
+@gpu_implementation(lambda: _gpu_pooling().max_pool2d_backward)
 def max_pool2d_backward(gout, index, x_shape, kernel_size=2, stride=None):
     """d(loss)/dx: each output gradient goes to the position of its window's maximum (in gout's layout)."""
     xp = backend.array_module(gout)
