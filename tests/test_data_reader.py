@@ -9,7 +9,7 @@ import pytest
 from nfed.common import backend
 from nfed.data.reader import DistrictPack, augment_tiles, list_packs
 from nfed.common.errors import DataError
-from nfed.data.pack import PackWriter, write_pack
+from nfed.data.packwriter import PackWriter, write_pack
 
 from conftest import DEVICES
 
