@@ -17,6 +17,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 RASTER_SUFFIXES = (".tif", ".tiff")   # GeoTIFFs: read by window through rasterio (nfed.data.geo) when installed
 
 
+def list_images(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
+    """The image files of a folder (by suffix, any case; hidden files left out), sorted by name; [] without it."""
+    if not folder.is_dir():
+        return []
+    return [path for path in sorted(folder.iterdir())
+            if path.is_file() and path.suffix.lower() in suffixes and not path.name.startswith(".")]
+
+
 @contextlib.contextmanager
 def _opened(path: Path) -> Iterator[Image.Image]:
     """The image at `path`, open; any failure while opening or decoding it becomes one DataError naming it."""

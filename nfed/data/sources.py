@@ -24,7 +24,7 @@ import numpy as np
 
 from nfed.common.errors import DataError
 from nfed.data.geopack import LABEL_SUFFIXES, check_geotiff_item, is_geotiff_folder, load_geotiff_item
-from nfed.data.images import IMAGE_SUFFIXES, image_size, read_binary_mask, read_rgb
+from nfed.data.images import IMAGE_SUFFIXES, image_size, list_images, read_binary_mask, read_rgb
 from nfed.data.labels import rasterise, read_label
 
 
@@ -62,10 +62,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _images_by_stem(folder: Path, suffixes=IMAGE_SUFFIXES) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.iterdir())
-            if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")}
+    return {path.stem: path for path in list_images(folder, suffixes)}
 
 
 def read_district_map(path: Path) -> dict[str, str]:

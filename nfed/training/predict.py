@@ -19,7 +19,7 @@ from PIL import Image
 from nfed.common import backend
 from nfed.common.atomic import atomic_path
 from nfed.common.errors import ConfigError, DataError
-from nfed.data.images import IMAGE_SUFFIXES, RASTER_SUFFIXES, image_size, images_to_nchw_float, read_rgb
+from nfed.data.images import RASTER_SUFFIXES, image_size, images_to_nchw_float, list_images, read_rgb
 from nfed.data.polygons import DEFAULT_MIN_AREA, DEFAULT_SIMPLIFY
 
 MASK_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
@@ -238,8 +238,7 @@ def find_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
     a_dir, b_dir = folder / "A", folder / "B"
     if not a_dir.is_dir() or not b_dir.is_dir():
         raise DataError(f"{folder}: not a pair folder (needs A/ with past and B/ with current images)")
-    a_files = {p.name: p for p in sorted(a_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-    b_files = {p.name: p for p in sorted(b_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    a_files, b_files = ({path.name: path for path in list_images(folder)} for folder in (a_dir, b_dir))
     if not a_files:
         raise DataError(f"{a_dir}: no images")
     unpaired = sorted(set(a_files) ^ set(b_files))
