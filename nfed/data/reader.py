@@ -54,7 +54,26 @@ def augment_tiles(past: np.ndarray, current: np.ndarray, mask: np.ndarray,
     return past, current, mask
 
 
-class DistrictPack:
+class _TileSource:
+    """What DistrictPack and PooledPacks share: closing as a context manager and seeded batches of a split,
+    given their close, num_samples and read."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = True, augment: bool = False,
+                seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
+        """Batches of one pass over a split; order and augmentation are fixed by `seed` (vary it per
+        epoch for fresh shuffles)."""
+        return iterate_batches(self, split, batch_size, shuffle=shuffle, augment=augment, seed=seed,
+                               device=device, drop_last=drop_last)
+
+
+class DistrictPack(_TileSource):
     """One district's pack: `with DistrictPack(path) as pack: for batch in pack.batches("train", 8): ...`."""
 
     def __init__(self, path: str | Path):
@@ -124,13 +143,6 @@ class DistrictPack:
                 n = shape[0]
             self._counts[split] = int(n)
             self._datasets[split] = {name: group[name] for name in expected}
-
-    def __enter__(self) -> "DistrictPack":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.close()
-        return False
 
     def close(self) -> None:
         file = getattr(self, "_file", None)
@@ -224,13 +236,6 @@ class DistrictPack:
                 "change_pixel_share": float(pixels[1:].sum() / total) if total else 0.0,
                 "change_types": change_types}
 
-    def batches(self, split: str, batch_size: int, *, shuffle: bool = True, augment: bool = False,
-                seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
-        """Batches of one pass over a split; order and augmentation are fixed by `seed` (vary it per
-        epoch for fresh shuffles)."""
-        return iterate_batches(self, split, batch_size, shuffle=shuffle, augment=augment, seed=seed,
-                               device=device, drop_last=drop_last)
-
 
 def iterate_batches(source, split: str, batch_size: int, *, shuffle: bool, augment: bool, seed: int, device,
                     drop_last: bool) -> Iterator[Batch]:
@@ -254,7 +259,7 @@ def iterate_batches(source, split: str, batch_size: int, *, shuffle: bool, augme
                     mask=backend.to_device(mask.astype(np.int64), target), ids=ids)
 
 
-class PooledPacks:
+class PooledPacks(_TileSource):
     """Several district packs read as one (the centralised baseline's pooled data): a split's tiles are the
     districts' tiles of that split, in district order, so shuffled batches mix districts.
 
@@ -271,13 +276,6 @@ class PooledPacks:
         self.district = "pooled"
         self.path = Path(self.packs[0].path).parent
         self._offsets = {split: np.cumsum([0] + [p.num_samples(split) for p in self.packs]) for split in SPLITS}
-
-    def __enter__(self) -> "PooledPacks":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.close()
-        return False
 
     def close(self) -> None:
         for pack in self.packs:
@@ -304,11 +302,6 @@ class PooledPacks:
             for position, tile_id in zip(where, pack_ids):
                 ids[position] = f"{self.packs[k].district}/{tile_id}"
         return past, current, mask, ids
-
-    def batches(self, split: str, batch_size: int, *, shuffle: bool = True, augment: bool = False,
-                seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
-        return iterate_batches(self, split, batch_size, shuffle=shuffle, augment=augment, seed=seed,
-                               device=device, drop_last=drop_last)
 
 
 def _max_mask_value(path: Path, mask_values) -> int:
