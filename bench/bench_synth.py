@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from nfed.data import synth
+from nfed.data.synthscene import generate_tile
+from nfed.data.synthstyle import district_style
 from nfed.data.districts import load_districts
 
 
@@ -43,9 +45,9 @@ def main() -> None:
 
     def draw_only():
         for district in districts:
-            style = synth.district_style(district.name, 0)
+            style = district_style(district.name, 0)
             for index in range(per_district):
-                synth.generate_tile(style, synth.tile_rng(0, district.name, index), args.tile)
+                generate_tile(style, synth.tile_rng(0, district.name, index), args.tile)
 
     def with_files(jobs):
         def run():

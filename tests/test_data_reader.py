@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import tracemalloc
 
+import h5py
 import numpy as np
 import pytest
 
 from nfed.common import backend
 from nfed.data.reader import DistrictPack, augment_tiles, list_packs
 from nfed.common.errors import DataError
-from nfed.data.pack import PackWriter, write_pack
+from nfed.data import packformat
+from nfed.data.packwriter import PackWriter, write_pack
 
 from conftest import DEVICES
 
@@ -139,3 +141,31 @@ def test_list_packs_in_study_order(tmp_path):
     assert [p.stem for p in list_packs(tmp_path)] == ["Gangnam-gu", "Mapo-gu", "Jung-gu", "alpha", "zeta"]
     with pytest.raises(DataError, match="pack folder not found"):
         list_packs(tmp_path / "missing")
+
+
+def test_the_writer_writes_format_version_1_as_the_reader_expects_it(small_pack):
+    """Pins version 1 of the pack layout: a change to nfed.data.packformat that fails here needs a new
+    FORMAT_VERSION (and the reader keeping the old one in SUPPORTED_FORMAT_VERSIONS)."""
+    path, (past, current, mask, ids) = small_pack
+    assert packformat.FORMAT_VERSION == 1 and 1 in packformat.SUPPORTED_FORMAT_VERSIONS
+    with h5py.File(path, "r") as file:
+        assert file.attrs["format_version"] == 1 and file.attrs["tile_size"] == 16
+        assert list(file.attrs["num_samples"]) == [20, 3, 0]
+        assert sorted(file) == ["test", "train", "val"]
+        for split in ("train", "val", "test"):
+            group = file[split]
+            assert sorted(group) == ["current", "ids", "mask", "past"]
+            for name, row in (("past", (16, 16, 3)), ("current", (16, 16, 3)), ("mask", (16, 16))):
+                assert group[name].dtype == np.uint8 and group[name].shape[1:] == row
+                assert group[name].chunks == (1,) + row and group[name].compression == "gzip"
+            assert h5py.check_string_dtype(group["ids"].dtype).encoding == "utf-8"
+        np.testing.assert_array_equal(file["train/mask"][:], mask)
+        assert [s.decode() for s in file["train/ids"][:]] == ids
+
+
+def test_packs_of_an_unknown_format_version_are_refused(small_pack):
+    path, _ = small_pack
+    with h5py.File(path, "r+") as file:
+        file.attrs["format_version"] = packformat.FORMAT_VERSION + 1
+    with pytest.raises(DataError, match=r"pack format version 2 is not supported \(this nfed reads 1\)"):
+        DistrictPack(path)

@@ -33,8 +33,10 @@ WIDTH = 4
 
 def make_tiny_packs(folder: Path, districts=DISTRICTS, counts=((4, 2, 2), (6, 2, 2), (3, 2, 2))) -> dict[str, Path]:
     """One small synthetic pack per district (the data helper's generator and pack writer)."""
-    from nfed.data.pack import write_pack
-    from nfed.data.synth import district_style, generate_tile, tile_rng
+    from nfed.data.packwriter import write_pack
+    from nfed.data.synth import tile_rng
+    from nfed.data.synthscene import generate_tile
+    from nfed.data.synthstyle import district_style
 
     folder.mkdir(parents=True, exist_ok=True)
     packs = {}

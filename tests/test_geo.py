@@ -146,7 +146,8 @@ def test_geotiff_pairs_with_geojson_labels_pack_into_the_labelled_mask(geo_setup
     import h5py
 
     from nfed.data.labels import CHANGE_CODES
-    from nfed.data.pack import MASK_VALUES_BINARY, MASK_VALUES_TYPED, pack_folder
+    from nfed.data.pack import pack_folder
+    from nfed.data.packformat import MASK_VALUES_BINARY, MASK_VALUES_TYPED
 
     geojson, classes = _predicted_geojson(geo_setup, tmp_path)
     if lonlat:                  # RFC 7946: no crs member, lon/lat coordinates; and no change types

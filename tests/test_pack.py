@@ -13,6 +13,7 @@ from PIL import Image
 
 from nfed.data import labels
 from nfed.data import pack
+from nfed.data.packwriter import write_pack
 from nfed.cli import cli
 from nfed.data.reader import DistrictPack
 from nfed.common.errors import ConfigError, DataError
@@ -269,7 +270,7 @@ def test_write_pack_from_arrays_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     past = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     mask = rng.integers(0, 2, (3, 16, 16), dtype=np.uint8)
-    pack.write_pack(tmp_path / "x.h5", "Mapo-gu", {"train": (past, past, mask, ["a", "b", "c"])})
+    write_pack(tmp_path / "x.h5", "Mapo-gu", {"train": (past, past, mask, ["a", "b", "c"])})
     with DistrictPack(tmp_path / "x.h5") as p:
         assert p.district == "Mapo-gu" and p.tile == 16 and p.num_samples("val") == 0
         raw_past, _, raw_mask, ids = p.read("train", [2, 0])

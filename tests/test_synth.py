@@ -10,6 +10,8 @@ from PIL import Image
 
 from nfed.data import labels
 from nfed.data import synth
+from nfed.data.synthscene import generate_tile
+from nfed.data.synthstyle import district_style
 from nfed.cli import cli
 from nfed.data.reader import DistrictPack
 from nfed.data.districts import find_district, load_districts
@@ -69,8 +71,8 @@ def test_counts_follow_the_study():
 def generated(per_district: int, tile: int = 64, seed: int = 0):
     out = {}
     for district in load_districts():
-        style = synth.district_style(district.name, seed)
-        out[district.name] = [synth.generate_tile(style, synth.tile_rng(seed, district.name, i), tile)
+        style = district_style(district.name, seed)
+        out[district.name] = [generate_tile(style, synth.tile_rng(seed, district.name, i), tile)
                               for i in range(per_district)]
     return out
 
@@ -98,14 +100,14 @@ def test_change_share_and_types(sample_tiles):
 
 
 def test_districts_look_different_but_are_reproducible(sample_tiles):
-    assert synth.district_style("Mapo-gu", 0).palette.tolist() == synth.district_style("Mapo-gu", 0).palette.tolist()
-    assert synth.district_style("Mapo-gu", 0).palette.tolist() != synth.district_style("Mapo-gu", 1).palette.tolist()
+    assert district_style("Mapo-gu", 0).palette.tolist() == district_style("Mapo-gu", 0).palette.tolist()
+    assert district_style("Mapo-gu", 0).palette.tolist() != district_style("Mapo-gu", 1).palette.tolist()
     means = np.array([[t.past.reshape(-1, 3).mean(0) for t in tiles] for tiles in sample_tiles.values()])
     district_means = means.mean(axis=1)                      # [25, 3]
     between = district_means.std(axis=0).mean()
     within = (means.std(axis=1) / np.sqrt(means.shape[1])).mean()  # standard error of a district's mean
     assert between > 4 * within, (between, within)           # non-IID: districts differ in colour
-    styles = [synth.district_style(d.name, 0) for d in load_districts()]
+    styles = [district_style(d.name, 0) for d in load_districts()]
     assert len({round(s.density, 3) for s in styles}) == 25 and len({round(s.offset, 3) for s in styles}) == 25
 
 

@@ -1,5 +1,7 @@
-"""District data on disk: the districts registry, label JSON, images, sources (LEVIR-CD, JSON polygons,
-GeoTIFF), the HDF5 pack format (writer and reader), the synthetic Seoul generator and the GIS vector outputs.
+"""District data on disk, one owner per format: the districts registry (districts), label JSON (labels), image
+files and tiles (images), pack inputs LEVIR-CD/JSON/GeoTIFF (sources, geopack, geo), the HDF5 pack format
+(packformat; written by packwriter, read by reader, filled by pack), the synthetic Seoul generator (synthstyle,
+synthscene, synth) and the GIS vector outputs (polygons, vectors, overlay).
 
 May import nfed.common only (it knows nothing of models or training).
 """

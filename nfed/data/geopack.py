@@ -17,9 +17,9 @@ import numpy as np
 
 from nfed.common.errors import DataError
 from nfed.data.geo import RasterPair, open_raster, read_window, require_rasterio
+from nfed.data.images import RASTER_SUFFIXES
 from nfed.data.labels import CHANGE_CODES
 
-RASTER_SUFFIXES = (".tif", ".tiff")
 LABEL_SUFFIXES = (".geojson",)
 UNTYPED_VALUES = (None, "change")
 RFC7946_CRS = "OGC:CRS84"
@@ -61,7 +61,7 @@ def load_geotiff_item(item) -> tuple["RasterWindows", "RasterWindows", "LabelWin
 
 
 class RasterWindows:
-    """[H, W, 3] uint8 view of a raster whose 2-D slices are windowed reads (what pack.cut_tiles asks for)."""
+    """[H, W, 3] uint8 view of a raster whose 2-D slices are windowed reads (what images.cut_tiles asks for)."""
 
     dtype = np.dtype(np.uint8)
 

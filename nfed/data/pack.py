@@ -1,14 +1,7 @@
-"""Ingest of raw change-detection pairs into one HDF5 pack per district (the format nfed.data.reader reads).
+"""Ingest of raw change-detection pairs into one HDF5 pack per district (format: nfed.data.packformat).
 
-Three source formats:
-- JSON-labelled pairs (the study's format, also what `nfed synth` writes): any number of `*.json` labels
-  under SRC (data/label_schema.json), each naming its past/current PNGs beside it; the district comes from
-  the label. Masks are rasterised from the polygons with the change type as value (1..4).
-- LEVIR-CD folders: SRC/A (past), SRC/B (current), SRC/label (0/255, >=128 = change) with the same file
-  stems; or one such folder per district, SRC/<district>/A|B|label. District = sub-folder name, else SRC's
-  name, or from a --district-map CSV (file stem -> district). Masks are binary (1 = change).
-- GeoTIFF pairs with GeoJSON labels: the LEVIR layout with label/<stem>.geojson, read by window
-  (nfed.data.geopack, optional extra nfed[geo]).
+The inputs (JSON-labelled pairs, LEVIR-CD folders, GeoTIFF pairs with GeoJSON labels) are found and decoded
+by nfed.data.sources; the packs are written by nfed.data.packwriter.
 
 Images of any size are cut on a grid of tile x tile from the top-left corner; a remainder narrower than a
 tile at the right or bottom edge is dropped, and an image smaller than one tile is zero-padded (mask 0).
@@ -20,226 +13,26 @@ that looks valid.
 """
 from __future__ import annotations
 
-import csv
 import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import h5py
 import numpy as np
-from PIL import Image
 
-from nfed import __version__
-from nfed.data.districts import district_order_key
 from nfed.common.errors import ConfigError, DataError
-from nfed.data.geopack import LABEL_SUFFIXES, check_geotiff_item, is_geotiff_folder, labels_typed, load_geotiff_item
-from nfed.common.h5write import create_h5, raise_if_failed
-from nfed.data.labels import CHANGE_TYPES, rasterise, read_label
 from nfed.common.validate import check_number
+from nfed.data.districts import district_order_key
+from nfed.data.geopack import labels_typed
+from nfed.data.images import cut_tiles, tile_ids, tile_origins
+from nfed.data.packformat import MASK_VALUES_BINARY, MASK_VALUES_TYPED
+from nfed.data.packwriter import PackWriter
+from nfed.data.sources import (Item, check_item, detect_format, discover_json, discover_levir, load_item,
+                               read_district_map)
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_LEVIR_TILE = 256
-MASK_VALUES_TYPED = "0=none," + ",".join(f"{code}={name}" for code, name in enumerate(CHANGE_TYPES, 1))
-MASK_VALUES_BINARY = "0=none,1=change"
 _SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]*$")
-
-
-# ----------------------------------------------------------------------------------------------- writer
-
-class PackWriter:
-    """Append tiles split by split into `<path>` (HDF5, format of ARCHITECTURE.md), atomically.
-
-    Use as a context manager; the file appears under its final name only when the block ends without an
-    exception. Datasets are chunked per tile and gzip-compressed, so readers fetch single tiles cheaply.
-    Tiles are buffered and written BLOCK at a time.
-    """
-
-    BLOCK = 64
-
-    def __init__(self, path: str | Path, *, district: str, tile: int, source: str, split_seed: int,
-                 mask_values: str = MASK_VALUES_TYPED, compression_level: int = 1,
-                 extra_attrs: dict | None = None):
-        self.path = Path(path)
-        self.district = district
-        self.tile = int(tile)
-        self.attrs = {"district": district, "tile_size": self.tile, "source": source,
-                      "split_seed": int(split_seed), "nfed_version": __version__,
-                      "format_version": FORMAT_VERSION, "mask_values": mask_values,
-                      **(extra_attrs or {})}
-        self.compression_level = compression_level
-        self._writer = None
-        self._file: h5py.File | None = None
-        self.counts = {split: 0 for split in SPLITS}
-        self._buffers: dict[str, list] = {split: [] for split in SPLITS}
-
-    def __enter__(self) -> "PackWriter":
-        self._writer = create_h5(self.path)
-        self._file = self._writer.__enter__()
-        for key, value in self.attrs.items():
-            self._file.attrs[key] = value
-        t = self.tile
-        for split in SPLITS:
-            group = self._file.create_group(split)
-            options = {"compression": "gzip", "compression_opts": self.compression_level}
-            group.create_dataset("past", shape=(0, t, t, 3), maxshape=(None, t, t, 3), dtype=np.uint8,
-                                 chunks=(1, t, t, 3), **options)
-            group.create_dataset("current", shape=(0, t, t, 3), maxshape=(None, t, t, 3), dtype=np.uint8,
-                                 chunks=(1, t, t, 3), **options)
-            group.create_dataset("mask", shape=(0, t, t), maxshape=(None, t, t), dtype=np.uint8,
-                                 chunks=(1, t, t), **options)
-            group.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
-                                 chunks=(256,))
-        return self
-
-    def append(self, split: str, tile_id: str, past: np.ndarray, current: np.ndarray,
-               mask: np.ndarray) -> None:
-        """Add one tile (past/current [T,T,3] uint8, mask [T,T] uint8) to a split."""
-        t = self.tile
-        if past.shape != (t, t, 3) or current.shape != (t, t, 3) or mask.shape != (t, t):
-            raise DataError(f"{tile_id}: tile shapes {past.shape}, {current.shape}, {mask.shape} "
-                            f"do not match the pack's tile size {t}")
-        if split not in self._buffers:
-            raise DataError(f"unknown split '{split}' (use {', '.join(SPLITS)})")
-        buffer = self._buffers[split]
-        buffer.append((tile_id, np.asarray(past, np.uint8), np.asarray(current, np.uint8),
-                       np.asarray(mask, np.uint8)))
-        self.counts[split] += 1
-        if len(buffer) >= self.BLOCK:
-            self._flush(split)
-
-    def _flush(self, split: str) -> None:
-        """Write buffered tiles of a split in one resize (h5py resizes per tile are slow)."""
-        buffer = self._buffers[split]
-        if not buffer:
-            return
-        group = self._file[split]
-        start = group["ids"].shape[0]
-        stop = start + len(buffer)
-        for position, name in enumerate(("ids", "past", "current", "mask"), start=0):
-            dataset = group[name]
-            dataset.resize(stop, axis=0)
-            if name == "ids":
-                dataset[start:stop] = [entry[0] for entry in buffer]
-            else:
-                dataset[start:stop] = np.stack([entry[position] for entry in buffer])
-        buffer.clear()
-        raise_if_failed(self._file, self.path)   # a full disk stops the pack at once
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                for split in SPLITS:
-                    self._flush(split)
-                self._file.attrs["num_samples"] = np.array([self.counts[s] for s in SPLITS], np.int64)
-            except BaseException as error:
-                if not self._writer.__exit__(type(error), error, error.__traceback__):
-                    raise
-                return False
-        return self._writer.__exit__(exc_type, exc, tb)
-
-
-def write_pack(path: str | Path, district: str, splits: dict[str, tuple], *, source: str = "arrays",
-               split_seed: int = 0, mask_values: str = MASK_VALUES_TYPED) -> Path:
-    """Write a pack from in-memory arrays: splits maps split -> (past, current, mask, ids) with past/current
-    [N,T,T,3] uint8, mask [N,T,T] uint8, ids list[str]. Missing splits are written empty."""
-    tile = None
-    for past, _, _, _ in splits.values():
-        tile = past.shape[1]
-        break
-    if tile is None:
-        raise DataError(f"{path}: no tiles to write")
-    with PackWriter(path, district=district, tile=tile, source=source, split_seed=split_seed,
-                    mask_values=mask_values) as writer:
-        for split, (past, current, mask, ids) in splits.items():
-            if split not in SPLITS:
-                raise ConfigError(f"unknown split '{split}' (use {', '.join(SPLITS)})")
-            for i, tile_id in enumerate(ids):
-                writer.append(split, str(tile_id), past[i], current[i], mask[i])
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------------------- image helpers
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image as [H,W,3] uint8 (RGBA/greyscale/palette converted); DataError when unreadable."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable image ({exc})") from None
-
-
-def read_binary_mask(path: Path) -> np.ndarray:
-    """Decode a LEVIR label as [H,W] uint8 with 1 where the grey value is >= 128."""
-    try:
-        with Image.open(path) as image:
-            grey = np.asarray(image.convert("L"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable image ({exc})") from None
-    return (grey >= 128).astype(np.uint8)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable image ({exc})") from None
-
-
-def tile_origins(width: int, height: int, tile: int) -> list[tuple[int, int]]:
-    """(y, x) top-left corners of the grid tiles: remainders dropped, images smaller than a tile padded."""
-    ys = range(0, max(height - tile, 0) + 1, tile)
-    xs = range(0, max(width - tile, 0) + 1, tile)
-    return [(y, x) for y in ys for x in xs]
-
-
-def cut_tiles(array: np.ndarray, tile: int, origins: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Crop `array` ([H,W] or [H,W,C]) at the origins; zero-pad crops that run past a small image."""
-    out = []
-    for y, x in origins:
-        crop = array[y:y + tile, x:x + tile]
-        if crop.shape[0] != tile or crop.shape[1] != tile:
-            padded = np.zeros((tile, tile) + array.shape[2:], dtype=array.dtype)
-            padded[:crop.shape[0], :crop.shape[1]] = crop
-            crop = padded
-        out.append(crop)
-    return out
-
-
-def tile_ids(stem: str, width: int, height: int, tile: int, origins: list[tuple[int, int]]) -> list[str]:
-    """The stem itself when the image is exactly one tile, else stem_y<row px>_x<col px>."""
-    if width == tile and height == tile:
-        return [stem]
-    return [f"{stem}_y{y:04d}_x{x:04d}" for y, x in origins]
-
-
-# ------------------------------------------------------------------------------------------ source items
-
-@dataclass
-class Item:
-    """One source pair (an image pair with its label) that yields one or more tiles."""
-
-    district: str
-    name: str                     # shown in messages and in the skipped list (a path relative to SRC)
-    tile_id: str                  # id of the pair (tiles of a cut image get suffixes)
-    past: Path
-    current: Path
-    label: Path | None            # JSON label, LEVIR mask or GeoJSON
-    kind: str                     # "json" | "levir" | "geotiff"
-    size: tuple[int, int] = (0, 0)  # (width, height), known after check()
-    json_label: object = None
 
 
 @dataclass
@@ -250,177 +43,6 @@ class PackReport:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     source_format: str = ""
-
-
-def detect_format(src: Path) -> str:
-    """'geotiff' for GeoTIFFs with GeoJSON labels (nfed.data.geopack), 'levir' when SRC (or its sub-folders) holds
-    A/ and B/, else 'json' when *.json labels exist."""
-    if is_geotiff_folder(src):
-        return "geotiff"
-    if (src / "A").is_dir() and (src / "B").is_dir():
-        return "levir"
-    if any((sub / "A").is_dir() and (sub / "B").is_dir() for sub in _subdirs(src)):
-        return "levir"
-    if any(src.rglob("*.json")):
-        return "json"
-    raise DataError(f"{src}: neither a LEVIR-CD folder (A/, B/, label/) nor a folder of *.json labels")
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _images_by_stem(folder: Path, suffixes=IMAGE_SUFFIXES) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.iterdir())
-            if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")}
-
-
-def read_district_map(path: Path) -> dict[str, str]:
-    """CSV with columns stem,district (a header row is optional)."""
-    mapping: dict[str, str] = {}
-    try:
-        with Path(path).open(newline="", encoding="utf-8") as handle:
-            for line, row in enumerate(csv.reader(handle), start=1):
-                if not row or row[0].strip().startswith("#"):
-                    continue
-                if len(row) < 2:
-                    raise DataError(f"{path}: line {line}: expected 'stem,district'")
-                stem, district = row[0].strip(), row[1].strip()
-                if line == 1 and stem.lower() in ("stem", "file", "name", "tile"):
-                    continue
-                mapping[stem] = district
-    except FileNotFoundError:
-        raise DataError(f"{path}: district map not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read district map ({exc})") from None
-    if not mapping:
-        raise DataError(f"{path}: district map is empty")
-    return mapping
-
-
-def _relative(path: Path, src: Path) -> str:
-    try:
-        return str(path.relative_to(src.parent))
-    except ValueError:
-        return str(path)
-
-
-def discover_levir(src: Path, district_map: dict[str, str] | None, kind: str = "levir"
-                   ) -> tuple[list[Item], list[str]]:
-    """Items of a LEVIR folder (kind "geotiff": GeoJSON labels); problems found by file name only (missing
-    partner files) come back as (name, message) strings so the caller can raise or skip them."""
-    folders = [(src, src.name)] if (src / "A").is_dir() else [(sub, sub.name) for sub in _subdirs(src)
-                                                               if (sub / "A").is_dir() or (sub / "B").is_dir()]
-    items, problems = [], []
-    for folder, folder_district in folders:
-        past, current = _images_by_stem(folder / "A"), _images_by_stem(folder / "B")
-        label = _images_by_stem(folder / "label", LABEL_SUFFIXES if kind == "geotiff" else IMAGE_SUFFIXES)
-        stems = sorted(set(past) | set(current) | set(label))
-        if not stems:
-            problems.append((_relative(folder, src), f"{_relative(folder, src)}: empty district "
-                                                     f"(no images in A/, B/, label/)"))
-            continue
-        for stem in stems:
-            name = _relative(past.get(stem, folder / "A" / stem), src)
-            missing = [f"{sub}/{stem}.*" for sub, found in (("A", past), ("B", current), ("label", label))
-                       if stem not in found]
-            if missing:
-                message = f"{name}: pair '{stem}' is missing {', '.join(missing)}"
-                if stem in past and stem in current:
-                    message += _size_note(past[stem], current[stem])
-                problems.append((name, message))
-                continue
-            district = folder_district
-            if district_map is not None:
-                if stem not in district_map:
-                    problems.append((name, f"{name}: stem '{stem}' is not in the district map"))
-                    continue
-                district = district_map[stem]
-            items.append(Item(district=district, name=name, tile_id=stem, past=past[stem],
-                              current=current[stem], label=label[stem], kind=kind))
-    return items, problems
-
-
-def _size_note(past: Path, current: Path) -> str:
-    """'; sizes differ (...)' when the header sizes of a pair disagree, for fuller messages."""
-    try:
-        sizes = image_size(past), image_size(current)
-    except DataError:
-        return ""
-    if sizes[0] == sizes[1]:
-        return ""
-    return f"; sizes differ (past {sizes[0][0]}x{sizes[0][1]}, current {sizes[1][0]}x{sizes[1][1]})"
-
-
-def discover_json(src: Path, exclude: Path | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
-    """Items of a folder of JSON labels (validated here: schema errors come back as problems).
-    `exclude` (the output folder, when it lies inside SRC) is not searched."""
-    labels = sorted(p for p in src.rglob("*.json") if not any(part.startswith(".")
-                                                               for part in p.relative_to(src).parts))
-    problems = []
-    subfolders = [sub for sub in _subdirs(src) if exclude is None or sub.resolve() != exclude]
-    if any(p.parent != src for p in labels):  # district-per-folder layout: every folder must hold labels
-        for sub in subfolders:
-            if not any(sub.rglob("*.json")):
-                problems.append((_relative(sub, src), f"{_relative(sub, src)}: empty district "
-                                                      "(no *.json labels)"))
-    if not labels:
-        raise DataError(f"{src}: no *.json labels found")
-    items = []
-    for path in labels:
-        name = _relative(path, src)
-        try:
-            label = read_label(path)
-        except DataError as exc:
-            problems.append((name, _shorten(str(exc), path, name)))
-            continue
-        items.append(Item(district=label.district, name=name, tile_id=label.tile_id, past=label.past,
-                          current=label.current, label=path, kind="json", json_label=label))
-    return items, problems
-
-
-def _shorten(message: str, path: Path, name: str) -> str:
-    return name + message[len(str(path)):] if message.startswith(str(path)) else message
-
-
-def check_item(item: Item, src: Path) -> None:
-    """Cheap checks from image headers: files exist and are images, past/current/label sizes agree."""
-    if item.kind == "geotiff":
-        return check_geotiff_item(item)
-    sizes = {}
-    for role, path in (("past", item.past), ("current", item.current), ("label", item.label)):
-        if role == "label" and item.kind == "json":
-            continue
-        try:
-            sizes[role] = image_size(path)
-        except DataError as exc:
-            raise DataError(_shorten(str(exc), path, _relative(path, src))) from None
-    if item.kind == "json":
-        sizes["label"] = (item.json_label.width, item.json_label.height)
-    if len(set(sizes.values())) > 1:
-        shown = ", ".join(f"{role} {w}x{h}" for role, (w, h) in sizes.items())
-        raise DataError(f"{item.name}: sizes differ ({shown})")
-    item.size = sizes["past"]
-
-
-def load_item(item: Item, src: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode one pair: past, current [H,W,3] uint8 and mask [H,W] uint8 (GeoTIFFs: views read by window)."""
-    if item.kind == "geotiff":
-        return load_geotiff_item(item)
-    try:
-        past, current = read_rgb(item.past), read_rgb(item.current)
-        mask = rasterise(item.json_label) if item.kind == "json" else read_binary_mask(item.label)
-    except DataError as exc:
-        message = str(exc)
-        for path in (item.past, item.current, item.label):
-            message = _shorten(message, path, _relative(path, src))
-        raise DataError(message) from None
-    if not (past.shape[:2] == current.shape[:2] == mask.shape):
-        raise DataError(f"{item.name}: decoded sizes differ (past {past.shape[1]}x{past.shape[0]}, "
-                        f"current {current.shape[1]}x{current.shape[0]}, label {mask.shape[1]}x{mask.shape[0]})")
-    return past, current, mask
 
 
 # ------------------------------------------------------------------------------------------------ splits
@@ -490,8 +112,6 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
         raise ConfigError("--district-map applies to LEVIR folders; JSON labels name their district")
     mapping = read_district_map(Path(district_map)) if district_map is not None else None
     if fmt in ("levir", "geotiff"):
-        if not (src / "A").is_dir() and not any((s / "A").is_dir() for s in _subdirs(src)):
-            raise DataError(f"{src}: not a LEVIR-CD folder (no A/ folder, nor sub-folders with A/)")
         items, problems = discover_levir(src, mapping, kind=fmt)
         tile = tile or DEFAULT_LEVIR_TILE
     else:

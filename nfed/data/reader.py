@@ -1,4 +1,4 @@
-"""Reading district packs (HDF5 written by nfed.data.pack) as shuffled, augmented batches on a device.
+"""Reading district packs (HDF5, format of nfed.data.packformat) as shuffled, augmented batches on a device.
 
 A batch reads only its own tiles from disk (each tile is one HDF5 chunk), so a pack larger than memory
 trains fine. The shuffle order and the augmentation (one of the 8 flips/90-degree rotations per tile,
@@ -13,13 +13,12 @@ import h5py
 import numpy as np
 
 from nfed.common import backend
-from nfed.data.districts import district_order_key
 from nfed.common.errors import ConfigError, DataError
+from nfed.data.districts import district_order_key
+from nfed.data.images import images_to_nchw_float
+from nfed.data.packformat import (IDS_DATASET, MASK_VALUES_BINARY, MAX_MASK_VALUE, REQUIRED_ATTRS, SPLITS,
+                                  SUPPORTED_FORMAT_VERSIONS, TILE_DATASETS, TILE_DTYPE, mask_value_names, row_shapes)
 
-SPLITS = ("train", "val", "test")
-REQUIRED_ATTRS = ("district", "tile_size", "format_version")
-SUPPORTED_FORMAT_VERSIONS = (1,)
-MAX_MASK_VALUE = 4   # format version 1: 0 = no change, 1..4 = new, demolished, renewed, recoloured
 _READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
 
 
@@ -55,7 +54,26 @@ def augment_tiles(past: np.ndarray, current: np.ndarray, mask: np.ndarray,
     return past, current, mask
 
 
-class DistrictPack:
+class _TileSource:
+    """What DistrictPack and PooledPacks share: closing as a context manager and seeded batches of a split,
+    given their close, num_samples and read."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = True, augment: bool = False,
+                seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
+        """Batches of one pass over a split; order and augmentation are fixed by `seed` (vary it per
+        epoch for fresh shuffles)."""
+        return iterate_batches(self, split, batch_size, shuffle=shuffle, augment=augment, seed=seed,
+                               device=device, drop_last=drop_last)
+
+
+class DistrictPack(_TileSource):
     """One district's pack: `with DistrictPack(path) as pack: for batch in pack.batches("train", 8): ...`."""
 
     def __init__(self, path: str | Path):
@@ -103,7 +121,7 @@ class DistrictPack:
             if split not in self._file:
                 raise DataError(f"{self.path}: not an nfed pack (group '{split}' missing)")
             group = self._file[split]
-            expected = {"past": (t, t, 3), "current": (t, t, 3), "mask": (t, t), "ids": ()}
+            expected = row_shapes(t)
             n = None
             for name, tail in expected.items():
                 if name not in group:
@@ -115,23 +133,16 @@ class DistrictPack:
                 if shape is None or shape[1:] != tail or (n is not None and shape[0] != n):
                     raise DataError(f"{self.path}: dataset '{split}/{name}' has shape {shape}, "
                                     f"inconsistent with tile size {t} and the other datasets")
-                if name == "ids":
+                if name == IDS_DATASET:
                     wanted, matches = "a string", h5py.check_string_dtype(dataset.dtype) is not None
                 else:
-                    wanted, matches = "uint8", dataset.dtype == np.uint8
+                    wanted, matches = np.dtype(TILE_DTYPE).name, dataset.dtype == TILE_DTYPE
                 if not matches:
                     raise DataError(f"{self.path}: dataset '{split}/{name}' has dtype {dataset.dtype}, expected "
                                     f"{wanted} (pack format version {attrs['format_version']})")
                 n = shape[0]
             self._counts[split] = int(n)
             self._datasets[split] = {name: group[name] for name in expected}
-
-    def __enter__(self) -> "DistrictPack":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.close()
-        return False
 
     def close(self) -> None:
         file = getattr(self, "_file", None)
@@ -167,8 +178,8 @@ class DistrictPack:
         runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1) if unique.size else []
         try:
             arrays = [np.concatenate([group[name][run[0]:run[-1] + 1] for run in runs])[inverse]
-                      if runs else np.empty((0,) + group[name].shape[1:], np.uint8)
-                      for name in ("past", "current", "mask")]
+                      if runs else np.empty((0,) + group[name].shape[1:], TILE_DTYPE)
+                      for name in TILE_DATASETS]
         except _READ_ERRORS as exc:
             raise DataError(f"{self.path}: cannot read split '{split}' (truncated or corrupt pack: "
                             f"{str(exc).splitlines()[0][:120]})") from None
@@ -186,7 +197,7 @@ class DistrictPack:
         self._check_split(split)
         if split not in self._ids:
             try:
-                self._ids[split] = [str(s) for s in self._datasets[split]["ids"].asstr()[:]]
+                self._ids[split] = [str(s) for s in self._datasets[split][IDS_DATASET].asstr()[:]]
             except _READ_ERRORS as exc:
                 raise DataError(f"{self.path}: cannot read ids of split '{split}' ({exc})") from None
         return list(self._ids[split])
@@ -199,8 +210,7 @@ class DistrictPack:
 
     def summary(self) -> dict:
         """What `nfed info` shows: counts per split, change-pixel share, pixels and tiles per mask value."""
-        mask_values = str(self.attrs.get("mask_values", "0=none,1=change"))
-        names = dict(item.split("=", 1) for item in mask_values.split(",") if "=" in item)
+        names = mask_value_names(self.attrs.get("mask_values", MASK_VALUES_BINARY))
         pixels = np.zeros(256, np.int64)
         tiles_with = np.zeros(256, np.int64)
         splits = {}
@@ -226,13 +236,6 @@ class DistrictPack:
                 "change_pixel_share": float(pixels[1:].sum() / total) if total else 0.0,
                 "change_types": change_types}
 
-    def batches(self, split: str, batch_size: int, *, shuffle: bool = True, augment: bool = False,
-                seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
-        """Batches of one pass over a split; order and augmentation are fixed by `seed` (vary it per
-        epoch for fresh shuffles)."""
-        return iterate_batches(self, split, batch_size, shuffle=shuffle, augment=augment, seed=seed,
-                               device=device, drop_last=drop_last)
-
 
 def iterate_batches(source, split: str, batch_size: int, *, shuffle: bool, augment: bool, seed: int, device,
                     drop_last: bool) -> Iterator[Batch]:
@@ -256,7 +259,7 @@ def iterate_batches(source, split: str, batch_size: int, *, shuffle: bool, augme
                     mask=backend.to_device(mask.astype(np.int64), target), ids=ids)
 
 
-class PooledPacks:
+class PooledPacks(_TileSource):
     """Several district packs read as one (the centralised baseline's pooled data): a split's tiles are the
     districts' tiles of that split, in district order, so shuffled batches mix districts.
 
@@ -274,13 +277,6 @@ class PooledPacks:
         self.path = Path(self.packs[0].path).parent
         self._offsets = {split: np.cumsum([0] + [p.num_samples(split) for p in self.packs]) for split in SPLITS}
 
-    def __enter__(self) -> "PooledPacks":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.close()
-        return False
-
     def close(self) -> None:
         for pack in self.packs:
             pack.close()
@@ -296,10 +292,8 @@ class PooledPacks:
         if indices.size and (indices.min() < 0 or indices.max() >= offsets[-1]):
             raise DataError(f"pooled index out of range for split '{split}' with {offsets[-1]} tiles")
         owner = np.searchsorted(offsets, indices, side="right") - 1
-        t = self.tile
-        past = np.empty((indices.size, t, t, 3), np.uint8)
-        current = np.empty_like(past)
-        mask = np.empty((indices.size, t, t), np.uint8)
+        shapes = row_shapes(self.tile)
+        past, current, mask = (np.empty((indices.size,) + shapes[name], TILE_DTYPE) for name in TILE_DATASETS)
         ids: list = [None] * indices.size
         for k in np.unique(owner):
             where = np.flatnonzero(owner == k)
@@ -309,11 +303,6 @@ class PooledPacks:
                 ids[position] = f"{self.packs[k].district}/{tile_id}"
         return past, current, mask, ids
 
-    def batches(self, split: str, batch_size: int, *, shuffle: bool = True, augment: bool = False,
-                seed: int = 0, device="cpu", drop_last: bool = False) -> Iterator[Batch]:
-        return iterate_batches(self, split, batch_size, shuffle=shuffle, augment=augment, seed=seed,
-                               device=device, drop_last=drop_last)
-
 
 def _max_mask_value(path: Path, mask_values) -> int:
     """The largest mask value the pack declares (attribute mask_values, e.g. '0=none,1=change'); 4 (the
@@ -321,19 +310,12 @@ def _max_mask_value(path: Path, mask_values) -> int:
     if mask_values is None:
         return MAX_MASK_VALUE
     try:
-        codes = [int(item.split("=", 1)[0]) for item in str(mask_values).split(",") if "=" in item]
+        codes = [int(code) for code in mask_value_names(mask_values)]
     except ValueError:
         raise DataError(f"{path}: attribute mask_values {str(mask_values)[:60]!r} is not 'code=name,...'") from None
     if not codes or min(codes) < 0 or max(codes) > MAX_MASK_VALUE:
         raise DataError(f"{path}: attribute mask_values {str(mask_values)[:60]!r} must list codes 0-{MAX_MASK_VALUE}")
     return max(codes)
-
-
-def images_to_nchw_float(images: np.ndarray) -> np.ndarray:
-    """[B,H,W,3] uint8 -> [B,3,H,W] float32 in [0, 1]."""
-    out = np.empty((images.shape[0], images.shape[3], images.shape[1], images.shape[2]), np.float32)
-    np.multiply(images.transpose(0, 3, 1, 2), np.float32(1 / 255), out=out, casting="unsafe")
-    return out
 
 
 def list_packs(directory: str | Path) -> list[Path]:

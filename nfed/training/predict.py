@@ -18,14 +18,11 @@ from PIL import Image
 
 from nfed.common import backend
 from nfed.common.atomic import atomic_path
-from nfed.data.reader import images_to_nchw_float as to_nchw_float
 from nfed.common.errors import ConfigError, DataError
-from nfed.data.pack import image_size, read_rgb
+from nfed.data.images import RASTER_SUFFIXES, image_size, images_to_nchw_float, list_images, read_rgb
 from nfed.data.polygons import DEFAULT_MIN_AREA, DEFAULT_SIMPLIFY
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
-RASTER_SUFFIXES = (".tif", ".tiff")
 OVERLAY_MAX_SIDE = 4096
 
 RowReader = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
@@ -241,8 +238,7 @@ def find_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
     a_dir, b_dir = folder / "A", folder / "B"
     if not a_dir.is_dir() or not b_dir.is_dir():
         raise DataError(f"{folder}: not a pair folder (needs A/ with past and B/ with current images)")
-    a_files = {p.name: p for p in sorted(a_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-    b_files = {p.name: p for p in sorted(b_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    a_files, b_files = ({path.name: path for path in list_images(folder)} for folder in (a_dir, b_dir))
     if not a_files:
         raise DataError(f"{a_dir}: no images")
     unpaired = sorted(set(a_files) ^ set(b_files))
@@ -288,4 +284,4 @@ def write_mask(path: str | os.PathLike, change: np.ndarray) -> None:
 
 def _tiles_nchw(image: np.ndarray, origins, tile: int) -> np.ndarray:
     """Crops [B, H, W, 3] uint8 -> [B, 3, H, W] float32 in [0, 1], scaled exactly as the pack reader does."""
-    return to_nchw_float(np.stack([image[y:y + tile, x:x + tile] for y, x in origins]))
+    return images_to_nchw_float(np.stack([image[y:y + tile, x:x + tile] for y, x in origins]))
