@@ -56,7 +56,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from nfed.federation.server import FederationConfig, federate, find_packs
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
+    from nfed.runs.packs import find_packs
     from nfed.training.trainer import profile_config
 
     args.out.mkdir(parents=True, exist_ok=True)

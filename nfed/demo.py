@@ -143,7 +143,7 @@ class _Stages:
 
 def make_data(out_dir: Path, settings: DemoSettings, echo: Callable[[str], None]) -> dict[str, Path]:
     """Synthetic districts and their packs; returns district -> pack path."""
-    from nfed.federation.server import find_packs
+    from nfed.runs.packs import find_packs
     from nfed.data.pack import pack_folder
     from nfed.data.synth import synthesise
     from nfed.training.trainer import PROFILE_TILES
@@ -162,8 +162,10 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
     """The four columns of one seed into RUN/local, federated, personalised, central (CSV tables)."""
     from nfed.model.checkpoint import save_checkpoint
     from nfed.federation.district_jobs import PoolRunner, make_task, run_tasks, worker_pool
-    from nfed.federation.server import BEST_NAME, FederationConfig, federate
-    from nfed.runs.results import write_results_csv
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
+    from nfed.runs.runfolder import BEST_NAME
+    from nfed.runs.results import study_table, write_results_csv
     from nfed.training.study import fine_tune_config, train_central
     from nfed.training.trainer import profile_config
 
@@ -182,7 +184,7 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
 
         tasks = [make_task("local", path, run_dir / "local", config) for path in packs.values()]
         rows = run_tasks(tasks, pool, said_local)
-        write_results_csv(run_dir / "local" / "local.csv", rows, "local")
+        write_results_csv(study_table(run_dir, "local"), rows, "local")
         stages.done("local")
 
         fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
@@ -212,12 +214,12 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
         tasks = [make_task("personalise", path, run_dir / "personalised", fine_tune_config(config), weights=start)
                  for path in packs.values()]
         rows = run_tasks(tasks, pool, said_personalised)
-        write_results_csv(run_dir / "personalised" / "personalised.csv", rows, "personalised")
+        write_results_csv(study_table(run_dir, "personalised"), rows, "personalised")
         stages.done("personalised")
 
     echo(f"[demo] seed {seed}: centralised column, one model on the pooled data")
     summary, rows = train_central(list(packs.values()), run_dir / "central", config, quiet=settings.quiet)
-    write_results_csv(run_dir / "central" / "central.csv", rows, "central")
+    write_results_csv(study_table(run_dir, "central"), rows, "central")
     echo(f"  centralised: {summary['epochs_run']} epochs, {summary['steps']} steps, {summary['stop']}")
     stages.done("central")
 

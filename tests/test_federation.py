@@ -14,8 +14,10 @@ import pytest
 
 from nfed.federation.client import ClientResult
 from nfed.common.errors import CheckpointError, ConfigError
-from nfed.federation.server import (FederationConfig, Federation, federate, load_client_speeds, read_rounds,
-                             select_clients)
+from nfed.federation.config import FederationConfig, load_client_speeds
+from nfed.federation.runners import select_clients
+from nfed.federation.server import Federation, federate
+from nfed.runs.runfolder import read_rounds
 
 TARGETS = {"A-gu": 1.0, "B-gu": 2.0, "C-gu": 4.0}
 SAMPLES = {"A-gu": 10, "B-gu": 30, "C-gu": 60}
@@ -213,7 +215,7 @@ def test_worker_mode_kills_a_hung_client_at_the_deadline(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_packs(tmp_path_factory):
-    from nfed.federation.server import find_packs
+    from nfed.runs.packs import find_packs
     from nfed.data.pack import pack_folder
     from nfed.data.synth import synthesise
 

@@ -149,7 +149,8 @@ def test_leftovers_of_dead_writers_are_removed_and_outputs_follow_the_umask(tmp_
 # ------------------------------------------------------------------------------------------ 5. run folders
 
 def _fake_run(run_dir, packs=None, **options):
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
 
     paths = {name: (packs / f"{name}.h5" if packs else Path(f"/nonexistent/{name}.h5"))
              for name in ("A-gu", "B-gu", "C-gu")}
@@ -206,7 +207,9 @@ HANGING_DRIVER = textwrap.dedent('''
     from pathlib import Path
 
     from nfed.cli import _terminate
-    from nfed.federation.server import Federation, FederationConfig, find_packs
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import Federation
+    from nfed.runs.packs import find_packs
     from nfed.training.trainer import profile_config
     from nfed.federation.worker import WorkerRunner
 

@@ -64,7 +64,7 @@ def round_(data, district_count, scale, tile, width, rounds, warmup, workers, jo
             data = _synthetic_packs(Path(scratch), district_count, scale, tile, settings)
             source = {"districts": district_count, "scale": scale, "tile": tile}
         else:
-            from nfed.federation.server import find_packs
+            from nfed.runs.packs import find_packs
 
             find_packs(data)   # a missing or empty folder fails here, in one line
             source = {"data": str(data)}
@@ -123,7 +123,7 @@ def worker_main(task_json: str) -> None:
     """Entry point of the benchmark subprocess (prints one JSON object)."""
     import resource
 
-    from nfed.federation.server import find_packs
+    from nfed.runs.packs import find_packs
     from nfed.benchmarks.round import summarise, time_rounds
     from nfed.training.trainer import TrainConfig
 

@@ -125,7 +125,9 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
     district's test split (district, samples, precision, recall, f1, iou). One run at a time per folder; a
     folder holding a run is only replaced with --overwrite.
     """
-    from nfed.federation.server import FederationConfig, federate as run_federation, find_packs, load_client_speeds
+    from nfed.federation.config import FederationConfig, load_client_speeds
+    from nfed.federation.server import federate as run_federation
+    from nfed.runs.packs import find_packs
     from nfed.training.trainer import profile_config
 
     if resume and overwrite:

@@ -120,7 +120,7 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
     RUN/status.json as `nfed federate`. Run it with `flwr run APP_DIR CONNECTION --stream`, then check
     `nfed status RUN` (flwr run exits 0 even when the run failed).
     """
-    from nfed.federation.server import FederationConfig
+    from nfed.federation.config import FederationConfig
     from nfed.training.trainer import profile_config
 
     if resume and overwrite:
@@ -171,7 +171,7 @@ def allow_list(names: str | None, path: Path | None) -> list[str] | None:
 def flower_run_config(train_config, fed_config, **options) -> dict:
     """nfed.federation.flower's run configuration (imports flwr: a clear error where it is not installed)."""
     try:
-        from nfed.federation.flower import run_config_for
+        from nfed.federation.flower_config import run_config_for
     except ImportError as exc:
         if getattr(exc, "name", "") and str(exc.name).startswith("flwr"):
             raise ConfigError("nfed flower-app needs Flower (flwr 1.42): install nfed with its flower extra, e.g. "

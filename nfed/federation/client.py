@@ -22,7 +22,7 @@ from typing import Mapping
 import numpy as np
 
 from nfed.common.backend import to_numpy
-from nfed.common.errors import ConfigError, NfedError
+from nfed.common.errors import ConfigError
 
 
 @dataclass
@@ -56,15 +56,6 @@ class ClientOutcome:
     simulated_seconds: float | None = None
     result: ClientResult | None = None
     reason: str = ""
-
-
-def one_line(exc: BaseException) -> str:
-    """A crash as one line: nfed errors by their message, others prefixed with their type."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    if isinstance(exc, NfedError):
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 DP_CLIP_KEY = "dp_clip"

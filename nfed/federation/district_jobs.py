@@ -242,7 +242,7 @@ class PoolRunner:
 
 def serve(parent_pid: int | None) -> int:
     """Worker loop: one task per stdin line, one answer per stdout line, until stdin closes."""
-    from nfed.federation.client import one_line
+    from nfed.common.errors import one_line
     from nfed.federation.worker import die_with_parent
 
     die_with_parent(parent_pid)

@@ -43,8 +43,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
 
 from nfed.common import strict_json
-from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, one_line, train_round
-from nfed.common.errors import DataError
+from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, train_round
+from nfed.common.errors import DataError, one_line
 from nfed.federation.privacy import SecureAggregate
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from typing import Sequence
 from nfed.common import strict_json
 from nfed.common.atomic import write_json_atomic
 from nfed.model.checkpoint import load_checkpoint, save_checkpoint
-from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics, one_line
-from nfed.common.errors import CheckpointError, ConfigError
+from nfed.common.errors import CheckpointError, ConfigError, one_line
+from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
 
 DEFAULT_CLIENT = "nfed.federation.client:train_round"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
