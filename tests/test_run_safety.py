@@ -217,7 +217,7 @@ HANGING_DRIVER = textwrap.dedent('''
     packs, run = Path(sys.argv[1]), Path(sys.argv[2])
     runner = WorkerRunner(2, run / "work", client_function="hangclient:train")
     config = FederationConfig(rounds=1, eps=1e-3, workers=2)
-    Federation(find_packs(packs), run, profile_config("demo", width=2, batch_size=4, device="cpu"), config,
+    Federation(find_packs(packs), run, profile_config("demo", width=2, batch_size=4), config,
                runner=runner).run()
 ''')
 HANGING_CLIENT = "import time\n\ndef train(*args, **kwargs):\n    time.sleep(600)\n"

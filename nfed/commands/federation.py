@@ -5,10 +5,9 @@ from pathlib import Path
 
 import click
 
-from nfed.common import backend
 from nfed.common.errors import ConfigError
 from nfed.common.validate import check_number
-from nfed.commands.options import device_option, limited, precision_option
+from nfed.commands.options import device_option, limited, precision_option, run_environment
 
 
 
@@ -134,9 +133,8 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
         raise ConfigError("--resume continues the run in --out, --overwrite replaces it: give one of them")
 
     gpu_ids = parse_gpus(gpus)
-    device = f"cuda:{gpu_ids[0]}" if gpu_ids and device is None else device
-    device = str(backend.parse_device(device))
-    train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed, device=device)
+    env = run_environment(f"cuda:{gpu_ids[0]}" if gpu_ids and device is None else device, precision)
+    train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed)
     packs = find_packs(data_dir)
     config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
                               warmup_rounds=warmup_rounds,
@@ -147,9 +145,9 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
                               gpus=gpu_ids, evaluate_rounds=not no_round_eval, **defences)
     click.echo(f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {server_opt}, "
                f"up to {rounds} round(s) of "
-               f"{local_epochs} local epoch(s), device {device}" + (f", deadline {deadline:g} s" if deadline else ""))
+               f"{local_epochs} local epoch(s), device {env.device}" + (f", deadline {deadline:g} s" if deadline else ""))
     result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite,
-                            echo=click.echo, show_progress=not quiet)
+                            echo=click.echo, show_progress=not quiet, env=env)
     f1 = [row["f1"] for row in result.results]
     click.echo(f"wrote {run_dir / 'federated.csv'}: mean test F1 {sum(f1) / max(len(f1), 1):.4f} over "
                f"{len(f1)} district(s); global weights in {run_dir / 'global.h5'}")

@@ -13,7 +13,7 @@ from nfed.common.atomic import new_folder
 from nfed.common.errors import ConfigError, DataError
 from nfed.runs.runlock import RunLock
 from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, limited, precision_option,
-                                   training_config)
+                                   run_environment, training_config)
 from nfed.commands.predict_outputs import describe_regions, output_options, write_change_summary
 
 from nfed.training.study import METRIC_KEYS
@@ -70,7 +70,8 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
     from nfed.runs.results import write_results_csv
     from nfed.training.study import train_district
 
-    config = training_config(device=str(backend.parse_device(device)), **options)
+    config = training_config(**options)
+    env = run_environment(device, precision)
     if train_all:
         if data_path.is_file():
             raise ConfigError(f"--all trains every pack of a folder, but --data {data_path} is a file; "
@@ -85,7 +86,7 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
     rows = []
     with new_folder(out_dir), RunLock(out_dir):
         for path in packs:
-            summary = train_district(path, out_dir, config, quiet=quiet)
+            summary = train_district(path, out_dir, config, env=env, quiet=quiet)
             rows.append(summary)
             click.echo(f"{summary['district']}: f1 {summary['f1']:.4f} precision {summary['precision']:.4f} "
                        f"recall {summary['recall']:.4f} iou {summary['iou']:.4f} "

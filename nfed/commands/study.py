@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from nfed.common import backend
 from nfed.common.atomic import new_folder
 from nfed.common.errors import ConfigError, DataError
 from nfed.runs.runlock import RunLock
-from nfed.commands.options import TRAINING_OPTIONS, apply_options, device_option, precision_option, training_config
+from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, precision_option, run_environment,
+                                   training_config)
 
 
 def _packs(data_path: Path) -> list[Path]:
@@ -47,10 +47,11 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
     from nfed.runs.results import write_results_csv
     from nfed.training.study import train_central as run
 
-    config = training_config(device=str(backend.parse_device(device)), **options)
+    config = training_config(**options)
+    env = run_environment(device, precision)
     packs = _packs(data_path)
     with new_folder(out_dir), RunLock(out_dir):
-        summary, rows = run(packs, out_dir, config, quiet=quiet)
+        summary, rows = run(packs, out_dir, config, env=env, quiet=quiet)
         write_results_csv(out_dir / "central.csv", rows, "central")
     for row in rows:
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['test_tiles']} test tiles)")
@@ -84,14 +85,15 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
                               f"{key} {trained.get(key)}")
         if key in trained:
             options[key] = str(trained[key]) if key == "classes" else trained[key]
-    config = training_config(device=str(backend.parse_device(device)), **options)
+    config = training_config(**options)
+    env = run_environment(device, precision)
     if options.get("lr") is None:
         config = fine_tune_config(config)
     packs = _packs(data_path)
     rows = []
     with new_folder(out_dir), RunLock(out_dir):
         for path in packs:
-            row = personalise_district(checkpoint.model_state, path, out_dir, config, quiet=quiet,
+            row = personalise_district(checkpoint.model_state, path, out_dir, config, env=env, quiet=quiet,
                                        source=str(model_path))
             rows.append(row)
             kept = " (global weights kept)" if row["best_epoch"] == 0 else ""

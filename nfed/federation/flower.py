@@ -29,6 +29,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from nfed.common.backend import ENV_DEVICE
 from nfed.common.errors import ConfigError, one_line
 from nfed.federation.client import evaluate_weights, train_round
 from nfed.federation.flower_config import settings_from_run_config
@@ -38,7 +39,9 @@ from nfed.federation.flower_transport import FlowerClients, round_plan
 from nfed.federation.roster import Roster
 from nfed.federation.server import federate
 from nfed.runs.packs import pack_fingerprint
+from nfed.gpu.precision import parse_precision
 from nfed.runs.runfolder import recorded_run
+from nfed.training.environment import RunEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,12 @@ def node_pack(context: Context) -> Path:
     return Path(str(pack)).expanduser()
 
 
-def node_device(context: Context) -> str:
-    """The node's compute device: node config `device`, else $NFED_DEVICE, else cpu (not the server's)."""
-    return str(context.node_config.get("device") or os.environ.get("NFED_DEVICE") or "cpu")
+def node_environment(context: Context) -> RunEnvironment:
+    """Where this node computes (never the server's): node config `device`, else $NFED_DEVICE, else cpu; node
+    config `precision`, else $NFED_PRECISION, else fp32."""
+    config = context.node_config
+    return RunEnvironment(str(config.get("device") or os.environ.get(ENV_DEVICE) or "cpu"),
+                          str(config.get("precision") or "") or parse_precision(None))
 
 
 def _error_reply(message: Message, exc: BaseException) -> Message:
@@ -106,19 +112,19 @@ def client_train(message: Message, context: Context) -> Message:
 
     if is_secure_message(message):
         try:
-            return secure_train(message, context, node_pack, node_device)
+            return secure_train(message, context, node_pack, node_environment)
         except Exception as exc:
             return _error_reply(message, exc)
     try:
         weights = record_to_weights(message.content[WEIGHTS_RECORD])
         setup = from_json_record(message.content[SETUP_RECORD], "setup")
-        pack, device = node_pack(context), node_device(context)
+        pack, env = node_pack(context), node_environment(context)
         extra = {}
         if "evaluate" in message.content[SETUP_RECORD]:
             evaluation = from_json_record(message.content[SETUP_RECORD], "evaluate")
             extra["evaluation"] = evaluate_weights(weights, evaluation["setup"], pack, split=evaluation["split"],
-                                                   device=device)
-        result = train_round(weights, setup, pack, device=device)
+                                                   env=env)
+        result = train_round(weights, setup, pack, env=env)
         district = pack_district(pack)
     except Exception as exc:
         return _error_reply(message, exc)
@@ -135,7 +141,7 @@ def client_evaluate(message: Message, context: Context) -> Message:
         weights = record_to_weights(message.content[WEIGHTS_RECORD])
         setup = from_json_record(message.content[SETUP_RECORD], "setup")
         split = from_json_record(message.content[SETUP_RECORD], "split")
-        metrics = evaluate_weights(weights, setup, node_pack(context), split=split, device=node_device(context))
+        metrics = evaluate_weights(weights, setup, node_pack(context), split=split, env=node_environment(context))
     except Exception as exc:
         return _error_reply(message, exc)
     return Message(RecordDict({RESULT_RECORD: json_record(metrics=metrics)}), reply_to=message)

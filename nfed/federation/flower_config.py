@@ -86,8 +86,7 @@ def run_config_for(train_config, fed_config, *, run_dir: Path, resume: bool = Fa
     for key, (field_name, kind) in FEDERATION_KEYS.items():
         value = federation[field_name]
         config[key] = kind(0 if value is None else value)
-    train = train_config.to_dict()
-    train.pop("device", None)  # each node trains on its own device (node config `device`)
+    train = train_config.to_dict()   # each node trains on its own device (node config `device`)
     train.pop("seed", None)    # one seed for the federation and the model: `seed` above
     config["train"] = train
     return config

@@ -336,7 +336,7 @@ class FlowerClients:
         return weights, num_samples, metrics
 
     # -- evaluation function of nfed.federation.server
-    def evaluate(self, weights, setup, pack_label, *, split: str = "val", device=None) -> dict:
+    def evaluate(self, weights, setup, pack_label, *, split: str = "val", env=None) -> dict:
         district = self._district_of(pack_label)
         if self._evaluated is None or self._evaluated[0] is not weights or self._evaluated[1] != split:
             self._evaluated = (weights, split, *self._evaluate_all(weights, setup, split))

@@ -47,7 +47,7 @@ class SequentialRunner:
             started = time.perf_counter()
             try:
                 result = self.train_fn(global_weights, task.setup, task.pack_path,
-                                       optimizer_state=task.optimizer_state, device=task.device)
+                                       optimizer_state=task.optimizer_state, env=task.env)
             except Exception as exc:  # a crashing client is logged and skipped, the round goes on
                 outcomes.append(ClientOutcome(task.district, "failed", time.perf_counter() - started,
                                               reason=one_line(exc)))

@@ -46,6 +46,7 @@ from nfed.runs.runfolder import (BEST_NAME, CHECKPOINT_NAME, RESULTS_NAME, ROUND
                                  prune_client_states, read_rounds, recorded_run, rounds_digest, state_file,
                                  write_rounds)
 from nfed.runs.runlock import RunLock
+from nfed.training.environment import RunEnvironment, default_environment
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Federation:
                  initial_weights: Mapping | None = None, runner=None,
                  echo: Callable[[str], None] | None = None, show_progress: bool = False,
                  data_fingerprint: Mapping[str, str | None] | None = None, tile: int | None = None,
-                 train_samples: Mapping[str, int] | None = None):
+                 train_samples: Mapping[str, int] | None = None, env: RunEnvironment | None = None):
         if not packs:
             raise DataError("no district packs to federate")
         self.packs = dict(packs)
@@ -83,6 +84,7 @@ class Federation:
         self.run_dir = Path(run_dir)
         self.train_config = train_config
         self.config = fed_config
+        self.env = env or default_environment()   # the server's; clients on --gpus get one GPU each
         self.train_fn = train_fn
         self.evaluate_fn = evaluate_fn
         self.echo = echo or (lambda text: None)
@@ -123,12 +125,12 @@ class Federation:
             from nfed.federation.client import host_state
             from nfed.training.trainer import build_model
 
-            weights = host_state(build_model(self.train_config))
+            weights = host_state(build_model(self.train_config, "cpu"))
         return weights
 
     def _checkpoint_config(self) -> dict:
         config = {"federation": self.config.to_dict(), "train": self.train_config.to_dict(),
-                  "data": self.data_fingerprint()}
+                  "data": self.data_fingerprint(), "environment": self.env.to_dict()}
         if self._tile is not None:
             config["tile"] = int(self._tile)   # what predict cuts images into
         return config
@@ -185,17 +187,16 @@ class Federation:
         if self.config.dp_clip > 0:
             setup[DP_CLIP_KEY] = float(self.config.dp_clip)
         tasks = []
+        gpus = self.config.gpus
         for index, district in enumerate(selected):
-            device = None
-            if self.config.gpus:
-                device = f"cuda:{self.config.gpus[index % len(self.config.gpus)]}"
+            env = self.env.on(f"cuda:{gpus[index % len(gpus)]}" if gpus else None)
             state = latest_client_state(self.run_dir, district, round_number) if keep else None
             task_setup = setup
             if district in self.attackers:
                 from nfed.federation.attacks import attack_setup
 
                 task_setup = attack_setup(self.config.simulate_attack, setup)
-            tasks.append(ClientTask(district, self.packs[district], task_setup, state, device))
+            tasks.append(ClientTask(district, self.packs[district], task_setup, state, env))
         return tasks
 
     def _attacked(self, outcomes: list[ClientOutcome], weights, round_number: int) -> list[ClientOutcome]:
@@ -236,11 +237,11 @@ class Federation:
         if evaluate_fn is None:
             from nfed.federation.client import evaluate_weights as evaluate_fn
         setup = make_round_setup(self.train_config, max(1, round_number), self.config.local_epochs)
-        device = f"cuda:{self.config.gpus[0]}" if self.config.gpus else None
+        env = self.env.on(f"cuda:{self.config.gpus[0]}" if self.config.gpus else None)
         results = {}
         for district in self.districts:
             try:
-                results[district] = evaluate_fn(weights, setup, self.packs[district], split=split, device=device)
+                results[district] = evaluate_fn(weights, setup, self.packs[district], split=split, env=env)
             except NfedError as exc:
                 log.warning("evaluation of %s on %s failed: %s", district, split, exc)
                 self.echo(f"  evaluation of {district} ({split}) failed: {exc}")
@@ -310,7 +311,7 @@ class Federation:
                                   best_round=best_round or done, stop_rule=stop.fired)
         write_json_atomic(self.run_dir / SUMMARY_NAME, {
             "rounds": done, "best_round": result.best_round, "stop_rule": stop.fired, "stop_reason": stop_reason,
-            "best_mean_val_loss": self._best[1] if best_round else None,
+            "best_mean_val_loss": self._best[1] if best_round else None, "environment": self.env.to_dict(),
             "clients": client_work(records), **defence_summary(cfg, records, self.attackers)})
         return result
 

@@ -228,6 +228,8 @@ def compare_run(run: Run) -> Comparison:
     summary["fairness"] = [section]
     if run.federation.get("privacy"):   # a DP-FedAvg federation: the privacy it spent
         summary["privacy"] = run.federation["privacy"]
+    if run.federation.get("environment"):   # where the federation's server computed (device, precision)
+        summary["environment"] = run.federation["environment"]
     summary["warnings"] = list(section["warnings"])
     return Comparison(rows, summary, columns, [run])
 
