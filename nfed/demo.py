@@ -220,8 +220,8 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
         stages.done("personalised")
 
     echo(f"[demo] seed {seed}: centralised column, one model on the pooled data")
-    summary, rows = train_central(list(packs.values()), run_dir / "central", config, env=env, quiet=settings.quiet)
-    write_results_csv(study_table(run_dir, "central"), rows, "central")
+    summary, _ = train_central(list(packs.values()), study_table(run_dir, "central").parent, config, env=env,
+                               quiet=settings.quiet)
     echo(f"  centralised: {summary['epochs_run']} epochs, {summary['steps']} steps, {summary['stop']}")
     stages.done("central")
 

@@ -11,10 +11,12 @@ records why it stopped and how many optimiser steps it took, so the report can t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-from nfed.common.atomic import make_folder, write_json_atomic
-from nfed.runs.results import test_facts
+from nfed.common.atomic import make_folder, new_folder, write_json_atomic
+from nfed.common.errors import ConfigError, DataError
+from nfed.runs.results import FILE_NAMES, test_facts, write_results_csv
+from nfed.runs.runlock import RunLock
 from nfed.training.environment import RunEnvironment, default_environment
 
 METRIC_KEYS = ("precision", "recall", "f1", "iou", "oa", "kappa")
@@ -110,7 +112,8 @@ def train_central(pack_paths: Sequence[str | Path], out_dir: str | Path, config,
     """Centralised column: one model on the pooled training splits of all districts, early stopping on the
     pooled validation splits; scored on every district's test split.
 
-    Writes OUT/best.h5, OUT/epochs.jsonl and OUT/summary.json; returns (summary, per-district rows)."""
+    Writes OUT/best.h5, OUT/epochs.jsonl, OUT/summary.json and OUT/central.csv (the model on each district's
+    test split); returns (summary, per-district rows)."""
     from nfed.model.checkpoint import save_checkpoint
     from nfed.data.reader import DistrictPack, PooledPacks
     from nfed.training.trainer import build_model, build_optimizer, fit
@@ -141,4 +144,89 @@ def train_central(pack_paths: Sequence[str | Path], out_dir: str | Path, config,
                     config={**config.to_dict(), "tile": tile, "district": "pooled", "environment": env.to_dict()},
                     metrics=summary)
     write_json_atomic(out_dir / "summary.json", summary)
+    write_results_csv(out_dir / FILE_NAMES["central"], rows, "central")
     return summary, rows
+
+
+# ------------------------------------------------------------------------------------------ whole columns
+
+def _column(out_dir: str | Path, kind: str | None, rows_of: Callable[[Path], list[dict]]) -> list[dict]:
+    """Run a column in the run folder OUT, held (RunLock) while it is written; `kind`: the results table
+    written as OUT/<kind>.csv (None: none)."""
+    out_dir = Path(out_dir)
+    with new_folder(out_dir), RunLock(out_dir):
+        rows = rows_of(out_dir)
+        if kind is not None:
+            write_results_csv(out_dir / FILE_NAMES[kind], rows, kind)
+    return rows
+
+
+def local_column(pack_paths: Sequence[str | Path], out_dir: str | Path, config, *, env: RunEnvironment | None = None,
+                 quiet: bool = True, table: bool = True, on_row: Callable[[dict], None] = lambda row: None
+                 ) -> list[dict]:
+    """Local column: every district trained in turn (train_district); with `table`, OUT/local.csv."""
+    def rows_of(out: Path) -> list[dict]:
+        return [_said(train_district(path, out, config, env=env, quiet=quiet), on_row) for path in pack_paths]
+    return _column(out_dir, "local" if table else None, rows_of)
+
+
+def personalised_column(global_weights: Mapping, pack_paths: Sequence[str | Path], out_dir: str | Path, config, *,
+                        env: RunEnvironment | None = None, quiet: bool = True, source: str = "global weights",
+                        on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Personalised column: the global weights fine-tuned on every district in turn; OUT/personalised.csv."""
+    def rows_of(out: Path) -> list[dict]:
+        return [_said(personalise_district(global_weights, path, out, config, env=env, quiet=quiet, source=source),
+                      on_row) for path in pack_paths]
+    return _column(out_dir, "personalised", rows_of)
+
+
+def central_column(pack_paths: Sequence[str | Path], out_dir: str | Path, config, *,
+                   env: RunEnvironment | None = None, quiet: bool = True) -> tuple[dict, list[dict]]:
+    """Centralised column (train_central) in the run folder OUT, held while it is written."""
+    out_dir = Path(out_dir)
+    with new_folder(out_dir), RunLock(out_dir):
+        return train_central(pack_paths, out_dir, config, env=env, quiet=quiet)
+
+
+def _said(row: dict, on_row: Callable[[dict], None]) -> dict:
+    on_row(row)
+    return row
+
+
+def model_setup(trained: Mapping, given: Mapping, source: str | Path) -> dict:
+    """The model set-up (width, classes, lambda_rec) a fine-tuning takes from the checkpoint it starts from:
+    `given` values must agree with it (ConfigError naming the option)."""
+    setup = {}
+    for key in ("width", "classes", "lambda_rec"):
+        value = given.get(key)
+        if value is not None and str(value) != str(trained.get(key)):
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: the model in {source} has {key} {trained.get(key)}")
+        if key in trained:
+            setup[key] = trained[key]
+    return setup
+
+
+def score_checkpoint(model_path: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 8, *,
+                     env: RunEnvironment | None = None) -> dict:
+    """A checkpoint's change metrics on one split of a pack, or of every pack of a folder and pooled over all of
+    them (`nfed evaluate`)."""
+    from nfed.core.metrics import ConfusionMatrix
+    from nfed.data.reader import DistrictPack, list_packs
+    from nfed.training.trainer import evaluate, model_from_checkpoint
+
+    env = env or default_environment()
+    model, _ = model_from_checkpoint(model_path, device=env.device)
+    data_path = Path(data_path)
+    pack_paths = list_packs(data_path) if data_path.is_dir() else [data_path]
+    if not pack_paths:
+        raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
+    overall = ConfusionMatrix()
+    districts = []
+    with env.active():
+        for path in pack_paths:
+            with DistrictPack(path) as pack:
+                scores = evaluate(model, pack, split, batch_size, confusion=overall)
+                districts.append({"district": pack.district, **scores})
+    return {"model": str(model_path), "split": split, "districts": districts,
+            "overall": {"samples": sum(d["samples"] for d in districts), **overall.metrics()},
+            "environment": env.to_dict()}
