@@ -167,7 +167,7 @@ def test_exchange_tells_a_refused_push_from_silence(task_identity):
     """A message the SuperLink refuses (node no longer registered) is reported at once, not as late."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from nfed.federation.flower_transport import exchange
+    from nfed.federation.flower_exchange import exchange
 
     grid = LoopbackGrid({})
     reply = exchange(grid, {"x": Message(RecordDict({"setup": ConfigRecord({"a": "1"})}), dst_node_id=7,

@@ -144,8 +144,8 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
                               client_speeds=load_client_speeds(client_speeds, list(packs)), seed=seed,
                               gpus=gpu_ids, evaluate_rounds=not no_round_eval, **defences)
     click.echo(f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {server_opt}, "
-               f"up to {rounds} round(s) of "
-               f"{local_epochs} local epoch(s), device {env.device}" + (f", deadline {deadline:g} s" if deadline else ""))
+               f"up to {rounds} round(s) of {local_epochs} local epoch(s), device {env.device}, precision "
+               f"{env.precision}" + (f", deadline {deadline:g} s" if deadline else ""))
     result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite,
                             echo=click.echo, show_progress=not quiet, env=env)
     f1 = [row["f1"] for row in result.results]

@@ -40,7 +40,7 @@ from nfed.federation.round_record import add_validation, client_entry, defence_s
 from nfed.federation.runners import SequentialRunner, TrainFn, select_clients
 from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_checkpoint, save_checkpoint
 from nfed.runs.packs import pack_fingerprint, shared_tile
-from nfed.runs.results import test_facts, write_results_csv
+from nfed.runs.results import federated_row, write_results_csv
 from nfed.runs.runfolder import (BEST_NAME, CHECKPOINT_NAME, RESULTS_NAME, ROUNDS_NAME, SUMMARY_NAME, WORK_NAME,
                                  RunRecorder, check_run_folder, clear_run_folder, client_work, latest_client_state,
                                  prune_client_states, read_rounds, recorded_run, rounds_digest, state_file,
@@ -376,14 +376,8 @@ class Federation:
         """The global model on every district's test split -> RUN/federated.csv rows, with the local work
         each district's client did over the rounds of `records`."""
         work = client_work(records)
-        rows = []
-        for district, metrics in self._evaluate_all(weights, round_number, "test").items():
-            samples = metrics.get("pack_samples", metrics.get("samples", 0))
-            rows.append({"district": district, "samples": int(samples),
-                         **{k: float(metrics.get(k, float("nan"))) for k in ("precision", "recall", "f1", "iou")},
-                         "train_samples": metrics.get("train_samples"),
-                         **(test_facts(metrics, metrics["tile"]) if "tile" in metrics else {}),
-                         **work.get(district, {"epochs_run": 0, "steps": 0})})
+        rows = [federated_row(district, metrics, work.get(district, {"epochs_run": 0, "steps": 0}))
+                for district, metrics in self._evaluate_all(weights, round_number, "test").items()]
         write_results_csv(self.run_dir / RESULTS_NAME, rows, "federated")
         return rows
 

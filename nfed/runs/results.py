@@ -45,6 +45,16 @@ def test_facts(scores: Mapping, tile: int) -> dict:
             "test_change_pixels": int(scores.get("tp", 0)) + int(scores.get("fn", 0))}
 
 
+def federated_row(district: str, metrics: Mapping, work: Mapping) -> dict:
+    """federated.csv's row of a district: the global model's test metrics (`samples`: all tiles of its pack),
+    what they rest on, and the local `work` (epochs_run, steps) its client did over the rounds."""
+    samples = metrics.get("pack_samples", metrics.get("samples", 0))
+    return {"district": district, "samples": int(samples),
+            **{k: float(metrics.get(k, float("nan"))) for k in METRIC_COLUMNS[2:]},
+            "train_samples": metrics.get("train_samples"),
+            **(test_facts(metrics, metrics["tile"]) if "tile" in metrics else {}), **work}
+
+
 def format_value(value) -> str:
     """Floats with 6 decimals (every table the same), None as empty, the rest as text."""
     if value is None:
