@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-sample-share", type=float, default=1.0)
     args = parser.parse_args(argv)
 
-    from nfed.federation.server import FederationConfig
+    from nfed.federation.config import FederationConfig
 
     args.out.mkdir(parents=True, exist_ok=True)
     aggregators = [a for a in args.aggregators.split(",") if a]

@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from nfed.data.reader import DistrictPack
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
     from nfed.federation.privacy import noise_for_epsilon
 
     args.out.mkdir(parents=True, exist_ok=True)

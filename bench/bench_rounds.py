@@ -56,12 +56,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from nfed.federation.server import FederationConfig, federate, find_packs
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
+    from nfed.runs.packs import find_packs
+    from nfed.training.environment import RunEnvironment
     from nfed.training.trainer import profile_config
 
     args.out.mkdir(parents=True, exist_ok=True)
     packs = find_packs(args.data or prepare_packs(args.out, args.scale, args.seed))
-    config = profile_config("demo", seed=args.seed, device=args.device)
+    config = profile_config("demo", seed=args.seed)
+    env = RunEnvironment.from_options(args.device)
     results = {}
     for name in [n.strip() for n in args.only.split(",") if n.strip()]:
         server_opt, server_lr = RUNS[name]
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
                                server_lr=server_lr, server_momentum=args.momentum, seed=args.seed)
         started = time.perf_counter()
         result = federate(packs, args.out / f"run-{name}", config, fed, evaluate_test=args.test, overwrite=True,
-                          echo=lambda line: print(f"  [{name}] {line}", file=sys.stderr))
+                          echo=lambda line: print(f"  [{name}] {line}", file=sys.stderr), env=env)
         curve = [r.get("mean_val_f1") for r in result.rounds]
         test_f1 = [row["f1"] for row in result.results]
         results[name] = {"rounds_to_target": rounds_to_target(result.rounds, args.target),

@@ -67,6 +67,7 @@ class DemoSettings:
     patience: int = 3
     lr: float | None = None
     device: str = "cpu"
+    precision: str = "fp32"        # GPU GEMM precision (nfed.gpu.precision); no effect on the CPU
     jobs: int = 0                  # districts trained at once (local, personalised columns); 0: one per CPU
     quiet: bool = False
     extra: dict = field(default_factory=dict)
@@ -101,7 +102,7 @@ class DemoSettings:
                 "patience_rounds": self.patience_rounds, "warmup_rounds": self.warmup_rounds, "eps": self.eps,
                 "server_opt": self.server_opt,
                 "epoch_cap": self.epoch_cap, "patience": self.patience, "lr": self.lr, "device": self.device,
-                "jobs": self.district_jobs}
+                "precision": self.precision, "jobs": self.district_jobs}
 
     @property
     def district_jobs(self) -> int:
@@ -143,7 +144,7 @@ class _Stages:
 
 def make_data(out_dir: Path, settings: DemoSettings, echo: Callable[[str], None]) -> dict[str, Path]:
     """Synthetic districts and their packs; returns district -> pack path."""
-    from nfed.federation.server import find_packs
+    from nfed.runs.packs import find_packs
     from nfed.data.pack import pack_folder
     from nfed.data.synth import synthesise
     from nfed.training.trainer import PROFILE_TILES
@@ -162,13 +163,16 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
     """The four columns of one seed into RUN/local, federated, personalised, central (CSV tables)."""
     from nfed.model.checkpoint import save_checkpoint
     from nfed.federation.district_jobs import PoolRunner, make_task, run_tasks, worker_pool
-    from nfed.federation.server import BEST_NAME, FederationConfig, federate
-    from nfed.runs.results import write_results_csv
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
+    from nfed.runs.runfolder import BEST_NAME
+    from nfed.runs.results import study_table, write_results_csv
     from nfed.training.study import fine_tune_config, train_central
+    from nfed.training.environment import RunEnvironment
     from nfed.training.trainer import profile_config
 
-    config = profile_config("demo", seed=seed, device=settings.device, epochs=settings.epoch_cap,
-                            patience=settings.patience, lr=settings.lr)
+    config = profile_config("demo", seed=seed, epochs=settings.epoch_cap, patience=settings.patience, lr=settings.lr)
+    env = RunEnvironment(settings.device, settings.precision)
     for name in STAGE_FOLDERS:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
@@ -180,9 +184,9 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
             echo(f"  {row['district']:<16} local F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
                  f"{row['steps']} steps, {row['stop']}, {row['wall_time_s']:.1f} s)")
 
-        tasks = [make_task("local", path, run_dir / "local", config) for path in packs.values()]
+        tasks = [make_task("local", path, run_dir / "local", config, env=env) for path in packs.values()]
         rows = run_tasks(tasks, pool, said_local)
-        write_results_csv(run_dir / "local" / "local.csv", rows, "local")
+        write_results_csv(study_table(run_dir, "local"), rows, "local")
         stages.done("local")
 
         fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
@@ -195,7 +199,7 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
             runner = PoolRunner(pool, run_dir / "federated" / "work", packs)
             pooled = {"runner": runner, "evaluate_fn": runner.evaluate}
         result = federate(packs, run_dir / "federated", config, fed, echo=echo, show_progress=not settings.quiet,
-                          overwrite=True, **pooled)
+                          overwrite=True, env=env, **pooled)
         shutil.rmtree(run_dir / "federated" / "work", ignore_errors=True)
         stages.done("federated")
 
@@ -209,15 +213,15 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
         start = run_dir / "federated" / BEST_NAME
         if not start.is_file():   # no round was evaluated: the run's final weights are its best
             save_checkpoint(start, result.best_weights)
-        tasks = [make_task("personalise", path, run_dir / "personalised", fine_tune_config(config), weights=start)
-                 for path in packs.values()]
+        tasks = [make_task("personalise", path, run_dir / "personalised", fine_tune_config(config), weights=start,
+                           env=env) for path in packs.values()]
         rows = run_tasks(tasks, pool, said_personalised)
-        write_results_csv(run_dir / "personalised" / "personalised.csv", rows, "personalised")
+        write_results_csv(study_table(run_dir, "personalised"), rows, "personalised")
         stages.done("personalised")
 
     echo(f"[demo] seed {seed}: centralised column, one model on the pooled data")
-    summary, rows = train_central(list(packs.values()), run_dir / "central", config, quiet=settings.quiet)
-    write_results_csv(run_dir / "central" / "central.csv", rows, "central")
+    summary, _ = train_central(list(packs.values()), study_table(run_dir, "central").parent, config, env=env,
+                               quiet=settings.quiet)
     echo(f"  centralised: {summary['epochs_run']} epochs, {summary['steps']} steps, {summary['stop']}")
     stages.done("central")
 

@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from nfed.federation.attacks import FlippedMasks, attack_result, choose_attackers
 from nfed.federation.client import ClientResult
 from nfed.common.errors import ConfigError
-from nfed.federation.server import FederationConfig, federate, read_rounds
+from nfed.federation.config import FederationConfig
+from nfed.federation.server import federate
+from nfed.runs.runfolder import read_rounds
 
 from test_federation import PACKS, SAMPLES, TARGETS, FakeTrainConfig, fake_evaluate, fake_train
 from test_flower import make_tiny_packs

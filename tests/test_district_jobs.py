@@ -10,7 +10,8 @@ import pytest
 
 from nfed.model.checkpoint import save_checkpoint
 from nfed.federation.district_jobs import PoolRunner, WorkerPool, make_task, run_tasks
-from nfed.federation.server import FederationConfig, federate
+from nfed.federation.config import FederationConfig
+from nfed.federation.server import federate
 from nfed.common.errors import TrainingError
 from nfed.training.trainer import TrainConfig, build_model
 from test_training import synthetic_pack

@@ -14,8 +14,11 @@ import pytest
 
 from nfed.federation.client import ClientResult
 from nfed.common.errors import CheckpointError, ConfigError
-from nfed.federation.server import (FederationConfig, Federation, federate, load_client_speeds, read_rounds,
-                             select_clients)
+from nfed.federation.config import FederationConfig, load_client_speeds
+from nfed.federation.runners import select_clients
+from nfed.federation.server import Federation, federate
+from nfed.runs.runfolder import read_rounds
+from nfed.training.environment import RunEnvironment
 
 TARGETS = {"A-gu": 1.0, "B-gu": 2.0, "C-gu": 4.0}
 SAMPLES = {"A-gu": 10, "B-gu": 30, "C-gu": 60}
@@ -30,7 +33,7 @@ class FakeTrainConfig:
         return asdict(self)
 
 
-def fake_train(global_weights, setup, pack_path, *, optimizer_state=None, device=None, seconds=None,
+def fake_train(global_weights, setup, pack_path, *, optimizer_state=None, env=None, seconds=None,
                poison=()):
     """Moves every weight halfway to the district's target; deterministic, instant."""
     district = Path(pack_path).stem
@@ -46,7 +49,7 @@ def fake_train(global_weights, setup, pack_path, *, optimizer_state=None, device
                         {"step": np.asarray(step + 1)} if setup.get("keep_optimizer_state") else None)
 
 
-def fake_evaluate(weights, setup, pack_path, *, split="val", device=None):
+def fake_evaluate(weights, setup, pack_path, *, split="val", env=None):
     loss = float(abs(weights["w"].mean() - 3.0))
     return {"loss": loss, "f1": 1.0 / (1.0 + loss), "precision": 0.5, "recall": 0.5, "iou": 0.3, "samples": 5}
 
@@ -178,14 +181,14 @@ HANGING_CLIENT = textwrap.dedent('''
     from pathlib import Path
     from nfed.federation.client import ClientResult
 
-    def train(global_weights, setup, pack, optimizer_state=None, device=None):
+    def train(global_weights, setup, pack, optimizer_state=None, env=None):
         name = Path(pack).stem
         if name == "C-gu":
             time.sleep(600)
         if name == "B-gu":
             raise ValueError("broken pack")
         return ClientResult({k: v + 1 for k, v in global_weights.items()}, 10, {"wall_time_s": 0.0,
-                            "device": device})
+                            "where": f"{env.device}/{env.precision}" if env else "none"})
 ''')
 
 
@@ -198,10 +201,11 @@ def test_worker_mode_kills_a_hung_client_at_the_deadline(tmp_path, monkeypatch):
     runner = WorkerRunner(3, tmp_path / "run" / "work", client_function="hangclient:train")
     started = time.monotonic()
     federation = Federation(PACKS, tmp_path / "run", FakeTrainConfig(), config, evaluate_fn=fake_evaluate,
-                            initial_weights=INITIAL, runner=runner)
+                            initial_weights=INITIAL, runner=runner, env=RunEnvironment("cpu", "bf16"))
     result = federation.run()
     assert time.monotonic() - started < 30
     record = result.rounds[0]
+    assert record["clients"]["A-gu"]["where"] == "cpu/bf16"   # the environment travels with the worker's task
     assert record["late"] == ["C-gu"] and "deadline" in record["clients"]["C-gu"]["reason"]
     assert record["failed"] == {"B-gu": "ValueError: broken pack"}
     assert record["answered"] == ["A-gu"]
@@ -213,7 +217,7 @@ def test_worker_mode_kills_a_hung_client_at_the_deadline(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_packs(tmp_path_factory):
-    from nfed.federation.server import find_packs
+    from nfed.runs.packs import find_packs
     from nfed.data.pack import pack_folder
     from nfed.data.synth import synthesise
 

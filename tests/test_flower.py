@@ -79,7 +79,7 @@ def load_global(run_dir: Path) -> dict[str, np.ndarray]:
 def test_flower_app_writes_a_valid_app_whose_config_round_trips(tmp_path):
     from flwr.common.config import get_fused_config_from_dir, validate_config
 
-    from nfed.federation.flower import settings_from_run_config
+    from nfed.federation.flower_config import settings_from_run_config
 
     app = write_app(tmp_path / "app", tmp_path / "run", "--rounds", "3", "--deadline", "12.5",
                     "--min-clients", "2", "--server-opt", "fedadam", "--profile", "demo")
@@ -97,7 +97,7 @@ def test_flower_app_writes_a_valid_app_whose_config_round_trips(tmp_path):
     assert settings.federation_config.server_opt == "fedadam"
     assert settings.federation_config.server_lr is None
     assert settings.train_config.width == WIDTH and settings.train_config.lr == 0.01
-    assert settings.train_config.device == "cpu"
+    assert not any(key.endswith("device") for key in flat)   # each node's own (node config `device`)
 
 
 def test_flower_app_rejects_bad_options(tmp_path):
@@ -110,7 +110,7 @@ def test_flower_app_rejects_bad_options(tmp_path):
 
 def test_weights_travel_by_name_packed_as_npy_without_pickle():
     from nfed.common.errors import DataError
-    from nfed.federation.flower import record_to_weights, weights_to_record
+    from nfed.federation.flower_messages import record_to_weights, weights_to_record
 
     weights = {"enc.e1.conv1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
                "enc.e1.bn1.running_var": np.ones(3, np.float32), "step": np.asarray(4, np.int64),
@@ -214,14 +214,15 @@ def task_identity():
 def flat_run_config(train_config, fed_config, run_dir, **options):
     from flwr.common.config import flatten_dict
 
-    from nfed.federation.flower import run_config_for
+    from nfed.federation.flower_config import run_config_for
 
     return flatten_dict(run_config_for(train_config, fed_config, run_dir=run_dir, **options))
 
 
 def test_serve_equals_in_process_federation_and_resumes(tmp_path, task_identity):
     """nfed.federation.flower.serve over a Grid: 1 round, then resumed to 2 = an uninterrupted in-process 2-round run."""
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
     from nfed.training.trainer import profile_config
 
     packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1), (3, 1, 1), (2, 1, 1)))
@@ -249,7 +250,7 @@ def test_serve_equals_in_process_federation_and_resumes(tmp_path, task_identity)
 
 def test_serve_leaves_out_silent_and_failing_nodes(tmp_path, task_identity):
     """A node that never answers is late after the deadline, one whose training fails is failed (one line)."""
-    from nfed.federation.server import FederationConfig
+    from nfed.federation.config import FederationConfig
     from nfed.training.trainer import profile_config
 
     packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1), (2, 1, 1), (2, 1, 1)))
@@ -275,7 +276,7 @@ def _rogue_replies():
     train reply, a malformed evaluation reply (each keyed by the message type it spoils)."""
     from flwr.app import Array, ConfigRecord, Message, RecordDict
 
-    from nfed.federation.flower import RESULT_RECORD, WEIGHTS_RECORD
+    from nfed.federation.flower_messages import RESULT_RECORD, WEIGHTS_RECORD
 
     def reply_with(content):
         return lambda message, honest: Message(RecordDict(content), reply_to=message)
@@ -312,7 +313,7 @@ def test_rogue_supernodes_are_dropped_and_the_run_goes_on(tmp_path, task_identit
     describing itself in nonsense, one replying garbage to train, one sending an oversized model, one garbling
     its evaluation, one serving another node's district with the same pack. Each is logged and refused or left
     out (for as long as it stays connected once it broke the protocol); the honest district federates."""
-    from nfed.federation.server import FederationConfig
+    from nfed.federation.config import FederationConfig
     from nfed.training.trainer import profile_config
 
     packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1),) * 3)
@@ -352,7 +353,8 @@ def test_rogue_supernodes_are_dropped_and_the_run_goes_on(tmp_path, task_identit
 @pytest.mark.slow
 def test_flower_run_equals_in_process_federation(tmp_path):
     """3 SuperNodes, 2 rounds: same final global weights, rounds.jsonl and federated.csv as nfed federate."""
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
     from nfed.training.trainer import profile_config
 
     packs = make_tiny_packs(tmp_path / "packs")

@@ -51,7 +51,8 @@ def test_evaluation_travels_with_the_next_rounds_training_and_changes_nothing(tm
     """One message per node and round: round r's validation goes with round r+1's training. Weights, rounds and
     federated.csv equal the in-process run's; with eps=1 the run stops after round 1 and the training sent
     ahead for round 2 is discarded, as in-process."""
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
 
     packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1), (3, 1, 1), (2, 1, 1)))
     grid = LoopbackGrid({10 + i: {"pack": str(path)} for i, path in enumerate(packs.values())})
@@ -79,7 +80,7 @@ def test_restarted_node_rejoins_and_a_dead_one_costs_no_second_wait(tmp_path, ta
     until the SuperLink reports it unavailable). Gwangjin-gu takes part in the next exchange and gets its
     federated.csv row; Gangdong-gu's rounds say what happened, with the time it took, and it is not asked
     to evaluate a round whose training it missed."""
-    from nfed.federation.server import FederationConfig
+    from nfed.federation.config import FederationConfig
 
     packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1),) * 3)
     grid = LoopbackGrid({1: {"pack": str(packs["Gangnam-gu"])}, 2: {"pack": str(packs["Gangdong-gu"])},
@@ -115,7 +116,7 @@ def test_allow_list_refuses_outsiders_and_duplicates_without_failing_the_run(tmp
     """--districts Gangnam-gu,Gangdong-gu,Gwangjin-gu,Jung-gu: a Mapo-gu node is refused, a second Gangdong-gu
     node (same pack) is refused and kept as a standby, Gwangjin-gu joins after round 1, Jung-gu never comes.
     The run federates the allowed districts that are there; the standby takes over when its node leaves."""
-    from nfed.federation.server import FederationConfig
+    from nfed.federation.config import FederationConfig
 
     packs = make_tiny_packs(tmp_path / "packs", DISTRICTS + ("Mapo-gu",), counts=((2, 1, 1),) * 4)
     grid = LoopbackGrid({1: {"pack": str(packs["Gangnam-gu"])}, 2: {"pack": str(packs["Gangdong-gu"])},
@@ -152,7 +153,7 @@ def test_serve_that_cannot_start_leaves_a_failed_status(tmp_path, task_identity)
     """A ServerApp that cannot start the run leaves status.json failed with the one-line reason, which
     `nfed status` prints, exiting 1 (`flwr run` exits 0 whatever became of the run)."""
     from nfed.common.errors import DataError
-    from nfed.federation.server import FederationConfig
+    from nfed.federation.config import FederationConfig
 
     grid = LoopbackGrid({1: {"pack": str(tmp_path / "missing.h5")}})
     config = flat_run_config(tiny_train(), FederationConfig(rounds=2), tmp_path / "run", connect_timeout=1.0)
@@ -166,7 +167,7 @@ def test_exchange_tells_a_refused_push_from_silence(task_identity):
     """A message the SuperLink refuses (node no longer registered) is reported at once, not as late."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from nfed.federation.flower import exchange
+    from nfed.federation.flower_exchange import exchange
 
     grid = LoopbackGrid({})
     reply = exchange(grid, {"x": Message(RecordDict({"setup": ConfigRecord({"a": "1"})}), dst_node_id=7,
@@ -179,7 +180,7 @@ def test_flower_app_writes_the_allow_list_and_the_evaluation_deadline(tmp_path):
     from flwr.common.config import get_fused_config_from_dir
 
     from nfed.cli import cli
-    from nfed.federation.flower import settings_from_run_config
+    from nfed.federation.flower_config import settings_from_run_config
 
     def flower_app(*options):
         return CliRunner().invoke(cli, ["flower-app", "--out", str(tmp_path / "app"), "--run-dir",

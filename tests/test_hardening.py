@@ -72,7 +72,7 @@ def test_config_dataclasses_and_json_outputs_are_strict(tmp_path):
     from nfed.common import strict_json
     from nfed.federation.aggregator import StopRules, build_server_optimizer
     from nfed.common.atomic import write_json_atomic
-    from nfed.federation.server import FederationConfig
+    from nfed.federation.config import FederationConfig
     from nfed.training.trainer import TrainConfig
 
     for bad in ({"lr": math.inf}, {"lambda_rec": math.nan}, {"seed": -1}, {"width": 2.5}, {"batch_size": True}):
@@ -217,7 +217,8 @@ def test_aggregator_rejects_hostile_updates_one_client_at_a_time():
 
 
 def test_unusable_server_step_keeps_the_previous_global_weights(tmp_path):
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
     from test_federation import PACKS, FakeTrainConfig, fake_evaluate
 
     def huge(global_weights, setup, pack_path, **_):

@@ -12,7 +12,9 @@ from scipy.stats import norm
 
 from nfed.federation import privacy
 from nfed.common.errors import ConfigError
-from nfed.federation.server import FederationConfig, federate, read_rounds
+from nfed.federation.config import FederationConfig
+from nfed.federation.server import federate
+from nfed.runs.runfolder import read_rounds
 from nfed.federation.privacy import DPFedAvgAggregator, clip_update, noise_for_epsilon, privacy_spent, update_norm
 
 from test_federation import PACKS, FakeTrainConfig, fake_evaluate, fake_train

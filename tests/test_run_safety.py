@@ -149,7 +149,8 @@ def test_leftovers_of_dead_writers_are_removed_and_outputs_follow_the_umask(tmp_
 # ------------------------------------------------------------------------------------------ 5. run folders
 
 def _fake_run(run_dir, packs=None, **options):
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
 
     paths = {name: (packs / f"{name}.h5" if packs else Path(f"/nonexistent/{name}.h5"))
              for name in ("A-gu", "B-gu", "C-gu")}
@@ -206,7 +207,9 @@ HANGING_DRIVER = textwrap.dedent('''
     from pathlib import Path
 
     from nfed.cli import _terminate
-    from nfed.federation.server import Federation, FederationConfig, find_packs
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import Federation
+    from nfed.runs.packs import find_packs
     from nfed.training.trainer import profile_config
     from nfed.federation.worker import WorkerRunner
 
@@ -214,7 +217,7 @@ HANGING_DRIVER = textwrap.dedent('''
     packs, run = Path(sys.argv[1]), Path(sys.argv[2])
     runner = WorkerRunner(2, run / "work", client_function="hangclient:train")
     config = FederationConfig(rounds=1, eps=1e-3, workers=2)
-    Federation(find_packs(packs), run, profile_config("demo", width=2, batch_size=4, device="cpu"), config,
+    Federation(find_packs(packs), run, profile_config("demo", width=2, batch_size=4), config,
                runner=runner).run()
 ''')
 HANGING_CLIENT = "import time\n\ndef train(*args, **kwargs):\n    time.sleep(600)\n"

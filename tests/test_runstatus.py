@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from nfed.federation.server import FederationConfig, federate
+from nfed.federation.config import FederationConfig
+from nfed.federation.server import federate
 from nfed.runs.runlock import RunLock
 from nfed.runs.runstatus import read_status, write_status
 from nfed.training.trainer import profile_config

@@ -63,7 +63,7 @@ def configs(width=4):
 
 
 def serve_secure(tmp_path, packs, grid, **options):
-    from nfed.federation.server import FederationConfig
+    from nfed.federation.config import FederationConfig
     from nfed.federation.flower import serve
 
     fed = FederationConfig(**{"rounds": 1, "eps": 0.0, "secure_aggregation": True, "deadline": 30.0, **options})
@@ -73,7 +73,8 @@ def serve_secure(tmp_path, packs, grid, **options):
 
 
 def plain_fedavg(tmp_path, packs, name="plain"):
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
 
     return federate(packs, tmp_path / name, configs(), FederationConfig(rounds=1, eps=0.0))
 
@@ -144,7 +145,8 @@ def test_a_node_weighing_itself_wrongly_voids_the_secure_aggregate(tmp_path, tas
 
 def test_secure_aggregation_excludes_what_needs_individual_updates(tmp_path):
     from nfed.common.errors import ConfigError
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
 
     with pytest.raises(ConfigError, match="hides the individual updates that --aggregator median needs"):
         FederationConfig(secure_aggregation=True, aggregator="median")
@@ -163,7 +165,7 @@ def test_flower_app_writes_the_defences_into_the_run_config(tmp_path):
         import tomli as tomllib
     from flwr.common.config import flatten_dict
 
-    from nfed.federation.flower import OPTIONAL_KEYS, settings_from_run_config
+    from nfed.federation.flower_config import OPTIONAL_KEYS, settings_from_run_config
 
     app = write_app(tmp_path / "app", tmp_path / "run", "--secure-aggregation", "--dp-clip", "0.5",
                     "--dp-noise", "1.2", "--secagg-range", "4")
@@ -183,7 +185,8 @@ def test_flower_app_writes_the_defences_into_the_run_config(tmp_path):
 def test_secure_flower_run_equals_fedavg_and_survives_a_killed_node(tmp_path):
     """Real SuperLink + 4 SuperNodes: round 1 with all, then one node killed when round 2's training starts;
     round 1 equals in-process FedAvg within the quantisation error and the server received no update."""
-    from nfed.federation.server import FederationConfig, federate
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.server import federate
 
     districts = ("Gangnam-gu", "Gangdong-gu", "Gwangjin-gu", "Gangbuk-gu")
     packs = make_tiny_packs(tmp_path / "packs", districts=districts, counts=((4, 2, 2), (6, 2, 2), (3, 2, 2), (3, 2, 2)))

@@ -41,7 +41,14 @@ def _tiny(**changes) -> TrainConfig:
 def test_config_roundtrip_validation_and_profiles():
     config = TrainConfig(width=4, lr=3e-4, seed=7)
     assert TrainConfig.from_dict(config.to_dict()) == config
-    assert TrainConfig.from_dict({**config.to_dict(), "tile": 64, "unknown": 1}) == config
+    with pytest.raises(ConfigError, match="unknown key.*tile, unknown"):
+        TrainConfig.from_dict({**config.to_dict(), "tile": 64, "unknown": 1})
+    # what files store beside the fields (older ones a `device` too) is set aside by the compatibility step only
+    saved = {**config.to_dict(), "tile": 64, "district": "A-gu", "device": "cuda:0", "environment": {}}
+    assert TrainConfig.from_saved(saved) == config
+    with pytest.raises(ConfigError, match="unknown key.*: unknown$"):
+        TrainConfig.from_saved({**saved, "unknown": 1})
+    assert "device" not in config.to_dict()
     assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
     paper = TrainConfig(**PROFILES["paper"])
     assert (paper.width, paper.lr, paper.batch_size, paper.epochs, paper.patience) == (64, 1e-4, 8, 50, 3)

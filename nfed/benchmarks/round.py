@@ -98,7 +98,10 @@ def time_rounds(packs: Mapping[str, Path], run_dir: Path, train_config, *, round
     (nfed demo's); returns the timed rounds (after the warm-up ones) and the federation's own round seconds."""
     from nfed.federation.client import evaluate_weights
     from nfed.federation.district_jobs import PoolRunner, worker_pool
-    from nfed.federation.server import Federation, FederationConfig, SequentialRunner, read_rounds, ROUNDS_NAME
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.runners import SequentialRunner
+    from nfed.federation.server import Federation
+    from nfed.runs.runfolder import read_rounds, ROUNDS_NAME
     from nfed.federation.worker import WorkerRunner
 
     config = FederationConfig(rounds=warmup + rounds, local_epochs=local_epochs, workers=workers, seed=seed)

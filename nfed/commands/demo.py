@@ -5,11 +5,10 @@ from pathlib import Path
 
 import click
 
-from nfed.common import backend
 from nfed.demo import DemoSettings, run_demo, settings_with
 from nfed.common.errors import ConfigError
 from nfed.runs.runlock import RunLock
-from nfed.commands.options import device_option, limited, precision_option
+from nfed.commands.options import device_option, limited, precision_option, run_environment
 
 DEFAULTS = DemoSettings()
 
@@ -53,11 +52,12 @@ DEFAULTS = DemoSettings()
 def demo(out_dir, scale, val_tiles, test_tiles, districts, seeds, seed, data_seed, rounds, patience_rounds,
          warmup_rounds, local_epochs, server_opt, epochs, lr, device, precision, jobs, quiet):
     """Re-run the whole study on synthetic districts: local, federated, personalised and centralised F1."""
+    env = run_environment(device, precision)
     settings = settings_with(DEFAULTS, scale=scale, val_tiles=val_tiles, test_tiles=test_tiles, districts=districts,
                              data_seed=data_seed, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
                              patience_rounds=patience_rounds, warmup_rounds=warmup_rounds, local_epochs=local_epochs,
                              server_opt=server_opt,
-                             epochs=epochs, lr=lr, device=str(backend.parse_device(device)), jobs=jobs or None,
+                             epochs=epochs, lr=lr, device=env.device, precision=env.precision, jobs=jobs or None,
                              quiet=quiet)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: is a file; --out needs a folder")

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import click
 
-from nfed.common import backend
 from nfed.common.errors import ConfigError
 from nfed.common.validate import check_number
-from nfed.commands.options import device_option, limited, precision_option
+from nfed.commands.options import device_option, limited, precision_option, run_environment
 
 
 
@@ -125,16 +124,17 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
     district's test split (district, samples, precision, recall, f1, iou). One run at a time per folder; a
     folder holding a run is only replaced with --overwrite.
     """
-    from nfed.federation.server import FederationConfig, federate as run_federation, find_packs, load_client_speeds
+    from nfed.federation.config import FederationConfig, load_client_speeds
+    from nfed.federation.server import federate as run_federation
+    from nfed.runs.packs import find_packs
     from nfed.training.trainer import profile_config
 
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out, --overwrite replaces it: give one of them")
 
     gpu_ids = parse_gpus(gpus)
-    device = f"cuda:{gpu_ids[0]}" if gpu_ids and device is None else device
-    device = str(backend.parse_device(device))
-    train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed, device=device)
+    env = run_environment(f"cuda:{gpu_ids[0]}" if gpu_ids and device is None else device, precision)
+    train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed)
     packs = find_packs(data_dir)
     config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
                               warmup_rounds=warmup_rounds,
@@ -144,10 +144,10 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
                               client_speeds=load_client_speeds(client_speeds, list(packs)), seed=seed,
                               gpus=gpu_ids, evaluate_rounds=not no_round_eval, **defences)
     click.echo(f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {server_opt}, "
-               f"up to {rounds} round(s) of "
-               f"{local_epochs} local epoch(s), device {device}" + (f", deadline {deadline:g} s" if deadline else ""))
+               f"up to {rounds} round(s) of {local_epochs} local epoch(s), device {env.device}, precision "
+               f"{env.precision}" + (f", deadline {deadline:g} s" if deadline else ""))
     result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite,
-                            echo=click.echo, show_progress=not quiet)
+                            echo=click.echo, show_progress=not quiet, env=env)
     f1 = [row["f1"] for row in result.results]
     click.echo(f"wrote {run_dir / 'federated.csv'}: mean test F1 {sum(f1) / max(len(f1), 1):.4f} over "
                f"{len(f1)} district(s); global weights in {run_dir / 'global.h5'}")

@@ -9,11 +9,9 @@ import click
 
 from nfed.common import backend
 from nfed.common import strict_json
-from nfed.common.atomic import new_folder
 from nfed.common.errors import ConfigError, DataError
-from nfed.runs.runlock import RunLock
 from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, limited, precision_option,
-                                   training_config)
+                                   run_environment, training_config)
 from nfed.commands.predict_outputs import describe_regions, output_options, write_change_summary
 
 from nfed.training.study import METRIC_KEYS
@@ -67,10 +65,10 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
     the patience ran out, cap when --epochs was reached first, i.e. possibly not converged).
     """
     from nfed.data.reader import list_packs
-    from nfed.runs.results import write_results_csv
-    from nfed.training.study import train_district
+    from nfed.training.study import local_column
 
-    config = training_config(device=str(backend.parse_device(device)), **options)
+    config = training_config(**options)
+    env = run_environment(device, precision)
     if train_all:
         if data_path.is_file():
             raise ConfigError(f"--all trains every pack of a folder, but --data {data_path} is a file; "
@@ -82,18 +80,16 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
         if data_path.is_dir():
             raise ConfigError(f"--data {data_path} is a folder: add --all to train every district in it")
         packs = [data_path]
-    rows = []
-    with new_folder(out_dir), RunLock(out_dir):
-        for path in packs:
-            summary = train_district(path, out_dir, config, quiet=quiet)
-            rows.append(summary)
-            click.echo(f"{summary['district']}: f1 {summary['f1']:.4f} precision {summary['precision']:.4f} "
-                       f"recall {summary['recall']:.4f} iou {summary['iou']:.4f} "
-                       f"({summary['epochs_run']} epochs, {summary['steps']} steps, stopped by {summary['stop']}, "
-                       f"{summary['wall_time_s']:.1f}s) -> {out_dir / summary['district']}")
-        if train_all:
-            write_results_csv(out_dir / "local.csv", rows, "local")
-            click.echo(f"wrote {out_dir / 'local.csv'} ({len(rows)} districts)")
+
+    def said(summary: dict) -> None:
+        click.echo(f"{summary['district']}: f1 {summary['f1']:.4f} precision {summary['precision']:.4f} "
+                   f"recall {summary['recall']:.4f} iou {summary['iou']:.4f} "
+                   f"({summary['epochs_run']} epochs, {summary['steps']} steps, stopped by {summary['stop']}, "
+                   f"{summary['wall_time_s']:.1f}s) -> {out_dir / summary['district']}")
+
+    rows = local_column(packs, out_dir, config, env=env, quiet=quiet, table=train_all, on_row=said)
+    if train_all:
+        click.echo(f"wrote {out_dir / 'local.csv'} ({len(rows)} districts)")
 
 
 @click.command("evaluate")
@@ -107,25 +103,13 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
 @precision_option
 def evaluate(model_path, data_path, split, batch_size, as_json, device, precision):
     """Pooled change metrics of a checkpoint per district and over all districts together."""
-    from nfed.data.reader import DistrictPack, list_packs
-    from nfed.core.metrics import ConfusionMatrix
-    from nfed.training.trainer import evaluate as evaluate_split, model_from_checkpoint
+    from nfed.training.study import score_checkpoint
 
-    device = backend.parse_device(device)
+    env = run_environment(device, precision)
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
-    model, _ = model_from_checkpoint(model_path, device=device)
-    packs = list_packs(data_path) if data_path.is_dir() else [data_path]
-    if not packs:
-        raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
-    overall = ConfusionMatrix()
-    districts = []
-    for path in packs:
-        with DistrictPack(path) as pack:
-            scores = evaluate_split(model, pack, split, batch_size, device=device, confusion=overall)
-            districts.append({"district": pack.district, **scores})
-    report = {"model": str(model_path), "split": split, "districts": districts,
-              "overall": {"samples": sum(d["samples"] for d in districts), **overall.metrics()}}
+    report = score_checkpoint(model_path, data_path, split, batch_size, env=env)
+    districts = report["districts"]
     if as_json:
         click.echo(strict_json.dumps(report, indent=2))
         return

@@ -1,8 +1,6 @@
 """Options shared by several commands, defined once: --device, --precision, checked numbers, the training set-up."""
 from __future__ import annotations
 
-import os
-
 import click
 
 DEVICE_HELP = "cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)"
@@ -11,13 +9,19 @@ device_option = click.option("--device", default=None, help=DEVICE_HELP)
 
 
 def _apply_precision(ctx, param, value):
-    """Set the process-wide GEMM precision; exported so worker processes inherit it."""
+    """Set the process-wide GEMM precision (worker processes get it with their tasks: run_environment)."""
     from nfed.gpu import precision
 
     mode = precision.parse_precision(value)
     precision.set_precision(mode)
-    os.environ[precision.ENV_PRECISION] = mode
     return mode
+
+
+def run_environment(device, precision):
+    """The RunEnvironment of --device / --precision (the device checked usable here)."""
+    from nfed.training.environment import RunEnvironment
+
+    return RunEnvironment.from_options(device, precision)
 
 
 precision_option = click.option(
@@ -78,7 +82,7 @@ TRAINING_OPTIONS = [
 ]
 
 
-def training_config(profile, *, device, epochs=None, patience=None, patience_steps=None, batch_size=None, lr=None,
+def training_config(profile, *, epochs=None, patience=None, patience_steps=None, batch_size=None, lr=None,
                     width=None, classes=None, lambda_rec=None, seed=None, no_augment=False, **_ignored):
     """The TrainConfig of TRAINING_OPTIONS' values (None keeps the profile's value)."""
     from nfed.training.trainer import profile_config
@@ -86,4 +90,4 @@ def training_config(profile, *, device, epochs=None, patience=None, patience_ste
     return profile_config(profile, epochs=epochs, patience=patience, patience_steps=patience_steps,
                           batch_size=batch_size, lr=lr, width=width,
                           classes=int(classes) if classes else None, lambda_rec=lambda_rec, seed=seed,
-                          device=device, augment=False if no_augment else None)
+                          augment=False if no_augment else None)

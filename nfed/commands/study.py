@@ -6,11 +6,9 @@ from pathlib import Path
 
 import click
 
-from nfed.common import backend
-from nfed.common.atomic import new_folder
 from nfed.common.errors import ConfigError, DataError
-from nfed.runs.runlock import RunLock
-from nfed.commands.options import TRAINING_OPTIONS, apply_options, device_option, precision_option, training_config
+from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, precision_option, run_environment,
+                                   training_config)
 
 
 def _packs(data_path: Path) -> list[Path]:
@@ -44,14 +42,11 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
     Early stopping on the pooled validation splits. Writes OUT/best.h5, OUT/epochs.jsonl, OUT/summary.json
     (epochs, optimiser steps, why it stopped) and OUT/central.csv: the model on each district's test split.
     """
-    from nfed.runs.results import write_results_csv
-    from nfed.training.study import train_central as run
+    from nfed.training.study import central_column
 
-    config = training_config(device=str(backend.parse_device(device)), **options)
-    packs = _packs(data_path)
-    with new_folder(out_dir), RunLock(out_dir):
-        summary, rows = run(packs, out_dir, config, quiet=quiet)
-        write_results_csv(out_dir / "central.csv", rows, "central")
+    config = training_config(**options)
+    env = run_environment(device, precision)
+    summary, rows = central_column(_packs(data_path), out_dir, config, env=env, quiet=quiet)
     for row in rows:
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['test_tiles']} test tiles)")
     click.echo(f"centralised model: {summary['epochs_run']} epochs, {summary['steps']} steps, stopped by "
@@ -70,32 +65,22 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
     is a tenth of the profile's unless --lr is given. The model's width, classes and lambda-rec come from the
     checkpoint. Writes OUT/<district>/ and OUT/personalised.csv.
     """
-    from nfed.runs.results import write_results_csv
-    from nfed.training.study import fine_tune_config, personalise_district
     from nfed.model.checkpoint import load_checkpoint
+    from nfed.training.study import fine_tune_config, model_setup, personalised_column
     from nfed.training.trainer import checkpoint_train_config
 
     checkpoint = load_checkpoint(model_path)
-    trained = checkpoint_train_config(checkpoint)
-    for key in ("width", "classes", "lambda_rec"):
-        given = options.get(key)
-        if given is not None and str(given) != str(trained.get(key)):
-            raise ConfigError(f"--{key.replace('_', '-')} {given}: the model in {model_path} has "
-                              f"{key} {trained.get(key)}")
-        if key in trained:
-            options[key] = str(trained[key]) if key == "classes" else trained[key]
-    config = training_config(device=str(backend.parse_device(device)), **options)
+    options.update(model_setup(checkpoint_train_config(checkpoint), options, model_path))
+    config = training_config(**options)
+    env = run_environment(device, precision)
     if options.get("lr") is None:
         config = fine_tune_config(config)
-    packs = _packs(data_path)
-    rows = []
-    with new_folder(out_dir), RunLock(out_dir):
-        for path in packs:
-            row = personalise_district(checkpoint.model_state, path, out_dir, config, quiet=quiet,
-                                       source=str(model_path))
-            rows.append(row)
-            kept = " (global weights kept)" if row["best_epoch"] == 0 else ""
-            click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
-                       f"stopped by {row['stop']}){kept}")
-        write_results_csv(out_dir / "personalised.csv", rows, "personalised")
+
+    def said(row: dict) -> None:
+        kept = " (global weights kept)" if row["best_epoch"] == 0 else ""
+        click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
+                   f"stopped by {row['stop']}){kept}")
+
+    rows = personalised_column(checkpoint.model_state, _packs(data_path), out_dir, config, env=env, quiet=quiet,
+                               source=str(model_path), on_row=said)
     click.echo(f"wrote {out_dir / 'personalised.csv'} ({len(rows)} districts)")

@@ -29,3 +29,12 @@ class OutputError(NfedError):
 class TrainingError(NfedError):
     """Training cannot go on (e.g. the loss became NaN or infinite: the run diverged)."""
 
+
+
+def one_line(exc: BaseException) -> str:
+    """A crash as one line: nfed errors by their message, others prefixed with their type."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(exc, NfedError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -22,7 +22,8 @@ from typing import Mapping
 import numpy as np
 
 from nfed.common.backend import to_numpy
-from nfed.common.errors import ConfigError, NfedError
+from nfed.common.errors import ConfigError
+from nfed.training.environment import RunEnvironment, default_environment
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ClientTask:
     pack_path: Path
     setup: dict
     optimizer_state: dict | None = None
-    device: str | None = None
+    env: RunEnvironment | None = None      # where the client runs (None: the CPU at the precision in force)
 
 
 @dataclass
@@ -56,15 +57,6 @@ class ClientOutcome:
     simulated_seconds: float | None = None
     result: ClientResult | None = None
     reason: str = ""
-
-
-def one_line(exc: BaseException) -> str:
-    """A crash as one line: nfed errors by their message, others prefixed with their type."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    if isinstance(exc, NfedError):
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 DP_CLIP_KEY = "dp_clip"
@@ -108,19 +100,16 @@ def make_round_setup(config, round_number: int, local_epochs: int, *,
             "keep_optimizer_state": bool(keep_optimizer_state)}
 
 
-def _config_for(setup: Mapping, device: str | None):
+def _config_for(setup: Mapping):
     from nfed.training.trainer import TrainConfig
 
-    config = TrainConfig.from_dict(dict(setup["config"]))
-    if device is not None:
-        config.device = str(device)
-    return config
+    return TrainConfig.from_dict(dict(setup["config"]))
 
 
-def _model_with(weights: Mapping, config):
+def _model_with(weights: Mapping, config, env: RunEnvironment):
     from nfed.training.trainer import build_model
 
-    model = build_model(config)
+    model = build_model(config, env.device)
     model.load_state_dict(dict(weights))
     return model
 
@@ -132,8 +121,9 @@ def host_state(model) -> dict[str, np.ndarray]:
 
 def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
                 optimizer_state: Mapping[str, np.ndarray] | None = None,
-                device: str | None = None) -> ClientResult:
-    """Train `setup["local_epochs"]` epochs on the pack's train split, starting from the global weights.
+                env: RunEnvironment | None = None) -> ClientResult:
+    """Train `setup["local_epochs"]` epochs on the pack's train split, starting from the global weights, in
+    the client's environment `env` (its device and precision; None: the CPU at the precision in force).
 
     The local optimiser starts fresh unless `optimizer_state` (kept by the client from its previous round)
     is given. Early stopping is off: every client does the same amount of work per round.
@@ -142,12 +132,13 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
     from nfed.training.trainer import build_optimizer, fit
 
     started = time.perf_counter()
-    config = _config_for(setup, device)
-    model = _model_with(global_weights, config)
+    env = env or default_environment()
+    config = _config_for(setup)
+    model = _model_with(global_weights, config, env)
     optimizer = build_optimizer(model, config)
     if optimizer_state:
         optimizer.load_state_dict(dict(optimizer_state))
-    with DistrictPack(pack_path) as pack:
+    with env.active(), DistrictPack(pack_path) as pack:
         source = pack
         if setup.get(ATTACK_KEY) == "label-flip":   # a simulated attacker (nfed federate --simulate-attack)
             from nfed.federation.attacks import FlippedMasks
@@ -164,6 +155,7 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
         "epochs": int(result.epochs_run),
         "steps": int(result.steps),
         "wall_time_s": time.perf_counter() - started,
+        "device": env.device, "precision": env.precision,   # where this client computed, in the round record
     }
     keep = bool(setup.get("keep_optimizer_state"))
     weights = host_state(model)
@@ -177,7 +169,7 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
 
 
 def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
-                     split: str = "val", device: str | None = None) -> dict:
+                     split: str = "val", env: RunEnvironment | None = None) -> dict:
     """Loss and change-class metrics of `weights` on one split of the pack (federated evaluation).
 
     `samples` counts the evaluated tiles, `pack_samples` all tiles of the pack (local.csv's `samples`),
@@ -185,9 +177,10 @@ def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_pat
     from nfed.data.reader import DistrictPack
     from nfed.training.trainer import evaluate
 
-    config = _config_for(setup, device)
-    model = _model_with(weights, config)
-    with DistrictPack(pack_path) as pack:
+    env = env or default_environment()
+    config = _config_for(setup)
+    model = _model_with(weights, config, env)
+    with env.active(), DistrictPack(pack_path) as pack:
         metrics = evaluate(model, pack, split=split, batch_size=config.batch_size)
         metrics["pack_samples"] = sum(int(pack.num_samples(s)) for s in ("train", "val", "test"))
         metrics["train_samples"] = int(pack.num_samples("train"))

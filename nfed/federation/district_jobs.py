@@ -24,17 +24,25 @@ from nfed.common import strict_json
 from nfed.common.errors import TrainingError
 from nfed.core.functions.parallel import ENV_THREADS, usable_cpus
 from nfed.federation.worker import THREAD_VARIABLES as WORKER_THREAD_VARIABLES
+from nfed.training.environment import RunEnvironment, default_environment
 
 FLOAT_KEYS = ("precision", "recall", "f1", "iou", "loss", "best_val_loss")   # None in JSON -> NaN again
 THREAD_VARIABLES = (ENV_THREADS, *WORKER_THREAD_VARIABLES)   # nfed's own pool and the BLAS libraries'
 
 
-def make_task(kind: str, pack: str | Path, out_dir: str | Path, config, weights: str | Path | None = None) -> dict:
-    """One district's column job: `kind` local (from scratch) or personalise (from the checkpoint `weights`)."""
+def make_task(kind: str, pack: str | Path, out_dir: str | Path, config, weights: str | Path | None = None, *,
+              env: RunEnvironment | None = None) -> dict:
+    """One district's column job: `kind` local (from scratch) or personalise (from the checkpoint `weights`),
+    in the run environment `env` (None: the CPU at the precision in force)."""
     if kind not in ("local", "personalise"):
         raise ValueError(f"unknown column job kind {kind!r}")
     return {"kind": kind, "pack": str(pack), "out": str(out_dir), "config": config.to_dict(),
-            "weights": str(weights) if weights is not None else None}
+            "weights": str(weights) if weights is not None else None, "env": _env_entry(env)}
+
+
+def _env_entry(env: RunEnvironment | None) -> dict:
+    """A task's environment, explicit: a worker process does not rely on what it inherited."""
+    return (env or default_environment()).to_dict()
 
 
 def run_task(task: Mapping, weights_cache: dict) -> dict:
@@ -44,18 +52,20 @@ def run_task(task: Mapping, weights_cache: dict) -> dict:
     from nfed.training.study import personalise_district, train_district
     from nfed.training.trainer import TrainConfig
 
+    env = RunEnvironment.from_dict(task["env"])
     if task["kind"] == "local":
-        return {"row": train_district(task["pack"], task["out"], TrainConfig.from_dict(task["config"]), quiet=True)}
+        return {"row": train_district(task["pack"], task["out"], TrainConfig.from_dict(task["config"]), env=env,
+                                      quiet=True)}
     if task["weights"] not in weights_cache:
         weights_cache.clear()
         weights_cache[task["weights"]] = load_checkpoint(task["weights"]).model_state
     weights = weights_cache[task["weights"]]
     if task["kind"] == "personalise":
         return {"row": personalise_district(weights, task["pack"], task["out"], TrainConfig.from_dict(task["config"]),
-                                            quiet=True, source=task["weights"])}
+                                            env=env, quiet=True, source=task["weights"])}
     if task["kind"] == "evaluate":
-        return {"metrics": evaluate_weights(weights, task["setup"], task["pack"], split=task["split"])}
-    result = train_round(weights, task["setup"], task["pack"])
+        return {"metrics": evaluate_weights(weights, task["setup"], task["pack"], split=task["split"], env=env)}
+    result = train_round(weights, task["setup"], task["pack"], env=env)
     save_checkpoint(task["result"], result.weights)
     return {"num_samples": int(result.num_samples), "metrics": result.metrics}
 
@@ -200,7 +210,8 @@ class PoolRunner:
             raise TrainingError("worker processes start each round's optimiser afresh (--client-state reset)")
         weights_path = self._weights_file(global_weights)
         jobs = [{"kind": "round", "pack": str(task.pack_path), "setup": dict(task.setup), "weights": str(weights_path),
-                 "result": str(self.work_dir / f"client-{index}.h5")} for index, task in enumerate(tasks)]
+                 "result": str(self.work_dir / f"client-{index}.h5"), "env": _env_entry(task.env)}
+                for index, task in enumerate(tasks)]
         outcomes = [None] * len(tasks)
         try:
             for index, answer in self.pool.map(jobs):
@@ -219,12 +230,12 @@ class PoolRunner:
             weights_path.unlink(missing_ok=True)
         return outcomes
 
-    def evaluate(self, weights, setup, pack_path, *, split: str = "val", device=None) -> dict:
+    def evaluate(self, weights, setup, pack_path, *, split: str = "val", env: RunEnvironment | None = None) -> dict:
         if self._evaluated is None or self._evaluated[0] is not weights or self._evaluated[1] != split:
             self._evaluated = None
             weights_path = self._weights_file(weights)
             jobs = [{"kind": "evaluate", "pack": pack, "setup": dict(setup), "weights": str(weights_path),
-                     "split": split} for pack in self.packs]
+                     "split": split, "env": _env_entry(env)} for pack in self.packs]
             answers = {}
             try:
                 for index, answer in self.pool.map(jobs):
@@ -242,7 +253,7 @@ class PoolRunner:
 
 def serve(parent_pid: int | None) -> int:
     """Worker loop: one task per stdin line, one answer per stdout line, until stdin closes."""
-    from nfed.federation.client import one_line
+    from nfed.common.errors import one_line
     from nfed.federation.worker import die_with_parent
 
     die_with_parent(parent_pid)

@@ -27,7 +27,7 @@ import numpy as np
 
 from nfed.federation.aggregator import accept_update, is_statistic, update_problem
 from nfed.common.backend import array_module
-from nfed.common.errors import ConfigError
+from nfed.common.errors import ConfigError, NfedError
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,52 @@ def noise_for_epsilon(epsilon: float, rounds: int, sampling_rate: float, delta: 
         else:
             high = middle
     return high
+
+
+class PrivacyLedger:
+    """The privacy a DP-FedAvg run has spent: releases so far, at the run's delta (--dp-delta, else 1 / the
+    districts' training samples, counted from their packs when not given) and its client sampling rate."""
+
+    def __init__(self, config, packs: Mapping[str, object], sampling_rate: float,
+                 train_samples: Mapping[str, int] | None = None):
+        self.config = config
+        self.packs = dict(packs)
+        self.sampling_rate = sampling_rate
+        self.releases = 0
+        self._train_samples = dict(train_samples) if train_samples is not None else None
+        if config.dp_noise > 0:
+            check_accountant()
+
+    def delta(self) -> float:
+        if self.config.dp_delta is not None:
+            return self.config.dp_delta
+        if self._train_samples is None:
+            from nfed.data.reader import DistrictPack
+
+            try:
+                counts = {}
+                for district, path in self.packs.items():
+                    with DistrictPack(path) as pack:
+                        counts[district] = pack.num_samples("train")
+            except NfedError as exc:
+                raise ConfigError(f"cannot count the training samples for the privacy accounting ({exc}): "
+                                  "give --dp-delta") from None
+            self._train_samples = counts
+        return 1.0 / max(sum(self._train_samples.values()), 1)
+
+    def resume(self, records) -> None:
+        """Continue the count of releases of a resumed run's round history."""
+        self.releases = sum(1 for r in records if (r.get("privacy") or {}).get("released"))
+
+    def record(self, released: bool) -> dict:
+        """The round record's privacy entry: epsilon spent so far at the run's delta (inf: no guarantee)."""
+        cfg = self.config
+        self.releases += int(released)
+        delta = self.delta()
+        epsilon = (privacy_spent(cfg.dp_noise, self.releases, self.sampling_rate, delta) if cfg.dp_noise > 0
+                   else math.inf)
+        return {"released": released, "releases": self.releases, "epsilon": epsilon, "delta": delta,
+                "noise_multiplier": cfg.dp_noise, "clip": cfg.dp_clip, "sampling_rate": self.sampling_rate}
 
 
 # ------------------------------------------------------------------------------------ secure aggregation

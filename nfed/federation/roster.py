@@ -20,6 +20,7 @@ node is reported by the round (failed: why) and takes part again once a node ser
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from nfed.data.districts import district_order_key
@@ -47,6 +48,24 @@ def parse_allow_list(names: Iterable[str], source: str) -> list[str]:
     if not allowed:
         raise ConfigError(f"{source}: names no district")
     return allowed
+
+
+def read_allow_list(names: str | None, path: Path | None) -> list[str] | None:
+    """The districts of --districts or --districts-file (None when neither is given)."""
+    if names is not None and path is not None:
+        raise ConfigError("--districts and --districts-file: give one of them")
+    if names is not None:
+        return parse_allow_list([name.strip() for name in names.split(",") if name.strip()], "--districts")
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"--districts-file: {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--districts-file: {path} is unreadable ({str(exc)[:120]})") from None
+    return parse_allow_list([line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()],
+                            f"--districts-file {path}")
 
 
 @dataclass

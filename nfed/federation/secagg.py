@@ -43,8 +43,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
 
 from nfed.common import strict_json
-from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, one_line, train_round
-from nfed.common.errors import DataError
+from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, train_round
+from nfed.common.errors import DataError, one_line
 from nfed.federation.privacy import SecureAggregate
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def unflatten(vector: np.ndarray, manifest: Sequence, dtypes: Mapping[str, np.dt
 
 # ------------------------------------------------------------------------------------------ ClientApp side
 
-def secure_train(message: Message, context: Context, pack_of: Callable, device_of: Callable) -> Message:
+def secure_train(message: Message, context: Context, pack_of: Callable, env_of: Callable) -> Message:
     """A ClientApp's answer to one SecAgg+ stage (Flower's secaggplus_mod around nfed's training)."""
     def train(msg: Message, ctx: Context) -> Message:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
@@ -99,7 +99,7 @@ def secure_train(message: Message, context: Context, pack_of: Callable, device_o
         bound = float(fitins.config[RANGE_KEY])
         global_vector = bytes_to_ndarray(fitins.parameters.tensors[0])
         global_weights = unflatten(global_vector, manifest, {name: np.float32 for name, _ in manifest})
-        result = train_round(global_weights, setup, pack_of(ctx), device=device_of(ctx))
+        result = train_round(global_weights, setup, pack_of(ctx), env=env_of(ctx))
         delta = flatten(result.weights, manifest) - global_vector.astype(np.float64)
         metrics = dict(result.metrics, secagg_clipped=int(np.count_nonzero(np.abs(delta) > bound)))
         weight = 1 if setup.get(DP_CLIP_KEY) else int(result.num_samples)   # DP-FedAvg: every client weighs 1

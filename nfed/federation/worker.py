@@ -21,8 +21,9 @@ from typing import Sequence
 from nfed.common import strict_json
 from nfed.common.atomic import write_json_atomic
 from nfed.model.checkpoint import load_checkpoint, save_checkpoint
-from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics, one_line
-from nfed.common.errors import CheckpointError, ConfigError
+from nfed.common.errors import CheckpointError, ConfigError, one_line
+from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
+from nfed.training.environment import RunEnvironment
 
 DEFAULT_CLIENT = "nfed.federation.client:train_round"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -108,7 +109,8 @@ class WorkerRunner:
             state_path = str(save_checkpoint(files["state"], {}, optimizer_state=task.optimizer_state))
         write_json_atomic(files["task"], {
             "district": task.district, "pack": str(task.pack_path), "setup": task.setup,
-            "global": str(global_path), "optimizer_state": state_path, "device": task.device,
+            "global": str(global_path), "optimizer_state": state_path,
+            "env": task.env.to_dict() if task.env is not None else None,
             "client_function": self.client_function, "parent_pid": os.getpid(),
             "result_weights": str(files["weights"]), "result_json": str(files["result"])})
         with open(files["log"], "wb") as log_file:
@@ -180,7 +182,8 @@ def run_task(task_path: str | Path) -> int:
         train = _client_function(task.get("client_function", DEFAULT_CLIENT))
         global_weights = load_checkpoint(task["global"]).model_state
         state = load_checkpoint(task["optimizer_state"]).optimizer_state if task.get("optimizer_state") else None
-        result = train(global_weights, task["setup"], task["pack"], optimizer_state=state, device=task.get("device"))
+        env = RunEnvironment.from_dict(task["env"]) if task.get("env") else None
+        result = train(global_weights, task["setup"], task["pack"], optimizer_state=state, env=env)
         save_checkpoint(task["result_weights"], result.weights, optimizer_state=result.optimizer_state)
         write_json_atomic(task["result_json"], {"num_samples": int(result.num_samples), "metrics": result.metrics})
         return 0

@@ -16,22 +16,17 @@ from pathlib import Path
 from typing import Sequence
 
 from nfed.common.atomic import write_json_atomic, write_text_atomic
-from nfed.common.csvtable import read_csv_rows
 from nfed.data.districts import district_order_key, load_districts
 from nfed.common.errors import DataError
+from nfed.runs.results import FILE_NAMES, read_results, study_table
+from nfed.runs.runfolder import ROUNDS_NAME, SUMMARY_NAME, read_rounds
 from nfed.report.stats import (bootstrap_correlation, finite_mean, mean_interval, pearson, spearman, strength,
                     wilcoxon_paired)
 
 COLUMNS = ("local", "federated", "personalised", "centralised")
-RUN_FILES = {"local": Path("local", "local.csv"), "federated": Path("federated", "federated.csv"),
-             "personalised": Path("personalised", "personalised.csv"), "centralised": Path("central", "central.csv")}
-SUMMARY_NAME = "summary.json"
+# The results table (nfed.runs.results) behind each column: the kind of table it is.
+TABLE_KINDS = {"local": "local", "federated": "federated", "personalised": "personalised", "centralised": "central"}
 HTML_NAME = "report.html"
-RESULT_COLUMNS = ("district", "samples", "precision", "recall", "f1", "iou")
-# Recorded by the fair study; older results files lack them (the fairness section then says "not recorded").
-COUNT_FIELDS = ("train_samples", "test_tiles", "test_pixels", "test_change_pixels", "epochs_run", "steps",
-                "best_epoch")
-TEXT_FIELDS = ("stop",)
 
 # The goals of the fair re-run (one seed), counts out of the study's 25 districts, scaled to those compared.
 GOAL_IMPROVED_OF_25 = 20
@@ -45,21 +40,6 @@ PERSONALISED_MARGIN = 0.01
 GAINS = (("federated", ""), ("personalised", "_personalised"))
 # Wilcoxon signed-rank tests over districts: (after, before).
 PAIRED_TESTS = (("federated", "local"), ("personalised", "local"), ("personalised", "federated"))
-
-
-def _result_record(row: dict) -> tuple[str, dict]:
-    record = {"samples": int(row["samples"]), **{k: float(row[k]) for k in RESULT_COLUMNS[2:]}}
-    record.update({k: int(row[k]) for k in COUNT_FIELDS if (row.get(k) or "").strip()})
-    record.update({k: row[k].strip() for k in TEXT_FIELDS if (row.get(k) or "").strip()})
-    return row["district"], record
-
-
-def read_results(path: str | Path) -> dict[str, dict]:
-    """district -> {samples, precision, recall, f1, iou, and those of COUNT_FIELDS/TEXT_FIELDS the file has}."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: results file not found")
-    return dict(read_csv_rows(path, RESULT_COLUMNS, _result_record))
 
 
 def read_json_object(path: Path) -> dict:
@@ -95,10 +75,8 @@ def _results_file(path: Path, name: str) -> Path:
 def read_columns(local: str | Path, federated: str | Path, personalised: str | Path | None = None,
                  centralised: str | Path | None = None, label: str = "run") -> Run:
     """A Run from results folders (or their CSV files); local and federated are required."""
-    from nfed.federation.server import ROUNDS_NAME, read_rounds
-
     given = {"local": local, "federated": federated, "personalised": personalised, "centralised": centralised}
-    sources = {c: _results_file(Path(p), RUN_FILES[c].name) for c, p in given.items() if p is not None}
+    sources = {c: _results_file(Path(p), FILE_NAMES[TABLE_KINDS[c]]) for c, p in given.items() if p is not None}
     results = {c: read_results(path) for c, path in sources.items()}
     federated_dir = sources["federated"].parent
     central = read_json_object(sources["centralised"].parent / SUMMARY_NAME) if "centralised" in sources else {}
@@ -111,8 +89,9 @@ def read_run(run_dir: str | Path, label: str | None = None) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run folder not found")
-    optional = {c: run_dir / RUN_FILES[c].parent for c in ("personalised", "centralised")}
-    return read_columns(run_dir / RUN_FILES["local"].parent, run_dir / RUN_FILES["federated"].parent,
+    folders = {c: study_table(run_dir, kind).parent for c, kind in TABLE_KINDS.items()}
+    optional = {c: folders[c] for c in ("personalised", "centralised")}
+    return read_columns(folders["local"], folders["federated"],
                         **{c: p for c, p in optional.items() if p.exists()}, label=label or run_dir.name)
 
 
@@ -249,6 +228,8 @@ def compare_run(run: Run) -> Comparison:
     summary["fairness"] = [section]
     if run.federation.get("privacy"):   # a DP-FedAvg federation: the privacy it spent
         summary["privacy"] = run.federation["privacy"]
+    if run.federation.get("environment"):   # where the federation's server computed (device, precision)
+        summary["environment"] = run.federation["environment"]
     summary["warnings"] = list(section["warnings"])
     return Comparison(rows, summary, columns, [run])
 

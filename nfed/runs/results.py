@@ -1,4 +1,4 @@
-"""The per-district results tables of a study run: one owner of their columns and number format.
+"""The per-district results tables of a study run: one owner of their columns, number format, writer and reader.
 
 local.csv, personalised.csv, federated.csv and central.csv share the first columns (the test metrics and
 what they rest on); the columns after them say how much training each side had, which is what makes a
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from nfed.common.atomic import write_text_atomic
+from nfed.common.csvtable import read_csv_rows
+from nfed.common.errors import DataError
 
 METRIC_COLUMNS = ("district", "samples", "precision", "recall", "f1", "iou")
 TEST_COLUMNS = ("train_samples", "test_tiles", "test_pixels", "test_change_pixels")
@@ -26,6 +28,14 @@ COLUMNS = {
 }
 FILE_NAMES = {"local": "local.csv", "personalised": "personalised.csv", "federated": "federated.csv",
               "central": "central.csv"}
+# The columns after METRIC_COLUMNS that hold text; the others are counts (integers).
+TEXT_COLUMNS = ("stop",)
+COUNT_COLUMNS = tuple(c for c in TEST_COLUMNS + TRAINING_COLUMNS if c not in TEXT_COLUMNS)
+
+
+def study_table(run_dir: str | Path, kind: str) -> Path:
+    """Where a study run folder (`nfed demo --out RUN`) keeps a table: RUN/<kind>/<kind>.csv."""
+    return Path(run_dir) / kind / FILE_NAMES[kind]
 
 
 def test_facts(scores: Mapping, tile: int) -> dict:
@@ -33,6 +43,16 @@ def test_facts(scores: Mapping, tile: int) -> dict:
     tiles = int(scores.get("samples", 0))
     return {"test_tiles": tiles, "test_pixels": tiles * int(tile) * int(tile),
             "test_change_pixels": int(scores.get("tp", 0)) + int(scores.get("fn", 0))}
+
+
+def federated_row(district: str, metrics: Mapping, work: Mapping) -> dict:
+    """federated.csv's row of a district: the global model's test metrics (`samples`: all tiles of its pack),
+    what they rest on, and the local `work` (epochs_run, steps) its client did over the rounds."""
+    samples = metrics.get("pack_samples", metrics.get("samples", 0))
+    return {"district": district, "samples": int(samples),
+            **{k: float(metrics.get(k, float("nan"))) for k in METRIC_COLUMNS[2:]},
+            "train_samples": metrics.get("train_samples"),
+            **(test_facts(metrics, metrics["tile"]) if "tile" in metrics else {}), **work}
 
 
 def format_value(value) -> str:
@@ -58,3 +78,19 @@ def write_results_csv(path: str | Path, rows: Sequence[Mapping], kind: str) -> P
     path = Path(path)
     write_text_atomic(path, results_csv_text(rows, COLUMNS[kind]))
     return path
+
+
+def _result_record(row: dict) -> tuple[str, dict]:
+    record = {"samples": int(row["samples"]), **{k: float(row[k]) for k in METRIC_COLUMNS[2:]}}
+    record.update({k: int(row[k]) for k in COUNT_COLUMNS if (row.get(k) or "").strip()})
+    record.update({k: row[k].strip() for k in TEXT_COLUMNS if (row.get(k) or "").strip()})
+    return row["district"], record
+
+
+def read_results(path: str | Path) -> dict[str, dict]:
+    """district -> {samples, precision, recall, f1, iou, and those of the later columns the file has}: a table
+    written by an older nfed has only METRIC_COLUMNS."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: results file not found")
+    return dict(read_csv_rows(path, METRIC_COLUMNS, _result_record))

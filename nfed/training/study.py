@@ -11,10 +11,13 @@ records why it stopped and how many optimiser steps it took, so the report can t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-from nfed.common.atomic import make_folder, write_json_atomic
-from nfed.runs.results import test_facts
+from nfed.common.atomic import make_folder, new_folder, write_json_atomic
+from nfed.common.errors import ConfigError, DataError
+from nfed.runs.results import FILE_NAMES, test_facts, write_results_csv
+from nfed.runs.runlock import RunLock
+from nfed.training.environment import RunEnvironment, default_environment
 
 METRIC_KEYS = ("precision", "recall", "f1", "iou", "oa", "kappa")
 # Fine-tuning a trained model takes smaller steps than training it from scratch (the usual practice in
@@ -39,19 +42,19 @@ def _scores(model, pack, config) -> tuple[str, dict]:
     from nfed.training.trainer import evaluate
 
     split = "test" if pack.num_samples("test") else "val"
-    return split, evaluate(model, pack, split, config.batch_size, device=config.device)
+    return split, evaluate(model, pack, split, config.batch_size)
 
 
-def _district_summary(pack, model, config, result) -> dict:
+def _district_summary(pack, model, config, result, env) -> dict:
     split, scores = _scores(model, pack, config)
     samples = sum(pack.num_samples(s) for s in ("train", "val", "test"))
     return {"district": pack.district, "samples": samples, "train_samples": result.num_train_samples,
             "split": split, **{k: scores[k] for k in METRIC_KEYS + COUNT_KEYS},
             **test_facts(scores, pack.tile), **_fit_facts(result), "tile": pack.tile,
-            "config": config.to_dict()}
+            "config": config.to_dict(), "environment": env.to_dict()}
 
 
-def _train_and_save(pack, out_dir: Path, config, model, *, quiet: bool, validate_start: bool,
+def _train_and_save(pack, out_dir: Path, config, model, env, *, quiet: bool, validate_start: bool,
                     extra_config: Mapping | None = None) -> dict:
     """Fit `model` on the pack with early stopping, score it, write best.h5, metrics.json, epochs.jsonl."""
     from nfed.model.checkpoint import save_checkpoint
@@ -64,28 +67,30 @@ def _train_and_save(pack, out_dir: Path, config, model, *, quiet: bool, validate
     optimizer = build_optimizer(model, config)
     result = fit(model, optimizer, pack, config, epochs=config.epochs, early_stopping=True,
                  progress=not quiet, log_path=log_path, validate_start=validate_start)
-    summary = _district_summary(pack, model, config, result)
+    summary = _district_summary(pack, model, config, result, env)
     save_checkpoint(run_dir / "best.h5", model.state_dict(), optimizer_state=optimizer.state_dict(),
                     config={**config.to_dict(), "tile": pack.tile, "district": pack.district,
-                            **dict(extra_config or {})},
+                            "environment": env.to_dict(), **dict(extra_config or {})},
                     metrics=summary)
     write_json_atomic(run_dir / "metrics.json", summary)
     return summary
 
 
-def train_district(pack_path: str | Path, out_dir: str | Path, config, *, quiet: bool = True) -> dict:
+def train_district(pack_path: str | Path, out_dir: str | Path, config, *, env: RunEnvironment | None = None,
+                   quiet: bool = True) -> dict:
     """Local column: train one district from scratch, score it on its test split, write its run folder
     OUT/<district>/ (best.h5, metrics.json, epochs.jsonl); returns its local.csv row (and more)."""
     from nfed.data.reader import DistrictPack
     from nfed.training.trainer import build_model
 
-    with DistrictPack(pack_path) as pack:
-        return _train_and_save(pack, Path(out_dir), config, build_model(config), quiet=quiet,
+    env = env or default_environment()
+    with env.active(), DistrictPack(pack_path) as pack:
+        return _train_and_save(pack, Path(out_dir), config, build_model(config, env.device), env, quiet=quiet,
                                validate_start=False)
 
 
 def personalise_district(global_weights: Mapping, pack_path: str | Path, out_dir: str | Path, config, *,
-                         quiet: bool = True, source: str = "global weights") -> dict:
+                         env: RunEnvironment | None = None, quiet: bool = True, source: str = "global weights") -> dict:
     """Personalised column: fine-tune the global weights on one district's training split with early
     stopping (a fresh optimiser); the global weights themselves count as epoch 0, so a district whose
     validation loss fine-tuning never lowers keeps them (best_epoch 0)."""
@@ -93,20 +98,22 @@ def personalise_district(global_weights: Mapping, pack_path: str | Path, out_dir
     from nfed.data.reader import DistrictPack
     from nfed.training.trainer import build_model
 
-    model = build_model(config)
+    env = env or default_environment()
+    model = build_model(config, env.device)
     check_state_matches(model.state_dict(), global_weights, source)
     model.load_state_dict(dict(global_weights))
-    with DistrictPack(pack_path) as pack:
-        return _train_and_save(pack, Path(out_dir), config, model, quiet=quiet, validate_start=True,
+    with env.active(), DistrictPack(pack_path) as pack:
+        return _train_and_save(pack, Path(out_dir), config, model, env, quiet=quiet, validate_start=True,
                                extra_config={"personalised_from": "global"})
 
 
 def train_central(pack_paths: Sequence[str | Path], out_dir: str | Path, config, *,
-                  quiet: bool = True) -> tuple[dict, list[dict]]:
+                  env: RunEnvironment | None = None, quiet: bool = True) -> tuple[dict, list[dict]]:
     """Centralised column: one model on the pooled training splits of all districts, early stopping on the
     pooled validation splits; scored on every district's test split.
 
-    Writes OUT/best.h5, OUT/epochs.jsonl and OUT/summary.json; returns (summary, per-district rows)."""
+    Writes OUT/best.h5, OUT/epochs.jsonl, OUT/summary.json and OUT/central.csv (the model on each district's
+    test split); returns (summary, per-district rows)."""
     from nfed.model.checkpoint import save_checkpoint
     from nfed.data.reader import DistrictPack, PooledPacks
     from nfed.training.trainer import build_model, build_optimizer, fit
@@ -115,24 +122,111 @@ def train_central(pack_paths: Sequence[str | Path], out_dir: str | Path, config,
     make_folder(out_dir)
     log_path = out_dir / "epochs.jsonl"
     log_path.unlink(missing_ok=True)
-    model = build_model(config)
+    env = env or default_environment()
+    model = build_model(config, env.device)
     optimizer = build_optimizer(model, config)
-    with PooledPacks(pack_paths) as pooled:
+    with env.active(), PooledPacks(pack_paths) as pooled:
         result = fit(model, optimizer, pooled, config, epochs=config.epochs, early_stopping=True,
                      progress=not quiet, log_path=log_path)
         tile = pooled.tile
         districts = [pack.district for pack in pooled.packs]
     rows = []
     for path in pack_paths:
-        with DistrictPack(path) as pack:
+        with env.active(), DistrictPack(path) as pack:
             split, scores = _scores(model, pack, config)
             rows.append({"district": pack.district,
                          "samples": sum(pack.num_samples(s) for s in ("train", "val", "test")),
                          "train_samples": pack.num_samples("train"), "split": split,
                          **{k: scores[k] for k in METRIC_KEYS + COUNT_KEYS}, **test_facts(scores, pack.tile)})
     summary = {"train_samples": result.num_train_samples, "districts": districts, "tile": tile,
-               **_fit_facts(result), "config": config.to_dict()}
+               **_fit_facts(result), "config": config.to_dict(), "environment": env.to_dict()}
     save_checkpoint(out_dir / "best.h5", model.state_dict(), optimizer_state=optimizer.state_dict(),
-                    config={**config.to_dict(), "tile": tile, "district": "pooled"}, metrics=summary)
+                    config={**config.to_dict(), "tile": tile, "district": "pooled", "environment": env.to_dict()},
+                    metrics=summary)
     write_json_atomic(out_dir / "summary.json", summary)
+    write_results_csv(out_dir / FILE_NAMES["central"], rows, "central")
     return summary, rows
+
+
+# ------------------------------------------------------------------------------------------ whole columns
+
+def _column(out_dir: str | Path, kind: str | None, rows_of: Callable[[Path], list[dict]]) -> list[dict]:
+    """Run a column in the run folder OUT, held (RunLock) while it is written; `kind`: the results table
+    written as OUT/<kind>.csv (None: none)."""
+    out_dir = Path(out_dir)
+    with new_folder(out_dir), RunLock(out_dir):
+        rows = rows_of(out_dir)
+        if kind is not None:
+            write_results_csv(out_dir / FILE_NAMES[kind], rows, kind)
+    return rows
+
+
+def local_column(pack_paths: Sequence[str | Path], out_dir: str | Path, config, *, env: RunEnvironment | None = None,
+                 quiet: bool = True, table: bool = True, on_row: Callable[[dict], None] = lambda row: None
+                 ) -> list[dict]:
+    """Local column: every district trained in turn (train_district); with `table`, OUT/local.csv."""
+    def rows_of(out: Path) -> list[dict]:
+        return [_said(train_district(path, out, config, env=env, quiet=quiet), on_row) for path in pack_paths]
+    return _column(out_dir, "local" if table else None, rows_of)
+
+
+def personalised_column(global_weights: Mapping, pack_paths: Sequence[str | Path], out_dir: str | Path, config, *,
+                        env: RunEnvironment | None = None, quiet: bool = True, source: str = "global weights",
+                        on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Personalised column: the global weights fine-tuned on every district in turn; OUT/personalised.csv."""
+    def rows_of(out: Path) -> list[dict]:
+        return [_said(personalise_district(global_weights, path, out, config, env=env, quiet=quiet, source=source),
+                      on_row) for path in pack_paths]
+    return _column(out_dir, "personalised", rows_of)
+
+
+def central_column(pack_paths: Sequence[str | Path], out_dir: str | Path, config, *,
+                   env: RunEnvironment | None = None, quiet: bool = True) -> tuple[dict, list[dict]]:
+    """Centralised column (train_central) in the run folder OUT, held while it is written."""
+    out_dir = Path(out_dir)
+    with new_folder(out_dir), RunLock(out_dir):
+        return train_central(pack_paths, out_dir, config, env=env, quiet=quiet)
+
+
+def _said(row: dict, on_row: Callable[[dict], None]) -> dict:
+    on_row(row)
+    return row
+
+
+def model_setup(trained: Mapping, given: Mapping, source: str | Path) -> dict:
+    """The model set-up (width, classes, lambda_rec) a fine-tuning takes from the checkpoint it starts from:
+    `given` values must agree with it (ConfigError naming the option)."""
+    setup = {}
+    for key in ("width", "classes", "lambda_rec"):
+        value = given.get(key)
+        if value is not None and str(value) != str(trained.get(key)):
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: the model in {source} has {key} {trained.get(key)}")
+        if key in trained:
+            setup[key] = trained[key]
+    return setup
+
+
+def score_checkpoint(model_path: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 8, *,
+                     env: RunEnvironment | None = None) -> dict:
+    """A checkpoint's change metrics on one split of a pack, or of every pack of a folder and pooled over all of
+    them (`nfed evaluate`)."""
+    from nfed.core.metrics import ConfusionMatrix
+    from nfed.data.reader import DistrictPack, list_packs
+    from nfed.training.trainer import evaluate, model_from_checkpoint
+
+    env = env or default_environment()
+    model, _ = model_from_checkpoint(model_path, device=env.device)
+    data_path = Path(data_path)
+    pack_paths = list_packs(data_path) if data_path.is_dir() else [data_path]
+    if not pack_paths:
+        raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
+    overall = ConfusionMatrix()
+    districts = []
+    with env.active():
+        for path in pack_paths:
+            with DistrictPack(path) as pack:
+                scores = evaluate(model, pack, split, batch_size, confusion=overall)
+                districts.append({"district": pack.district, **scores})
+    return {"model": str(model_path), "split": split, "districts": districts,
+            "overall": {"samples": sum(d["samples"] for d in districts), **overall.metrics()},
+            "environment": env.to_dict()}

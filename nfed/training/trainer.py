@@ -11,6 +11,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
@@ -25,8 +26,12 @@ from nfed.core.metrics import ConfusionMatrix
 from nfed.common.progress import progress as progress_bar
 from nfed.common.validate import check_fields
 from nfed.model.wnet import WNetCD
+from nfed.training.environment import from_fields
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# Keys a checkpoint's config keeps beside TrainConfig's fields: the tile and district it was trained on, where
+# it started (personalised), its run environment, and `device`, a TrainConfig field of earlier versions.
+SAVED_KEYS = ("tile", "district", "personalised_from", "environment", "device")
 
 
 @dataclass
@@ -42,7 +47,6 @@ class TrainConfig:
     patience: int = 3
     patience_steps: int = 0   # early stopping also waits this many optimiser steps (epochs of a step or two)
     seed: int = 0
-    device: str = "cpu"
     augment: bool = True
     optimizer: str = "adam"
     weight_decay: float = 0.0
@@ -55,16 +59,21 @@ class TrainConfig:
             raise ConfigError(f"classes {self.classes}: use 2 (change / no change) or 5 (no change + 4 types)")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
-        self.device = str(self.device)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """A config from a dict (e.g. a checkpoint's or the server's); keys that are not fields are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+    def from_dict(cls, values: Mapping) -> "TrainConfig":
+        """A config from its to_dict() (e.g. the server's round set-up); ConfigError naming unknown keys."""
+        return from_fields(cls, values, "training config")
+
+    @classmethod
+    def from_saved(cls, values: Mapping) -> "TrainConfig":
+        """A config as a file stores it (a checkpoint, a run folder): the keys stored beside the fields
+        (SAVED_KEYS, e.g. `device` of files written before the run environment had its own entry) are set
+        aside first; any other unknown key is still an error."""
+        return cls.from_dict({k: v for k, v in values.items() if k not in SAVED_KEYS})
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -110,13 +119,13 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
-def build_model(config: TrainConfig) -> WNetCD:
-    """A freshly initialised W-Net-CD (weights from default_rng(config.seed)) on config.device.
+def build_model(config: TrainConfig, device: str | None = "cpu") -> WNetCD:
+    """A freshly initialised W-Net-CD (weights from default_rng(config.seed)) on `device` (None: $NFED_DEVICE).
 
     On a GPU the device also becomes the thread's current one, so that arrays the ops allocate (and the
     kernels they launch) land on the same GPU as the weights (`--gpus 0,1,2` gives clients different ones).
     """
-    device = backend.parse_device(config.device)
+    device = backend.parse_device(device)
     device.use()
     model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,
                    rng=np.random.default_rng(config.seed))
@@ -146,7 +155,7 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
     Early stopping watches the validation loss (the training loss when the pack has no val tiles): after
     `config.patience` epochs without improvement (and at least `config.patience_steps` optimiser steps, so
     that a district whose epoch is one step is not stopped by three noisy steps) training stops and the best
-    epoch's weights are restored.
+    epoch's weights are restored. Training and validation run on the model's device.
     With `validate_start` the starting weights are validated first and count as epoch 0, so fine-tuning
     that never beats them gives them back (best_epoch 0). With `validate_last_only` (no early stopping: a
     federated client's round) only the last epoch is validated, since nothing reads the others. Each epoch
@@ -159,6 +168,7 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
     if n_train == 0:
         raise ConfigError(f"{pack.path}: the pack has no training tiles")
     has_val = pack.num_samples("val") > 0
+    device = _model_device(model)
     steps = -(-n_train // config.batch_size)
     log = _open_log(log_path)
     history: list[dict] = []
@@ -168,7 +178,7 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
     step_count = 0
     start = time.perf_counter()
     if validate_start and has_val and early_stopping:
-        best_loss = evaluate(model, pack, "val", config.batch_size, device=config.device)["loss"]
+        best_loss = evaluate(model, pack, "val", config.batch_size, device=device)["loss"]
         best_state = model.state_dict()
     try:
         for epoch in range(1, epochs + 1):
@@ -176,7 +186,7 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
             model.train()
             total, seen = 0.0, 0
             batches = pack.batches("train", config.batch_size, shuffle=True, augment=config.augment,
-                                   seed=epoch_seed(config.seed, epoch_seed_offset, epoch), device=config.device)
+                                   seed=epoch_seed(config.seed, epoch_seed_offset, epoch), device=device)
             label = f"{pack.district} epoch {epoch}/{epochs}"
             for batch in progress_bar(batches, label=label, length=steps, enabled=progress):
                 optimizer.zero_grad()
@@ -194,7 +204,7 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
             train_seconds += time.perf_counter() - epoch_start
             train_loss = total / max(seen, 1)
             skipped = has_val and validate_last_only and not early_stopping and epoch < epochs
-            val = evaluate(model, pack, "val", config.batch_size, device=config.device) if has_val and not skipped \
+            val = evaluate(model, pack, "val", config.batch_size, device=device) if has_val and not skipped \
                 else None
             val_loss = val["loss"] if val else (None if skipped else train_loss)
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
@@ -271,7 +281,7 @@ def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[WNetCD,
         raise CheckpointError(f"{path}: {checkpoint_kind(checkpoint)}: it does not record the model set-up "
                               f"({', '.join(missing)} missing), so its weights cannot be rebuilt")
     try:
-        config = TrainConfig.from_dict(values)
+        config = TrainConfig.from_saved(values)
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: checkpoint config is invalid ({exc})") from None
     model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,

@@ -1,0 +1,49 @@
+"""The district packs a run reads: found in a folder, fingerprinted so a resume notices changed data."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from nfed.common.errors import DataError
+from nfed.data.reader import DistrictPack, list_packs
+
+
+def find_packs(data_dir: str | Path) -> dict[str, Path]:
+    """district name -> pack path for every pack in `data_dir` (DataError when missing or empty)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: packs folder not found")
+    paths = list_packs(data_dir)
+    if not paths:
+        raise DataError(f"{data_dir}: no district packs (*.h5) found")
+    packs = {}
+    for path in paths:
+        with DistrictPack(path) as pack:
+            packs[pack.district] = Path(path)
+    return packs
+
+
+def pack_fingerprint(path: Path) -> str | None:
+    """sha256 of a pack file's bytes (None when the path is not a file, e.g. a remote node's pack)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the pack ({exc.strerror or exc})") from None
+    return "sha256:" + digest.hexdigest()
+
+
+def shared_tile(paths) -> int | None:
+    """The tile size shared by the packs (None when they cannot be read here or differ)."""
+    tiles = set()
+    for path in paths:
+        if not Path(path).is_file():
+            return None
+        with DistrictPack(path) as pack:
+            tiles.add(pack.tile)
+    return tiles.pop() if len(tiles) == 1 else None

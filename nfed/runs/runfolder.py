@@ -1,0 +1,218 @@
+"""A federated run's folder on disk: its layout, the round history, the run's record, the client states.
+
+Layout (written by nfed.federation, in-process or over Flower; read by the report and `nfed status`):
+    RUN/global.h5            global weights after the last finished round (+ server optimiser, stop-rule state)
+    RUN/best.h5              global weights of the best round so far (lowest mean validation loss)
+    RUN/rounds.jsonl         one JSON line per finished round
+    RUN/summary.json         how the run ended: rounds, best round, the stop rule that fired, steps per client
+    RUN/status.json          running / finished / failed (with the one-line reason), last round (nfed.runs.runstatus)
+    RUN/federated.csv        the best global model on every district's test split (nfed.runs.results)
+    RUN/client_state/        per-client optimiser state with --client-state keep (<district>.r<round>.h5)
+    RUN/work/                worker task/result files (--workers), removed after each round
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from nfed.common import strict_json
+from nfed.common.atomic import new_folder, write_text_atomic
+from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, one_line
+from nfed.model.checkpoint import load_checkpoint
+from nfed.runs.runlock import RunLock
+from nfed.runs.runstatus import write_status
+
+CHECKPOINT_NAME = "global.h5"
+BEST_NAME = "best.h5"
+ROUNDS_NAME = "rounds.jsonl"
+SUMMARY_NAME = "summary.json"
+RESULTS_NAME = "federated.csv"
+WORK_NAME = "work"
+CLIENT_STATE_NAME = "client_state"
+RUN_FILES = (CHECKPOINT_NAME, ROUNDS_NAME, RESULTS_NAME)
+
+
+# ------------------------------------------------------------------------------------------ client states
+
+def state_file(run_dir: Path, district: str, round_number: int) -> Path:
+    return run_dir / CLIENT_STATE_NAME / f"{district}.r{round_number:04d}.h5"
+
+
+def _client_state_files(run_dir: Path, district: str) -> list[tuple[int, Path]]:
+    folder = run_dir / CLIENT_STATE_NAME
+    found = []
+    if folder.is_dir():
+        pattern = re.compile(re.escape(district) + r"\.r(\d{4,})\.h5$")
+        for path in folder.iterdir():
+            match = pattern.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_client_state(run_dir: Path, district: str, before_round: int) -> dict | None:
+    candidates = [(r, p) for r, p in _client_state_files(run_dir, district) if r < before_round]
+    if not candidates:
+        return None
+    return load_checkpoint(candidates[-1][1]).optimizer_state
+
+
+def prune_client_states(run_dir: Path, districts: Sequence[str], finished_round: int) -> None:
+    """Keep, per district, only the newest state of a finished round (and drop states of unfinished ones)."""
+    for district in districts:
+        files = _client_state_files(run_dir, district)
+        kept = [r for r, _ in files if r <= finished_round]
+        newest = max(kept) if kept else None
+        for r, path in files:
+            if r != newest:
+                path.unlink(missing_ok=True)
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    """Empty a used folder for a fresh run: no other run's client state, results or history is picked up."""
+    shutil.rmtree(run_dir / CLIENT_STATE_NAME, ignore_errors=True)
+    for name in (RESULTS_NAME, BEST_NAME, SUMMARY_NAME):
+        (run_dir / name).unlink(missing_ok=True)
+    write_rounds(run_dir / ROUNDS_NAME, [])
+
+
+# ------------------------------------------------------------------------------------------ round history
+
+def read_rounds(path: Path) -> list[dict]:
+    """The records of RUN/rounds.jsonl (DataError naming the line when one is not JSON)."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                record = strict_json.loads(line)
+            except ValueError:
+                raise DataError(f"{path}: line {number} is not valid JSON") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {number} is not a round record (a JSON object)")
+            records.append(record)
+    return records
+
+
+def rounds_text(records: list[dict]) -> str:
+    """RUN/rounds.jsonl's text for `records` (strict JSON, one sorted record per line)."""
+    return "".join(strict_json.dumps(r, sort_keys=True) + "\n" for r in records)
+
+
+def rounds_digest(records: list[dict]) -> str:
+    """Fingerprint of the round history, kept in global.h5 so a resume notices a deleted or edited history."""
+    return "sha256:" + hashlib.sha256(rounds_text(records).encode("utf-8")).hexdigest()
+
+
+def write_rounds(path: Path, records: list[dict]) -> None:
+    write_text_atomic(path, rounds_text(records))
+
+
+
+# ------------------------------------------------------------------------------------------ the run's record
+
+def client_work(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
+    """district -> local epochs and optimiser steps its client took in the rounds whose update was averaged."""
+    work: dict[str, dict[str, int]] = {}
+    for record in records:
+        for district in record.get("answered", []):
+            entry = record["clients"].get(district, {})
+            totals = work.setdefault(district, {"epochs_run": 0, "steps": 0})
+            totals["epochs_run"] += int(entry.get("epochs", 0) or 0)
+            totals["steps"] += int(entry.get("steps", 0) or 0)
+    return work
+
+
+def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A resume needs a checkpoint; a fresh run needs a folder without a run's results, or `overwrite`."""
+    if resume:
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: nothing to resume (no checkpoint in the run "
+                                  "folder)")
+        return
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{run_dir}: holds a federated run ({', '.join(existing)}); --resume continues it, "
+                          "--overwrite replaces it")
+
+
+def failure_reason(exc: BaseException) -> str:
+    if type(exc).__name__ == "Terminated":
+        return "terminated (SIGTERM)"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, SystemExit):   # Flower's ServerApp exits so when its SuperLink stops or `flwr stop`
+        return f"stopped from outside (exit status {exc.code}: the SuperLink stopped, or flwr stop)"
+    return one_line(exc)
+
+
+class RunRecorder:
+    """Keeps RUN/status.json current for one run: running after each round, then finished or failed."""
+
+    def __init__(self, run_dir: Path, rounds: int, round_number: int = 0):
+        self.run_dir = run_dir
+        self.rounds = rounds
+        self.round = round_number
+        self.best_round: int | None = None
+        self.stop_reason: str | None = None
+
+    def running(self, round_number: int, *, best_round: int | None = None, stop_reason: str | None = None) -> None:
+        self.round, self.best_round, self.stop_reason = round_number, best_round or None, stop_reason
+        self._write("running")
+
+    def finished(self, result) -> None:
+        """`result`: the run's FederationResult (its rounds, best round and stop reason)."""
+        self.round, self.best_round, self.stop_reason = len(result.rounds), result.best_round, result.stop_reason
+        if result.rounds and isinstance(result.rounds[-1].get("round"), int):
+            self.round = result.rounds[-1]["round"]
+        self._write("finished")
+
+    def failed(self, exc: BaseException) -> None:
+        self._write("failed", failure_reason(exc))
+
+    def _write(self, state: str, reason: str | None = None) -> None:
+        write_status(self.run_dir, state, round_number=self.round, rounds=self.rounds, reason=reason,
+                     stop_reason=self.stop_reason, best_round=self.best_round)
+
+
+_recording: dict[Path, RunRecorder] = {}   # run folders this process records, so nested users share one
+
+
+@contextlib.contextmanager
+def recorded_run(run_dir: str | Path, *, resume: bool, overwrite: bool, rounds: int):
+    """Hold the run folder (lock), check it may be written, and keep RUN/status.json for the run inside:
+    running now, failed with the one-line reason if the block raises. Nested calls share the outer record.
+
+    The folder checks come first, so a refused run never touches another run's status; a run that fails
+    after them leaves its status (failed, and why) for `nfed status`."""
+    run_dir = Path(run_dir)
+    with new_folder(run_dir), RunLock(run_dir):
+        key = run_dir.resolve()
+        if key in _recording:
+            yield _recording[key]
+            return
+        check_run_folder(run_dir, resume, overwrite)
+        recorder = _recording[key] = RunRecorder(run_dir, rounds, finished_rounds(run_dir) if resume else 0)
+        try:
+            recorder.running(recorder.round)
+            yield recorder
+        except BaseException as exc:
+            with contextlib.suppress(Exception):   # the original error matters more than a failed status write
+                recorder.failed(exc)
+            raise
+        finally:
+            _recording.pop(key, None)
+
+
+def finished_rounds(run_dir: Path) -> int:
+    """Rounds on record in RUN/rounds.jsonl (0 when it cannot be read: the resume will say why)."""
+    try:
+        return len(read_rounds(run_dir / ROUNDS_NAME))
+    except NfedError:
+        return 0
+
