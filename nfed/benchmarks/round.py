@@ -151,7 +151,7 @@ def run_round_bench(train_config, *, settings, data: Path | None = None, distric
             data = synthetic_packs(Path(scratch), district_count, scale, tile, settings)
             source = {"districts": district_count, "scale": scale, "tile": tile}
         else:
-            from nfed.federation.server import find_packs
+            from nfed.runs.packs import find_packs
 
             find_packs(data)   # a missing or empty folder fails here, in one line
             source = {"data": str(data)}
@@ -195,7 +195,7 @@ def synthetic_packs(folder: Path, count: int, scale: float, tile: int, settings)
 
 def worker_main(task_json: str) -> None:
     """Entry point of the benchmark subprocess (prints one JSON object)."""
-    from nfed.federation.server import find_packs
+    from nfed.runs.packs import find_packs
     from nfed.training.trainer import TrainConfig
 
     task = json.loads(task_json)

@@ -133,11 +133,13 @@ def _nfed_steps(task: dict) -> dict:
     from nfed import __version__
     from nfed.core.autograd import no_grad
     from nfed.core.functions.parallel import blas_kernels
+    from nfed.training.environment import RunEnvironment
     from nfed.training.trainer import TrainConfig, build_model, build_optimizer
 
-    config = TrainConfig(width=task["width"], lambda_rec=task["lambda_rec"], device=task["device"])
+    config = TrainConfig(width=task["width"], lambda_rec=task["lambda_rec"])
+    RunEnvironment(task["device"], task.get("precision") or "fp32").apply()   # the task's, not an inherited one
     device = backend.parse_device(task["device"])
-    model = build_model(config)
+    model = build_model(config, task["device"])
     optimizer = build_optimizer(model, config)
     past, current, mask = (backend.to_device(a, device) for a in _inputs(task))
 

@@ -121,29 +121,42 @@ class FedAvgAggregator:
         """Fold one update in; False (reason logged and kept in `rejected`) when it cannot be averaged."""
         if not accept_update(self, weights, num_samples, client):
             return False
-        if self._sum is None:
+        if self._sum is None:   # float64 running sums on the device of the update's arrays
             self._sum = {name: array_module(value).zeros(value.shape, dtype=np.float64)
-                         for name, value in weights.items()}
-        for name, value in weights.items():
-            _accumulate(self._sum[name], value, float(num_samples))
+                         for name, value in self._sum_like(weights).items()}
+        self._fold(weights, num_samples, client)
         self.total_samples += int(num_samples)
         self.accepted.append(client)
         return True
 
+    def _sum_like(self, weights: Mapping[str, object]) -> Mapping[str, object]:
+        """The arrays whose shapes and devices the running sums take (FedAvg: the first update's)."""
+        return weights
+
+    def _fold(self, weights: Mapping[str, object], num_samples: int, client: str) -> None:
+        """Add one accepted update to the float64 running sums (FedAvg: weighted by its sample count)."""
+        for name, value in weights.items():
+            _accumulate(self._sum[name], value, float(num_samples))
+
+    def _average(self) -> dict[str, object]:
+        """The new global weights from the running sums (FedAvg: the sample-weighted mean, reference dtypes)."""
+        total = float(self.total_samples)
+        return {name: (summed / total).astype(self.reference[name].dtype) for name, summed in self._sum.items()}
+
+    unusable = "the average is unusable"
+
     def finish(self) -> dict[str, object] | None:
-        """The sample-weighted average (reference dtypes), or None when every update was rejected."""
+        """The aggregate (reference dtypes), or None when every update was rejected or the result is unusable."""
         if self._sum is None:
             return None
-        total = float(self.total_samples)
-        averaged = {name: (summed / total).astype(self.reference[name].dtype)
-                    for name, summed in self._sum.items()}
+        aggregate = self._average()
         self._sum = None
-        problem = update_problem(averaged, self.reference)
+        problem = update_problem(aggregate, self.reference)
         if problem is not None:   # finite updates can still sum past the dtype's range
-            self.problem = f"the average is unusable ({problem})"
+            self.problem = f"{self.unusable} ({problem})"
             log.warning("%s", self.problem)
             return None
-        return averaged
+        return aggregate
 
 
 def _accumulate(total, value, weight: float) -> None:

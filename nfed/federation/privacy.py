@@ -25,7 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
-from nfed.federation.aggregator import accept_update, is_statistic, update_problem
+from nfed.federation.aggregator import FedAvgAggregator, is_statistic, update_problem
 from nfed.common.backend import array_module
 from nfed.common.errors import ConfigError, NfedError
 
@@ -78,51 +78,35 @@ def noisy_mean(delta_sum: Mapping[str, object], count: int, clip: float, noise_m
     return new
 
 
-class DPFedAvgAggregator:
+class DPFedAvgAggregator(FedAvgAggregator):
     """DP-FedAvg on the server: re-clip each delta to `clip`, sum (streaming), noise N(0, (z clip)^2), mean."""
 
     name = "dp-fedavg"
+    unusable = "the DP-FedAvg aggregate is unusable"
 
     def __init__(self, reference: Mapping[str, object], clip: float, noise_multiplier: float, rng=None):
         if not clip > 0:
             raise ConfigError(f"DP-FedAvg needs a clipping bound > 0, got {clip}")
-        self.reference = reference
+        super().__init__(reference)
         self.clip = float(clip)
         self.noise_multiplier = float(noise_multiplier)
         self.rng = rng if rng is not None else np.random.default_rng()
-        self._sum: dict[str, object] | None = None
-        self.total_samples = 0
-        self.accepted: list[str] = []
-        self.rejected: dict[str, str] = {}
-        self.problem: str | None = None
-        self.notes: dict = {"clip": self.clip, "noise_std": self.noise_multiplier * self.clip}
+        self.notes = {"clip": self.clip, "noise_std": self.noise_multiplier * self.clip}
 
-    def add(self, weights: Mapping[str, object], num_samples: int, client: str = "client") -> bool:
-        if not accept_update(self, weights, num_samples, client):
-            return False
+    def _sum_like(self, weights: Mapping[str, object]) -> Mapping[str, object]:
+        return self.reference   # deltas are taken against the reference, on its device
+
+    def _fold(self, weights: Mapping[str, object], num_samples: int, client: str) -> None:
+        """Add the update's delta, clipped to `clip` (every client counts the same, whatever its samples)."""
         scale = clip_factor(update_norm(weights, self.reference), self.clip)
         if scale < 1.0 - 1e-6:   # an honest client clipped already (float32 rounding aside)
             self.notes.setdefault("clipped_by_server", []).append(client)
-        if self._sum is None:
-            self._sum = {name: array_module(ref).zeros(ref.shape, dtype=np.float64)
-                         for name, ref in self.reference.items()}
         for name, ref in self.reference.items():
             xp = array_module(ref)
             self._sum[name] += scale * (xp.asarray(weights[name]).astype(xp.float64) - ref.astype(xp.float64))
-        self.total_samples += int(num_samples)
-        self.accepted.append(client)
-        return True
 
-    def finish(self) -> dict[str, object] | None:
-        if self._sum is None:
-            return None
-        new = noisy_mean(self._sum, len(self.accepted), self.clip, self.noise_multiplier, self.reference, self.rng)
-        self._sum = None
-        problem = update_problem(new, self.reference)
-        if problem is not None:
-            self.problem = f"the DP-FedAvg aggregate is unusable ({problem})"
-            return None
-        return new
+    def _average(self) -> dict[str, object]:
+        return noisy_mean(self._sum, len(self.accepted), self.clip, self.noise_multiplier, self.reference, self.rng)
 
 
 # ------------------------------------------------------------------------------------------ accounting
