@@ -12,7 +12,7 @@ from nfed.common import strict_json
 from nfed.common.errors import ConfigError, DataError
 from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, limited, precision_option,
                                    run_environment, training_config)
-from nfed.commands.predict_outputs import describe_regions, output_options, write_change_summary
+from nfed.commands.predict_outputs import describe_regions, output_options
 
 from nfed.training.study import METRIC_KEYS
 
@@ -133,29 +133,17 @@ def evaluate(model_path, data_path, split, batch_size, as_json, device, precisio
 def predict(model_path, past, current, pairs, out_path, batch_size, outputs, device, precision, quiet):
     """Write 0/255 change masks for image pairs of any size (tiled at the model's tile size): PNG, or GeoTIFF
     for GeoTIFF input (nfed[geo]); optionally change polygons (GeoJSON, label JSON) and an overlay PNG."""
-    from nfed.training.predict import check_pair_sizes, find_pairs, mask_format, mask_name, predict_files
-    from nfed.common.progress import progress
-    from nfed.training.trainer import checkpoint_tile, model_from_checkpoint
+    from nfed.training.predict import find_pairs, mask_name, predict_pairs, write_change_summary
 
     if (pairs is None) == (past is None and current is None) or (pairs is None and (past is None or current is None)):
         raise ConfigError("give either --past and --current, or --pairs DIR")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
-    device = backend.parse_device(device)
     if pairs is None:
         jobs = [(past, current, out_path)]
     else:
         jobs = [(a, b, out_path / mask_name(a)) for a, b in find_pairs(pairs)]
-    for a, b, target in jobs:     # every pair and output name is checked before any work is done
-        check_pair_sizes(a, b)
-        mask_format(target)
-    model, checkpoint = model_from_checkpoint(model_path, device=device)
-    tile = checkpoint_tile(checkpoint, model_path)
     start = time.perf_counter()
-    summaries = []
-    for a, b, target in progress(jobs, label="predicting", length=len(jobs), enabled=not quiet and len(jobs) > 1):
-        summaries.append(predict_files(model, a, b, target, tile, device=device, batch_size=batch_size,
-                                       outputs=outputs, source=f"nfed predict --model {model_path}"))
+    summaries = predict_pairs(model_path, jobs, device=backend.parse_device(device), batch_size=batch_size,
+                              outputs=outputs, show_progress=not quiet)
     summary_csv = write_change_summary(summaries, out_path, single=pairs is None)
     if pairs is None:
         summary = summaries[0]

@@ -3,8 +3,6 @@ arrive as a single OutputOptions argument, and the per-image summary CSV is writ
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-
 import click
 
 from nfed.common.errors import ConfigError
@@ -45,17 +43,6 @@ def output_options(command):
     for option in reversed(_OPTIONS):
         wrapper = option(wrapper)
     return wrapper
-
-
-def write_change_summary(summaries: list[dict], out_path: Path, single: bool) -> Path | None:
-    """<mask stem>_changes.csv (one pair) or OUT/changes.csv (a folder): image, type, count, pixels, area."""
-    from nfed.data.vectors import write_summary_csv
-
-    if not any("regions" in summary for summary in summaries):
-        return None
-    target = out_path.with_name(out_path.stem + "_changes.csv") if single else out_path / "changes.csv"
-    write_summary_csv(target, [row for summary in summaries for row in summary["rows"]])
-    return target
 
 
 def describe_regions(summary: dict) -> str:

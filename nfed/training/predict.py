@@ -285,3 +285,36 @@ def write_mask(path: str | os.PathLike, change: np.ndarray) -> None:
 def _tiles_nchw(image: np.ndarray, origins, tile: int) -> np.ndarray:
     """Crops [B, H, W, 3] uint8 -> [B, 3, H, W] float32 in [0, 1], scaled exactly as the pack reader does."""
     return images_to_nchw_float(np.stack([image[y:y + tile, x:x + tile] for y, x in origins]))
+
+
+def predict_pairs(model_path: Path, pairs: list[tuple[Path, Path, Path]], *, device, batch_size: int,
+                  outputs: OutputOptions | None = None, show_progress: bool = True) -> list[dict]:
+    """`nfed predict`'s job: (past, current, mask path) triples through one checkpoint, one summary each.
+
+    Every pair's sizes and every output name are checked before the model is loaded, so a bad last pair
+    costs no work."""
+    from nfed.common.progress import progress
+    from nfed.training.trainer import checkpoint_tile, model_from_checkpoint
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
+    for past_path, current_path, target in pairs:
+        check_pair_sizes(past_path, current_path)
+        mask_format(target)
+    model, checkpoint = model_from_checkpoint(model_path, device=device)
+    tile = checkpoint_tile(checkpoint, model_path)
+    return [predict_files(model, past_path, current_path, target, tile, device=device, batch_size=batch_size,
+                          outputs=outputs, source=f"nfed predict --model {model_path}")
+            for past_path, current_path, target in progress(pairs, label="predicting", length=len(pairs),
+                                                            enabled=show_progress and len(pairs) > 1)]
+
+
+def write_change_summary(summaries: list[dict], out_path: Path, single: bool) -> Path | None:
+    """<mask stem>_changes.csv (one pair) or OUT/changes.csv (a folder): image, type, count, pixels, area."""
+    from nfed.data.vectors import write_summary_csv
+
+    if not any("regions" in summary for summary in summaries):
+        return None
+    target = out_path.with_name(out_path.stem + "_changes.csv") if single else out_path / "changes.csv"
+    write_summary_csv(target, [row for summary in summaries for row in summary["rows"]])
+    return target
