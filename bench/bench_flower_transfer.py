@@ -31,8 +31,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from nfed.federation.flower_messages import record_to_weights, weights_to_record
 from nfed.federation.flower_exchange import exchange
+from nfed.federation.flower_messages import record_to_weights, weights_to_record
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_BYTES = 5 * 1024 * 1024

@@ -31,8 +31,8 @@ def main(argv=None) -> int:
 
     from nfed.data.reader import DistrictPack
     from nfed.federation.config import FederationConfig
-    from nfed.federation.server import federate
     from nfed.federation.privacy import noise_for_epsilon
+    from nfed.federation.server import federate
 
     args.out.mkdir(parents=True, exist_ok=True)
     packs = prepare_packs(args)

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from nfed.data import synth
+from nfed.data.districts import load_districts
 from nfed.data.synthscene import generate_tile
 from nfed.data.synthstyle import district_style
-from nfed.data.districts import load_districts
 
 
 def cpu_seconds() -> float:

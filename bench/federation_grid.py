@@ -29,9 +29,9 @@ def size_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
 
 def prepare_packs(args) -> dict[str, Path]:
     """The demo's 25 synthetic districts at --scale/--tile, packed once into OUT/packs."""
-    from nfed.runs.packs import find_packs
     from nfed.data.pack import pack_folder
     from nfed.data.synth import synthesise
+    from nfed.runs.packs import find_packs
 
     if args.data:
         return find_packs(args.data)

@@ -144,9 +144,9 @@ class _Stages:
 
 def make_data(out_dir: Path, settings: DemoSettings, echo: Callable[[str], None]) -> dict[str, Path]:
     """Synthetic districts and their packs; returns district -> pack path."""
-    from nfed.runs.packs import find_packs
     from nfed.data.pack import pack_folder
     from nfed.data.synth import synthesise
+    from nfed.runs.packs import find_packs
     from nfed.training.trainer import PROFILE_TILES
 
     echo(f"[demo] generating synthetic districts (scale {settings.scale:g}, {settings.val_tiles} validation and "
@@ -161,14 +161,14 @@ def make_data(out_dir: Path, settings: DemoSettings, echo: Callable[[str], None]
 def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, seed: int, stages: _Stages,
                 echo: Callable[[str], None]) -> None:
     """The four columns of one seed into RUN/local, federated, personalised, central (CSV tables)."""
-    from nfed.model.checkpoint import save_checkpoint
-    from nfed.federation.district_jobs import PoolRunner, make_task, run_tasks, worker_pool
     from nfed.federation.config import FederationConfig
+    from nfed.federation.district_jobs import PoolRunner, make_task, run_tasks, worker_pool
     from nfed.federation.server import federate
-    from nfed.runs.runfolder import BEST_NAME
+    from nfed.model.checkpoint import save_checkpoint
     from nfed.runs.results import study_table, write_results_csv
-    from nfed.training.study import fine_tune_config, train_central
+    from nfed.runs.runfolder import BEST_NAME
     from nfed.training.environment import RunEnvironment
+    from nfed.training.study import fine_tune_config, train_central
     from nfed.training.trainer import profile_config
 
     config = profile_config("demo", seed=seed, epochs=settings.epoch_cap, patience=settings.patience, lr=settings.lr)

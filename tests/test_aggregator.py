@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 import pytest
 
-from nfed.federation.aggregator import (FedAdam, FedAvgAggregator, FedAvgM, ServerOptimizer, StopRules,
-                             build_server_optimizer, fedavg, global_norm, relative_norm_difference,
-                             update_problem)
 from nfed.common.errors import CheckpointError, ConfigError
+from nfed.federation.aggregator import (FedAdam, FedAvgAggregator, FedAvgM, ServerOptimizer, StopRules,
+                                        build_server_optimizer, fedavg, global_norm, relative_norm_difference,
+                                        update_problem)
 
 
 def _model(a, b, mean, var):

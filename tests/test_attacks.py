@@ -7,17 +7,16 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from nfed.federation.attacks import FlippedMasks, attack_result, choose_attackers
-from nfed.federation.client import ClientResult
-from nfed.common.errors import ConfigError
-from nfed.federation.config import FederationConfig
-from nfed.federation.server import federate
-from nfed.runs.runfolder import read_rounds
-
 from test_federation import PACKS, SAMPLES, TARGETS, FakeTrainConfig, fake_evaluate, fake_train
 from test_flower import make_tiny_packs
 from test_hardening import invoke, one_line_error
+
+from nfed.common.errors import ConfigError
+from nfed.federation.attacks import FlippedMasks, attack_result, choose_attackers
+from nfed.federation.client import ClientResult
+from nfed.federation.config import FederationConfig
+from nfed.federation.server import federate
+from nfed.runs.runfolder import read_rounds
 
 INITIAL = {"w": np.zeros(3, np.float32), "bn.running_var": np.ones(2, np.float32)}
 ATTACKER = choose_attackers(list(PACKS), 1, seed=0)[0]

@@ -6,13 +6,12 @@ import weakref
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from nfed.common import backend
 from nfed.core import functions as F
 from nfed.core.autograd import Function, Tensor, as_tensor, is_grad_enabled, no_grad
 from nfed.core.gradcheck import check_gradients
-
-from conftest import DEVICES
 
 
 def test_tensor_basics():

@@ -9,14 +9,13 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO_ROOT
 
-from nfed.gpu import precision
 from nfed.benchmarks.gpu import bench_devices
 from nfed.benchmarks.gpu_kernels import wnet_layer_shapes
 from nfed.commands.bench_gpu import aggregate, kernels
 from nfed.common.errors import ConfigError
-
-from conftest import REPO_ROOT
+from nfed.gpu import precision
 
 
 def test_layer_shapes_cover_all_46_weighted_layers_of_the_study_size():

@@ -5,8 +5,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from nfed.cli import cli
 from nfed.benchmarks.round import PARTS, RoundClock, summarise
+from nfed.cli import cli
 
 
 class FakeTime:

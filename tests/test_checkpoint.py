@@ -5,8 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from nfed.model.checkpoint import check_state_matches, load_checkpoint, save_checkpoint
 from nfed.common.errors import CheckpointError
+from nfed.model.checkpoint import check_state_matches, load_checkpoint, save_checkpoint
 
 
 def _state(width: int) -> dict:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-
-from nfed.model.checkpoint import load_checkpoint
-from nfed.cli import cli
 from test_training import synthetic_pack
 from test_wnet import closed_form_parameters
+
+from nfed.cli import cli
+from nfed.model.checkpoint import load_checkpoint
 
 TINY = ["--width", "2", "--epochs", "2", "--batch-size", "4", "--quiet", "--device", "cpu"]
 
@@ -84,7 +84,8 @@ def test_train_local_all_writes_checkpoints_metrics_logs_and_csv(trained, packs)
         assert len(lines) == 2
         ckpt = load_checkpoint(trained / district / "best.h5")
         assert ckpt.config["width"] == 2 and ckpt.config["tile"] == 32 and ckpt.config["district"] == district
-        assert "encoder.e1.conv1.weight" in ckpt.model_state and "exp_avg.encoder.e1.conv1.weight" in ckpt.optimizer_state
+        assert "encoder.e1.conv1.weight" in ckpt.model_state
+        assert "exp_avg.encoder.e1.conv1.weight" in ckpt.optimizer_state
         assert ckpt.metrics["f1"] == metrics["f1"]
     assert not list(trained.rglob(".*.tmp"))
 
@@ -188,8 +189,8 @@ def test_predict_errors(trained, tmp_path):
 
 
 def test_checkpoint_of_another_width_is_rejected_with_the_mismatch(trained, tmp_path):
-    from nfed.model.checkpoint import save_checkpoint
     from nfed.common.errors import CheckpointError
+    from nfed.model.checkpoint import save_checkpoint
     from nfed.training.trainer import TrainConfig, build_model, load_weights
 
     ckpt = load_checkpoint(trained / "Jung-gu" / "best.h5")

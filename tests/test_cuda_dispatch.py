@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import REPO_ROOT
 
 DISPATCHING_MODULES = ("nfed.core.functions.conv", "nfed.core.functions.pooling", "nfed.core.functions.normalization",
@@ -56,7 +55,8 @@ loss = F.cross_entropy(F.max_pool2d(y), rng.integers(0, 4, size=(2, 4, 4)))
 loss.backward()
 optim.Adam([("w", w), ("gamma", gamma), ("beta", beta)]).step()
 fedavg([({"w": w.data}, 3), ({"w": w.data}, 1)])
-print(",".join(sorted(m for m in sys.modules if m.split(".")[0] in ("cupy", "cupy_backends") or m.startswith("nfed.gpu."))))
+print(",".join(sorted(m for m in sys.modules
+                     if m.split(".")[0] in ("cupy", "cupy_backends") or m.startswith("nfed.gpu."))))
 """
 
 

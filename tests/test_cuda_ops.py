@@ -16,8 +16,9 @@ from nfed.common import backend
 from nfed.gpu import batchnorm as gpu_batchnorm
 from nfed.gpu import conv as gpu_conv
 from nfed.gpu import fedavg as gpu_fedavg
-from nfed.gpu import gemm, kernels, precision
+from nfed.gpu import gemm, kernels
 from nfed.gpu import pooling as gpu_pooling
+from nfed.gpu import precision
 from nfed.gpu import softmax as gpu_softmax
 
 pytestmark = pytest.mark.gpu

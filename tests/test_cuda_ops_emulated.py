@@ -7,11 +7,11 @@ GPU exists. Skipped only without a C++ compiler. The real-GPU run of the same bo
 """
 from __future__ import annotations
 
-import pytest
-
 import gpu_emulation
-from nfed.common.resources import kernels_dir
+import pytest
 from test_cuda_ops import *  # noqa: F401,F403 - re-collect every test body under the emulation
+
+from nfed.common.resources import kernels_dir
 
 pytestmark = []  # not gpu-marked: runs on any machine with a C++ compiler
 

@@ -6,14 +6,13 @@ import tracemalloc
 import h5py
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from nfed.common import backend
-from nfed.data.reader import DistrictPack, augment_tiles, list_packs
 from nfed.common.errors import DataError
 from nfed.data import packformat
 from nfed.data.packwriter import PackWriter, write_pack
-
-from conftest import DEVICES
+from nfed.data.reader import DistrictPack, augment_tiles, list_packs
 
 
 def marked_tiles(n: int, tile: int = 16, seed: int = 0):

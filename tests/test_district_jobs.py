@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from nfed.model.checkpoint import save_checkpoint
-from nfed.federation.district_jobs import PoolRunner, WorkerPool, make_task, run_tasks
-from nfed.federation.config import FederationConfig
-from nfed.federation.server import federate
-from nfed.common.errors import TrainingError
-from nfed.training.trainer import TrainConfig, build_model
 from test_training import synthetic_pack
+
+from nfed.common.errors import TrainingError
+from nfed.federation.config import FederationConfig
+from nfed.federation.district_jobs import PoolRunner, WorkerPool, make_task, run_tasks
+from nfed.federation.server import federate
+from nfed.model.checkpoint import save_checkpoint
+from nfed.training.trainer import TrainConfig, build_model
 
 COUNTS = {"Gangseo-gu": (7, 3, 4), "Nowon-gu": (3, 2, 4), "Jung-gu": (5, 2, 4)}
 

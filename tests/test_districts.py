@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from nfed.data.districts import District, find_district, load_districts, read_districts_csv
 from nfed.common.errors import DataError
+from nfed.data.districts import District, find_district, load_districts, read_districts_csv
 
 
 def test_twenty_five_districts_in_table_order_with_study_values():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nfed.model.checkpoint import save_checkpoint
 from nfed.cli import cli
+from nfed.model.checkpoint import save_checkpoint
 from nfed.model.wnet import WNetCD
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors not installed (nfed[export])")

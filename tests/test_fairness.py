@@ -6,8 +6,8 @@ import json
 
 from report_runs import NAMES, districts, make_run, write_csv
 
-from nfed.report.fairness import MIN_TEST_CHANGE_PIXELS, MIN_TEST_TILES
 from nfed.report.build import compare_run, read_run
+from nfed.report.fairness import MIN_TEST_CHANGE_PIXELS, MIN_TEST_TILES
 
 
 def section_of(run):

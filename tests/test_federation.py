@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nfed.federation.client import ClientResult
 from nfed.common.errors import CheckpointError, ConfigError
+from nfed.federation.client import ClientResult
 from nfed.federation.config import FederationConfig, load_client_speeds
 from nfed.federation.runners import select_clients
 from nfed.federation.server import Federation, federate
@@ -217,9 +217,9 @@ def test_worker_mode_kills_a_hung_client_at_the_deadline(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_packs(tmp_path_factory):
-    from nfed.runs.packs import find_packs
     from nfed.data.pack import pack_folder
     from nfed.data.synth import synthesise
+    from nfed.runs.packs import find_packs
 
     root = tmp_path_factory.mktemp("tiny")
     synthesise(root / "synth", scale=0.002, tile=32, seed=1, districts="Gangseo-gu,Nowon-gu,Jung-gu",

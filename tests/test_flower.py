@@ -165,9 +165,9 @@ class LoopbackGrid:
         return list(self.contexts)
 
     def push_messages(self, messages):
-        from nfed.federation.flower import client_app
-
         import time
+
+        from nfed.federation.flower import client_app
 
         ids = []
         for message in messages:

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from flower_harness import flwr_available
 from test_flower import DISTRICTS, WIDTH, LoopbackGrid, flat_run_config, load_global, make_tiny_packs, task_identity
 

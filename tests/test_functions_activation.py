@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from nfed.common import backend
 from nfed.core import functions as F
 from nfed.core.gradcheck import check_gradients
-
-from conftest import DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)

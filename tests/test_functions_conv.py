@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 from scipy import signal
 
 from nfed.common import backend
@@ -11,8 +12,6 @@ from nfed.core.autograd import Tensor
 from nfed.core.functions import conv as conv_module
 from nfed.core.functions.im2col import col2im, flat_cols, im2col, padded_rows
 from nfed.core.gradcheck import check_gradients
-
-from conftest import DEVICES
 
 # (kernel, stride, padding): the W-Net's 3x3/pad 1 and 1x1 first, then general cases.
 CONV_CASES = [(3, 1, 1), (1, 1, 0), (3, 2, 1), (2, 2, 0), (5, 1, 2), (3, 1, 0), ((3, 2), (2, 1), (1, 0))]

@@ -9,13 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
+from test_functions_conv import conv2d_oracle, conv_transpose2d_oracle
 
 from nfed.core import functions as F
 from nfed.core.autograd import Tensor
 from nfed.core.functions import conv_cpu, winograd_cpu
 from nfed.core.functions.layout import is_channels_last
-
-from test_functions_conv import conv2d_oracle, conv_transpose2d_oracle
 
 
 def channels_last(a):

@@ -6,10 +6,10 @@ import pytest
 
 from nfed.core import functions as F
 from nfed.core.autograd import Tensor
-from nfed.core.functions.layout import (ChannelView, concatenate, empty_like_layout, is_channels_last,
-                                   to_channels_last, zeros_like_layout)
+from nfed.core.functions.layout import (ChannelView, concatenate, empty_like_layout, is_channels_last, to_channels_last,
+                                        zeros_like_layout)
 from nfed.core.functions.normalization import (batch_norm_eval_backward, batch_norm_eval_forward,
-                                          batch_norm_train_backward, batch_norm_train_forward)
+                                               batch_norm_train_backward, batch_norm_train_forward)
 from nfed.core.functions.pooling import max_pool2d_backward, max_pool2d_forward
 
 

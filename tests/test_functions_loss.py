@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from nfed.common import backend
 from nfed.core import functions as F
 from nfed.core.autograd import Tensor
 from nfed.core.gradcheck import check_gradients
-
-from conftest import DEVICES
 
 
 def ce_oracle(logits, target, weight, ignore_index, reduction):

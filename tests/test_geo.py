@@ -17,7 +17,6 @@ rasterio = pytest.importorskip("rasterio", reason="rasterio not installed (pip i
 pytest.importorskip("shapely", reason="shapely not installed (pip install 'nfed[geo]')")
 
 from affine import Affine  # noqa: E402
-
 from test_predict_outputs import TILE, balanced_model, image_pair  # noqa: E402
 
 HEIGHT, WIDTH = 100, 150            # 4 rows x 5 columns of 32 px tiles
@@ -141,9 +140,8 @@ def _pack_masks(pack_path: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("lonlat", [False, True], ids=["crs-member", "rfc7946-lonlat"])
 def test_geotiff_pairs_with_geojson_labels_pack_into_the_labelled_mask(geo_setup, tmp_path, monkeypatch, lonlat):
-    from rasterio.warp import transform_geom
-
     import h5py
+    from rasterio.warp import transform_geom
 
     from nfed.data.labels import CHANGE_CODES
     from nfed.data.pack import pack_folder

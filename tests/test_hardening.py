@@ -13,11 +13,11 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_cli_model import packs  # noqa: F401  (the module-scoped fixture: Jung-gu and Nowon-gu packs)
+from test_training import synthetic_pack
 
 from nfed.cli import cli
 from nfed.common.errors import CheckpointError, ConfigError, DataError, TrainingError
-from test_cli_model import packs  # noqa: F401  (the module-scoped fixture: Jung-gu and Nowon-gu packs)
-from test_training import synthetic_pack
 
 TINY = ["--width", "2", "--batch-size", "4", "--quiet"]
 
@@ -70,8 +70,8 @@ def test_numeric_options_must_be_finite_and_in_range(packs, tmp_path, args, opti
 
 def test_config_dataclasses_and_json_outputs_are_strict(tmp_path):
     from nfed.common import strict_json
-    from nfed.federation.aggregator import StopRules, build_server_optimizer
     from nfed.common.atomic import write_json_atomic
+    from nfed.federation.aggregator import StopRules, build_server_optimizer
     from nfed.federation.config import FederationConfig
     from nfed.training.trainer import TrainConfig
 
@@ -217,9 +217,10 @@ def test_aggregator_rejects_hostile_updates_one_client_at_a_time():
 
 
 def test_unusable_server_step_keeps_the_previous_global_weights(tmp_path):
+    from test_federation import PACKS, FakeTrainConfig, fake_evaluate
+
     from nfed.federation.config import FederationConfig
     from nfed.federation.server import federate
-    from test_federation import PACKS, FakeTrainConfig, fake_evaluate
 
     def huge(global_weights, setup, pack_path, **_):
         from nfed.federation.client import ClientResult
@@ -235,9 +236,9 @@ def test_unusable_server_step_keeps_the_previous_global_weights(tmp_path):
 
 
 def test_a_malformed_worker_result_fails_only_that_client(tmp_path):
-    from nfed.model.checkpoint import save_checkpoint
     from nfed.federation.client import ClientTask
     from nfed.federation.worker import WorkerRunner
+    from nfed.model.checkpoint import save_checkpoint
 
     class Done:
         returncode = 0

@@ -12,11 +12,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
 import nfed
 from nfed.common import resources
-
-from conftest import REPO_ROOT
 
 
 def test_kernel_sources_are_found():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nfed.gpu import kernels as gpu_kernels
 from nfed.common.resources import kernels_dir
+from nfed.gpu import kernels as gpu_kernels
 
 PTX_TYPE_OF_KIND = {"p": "u64", "l": "u64", "i": "u32", "f": "f32", "d": "f64"}
 ENTRY = re.compile(r"\.entry\s+(\w+)\s*\((.*?)\)", re.S)

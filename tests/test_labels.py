@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from nfed.data import labels
 from nfed.common.errors import DataError
 from nfed.common.resources import data_file
+from nfed.data import labels
 
 
 def document(**overrides):

@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from nfed.model.checkpoint import save_checkpoint
 from nfed.cli import cli
 from nfed.data.reader import DistrictPack
+from nfed.model.checkpoint import save_checkpoint
 from nfed.training.trainer import TrainConfig, build_model, build_optimizer, evaluate, fit
 
 DOWNSAMPLED = 128

@@ -7,8 +7,8 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from nfed.data import pack
 from nfed.cli import cli
+from nfed.data import pack
 from nfed.data.reader import DistrictPack
 
 LABELLED = 11

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from nfed.common import backend
-from nfed.core import nn
-from nfed.core import functions as F
-from nfed.core.autograd import Tensor
 from nfed.common.errors import CheckpointError
-
-from conftest import DEVICES
+from nfed.core import functions as F
+from nfed.core import nn
+from nfed.core.autograd import Tensor
 
 
 class Block(nn.Module):

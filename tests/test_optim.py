@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from nfed.core import optim
 from nfed.common.errors import CheckpointError
+from nfed.core import optim
 from nfed.core.nn import Parameter
 
 

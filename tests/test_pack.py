@@ -11,12 +11,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from nfed.data import labels
-from nfed.data import pack
-from nfed.data.packwriter import write_pack
 from nfed.cli import cli
+from nfed.common.errors import ConfigError
+from nfed.data import labels, pack
+from nfed.data.packwriter import write_pack
 from nfed.data.reader import DistrictPack
-from nfed.common.errors import ConfigError, DataError
 
 
 def write_pair(folder: Path, tile_id: str, district: str = "Jung-gu", size=(32, 32), changes=None,

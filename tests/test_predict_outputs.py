@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import ndimage
 
-from nfed.model.checkpoint import save_checkpoint
 from nfed.cli import cli
-from nfed.data.labels import CHANGE_TYPES, read_label, rasterise
-from nfed.training.predict import ArrayPair, predict_arrays, predict_bands
+from nfed.data.labels import CHANGE_TYPES, rasterise, read_label
+from nfed.model.checkpoint import save_checkpoint
 from nfed.model.wnet import WNetCD
+from nfed.training.predict import ArrayPair, predict_arrays, predict_bands
 
 requires_shapely = pytest.mark.skipif(importlib.util.find_spec("shapely") is None,
                                       reason="shapely not installed (pip install 'nfed[geo]')")
@@ -134,8 +134,8 @@ def _regions_at_least(mask: np.ndarray, min_area: int) -> np.ndarray:
 
 @requires_shapely
 def test_predicted_label_json_packs_back_as_training_data(setup, tmp_path):
-    from nfed.data.reader import DistrictPack
     from nfed.data.pack import pack_folder
+    from nfed.data.reader import DistrictPack
 
     folder, checkpoint, model, past, current = setup
     labels = tmp_path / "labels"

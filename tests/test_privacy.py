@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
+from test_federation import PACKS, FakeTrainConfig, fake_evaluate, fake_train
 
-from nfed.federation import privacy
 from nfed.common.errors import ConfigError
+from nfed.federation import privacy
 from nfed.federation.config import FederationConfig
+from nfed.federation.privacy import DPFedAvgAggregator, clip_update, noise_for_epsilon, privacy_spent, update_norm
 from nfed.federation.server import federate
 from nfed.runs.runfolder import read_rounds
-from nfed.federation.privacy import DPFedAvgAggregator, clip_update, noise_for_epsilon, privacy_spent, update_norm
-
-from test_federation import PACKS, FakeTrainConfig, fake_evaluate, fake_train
 
 needs_accountant = pytest.mark.skipif(
     __import__("importlib").util.find_spec("dp_accounting") is None,
@@ -66,10 +65,10 @@ def test_dp_fedavg_without_noise_is_the_mean_of_clipped_deltas():
 
 
 def test_train_round_clips_the_update_it_sends(tmp_path):
+    from test_flower import make_tiny_packs
+
     from nfed.federation.client import host_state, make_round_setup, train_round
     from nfed.training.trainer import build_model, profile_config
-
-    from test_flower import make_tiny_packs
 
     packs = make_tiny_packs(tmp_path / "packs", districts=("Gangnam-gu",), counts=((4, 1, 1),))
     config = profile_config("demo", width=4, batch_size=2, lr=0.01)
@@ -136,10 +135,10 @@ def test_dp_without_the_accountant_fails_in_one_line(monkeypatch):
 
 
 def test_the_report_states_the_privacy_spent(tmp_path):
+    from report_runs import districts, make_run
+
     from nfed.report.build import make_study_report
     from nfed.report.text import summary_lines
-
-    from report_runs import districts, make_run
 
     run = make_run(tmp_path / "run", districts())
     summary = tmp_path / "run" / "federated" / "summary.json"

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from report_runs import F1, NAMES, SAMPLES, districts, make_run
 
 from nfed.cli import cli
-from nfed.data.districts import load_districts
 from nfed.common.errors import DataError
+from nfed.data.districts import load_districts
 from nfed.report.build import gain_pct, make_report, make_study_report, read_run, study_comparison
 from nfed.runs.results import read_results
 

@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 
 from nfed.federation import robust
-from nfed.federation.robust import (ClippedFedAvgAggregator, MedianAggregator, MultiKrumAggregator, TrimmedMeanAggregator,
-                         cap_sample_counts)
+from nfed.federation.robust import (ClippedFedAvgAggregator, MedianAggregator, MultiKrumAggregator,
+                                    TrimmedMeanAggregator, cap_sample_counts)
 
 REFERENCE = {"w": np.zeros(2, np.float32), "bn.running_var": np.ones(1, np.float32)}
 

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from test_federation import INITIAL, PACKS, FakeTrainConfig, fake_evaluate, fake_train
+from test_training import synthetic_pack
 
 from nfed.common.errors import CheckpointError, ConfigError
 from nfed.federation.client import evaluate_weights, host_state, make_round_setup, train_round
@@ -15,8 +17,6 @@ from nfed.gpu.precision import get_precision, precision
 from nfed.model.checkpoint import load_checkpoint, save_checkpoint
 from nfed.training.environment import RunEnvironment
 from nfed.training.trainer import TrainConfig, build_model, model_from_checkpoint
-from test_federation import INITIAL, PACKS, FakeTrainConfig, fake_evaluate, fake_train
-from test_training import synthetic_pack
 
 
 def test_environment_round_trip_and_checks():

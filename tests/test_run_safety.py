@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_federation import INITIAL, FakeTrainConfig, fake_evaluate, fake_train
+from test_training import synthetic_pack
 
 from nfed.cli import cli
 from nfed.common.errors import CheckpointError, ConfigError, OutputError
-from test_federation import INITIAL, FakeTrainConfig, fake_evaluate, fake_train
-from test_training import synthetic_pack
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--width", "2", "--batch-size", "4", "--quiet"]

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from test_flower import make_tiny_packs  # noqa: E402  (plain pack writer; needs no Flower)
 
 from nfed.federation.config import FederationConfig
 from nfed.federation.server import federate
 from nfed.runs.runlock import RunLock
 from nfed.runs.runstatus import read_status, write_status
 from nfed.training.trainer import profile_config
-
-from test_flower import make_tiny_packs   # noqa: E402  (plain pack writer; needs no Flower)
 
 
 def status_of(run_dir):

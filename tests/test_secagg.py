@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from flower_harness import FlowerDeployment, flwr_available
-from test_flower import LoopbackGrid, flat_run_config, load_global, make_tiny_packs, start_nodes, task_identity, \
-    write_app  # noqa: F401 (task_identity is a fixture)
+from test_flower import write_app  # noqa: F401 (task_identity is a fixture)
+from test_flower import LoopbackGrid, flat_run_config, load_global, make_tiny_packs, start_nodes, task_identity
 
 pytestmark = [pytest.mark.flower,
               pytest.mark.skipif(not flwr_available(), reason="flwr is not installed (pip install 'nfed[flower]')")]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nfed.report.stats import (bootstrap_correlation, least_squares_line, mean_interval, pearson, percentile_interval,
-                        resampled_correlations, spearman, strength, wilcoxon_paired)
+                               resampled_correlations, spearman, strength, wilcoxon_paired)
 
 
 def test_t_interval_by_hand():

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_training import synthetic_pack
 
-from nfed.model.checkpoint import load_checkpoint
 from nfed.cli import cli
 from nfed.data.reader import DistrictPack, PooledPacks
+from nfed.model.checkpoint import load_checkpoint
 from nfed.training.study import personalise_district, train_central
 from nfed.training.trainer import TrainConfig, build_model, build_optimizer, fit
-from test_training import synthetic_pack
 
 COUNTS = {"Gangseo-gu": (7, 3, 4), "Nowon-gu": (3, 2, 4), "Jung-gu": (5, 2, 4)}
 

@@ -8,14 +8,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from nfed.data import labels
-from nfed.data import synth
-from nfed.data.synthscene import generate_tile
-from nfed.data.synthstyle import district_style
 from nfed.cli import cli
-from nfed.data.reader import DistrictPack
+from nfed.data import labels, synth
 from nfed.data.districts import find_district, load_districts
 from nfed.data.pack import pack_folder
+from nfed.data.reader import DistrictPack
+from nfed.data.synthscene import generate_tile
+from nfed.data.synthstyle import district_style
 
 
 def run(*args):

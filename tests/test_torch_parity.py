@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nfed.training.trainer import TrainConfig, build_model, build_optimizer
 from nfed.model.wnet import WNetCD, count_parameters
+from nfed.training.trainer import TrainConfig, build_model, build_optimizer
 
 torch = pytest.importorskip("torch")
 from nfed.benchmarks import torch_twin as twin  # noqa: E402  (imports torch: only once torch is known present)

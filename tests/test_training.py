@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nfed.training import trainer as training
-from nfed.data.reader import DistrictPack
 from nfed.common.errors import ConfigError
 from nfed.data.packwriter import write_pack
+from nfed.data.reader import DistrictPack
 from nfed.data.synthscene import generate_tile
 from nfed.data.synthstyle import district_style
+from nfed.training import trainer as training
 from nfed.training.trainer import PROFILES, TrainConfig, build_model, build_optimizer, evaluate, fit
 
 

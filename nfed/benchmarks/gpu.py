@@ -15,6 +15,7 @@ import time
 
 from nfed.common import backend
 
+
 def bench_devices(spec: str | None) -> list[backend.Device]:
     """`cuda`/`all`/`gpu` -> every visible GPU; `cuda:N` -> that one; `cpu` -> the CPU."""
     text = (spec or os.environ.get(backend.ENV_DEVICE) or "cpu").strip().lower()

@@ -14,6 +14,7 @@ import numpy as np
 from nfed.benchmarks.gpu import device_name, import_torch, median_seconds, on_device, torch_setup
 from nfed.common import backend
 
+
 def _copy_bandwidth(device: backend.Device, nbytes: int, repeat: int, warmup: int) -> float:
     """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     xp = device.xp

@@ -25,9 +25,9 @@ def _probe_calls(width: int, classes: int, lambda_rec: float) -> list[tuple]:
     """(kind, x shape, weight shape, stride, padding) of every conv call in one forward at the probe size,
     in call order (observed through autograd's op_timer hook; the fused conv -> BN -> ReLU op is switched
     off so that every convolution is a Conv2d or ConvTranspose2d node)."""
-    from nfed.model import wnet  # noqa: PLC0415
     from nfed.core.autograd import op_timer  # noqa: PLC0415
     from nfed.core.functions import conv, fused  # noqa: PLC0415
+    from nfed.model import wnet  # noqa: PLC0415
 
     calls = []
 

@@ -97,12 +97,12 @@ def time_rounds(packs: Mapping[str, Path], run_dir: Path, train_config, *, round
     `run_dir`, the clients in turn, in `workers` processes (one per client) or on a pool of `jobs` processes
     (nfed demo's); returns the timed rounds (after the warm-up ones) and the federation's own round seconds."""
     from nfed.federation.client import evaluate_weights
-    from nfed.federation.district_jobs import PoolRunner, worker_pool
     from nfed.federation.config import FederationConfig
+    from nfed.federation.district_jobs import PoolRunner, worker_pool
     from nfed.federation.runners import SequentialRunner
     from nfed.federation.server import Federation
-    from nfed.runs.runfolder import read_rounds, ROUNDS_NAME
     from nfed.federation.worker import WorkerRunner
+    from nfed.runs.runfolder import ROUNDS_NAME, read_rounds
 
     config = FederationConfig(rounds=warmup + rounds, local_epochs=local_epochs, workers=workers, seed=seed)
     clock = RoundClock()

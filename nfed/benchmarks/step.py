@@ -14,10 +14,10 @@ import os
 import sys
 import time
 
+from nfed.benchmarks.isolated import answer, json_worker, peak_rss_mb
 from nfed.common import backend
 from nfed.common.errors import ConfigError, NfedError
 from nfed.core.functions.parallel import ENV_THREADS
-from nfed.benchmarks.isolated import answer, json_worker, peak_rss_mb
 
 
 def step_task(*, device: str, precision: str | None, width: int, tile: int, batch: int, lambda_rec: float,
@@ -230,8 +230,9 @@ class _OpProfile:
 
 
 def _torch_steps(task: dict) -> dict:
-    from nfed.benchmarks import torch_twin   # NfedError without torch: the reference is then reported as null
-    import torch
+    from nfed.benchmarks import torch_twin  # NfedError without torch: the reference is then reported as null
+
+    torch = torch_twin.torch
 
     device = backend.parse_device(task["device"])
     torch_device = torch.device(f"cuda:{device.index}" if device.is_gpu else "cpu")

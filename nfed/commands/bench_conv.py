@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from nfed.common.errors import ConfigError
 from nfed.commands.options import limited
+from nfed.common.errors import ConfigError
 
 
 @click.command("conv")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
+from nfed.commands.options import limited
 from nfed.common import strict_json
 from nfed.common.progress import progress
-from nfed.commands.options import limited
 
 
 def _bar(enabled: bool):

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from nfed.demo import DemoSettings, run_demo, settings_with
-from nfed.common.errors import ConfigError
-from nfed.runs.runlock import RunLock
 from nfed.commands.options import device_option, limited, precision_option, run_environment
+from nfed.common.errors import ConfigError
+from nfed.demo import DemoSettings, run_demo, settings_with
+from nfed.runs.runlock import RunLock
 
 DEFAULTS = DemoSettings()
 

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import click
 
+from nfed.commands.options import device_option, limited, precision_option, run_environment
 from nfed.common.errors import ConfigError
 from nfed.common.validate import check_number
-from nfed.commands.options import device_option, limited, precision_option, run_environment
-
 
 
 def parse_gpus(text: str | None) -> tuple[int, ...]:

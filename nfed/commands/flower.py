@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from nfed.common.errors import ConfigError
 from nfed.commands.federation import protocol_options
 from nfed.commands.options import limited
+from nfed.common.errors import ConfigError
+
 
 @click.command("flower-app")
 @click.option("--out", "app_dir", required=True, type=click.Path(path_type=Path, file_okay=False),

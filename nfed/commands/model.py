@@ -7,13 +7,11 @@ from pathlib import Path
 
 import click
 
-from nfed.common import backend
-from nfed.common import strict_json
-from nfed.common.errors import ConfigError, DataError
 from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, limited, precision_option,
                                    run_environment, training_config)
 from nfed.commands.predict_outputs import describe_regions, output_options
-
+from nfed.common import backend, strict_json
+from nfed.common.errors import ConfigError, DataError
 from nfed.training.study import METRIC_KEYS
 
 
@@ -24,8 +22,9 @@ from nfed.training.study import METRIC_KEYS
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 def model_info(width, classes, as_json):
     """Print W-Net-CD's weighted layers, their count and the trainable parameter count."""
-    from nfed.model.wnet import WNetCD, count_parameters, weighted_layers
     import numpy as np
+
+    from nfed.model.wnet import WNetCD, count_parameters, weighted_layers
 
     if width < 1:
         raise ConfigError(f"--width {width}: must be >= 1")

@@ -3,6 +3,7 @@ arrive as a single OutputOptions argument, and the per-image summary CSV is writ
 from __future__ import annotations
 
 import functools
+
 import click
 
 from nfed.common.errors import ConfigError

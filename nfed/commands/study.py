@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from nfed.common.errors import ConfigError, DataError
 from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, precision_option, run_environment,
                                    training_config)
+from nfed.common.errors import ConfigError, DataError
 
 
 def _packs(data_path: Path) -> list[Path]:

@@ -136,7 +136,8 @@ def parse_device(spec: str | Device | None) -> Device:
         if count == 0:
             raise DeviceError(f"device '{spec}' asked for, but no CUDA GPU is visible on this machine")
         if index >= count:
-            raise DeviceError(f"device '{spec}' asked for, but only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+            raise DeviceError(f"device '{spec}' asked for, but only {count} GPU(s) are visible "
+                              f"(cuda:0..cuda:{count - 1})")
         return Device("cuda", index)
     raise DeviceError(f"bad device '{spec}': use cpu, cuda or cuda:N")
 

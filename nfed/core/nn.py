@@ -14,9 +14,9 @@ from typing import Iterator
 import numpy as np
 
 from nfed.common import backend
+from nfed.common.errors import CheckpointError
 from nfed.core import functions as F
 from nfed.core.autograd import Tensor
-from nfed.common.errors import CheckpointError
 
 __all__ = ["Parameter", "Module", "Conv2d", "ConvTranspose2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Sequential"]
 

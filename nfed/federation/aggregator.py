@@ -27,7 +27,7 @@ import numpy as np
 
 from nfed.common import backend
 from nfed.common.backend import array_module
-from nfed.common.errors import ConfigError, CheckpointError
+from nfed.common.errors import CheckpointError, ConfigError
 from nfed.common.validate import check_fields, check_number
 
 log = logging.getLogger(__name__)

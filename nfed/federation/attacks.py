@@ -20,9 +20,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from nfed.common.errors import ConfigError
 from nfed.federation.aggregator import is_statistic
 from nfed.federation.client import ATTACK_KEY
-from nfed.common.errors import ConfigError
 
 ATTACKS = ("sign-flip", "noise", "scaled", "label-flip", "sample-inflation")
 SIGN_FLIP = -5.0

@@ -47,8 +47,8 @@ def _env_entry(env: RunEnvironment | None) -> dict:
 
 def run_task(task: Mapping, weights_cache: dict) -> dict:
     """Do one task; returns its answer (a results row, or a client round's sample count and metrics)."""
-    from nfed.model.checkpoint import load_checkpoint, save_checkpoint
     from nfed.federation.client import evaluate_weights, train_round
+    from nfed.model.checkpoint import load_checkpoint, save_checkpoint
     from nfed.training.study import personalise_district, train_district
     from nfed.training.trainer import TrainConfig
 
@@ -203,8 +203,8 @@ class PoolRunner:
         return save_checkpoint(self.work_dir / f"global-{self.calls}.h5", weights)
 
     def run(self, global_weights, tasks, deadline: float | None):
-        from nfed.model.checkpoint import load_checkpoint
         from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
+        from nfed.model.checkpoint import load_checkpoint
 
         if any(task.optimizer_state is not None for task in tasks):
             raise TrainingError("worker processes start each round's optimiser afresh (--client-state reset)")

@@ -33,13 +33,13 @@ from nfed.common.backend import ENV_DEVICE
 from nfed.common.errors import ConfigError, one_line
 from nfed.federation.client import evaluate_weights, train_round
 from nfed.federation.flower_config import settings_from_run_config
-from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, from_json_record,
-                                             json_record, record_to_weights, weights_to_record)
+from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, from_json_record, json_record,
+                                             record_to_weights, weights_to_record)
 from nfed.federation.flower_transport import FlowerClients, round_plan
 from nfed.federation.roster import Roster
 from nfed.federation.server import federate
-from nfed.runs.packs import pack_fingerprint
 from nfed.gpu.precision import parse_precision
+from nfed.runs.packs import pack_fingerprint
 from nfed.runs.runfolder import recorded_run
 from nfed.training.environment import RunEnvironment
 

@@ -17,8 +17,7 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from nfed.common.errors import DataError, one_line
-from nfed.federation.client import (DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics,
-                                   make_round_setup)
+from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, make_round_setup
 from nfed.federation.flower_exchange import POLL_SECONDS, TTL_SLACK_SECONDS, Reply, describe_nodes, exchange
 from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, WEIGHTS_SLACK_BYTES,
                                              evaluation_metrics, from_json_record, json_record, record_bytes,

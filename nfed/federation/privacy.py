@@ -25,9 +25,9 @@ from typing import Mapping
 
 import numpy as np
 
-from nfed.federation.aggregator import FedAvgAggregator, is_statistic, update_problem
 from nfed.common.backend import array_module
 from nfed.common.errors import ConfigError, NfedError
+from nfed.federation.aggregator import FedAvgAggregator, is_statistic, update_problem
 
 log = logging.getLogger(__name__)
 

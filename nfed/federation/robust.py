@@ -23,9 +23,9 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from nfed.federation.aggregator import FedAvgAggregator, accept_update, sample_count_problem, update_problem
 from nfed.common.backend import array_module
 from nfed.common.errors import ConfigError
+from nfed.federation.aggregator import FedAvgAggregator, accept_update, sample_count_problem, update_problem
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Sequence
 
 from nfed.common import strict_json
 from nfed.common.atomic import write_json_atomic
-from nfed.model.checkpoint import load_checkpoint, save_checkpoint
 from nfed.common.errors import CheckpointError, ConfigError, one_line
 from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
+from nfed.model.checkpoint import load_checkpoint, save_checkpoint
 from nfed.training.environment import RunEnvironment
 
 DEFAULT_CLIENT = "nfed.federation.client:train_round"

@@ -89,7 +89,8 @@ def gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out=None, alpha:
     if out is None:
         out = (cp.empty if beta == 0.0 else cp.zeros)(out_shape, dtype=out_dtype)
     elif out.shape != out_shape or out.dtype != out_dtype or not out.flags.c_contiguous:
-        raise ValueError(f"gemm: out must be C-contiguous {out_dtype.__name__} {out_shape}, got {out.dtype} {out.shape}")
+        raise ValueError(f"gemm: out must be C-contiguous {out_dtype.__name__} {out_shape}, "
+                         f"got {out.dtype} {out.shape}")
     if m_rows == 0 or n_cols == 0 or (batch == 0):
         return out
     if k_a == 0:

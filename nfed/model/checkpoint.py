@@ -20,8 +20,7 @@ import h5py
 import numpy as np
 
 from nfed import __version__
-from nfed.common import backend
-from nfed.common import strict_json
+from nfed.common import backend, strict_json
 from nfed.common.errors import CheckpointError
 from nfed.common.h5write import create_h5, raise_if_failed
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Sequence
 
 from nfed.common.atomic import write_json_atomic, write_text_atomic
-from nfed.data.districts import district_order_key, load_districts
 from nfed.common.errors import DataError
+from nfed.data.districts import district_order_key, load_districts
+from nfed.report.stats import (bootstrap_correlation, finite_mean, mean_interval, pearson, spearman, strength,
+                               wilcoxon_paired)
 from nfed.runs.results import FILE_NAMES, read_results, study_table
 from nfed.runs.runfolder import ROUNDS_NAME, SUMMARY_NAME, read_rounds
-from nfed.report.stats import (bootstrap_correlation, finite_mean, mean_interval, pearson, spearman, strength,
-                    wilcoxon_paired)
 
 COLUMNS = ("local", "federated", "personalised", "centralised")
 # The results table (nfed.runs.results) behind each column: the kind of table it is.

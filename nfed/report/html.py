@@ -16,8 +16,7 @@ import math
 from pathlib import Path
 
 from nfed.report.build import Comparison, Run, read_json_object
-from nfed.report.text import (cell_text, fairness_cells, fairness_header, goal_verdict, headline_lines,
-                          table_columns)
+from nfed.report.text import cell_text, fairness_cells, fairness_header, goal_verdict, headline_lines, table_columns
 
 DEMO_NAME = "demo.json"
 FIGURE_CAPTIONS = {

@@ -94,8 +94,8 @@ def personalise_district(global_weights: Mapping, pack_path: str | Path, out_dir
     """Personalised column: fine-tune the global weights on one district's training split with early
     stopping (a fresh optimiser); the global weights themselves count as epoch 0, so a district whose
     validation loss fine-tuning never lowers keeps them (best_epoch 0)."""
-    from nfed.model.checkpoint import check_state_matches
     from nfed.data.reader import DistrictPack
+    from nfed.model.checkpoint import check_state_matches
     from nfed.training.trainer import build_model
 
     env = env or default_environment()
@@ -114,8 +114,8 @@ def train_central(pack_paths: Sequence[str | Path], out_dir: str | Path, config,
 
     Writes OUT/best.h5, OUT/epochs.jsonl, OUT/summary.json and OUT/central.csv (the model on each district's
     test split); returns (summary, per-district rows)."""
-    from nfed.model.checkpoint import save_checkpoint
     from nfed.data.reader import DistrictPack, PooledPacks
+    from nfed.model.checkpoint import save_checkpoint
     from nfed.training.trainer import build_model, build_optimizer, fit
 
     out_dir = Path(out_dir)

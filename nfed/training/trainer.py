@@ -15,16 +15,15 @@ from typing import Mapping
 
 import numpy as np
 
-from nfed.common import backend
-from nfed.core import optim
-from nfed.common import strict_json
-from nfed.core.autograd import no_grad
-from nfed.model.checkpoint import Checkpoint, check_state_matches, checkpoint_kind, load_checkpoint
+from nfed.common import backend, strict_json
 from nfed.common.atomic import LineLog
 from nfed.common.errors import CheckpointError, ConfigError, TrainingError
-from nfed.core.metrics import ConfusionMatrix
 from nfed.common.progress import progress as progress_bar
 from nfed.common.validate import check_fields
+from nfed.core import optim
+from nfed.core.autograd import no_grad
+from nfed.core.metrics import ConfusionMatrix
+from nfed.model.checkpoint import Checkpoint, check_state_matches, checkpoint_kind, load_checkpoint
 from nfed.model.wnet import WNetCD
 from nfed.training.environment import from_fields
 

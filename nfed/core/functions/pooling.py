@@ -11,7 +11,6 @@ from nfed.core.functions.layout import empty_like_layout, zeros_like_layout
 from nfed.core.functions.parallel import num_workers, run_blocks
 from nfed.core.functions.utils import pair
 
-
 # From this many input values a 2x2 pooling splits its images over the CPU worker pool (NumPy arrays).
 PARALLEL_MIN_VALUES = 1 << 18
 
