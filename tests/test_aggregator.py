@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from nfed.common.errors import CheckpointError, ConfigError
-from nfed.federation.aggregator import (FedAdam, FedAvgAggregator, FedAvgM, ServerOptimizer, StopRules,
-                                        build_server_optimizer, fedavg, global_norm, relative_norm_difference,
-                                        update_problem)
+from nfed.federation.aggregator import FedAvgAggregator, fedavg, global_norm, relative_norm_difference, update_problem
+from nfed.federation.server_optim import FedAdam, FedAvgM, ServerOptimizer, build_server_optimizer
+from nfed.federation.stop_rules import StopRules
 
 
 def _model(a, b, mean, var):

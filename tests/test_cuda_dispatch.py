@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 from conftest import REPO_ROOT
 
 DISPATCHING_MODULES = ("nfed.core.functions.conv", "nfed.core.functions.pooling", "nfed.core.functions.normalization",

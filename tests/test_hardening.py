@@ -71,8 +71,9 @@ def test_numeric_options_must_be_finite_and_in_range(packs, tmp_path, args, opti
 def test_config_dataclasses_and_json_outputs_are_strict(tmp_path):
     from nfed.common import strict_json
     from nfed.common.atomic import write_json_atomic
-    from nfed.federation.aggregator import StopRules, build_server_optimizer
     from nfed.federation.config import FederationConfig
+    from nfed.federation.server_optim import build_server_optimizer
+    from nfed.federation.stop_rules import StopRules
     from nfed.training.trainer import TrainConfig
 
     for bad in ({"lr": math.inf}, {"lambda_rec": math.nan}, {"seed": -1}, {"width": 2.5}, {"batch_size": True}):

@@ -6,7 +6,6 @@ import csv
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -25,7 +25,7 @@ class FederationConfig:
     local_epochs: int = 1
     eps: float = 0.0
     patience_rounds: int = 0
-    warmup_rounds: int = 0      # rounds in which no stop rule fires nor counts (see aggregator.StopRules)
+    warmup_rounds: int = 0      # rounds in which no stop rule fires nor counts (see stop_rules.StopRules)
     delta: float = 0.0
     deadline: float | None = None
     fraction: float = 1.0

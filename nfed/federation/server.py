@@ -29,14 +29,15 @@ import numpy as np
 
 from nfed.common.atomic import new_folder, write_json_atomic
 from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError
-from nfed.federation.aggregator import (StopRules, build_server_optimizer, relative_norm_difference, trainable,
-                                        update_problem)
+from nfed.federation.aggregator import relative_norm_difference, trainable, update_problem
 from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientTask, make_round_setup
 from nfed.federation.config import FederationConfig
 from nfed.federation.resume import check_data, check_history, check_settings, restore_server_state, server_state
 from nfed.federation.robust import build_aggregator, cap_sample_counts, registered_samples
 from nfed.federation.round_record import add_validation, client_entry, defence_summary, round_line, round_record
 from nfed.federation.runners import SequentialRunner, TrainFn, select_clients
+from nfed.federation.server_optim import build_server_optimizer
+from nfed.federation.stop_rules import StopRules
 from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_checkpoint, save_checkpoint
 from nfed.runs.packs import pack_fingerprint, shared_tile
 from nfed.runs.results import federated_row, write_results_csv
