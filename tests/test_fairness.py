@@ -6,8 +6,9 @@ import json
 
 from report_runs import NAMES, districts, make_run, write_csv
 
-from nfed.report.build import compare_run, read_run
+from nfed.report.comparison import compare_run
 from nfed.report.fairness import MIN_TEST_CHANGE_PIXELS, MIN_TEST_TILES
+from nfed.report.run import read_run
 
 
 def section_of(run):

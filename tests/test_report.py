@@ -13,7 +13,9 @@ from report_runs import F1, NAMES, SAMPLES, districts, make_run
 from nfed.cli import cli
 from nfed.common.errors import DataError
 from nfed.data.districts import load_districts
-from nfed.report.build import gain_pct, make_report, make_study_report, read_run, study_comparison
+from nfed.report.build import make_report, make_study_report
+from nfed.report.comparison import gain_pct, study_comparison
+from nfed.report.run import read_run
 from nfed.runs.results import read_results
 
 T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446}   # Student-t quantiles from a table

@@ -6,9 +6,11 @@ import pytest
 from PIL import Image
 from report_runs import NAMES, districts, make_run
 
-from nfed.report.build import make_study_report, read_run, study_comparison
+from nfed.report.build import make_study_report
+from nfed.report.comparison import study_comparison
 from nfed.report.figures import round_curves
 from nfed.report.plots import _log_ticks, nice_range
+from nfed.report.run import read_run
 
 FIGURES = ("fig3_f1_samples.png", "fig3_gain_vs_samples.png", "fig4_before_after.png", "fig5_f1_per_round.png")
 

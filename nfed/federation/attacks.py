@@ -22,9 +22,9 @@ import numpy as np
 
 from nfed.common.errors import ConfigError
 from nfed.federation.aggregator import is_statistic
-from nfed.federation.client import ATTACK_KEY
 
 ATTACKS = ("sign-flip", "noise", "scaled", "label-flip", "sample-inflation")
+ATTACK_KEY = "simulate_attack"   # the round setup key that makes a client a label-flip attacker
 SIGN_FLIP = -5.0
 SCALE = 1000.0
 NOISE_STD = 1.0

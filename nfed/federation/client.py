@@ -23,6 +23,7 @@ import numpy as np
 
 from nfed.common.backend import to_numpy
 from nfed.common.errors import ConfigError
+from nfed.federation.attacks import ATTACK_KEY, FlippedMasks
 from nfed.training.environment import RunEnvironment, default_environment
 
 
@@ -60,7 +61,6 @@ class ClientOutcome:
 
 
 DP_CLIP_KEY = "dp_clip"
-ATTACK_KEY = "simulate_attack"
 
 # Entries of a round record that a client's metrics must not overwrite.
 RESERVED_ENTRIES = ("status", "seconds", "simulated_seconds", "reason", "num_samples", "weight", "capped",
@@ -141,8 +141,6 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
     with env.active(), DistrictPack(pack_path) as pack:
         source = pack
         if setup.get(ATTACK_KEY) == "label-flip":   # a simulated attacker (nfed federate --simulate-attack)
-            from nfed.federation.attacks import FlippedMasks
-
             source = FlippedMasks(pack)
         result = fit(model, optimizer, source, config, epochs=int(setup["local_epochs"]), early_stopping=False,
                      progress=False, epoch_seed_offset=int(setup.get("epoch_seed_offset", 0)),

@@ -39,7 +39,7 @@ from nfed.federation.flower_transport import FlowerClients, round_plan
 from nfed.federation.roster import Roster
 from nfed.federation.server import federate
 from nfed.gpu.precision import parse_precision
-from nfed.runs.packs import pack_fingerprint
+from nfed.runs.packs import describe_pack, pack_district
 from nfed.runs.runfolder import recorded_run
 from nfed.training.environment import RunEnvironment
 
@@ -71,26 +71,6 @@ def node_environment(context: Context) -> RunEnvironment:
 def _error_reply(message: Message, exc: BaseException) -> Message:
     log.error("nfed client failed: %s", one_line(exc))
     return Message(Error(code=CLIENT_ERROR_CODE, reason=one_line(exc)), reply_to=message)
-
-
-def describe_pack(path: Path) -> dict:
-    """What a node tells the server about its data: district name, tile size and split sizes (no data)."""
-    from nfed.data.reader import DistrictPack
-
-    with DistrictPack(path) as pack:
-        info = {"district": pack.district, "tile": int(pack.tile),
-                "samples": {split: int(pack.num_samples(split)) for split in ("train", "val", "test")}}
-    info["fingerprint"] = pack_fingerprint(path)
-    return info
-
-
-def pack_district(path: Path) -> str:
-    """The district a pack holds (read from the pack; hashing it is for describe only)."""
-    from nfed.data.reader import DistrictPack
-
-    with DistrictPack(path) as pack:
-        return pack.district
-
 
 
 @client_app.query()

@@ -105,7 +105,7 @@ def secure_train(message: Message, context: Context, pack_of: Callable, env_of: 
         delta = flatten(result.weights, manifest) - global_vector.astype(np.float64)
         metrics = dict(result.metrics, secagg_clipped=int(np.count_nonzero(np.abs(delta) > bound)))
         weight = 1 if setup.get(DP_CLIP_KEY) else int(result.num_samples)   # DP-FedAvg: every client weighs 1
-        from nfed.federation.flower import describe_pack
+        from nfed.runs.packs import describe_pack
 
         metrics["district"] = describe_pack(pack_of(ctx))["district"]
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([delta]), weight,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nfed.report.build import Run
+    from nfed.report.run import Run
 
 MIN_TEST_TILES = 20
 MIN_TEST_CHANGE_PIXELS = 1_000

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from nfed.data.districts import district_order_key
-from nfed.report.build import Comparison
+from nfed.report.comparison import Comparison
 from nfed.report.plots import bar_chart, line_chart, scatter_chart
 from nfed.report.stats import finite_mean, least_squares_line
 

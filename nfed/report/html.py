@@ -15,7 +15,8 @@ import html
 import math
 from pathlib import Path
 
-from nfed.report.build import Comparison, Run, read_json_object
+from nfed.report.comparison import Comparison
+from nfed.report.run import Run, read_json_object
 from nfed.report.text import cell_text, fairness_cells, fairness_header, goal_verdict, headline_lines, table_columns
 
 DEMO_NAME = "demo.json"

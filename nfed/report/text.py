@@ -9,7 +9,7 @@ import csv
 import io
 import math
 
-from nfed.report.build import GAINS, Comparison
+from nfed.report.comparison import GAINS, Comparison
 from nfed.report.fairness import MIN_TEST_CHANGE_PIXELS, MIN_TEST_TILES
 
 STUDY_COLUMNS = (("study_samples", "study samples", None), ("study_f1_local", "study F1 local", 4),

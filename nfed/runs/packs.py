@@ -47,3 +47,18 @@ def shared_tile(paths) -> int | None:
         with DistrictPack(path) as pack:
             tiles.add(pack.tile)
     return tiles.pop() if len(tiles) == 1 else None
+
+
+def describe_pack(path: Path) -> dict:
+    """What a Flower node tells the server about its data: district, tile size, split sizes, fingerprint (no data)."""
+    with DistrictPack(path) as pack:
+        info = {"district": pack.district, "tile": int(pack.tile),
+                "samples": {split: int(pack.num_samples(split)) for split in ("train", "val", "test")}}
+    info["fingerprint"] = pack_fingerprint(path)
+    return info
+
+
+def pack_district(path: Path) -> str:
+    """The district a pack holds (read from the pack; hashing it is for describe only)."""
+    with DistrictPack(path) as pack:
+        return pack.district
