@@ -236,8 +236,9 @@ def run_kernels_bench(device: backend.Device, precision: str, width: int, tile: 
             rows.append(row)
     return {
         "device": str(device), "device_name": device_name(device), "precision": precision,
-        "reference": None if torch is None else f"torch {torch.__version__}"
-                                                + (f", cuDNN {torch.backends.cudnn.version()}" if device.is_gpu else ""),
+        "reference": None if torch is None else (f"torch {torch.__version__}"
+                                                 + (f", cuDNN {torch.backends.cudnn.version()}" if device.is_gpu
+                                                    else "")),
         "reference_note": reference_note,
         "layers": rows,
         "geomean_ratio": geomean(r.get("ratio") for r in rows),

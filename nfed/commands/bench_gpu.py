@@ -99,7 +99,8 @@ def _aggregate_table(result: dict) -> None:
                    f"({100 * r['nfed_kernel_fraction_of_copy']:.0f}% of copy)")
         click.echo(f"  nfed aggregator.fedavg  {r['aggregator_gb_s']:10.1f} GB/s  {r['aggregator_s'] * 1e3:8.2f} ms")
         if "reference_gb_s" in r:
-            click.echo(f"  {'pytorch weighted sum':<23}{r['reference_gb_s']:10.1f} GB/s  {r['reference_s'] * 1e3:8.2f} ms  "
+            click.echo(f"  {'pytorch weighted sum':<23}{r['reference_gb_s']:10.1f} GB/s  "
+                       f"{r['reference_s'] * 1e3:8.2f} ms  "
                        f"(reference time / nfed time {r['ratio']:.2f})")
 
 
