@@ -10,6 +10,7 @@ from test_federation import INITIAL, PACKS, FakeTrainConfig, fake_evaluate, fake
 from test_training import synthetic_pack
 
 from nfed.common.errors import CheckpointError, ConfigError
+from nfed.core.functions.parallel import ENV_THREADS, num_workers
 from nfed.federation.client import evaluate_weights, host_state, make_round_setup, train_round
 from nfed.federation.config import FederationConfig
 from nfed.federation.server import federate
@@ -66,13 +67,14 @@ def test_a_federated_run_of_the_previous_version_resumes(tmp_path):
     assert [r["round"] for r in result.rounds] == [1, 2]
 
 
-def test_the_environment_is_recorded_in_the_run_outputs(tmp_path):
+def test_the_environment_is_recorded_in_the_run_outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_THREADS, "3")   # the CPU threads nfed's ops use are recorded with the environment
     env = RunEnvironment("cpu", "tf32")
     federate(PACKS, tmp_path / "run", FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0), train_fn=fake_train,
              evaluate_fn=fake_evaluate, initial_weights=INITIAL, evaluate_test=False, env=env)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["environment"] == {"device": "cpu", "precision": "tf32"}
-    assert load_checkpoint(tmp_path / "run" / "global.h5").config["environment"] == env.to_dict()
+    assert summary["environment"] == {"device": "cpu", "precision": "tf32", "cpu_threads": 3}
+    assert load_checkpoint(tmp_path / "run" / "global.h5").config["environment"] == env.record()
 
 
 def test_a_client_trains_in_the_environment_it_is_given(tmp_path):
@@ -83,6 +85,7 @@ def test_a_client_trains_in_the_environment_it_is_given(tmp_path):
     before = get_precision()
     result = train_round(weights, setup, pack, env=RunEnvironment("cpu", "bf16"))
     assert (result.metrics["device"], result.metrics["precision"]) == ("cpu", "bf16")
+    assert result.metrics["cpu_threads"] == num_workers()
     assert get_precision() == before   # the client's precision does not leak into the process
     assert evaluate_weights(result.weights, setup, pack, env=RunEnvironment("cpu", "bf16"))["samples"] == 2
     with pytest.raises(ConfigError, match="unknown key.*device"):   # the set-up carries no device any more

@@ -23,6 +23,7 @@ import numpy as np
 
 from nfed.common.backend import to_numpy
 from nfed.common.errors import ConfigError
+from nfed.core.functions.parallel import num_workers
 from nfed.federation.attacks import ATTACK_KEY, FlippedMasks
 from nfed.training.environment import RunEnvironment, default_environment
 
@@ -153,7 +154,7 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
         "epochs": int(result.epochs_run),
         "steps": int(result.steps),
         "wall_time_s": time.perf_counter() - started,
-        "device": env.device, "precision": env.precision,   # where this client computed, in the round record
+        "device": env.device, "precision": env.precision, "cpu_threads": num_workers(),   # where it computed
     }
     keep = bool(setup.get("keep_optimizer_state"))
     weights = host_state(model)

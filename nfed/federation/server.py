@@ -130,7 +130,7 @@ class Federation:
 
     def _checkpoint_config(self) -> dict:
         config = {"federation": self.config.to_dict(), "train": self.train_config.to_dict(),
-                  "data": self.data_fingerprint(), "environment": self.env.to_dict()}
+                  "data": self.data_fingerprint(), "environment": self.env.record()}
         if self._tile is not None:
             config["tile"] = int(self._tile)   # what predict cuts images into
         return config
@@ -311,7 +311,7 @@ class Federation:
                                   best_round=best_round or done, stop_rule=stop.fired)
         write_json_atomic(self.run_dir / SUMMARY_NAME, {
             "rounds": done, "best_round": result.best_round, "stop_rule": stop.fired, "stop_reason": stop_reason,
-            "best_mean_val_loss": self._best[1] if best_round else None, "environment": self.env.to_dict(),
+            "best_mean_val_loss": self._best[1] if best_round else None, "environment": self.env.record(),
             "clients": client_work(records), **defence_summary(cfg, records, self.attackers)})
         return result
 

@@ -14,6 +14,7 @@ from typing import Mapping
 
 from nfed.common import backend
 from nfed.common.errors import ConfigError
+from nfed.core.functions.parallel import num_workers
 from nfed.gpu.precision import get_precision, parse_precision, precision, set_precision
 
 
@@ -51,6 +52,11 @@ class RunEnvironment:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def record(self) -> dict:
+        """What a run's outputs say about where it computed: this environment and the CPU threads nfed's ops
+        used in this process (set by $NFED_NUM_THREADS and the worker pools, else every usable CPU)."""
+        return {**self.to_dict(), "cpu_threads": num_workers()}
 
     def on(self, device: str | None) -> "RunEnvironment":
         """The same environment on another device (None: this one's)."""

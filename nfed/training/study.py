@@ -51,7 +51,7 @@ def _district_summary(pack, model, config, result, env) -> dict:
     return {"district": pack.district, "samples": samples, "train_samples": result.num_train_samples,
             "split": split, **{k: scores[k] for k in METRIC_KEYS + COUNT_KEYS},
             **test_facts(scores, pack.tile), **_fit_facts(result), "tile": pack.tile,
-            "config": config.to_dict(), "environment": env.to_dict()}
+            "config": config.to_dict(), "environment": env.record()}
 
 
 def _train_and_save(pack, out_dir: Path, config, model, env, *, quiet: bool, validate_start: bool,
@@ -70,7 +70,7 @@ def _train_and_save(pack, out_dir: Path, config, model, env, *, quiet: bool, val
     summary = _district_summary(pack, model, config, result, env)
     save_checkpoint(run_dir / "best.h5", model.state_dict(), optimizer_state=optimizer.state_dict(),
                     config={**config.to_dict(), "tile": pack.tile, "district": pack.district,
-                            "environment": env.to_dict(), **dict(extra_config or {})},
+                            "environment": env.record(), **dict(extra_config or {})},
                     metrics=summary)
     write_json_atomic(run_dir / "metrics.json", summary)
     return summary
@@ -139,9 +139,9 @@ def train_central(pack_paths: Sequence[str | Path], out_dir: str | Path, config,
                          "train_samples": pack.num_samples("train"), "split": split,
                          **{k: scores[k] for k in METRIC_KEYS + COUNT_KEYS}, **test_facts(scores, pack.tile)})
     summary = {"train_samples": result.num_train_samples, "districts": districts, "tile": tile,
-               **_fit_facts(result), "config": config.to_dict(), "environment": env.to_dict()}
+               **_fit_facts(result), "config": config.to_dict(), "environment": env.record()}
     save_checkpoint(out_dir / "best.h5", model.state_dict(), optimizer_state=optimizer.state_dict(),
-                    config={**config.to_dict(), "tile": tile, "district": "pooled", "environment": env.to_dict()},
+                    config={**config.to_dict(), "tile": tile, "district": "pooled", "environment": env.record()},
                     metrics=summary)
     write_json_atomic(out_dir / "summary.json", summary)
     write_results_csv(out_dir / FILE_NAMES["central"], rows, "central")
@@ -229,4 +229,4 @@ def score_checkpoint(model_path: str | Path, data_path: str | Path, split: str =
                 districts.append({"district": pack.district, **scores})
     return {"model": str(model_path), "split": split, "districts": districts,
             "overall": {"samples": sum(d["samples"] for d in districts), **overall.metrics()},
-            "environment": env.to_dict()}
+            "environment": env.record()}
