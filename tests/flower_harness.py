@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 LOOPBACK = "127.0.0.1"
 
@@ -319,9 +319,11 @@ class FlowerDeployment:
                                f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
     def start_supernodes(self, node_configs: Mapping[str, Mapping[str, object]], timeout: float = 60.0,
-                         keys: Mapping[str, Path] | None = None) -> None:
+                         keys: Mapping[str, Path] | None = None, refused: Collection[str] = ()) -> None:
         """Start one SuperNode per entry (name -> node config), all at once, each on its own runtime port;
-        `keys` names the private key a node authenticates with (SuperNode authentication)."""
+        `keys` names the private key a node authenticates with (SuperNode authentication). Nodes named in
+        `refused` are expected to be turned away by the SuperLink: they are not waited for (one may exit before
+        it listens, depending on how fast the SuperLink answers)."""
         if self.superlink_port is None:
             raise RuntimeError("start the SuperLink first")
         started = []
@@ -336,7 +338,8 @@ class FlowerDeployment:
                 args += ["--auth-supernode-private-key", str(keys[name])]
             self.supernodes[name] = process = self._start(f"supernode-{name}", args)
             self._supernode_args[name] = (args, port)
-            started.append((port, process))
+            if name not in refused:
+                started.append((port, process))
         for port, process in started:
             wait_for_port(port, timeout, process)
 

@@ -459,10 +459,11 @@ def test_flower_run_over_tls_admits_only_registered_supernodes(tmp_path):
         for district in registered:
             flower.register_supernode(keys[district][1])
         flower.start_supernodes({d: {"pack": str(path)} for d, path in packs.items()},
-                                keys={d: private for d, (private, _) in keys.items()})
+                                keys={d: private for d, (private, _) in keys.items()}, refused={intruder})
         result = flower.run_app(app, timeout=120)
         assert result.returncode == 0, result.output + flower.logs()
         assert "insecure" not in (tmp_path / "flower" / "flwr-home" / "config.toml").read_text()
+        flower.supernodes[intruder].wait(timeout=60)   # turned away: it gives up and exits
         refused = (tmp_path / "flower" / f"supernode-{intruder}.log").read_text()
     assert "Failed to activate SuperNode" in refused, refused
     assert intruder not in result.output
