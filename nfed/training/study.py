@@ -20,6 +20,7 @@ from nfed.runs.runlock import RunLock
 from nfed.training.environment import RunEnvironment, default_environment
 
 METRIC_KEYS = ("precision", "recall", "f1", "iou", "oa", "kappa")
+COUNT_KEYS = ("tp", "fp", "fn", "tn", "loss")
 # Fine-tuning a trained model takes smaller steps than training it from scratch (the usual practice in
 # transfer learning): a fresh Adam at the full rate first throws the global model off its optimum.
 FINE_TUNE_LR_FACTOR = 0.1
@@ -28,7 +29,6 @@ FINE_TUNE_LR_FACTOR = 0.1
 def fine_tune_config(config):
     """The personalised column's set-up: the training config with the learning rate scaled down."""
     return config.replace(lr=config.lr * FINE_TUNE_LR_FACTOR)
-COUNT_KEYS = ("tp", "fp", "fn", "tn", "loss")
 
 
 def _fit_facts(result) -> dict:
@@ -38,19 +38,19 @@ def _fit_facts(result) -> dict:
             "images_per_s": result.images_per_s}
 
 
-def _scores(model, pack, config) -> tuple[str, dict]:
+def _test_row(model, pack, config, train_samples: int) -> dict:
+    """A model's results-table row on one district: its test split (val when it has none), counts and metrics."""
     from nfed.training.trainer import evaluate
 
     split = "test" if pack.num_samples("test") else "val"
-    return split, evaluate(model, pack, split, config.batch_size)
+    scores = evaluate(model, pack, split, config.batch_size)
+    return {"district": pack.district, "samples": sum(pack.num_samples(s) for s in ("train", "val", "test")),
+            "train_samples": train_samples, "split": split, **{k: scores[k] for k in METRIC_KEYS + COUNT_KEYS},
+            **test_facts(scores, pack.tile)}
 
 
 def _district_summary(pack, model, config, result, env) -> dict:
-    split, scores = _scores(model, pack, config)
-    samples = sum(pack.num_samples(s) for s in ("train", "val", "test"))
-    return {"district": pack.district, "samples": samples, "train_samples": result.num_train_samples,
-            "split": split, **{k: scores[k] for k in METRIC_KEYS + COUNT_KEYS},
-            **test_facts(scores, pack.tile), **_fit_facts(result), "tile": pack.tile,
+    return {**_test_row(model, pack, config, result.num_train_samples), **_fit_facts(result), "tile": pack.tile,
             "config": config.to_dict(), "environment": env.record()}
 
 
@@ -133,11 +133,7 @@ def train_central(pack_paths: Sequence[str | Path], out_dir: str | Path, config,
     rows = []
     for path in pack_paths:
         with env.active(), DistrictPack(path) as pack:
-            split, scores = _scores(model, pack, config)
-            rows.append({"district": pack.district,
-                         "samples": sum(pack.num_samples(s) for s in ("train", "val", "test")),
-                         "train_samples": pack.num_samples("train"), "split": split,
-                         **{k: scores[k] for k in METRIC_KEYS + COUNT_KEYS}, **test_facts(scores, pack.tile)})
+            rows.append(_test_row(model, pack, config, pack.num_samples("train")))
     summary = {"train_samples": result.num_train_samples, "districts": districts, "tile": tile,
                **_fit_facts(result), "config": config.to_dict(), "environment": env.record()}
     save_checkpoint(out_dir / "best.h5", model.state_dict(), optimizer_state=optimizer.state_dict(),
