@@ -10,6 +10,7 @@ from typing import Sequence
 
 from nfed.common.errors import DataError
 from nfed.data.districts import district_order_key, load_districts
+from nfed.report.fairness import fairness
 from nfed.report.run import COLUMNS, Run
 from nfed.report.stats import (bootstrap_correlation, finite_mean, mean_interval, pearson, spearman, strength,
                                wilcoxon_paired)
@@ -144,8 +145,6 @@ def summarise(rows: list[dict], columns: Sequence[str]) -> dict:
 
 def compare_run(run: Run) -> Comparison:
     """Join one seed's columns by district (study order): the districts with local and federated results."""
-    from nfed.report.fairness import fairness
-
     local, federated = run.results["local"], run.results["federated"]
     common = sorted(set(local) & set(federated), key=district_order_key)
     if not common:
