@@ -165,7 +165,7 @@ def test_winograd_filter_transform_matches_g_w_gt():
 
 @pytest.mark.parametrize("n,c,h,w,o", [(2, 3, 6, 8, 4), (3, 5, 4, 4, 2), (1, 2, 2, 10, 3)])
 def test_winograd_forward_and_input_gradient_match_oracles(monkeypatch, n, c, h, w, o):
-    monkeypatch.setattr(winograd_cpu, "MIN_CHANNEL_PRODUCT", 0)  # every 3x3 layer with even sizes
+    monkeypatch.setattr(winograd_cpu, "MIN_CHANNELS", 0)  # every 3x3 layer with even sizes
     monkeypatch.setattr(winograd_cpu, "MIN_TILES", 0)
     rng = np.random.default_rng(6)
     x, wt, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((o, c, 3, 3)), rng.standard_normal(o)
@@ -181,15 +181,17 @@ def test_winograd_forward_and_input_gradient_match_oracles(monkeypatch, n, c, h,
 
 
 def test_winograd_only_for_even_3x3_layers_with_enough_channels_and_tiles():
-    assert winograd_cpu.applies((64, 32, 3, 3), 16, 8, 8)
-    assert not winograd_cpu.applies((16, 16, 3, 3), 16, 8, 8)   # few channels: patch products are faster
-    assert not winograd_cpu.applies((64, 32, 3, 3), 16, 7, 8)   # odd size: no whole 2x2 output tiles
-    assert not winograd_cpu.applies((64, 32, 5, 5), 16, 8, 8)
-    assert not winograd_cpu.applies((128, 128, 3, 3), 16, 4, 4)  # 64 tiles: too few rows per product
+    assert winograd_cpu.applies((128, 64, 3, 3), 16, 16, 16)
+    assert winograd_cpu.applies((64, 384, 3, 3), 8, 16, 16)
+    assert not winograd_cpu.applies((32, 96, 3, 3), 8, 64, 64)  # few output channels: patch products are faster
+    assert not winograd_cpu.applies((96, 32, 3, 3), 8, 64, 64)  # few input channels
+    assert not winograd_cpu.applies((128, 64, 3, 3), 16, 15, 16)  # odd size: no whole 2x2 output tiles
+    assert not winograd_cpu.applies((128, 64, 5, 5), 16, 16, 16)
+    assert not winograd_cpu.applies((64, 64, 3, 3), 16, 8, 8)  # 256 tiles: too few rows per product
 
 
 def test_winograd_blocks_on_the_pool_give_the_same_result(monkeypatch):
-    monkeypatch.setattr(winograd_cpu, "MIN_CHANNEL_PRODUCT", 0)
+    monkeypatch.setattr(winograd_cpu, "MIN_CHANNELS", 0)
     monkeypatch.setattr(winograd_cpu, "MIN_TILES", 0)
     rng = np.random.default_rng(7)
     x, wt = rng.standard_normal((5, 4, 6, 6)), rng.standard_normal((3, 4, 3, 3))

@@ -4,8 +4,9 @@ kernels/winograd.cu): 3x3 kernels, stride 1, over an already zero-padded input, 
 Each 2x2 block of output pixels comes from a 4x4 tile of input: V = B^T d B per tile and channel, then the
 16 tile positions are 16 matrix products V[p] [tiles, C] @ U[p] [C, O] with U = G w G^T, and the output is
 A^T M A. That is 16 multiply-adds per 4 output pixels instead of 36 (2.25x fewer), at the price of the two
-transforms: a few NumPy passes over the tiles, which pay off when channels are many (conv_cpu uses it from
-MIN_CHANNEL_PRODUCT = C * O up; below that the patch-matrix products stay faster). Images go in blocks over
+transforms: a few NumPy passes over the tiles, which pay off when both channel counts are large (the transforms
+cost about 1/C + 1/O of the product per tile; conv_cpu uses it from MIN_CHANNELS input and output channels up and
+MIN_TILES tiles; below that the patch-matrix products stay faster). Images go in blocks over
 the worker pool like the patch-matrix path.
 """
 from __future__ import annotations
@@ -15,12 +16,14 @@ from numpy.lib.stride_tricks import as_strided
 
 from nfed.core.functions.parallel import num_workers, run_blocks, single_threaded_blas
 
-# C * O from which a 3x3 layer takes Winograd (measured on a 2-core EPYC: 32 -> 96 channels 18 % faster,
-# 128 -> 128 44 %; 32 -> 32 even, 16 -> 16 and 48 -> 16 slower).
-MIN_CHANNEL_PRODUCT = 2048
+# Input and output channels from which a 3x3 layer takes Winograd (forward of W-Net layers on a 2-core Zen 5
+# EPYC, against the patch matrix: 128 -> 128 and 384 -> 128 at 16x16 px 30-33 % faster, 64 -> 64 at 32x32 7 %;
+# 96 -> 32 at 64x64 42 % slower, 32 -> 64 and 96 -> 32 at 8-16 px 25-100 % slower: with few output channels
+# the output transform and the short products cost more than the saved multiplications).
+MIN_CHANNELS = 64
 # ... and from this many 2x2 output tiles: the 16 products have one row per tile, and OpenBLAS is slow on short
-# ones (64 tiles, e.g. 16 images of 4x4 pixels, ran no faster than the patch matrix).
-MIN_TILES = 256
+# ones (64 -> 64 channels over 256 tiles, 16 images of 8x8 pixels, ran 1.5x slower than the patch matrix).
+MIN_TILES = 512
 # Tiles per block (16 * tiles * (C + O) values of transforms in flight) and when blocks go to the pool.
 BLOCK_TILES = 1024
 PARALLEL_MIN_WORK = 1 << 22
@@ -29,7 +32,7 @@ def applies(w_shape, batch: int, out_height: int, out_width: int) -> bool:
     """Whether a valid (already padded) stride-1 convolution with kernel w_shape [O, C, kh, kw], this batch and
     output size takes this path."""
     o, c, kh, kw = w_shape
-    return ((kh, kw) == (3, 3) and out_height % 2 == 0 and out_width % 2 == 0 and c * o >= MIN_CHANNEL_PRODUCT
+    return ((kh, kw) == (3, 3) and out_height % 2 == 0 and out_width % 2 == 0 and min(c, o) >= MIN_CHANNELS
             and batch * out_height * out_width // 4 >= MIN_TILES)
 
 
