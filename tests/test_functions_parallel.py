@@ -70,3 +70,54 @@ def test_pool_works_in_a_forked_child(monkeypatch):
 
 def _squares_in_pool(n):
     return parallel.run_blocks(lambda i: (time.sleep(0.001), i * i)[1], range(n))
+
+
+def test_a_block_that_runs_blocks_itself_does_them_alone(monkeypatch):
+    monkeypatch.setenv("NFED_NUM_THREADS", "2")
+
+    def outer(item):
+        time.sleep(0.001)
+        return sum(parallel.run_blocks(lambda i: item * 10 + i, range(3)))
+
+    assert parallel.run_blocks(outer, range(6)) == [sum(item * 10 + i for i in range(3)) for item in range(6)]
+
+
+def test_threads_calling_at_once_each_get_their_results(monkeypatch):
+    monkeypatch.setenv("NFED_NUM_THREADS", "2")
+    results = {}
+
+    def caller(offset):
+        results[offset] = parallel.run_blocks(lambda i: (time.sleep(0.0005), offset + i)[1], range(40))
+
+    threads = [threading.Thread(target=caller, args=(k * 100,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == {k * 100: [k * 100 + i for i in range(40)] for k in range(4)}
+
+
+def test_a_new_thread_count_gets_a_new_crew(monkeypatch):
+    monkeypatch.setenv("NFED_NUM_THREADS", "3")
+    parallel.run_blocks(lambda i: i, range(4))
+    assert parallel._crew.size == 2
+    monkeypatch.setenv("NFED_NUM_THREADS", "2")
+    seen = set()
+    assert parallel.run_blocks(lambda i: (seen.add(threading.get_ident()), time.sleep(0.002), i)[2],
+                               range(20)) == list(range(20))
+    assert parallel._crew.size == 1 and len(seen) == 2
+
+
+def test_an_interrupted_wait_retires_the_crew(monkeypatch):
+    monkeypatch.setenv("NFED_NUM_THREADS", "2")
+    parallel.run_blocks(lambda i: i, range(4))
+    crew = parallel._crew
+
+    def interrupted(work, helpers):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crew, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        parallel.run_blocks(lambda i: i, range(4))
+    assert parallel._crew is None  # the next run starts a fresh crew, whatever the old helpers still do
+    assert parallel.run_blocks(lambda i: i * 2, range(4)) == [0, 2, 4, 6]

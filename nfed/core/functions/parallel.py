@@ -5,7 +5,7 @@ pathological for many cache-sized ones on a busy machine (every call waits for i
 descheduled, thread). The convolution code instead splits work into many independent blocks (sample x
 row block) and runs them on this pool with single-threaded BLAS: a delayed worker only delays its own
 block and the others take the rest. NumPy releases the GIL inside copies and matrix products, so Python
-threads give real parallelism here.
+threads give real parallelism here (a small crew of helper threads with a cheap hand-off, _Crew).
 
 Workers: $NFED_NUM_THREADS, else the CPUs this process may run on. The BLAS thread count is found through
 OpenBLAS's C API (the library NumPy loaded); with another BLAS the pool still works, only less well.
@@ -17,12 +17,11 @@ import ctypes
 import itertools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 ENV_THREADS = "NFED_NUM_THREADS"
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_crew: _Crew | None = None
+_crew_lock = threading.Lock()
 
 
 def num_workers() -> int:
@@ -41,25 +40,85 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers != workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nfed-cpu")
-        return _pool
+class _Crew:
+    """Helper threads that join the calling thread on one run of blocks at a time.
+
+    A training step hands about 170 runs of blocks to the helpers (w8/64/8), so the hand-off itself counts:
+    each helper sleeps on its own lock and is woken by releasing it, and reports by releasing another (a
+    ThreadPoolExecutor's futures and condition variables cost 5-20 us more per run, 2-3 % of a step). One run
+    at a time: a caller that finds the crew busy (another thread's run, or a block that itself runs blocks)
+    does its blocks alone.
+    """
+
+    def __init__(self, helpers: int):
+        self.size = helpers
+        self.busy = threading.Lock()
+        self.job = None
+        self.wake = [_held_lock() for _ in range(helpers)]
+        self.done = [_held_lock() for _ in range(helpers)]
+        for index in range(helpers):
+            threading.Thread(target=self._serve, args=(index,), name=f"nfed-cpu-{index}", daemon=True).start()
+
+    def _serve(self, index: int) -> None:
+        while True:
+            self.wake[index].acquire()
+            job = self.job
+            if job is None:  # stop()
+                return
+            job()
+            self.done[index].release()
+
+    def run(self, work, helpers: int) -> None:
+        """work() on the calling thread and on `helpers` helper threads at once; returns when all are done.
+        work must not raise. The caller holds `busy`."""
+        self.job = work
+        for index in range(helpers):
+            self.wake[index].release()
+        work()
+        for index in range(helpers):
+            self.done[index].acquire()
+        self.job = None
+
+    def stop(self) -> None:
+        """Let the helpers end (they are all asleep: nobody else holds `busy`)."""
+        with self.busy:
+            self.job = None
+            for lock in self.wake:
+                lock.release()
 
 
-def _forget_pool_in_child() -> None:
-    """A forked child has none of the parent's pool threads: start a fresh pool there when needed."""
-    global _pool, _pool_lock
-    _pool = None
-    _pool_lock = threading.Lock()
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
+def _crew_of(workers: int) -> _Crew:
+    global _crew
+    with _crew_lock:
+        if _crew is None or _crew.size != workers - 1:
+            if _crew is not None:
+                _crew.stop()
+            _crew = _Crew(workers - 1)
+        return _crew
+
+
+def _retire(crew: _Crew) -> None:
+    global _crew
+    with _crew_lock:
+        if _crew is crew:
+            _crew = None
+
+
+def _forget_crew_in_child() -> None:
+    """A forked child has none of the parent's helper threads: start a fresh crew there when needed."""
+    global _crew, _crew_lock
+    _crew = None
+    _crew_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_in_child)
+    os.register_at_fork(after_in_child=_forget_crew_in_child)
 
 
 class _OpenBLAS:
@@ -134,8 +193,8 @@ def single_threaded_blas():
 
 
 def run_blocks(task, items, workers: int | None = None) -> list:
-    """[task(item) for item in items], spread over the calling thread and the pool, with single-threaded
-    BLAS. Each worker pulls the next item itself, so a delayed worker simply takes fewer items."""
+    """[task(item) for item in items], spread over the calling thread and the helper threads, with
+    single-threaded BLAS. Each thread pulls the next item itself, so a delayed one simply takes fewer items."""
     items = list(items)
     workers = num_workers() if workers is None else workers
     if workers <= 1:
@@ -143,20 +202,32 @@ def run_blocks(task, items, workers: int | None = None) -> list:
             return [task(item) for item in items]
     if len(items) <= 1:
         return [task(item) for item in items]
+    crew = _crew_of(workers)
+    if not crew.busy.acquire(blocking=False):
+        with single_threaded_blas():
+            return [task(item) for item in items]
     results = [None] * len(items)
+    errors = []
     next_index = itertools.count()  # next() on a count is atomic under the GIL
 
     def work():
         for index in next_index:
-            if index >= len(items):
+            if index >= len(items) or errors:
                 return
-            results[index] = task(items[index])
+            try:
+                results[index] = task(items[index])
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread below
+                errors.append(exc)
+                return
 
-    with single_threaded_blas():
-        helpers = [_executor(workers - 1).submit(work) for _ in range(min(workers, len(items)) - 1)]
-        try:
-            work()
-        finally:
-            for helper in helpers:
-                helper.result()
+    try:
+        with single_threaded_blas():
+            crew.run(work, min(workers, len(items)) - 1)
+    except BaseException:  # interrupted while waiting for the helpers: they may still be working, so the
+        _retire(crew)      # next run gets a fresh crew instead of reading this one's late reports
+        raise
+    finally:
+        crew.busy.release()
+    if errors:
+        raise errors[0]
     return results
