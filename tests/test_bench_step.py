@@ -26,6 +26,7 @@ def test_without_torch_the_reference_is_null_with_the_reason(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["nfed_img_per_s"] > 0
+    assert 0 < report["nfed_cores_busy"] <= os.cpu_count() + 0.5  # CPU time over wall time of the timed steps
     assert report["reference_note"] == "PyTorch is not installed: pip install torch"
     assert report["ratio"] is report["reference_img_per_s"] is report["reference_peak_rss_mb"] is None
     assert "pytorch   not measured: PyTorch is not installed" in "\n".join(report_lines(report))
@@ -48,6 +49,9 @@ def test_report_lines_say_what_the_json_holds():
     lines = report_lines(measured)
     assert lines[0].startswith("W-Net-CD training step")
     assert "1.000 s/step       4.0 img/s  peak RSS 300 MB  (torch 2)" in lines[2]
+    assert "cores busy" not in lines[1]  # results written before the figure existed
+    busy = report_lines(_result(nfed_cores_busy=1.5))
+    assert busy[1].endswith("(OpenBLAS), 1.50 cores busy")
     assert lines[3] == "ratio (nfed / pytorch img/s): 2.00"
     assert lines[-2:] == [f"  {'Conv forward':32s}   250.00 ms  50.0%", f"  {'other':32s}   250.00 ms  50.0%"]
 

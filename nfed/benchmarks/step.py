@@ -67,10 +67,11 @@ def report_lines(result: dict) -> list[str]:
     lines = [f"W-Net-CD {what}, w {result['width']}, tile {result['tile']}, batch {result['batch']}, "
              f"{result['device']}, {result['repeat']} steps",
              f"nfed      {result['nfed_s_per_step']:.3f} s/step  {result['nfed_img_per_s']:8.1f} img/s  "
-             f"peak RSS {result['nfed_peak_rss_mb']:.0f} MB  ({result['nfed_blas']})"]
+             f"peak RSS {result['nfed_peak_rss_mb']:.0f} MB  ({result['nfed_blas']}){_busy(result, 'nfed')}"]
     if result["ratio"] is not None:
         lines += [f"pytorch   {result['reference_s_per_step']:.3f} s/step  {result['reference_img_per_s']:8.1f} img/s  "
-                  f"peak RSS {result['reference_peak_rss_mb']:.0f} MB  ({result['reference_version']})",
+                  f"peak RSS {result['reference_peak_rss_mb']:.0f} MB  ({result['reference_version']})"
+                  f"{_busy(result, 'reference')}",
                   f"ratio (nfed / pytorch img/s): {result['ratio']:.2f}"]
     else:
         lines.append(f"pytorch   not measured: {result['reference_note']}")
@@ -78,6 +79,12 @@ def report_lines(result: dict) -> list[str]:
         lines.append("nfed time per step by op (mean over the timed steps; wall time, worker pool included):")
         lines += [f"  {name:32s} {ms:8.2f} ms  {share:5.1%}" for name, ms, share in result["nfed_op_profile"]]
     return lines
+
+
+def _busy(result: dict, side: str) -> str:
+    """", 1.52 cores busy" when the side reported its CPU use (results of older versions did not)."""
+    cores = result.get(f"{side}_cores_busy")
+    return "" if cores is None else f", {cores:.2f} cores busy"
 
 
 def _run_side(side: str, task: dict) -> dict:
@@ -116,17 +123,22 @@ def _inputs(task: dict):
     return past, current, mask
 
 
-def _timed(call, task: dict, around=contextlib.nullcontext) -> list[float]:
-    """Seconds of each of task["repeat"] calls after task["warmup"] untimed ones; around() wraps the timed ones."""
+def _timed(call, task: dict, around=contextlib.nullcontext) -> dict:
+    """{"seconds": of each of task["repeat"] calls after task["warmup"] untimed ones, "cores_busy": the process's
+    CPU time over the wall time of those calls (all threads: how many cores the side kept busy on average; an
+    OpenMP runtime such as PyTorch's spins between parallel regions, so its figure counts that waiting too)};
+    around() wraps the timed calls."""
     for _ in range(task["warmup"]):
         call()
     seconds = []
     with around():
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
         for _ in range(task["repeat"]):
             start = time.perf_counter()
             call()
             seconds.append(time.perf_counter() - start)
-    return seconds
+        cores_busy = (time.process_time() - cpu_start) / max(time.perf_counter() - wall_start, 1e-9)
+    return {"seconds": seconds, "cores_busy": cores_busy}
 
 
 def _nfed_steps(task: dict) -> dict:
@@ -164,10 +176,10 @@ def _nfed_steps(task: dict) -> dict:
         with ops if ops is not None else contextlib.nullcontext(), _cprofile(task.get("cprofile_top", 0)):
             yield
 
-    seconds = _timed(forward if task["mode"] == "eval" else train_step, task, around)
-    result = {"seconds": seconds, "version": f"nfed {__version__}", "blas": blas_kernels()}
+    result = _timed(forward if task["mode"] == "eval" else train_step, task, around)
+    result.update(version=f"nfed {__version__}", blas=blas_kernels())
     if ops is not None:
-        result["op_profile"] = ops.table(sum(seconds), len(seconds))
+        result["op_profile"] = ops.table(sum(result["seconds"]), len(result["seconds"]))
     if device.is_gpu:  # CuPy's pool keeps what it allocated: its size is the peak reserved memory
         result["peak_gpu_mb"] = backend.cupy_module().get_default_memory_pool().total_bytes() / 2**20
     return result
@@ -272,8 +284,8 @@ def _torch_steps(task: dict) -> dict:
 
     if task["mode"] == "eval":
         model.eval()
-    seconds = _timed(forward if task["mode"] == "eval" else train_step, task)
-    result = {"seconds": seconds, "version": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    result = _timed(forward if task["mode"] == "eval" else train_step, task)
+    result["version"] = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     if device.is_gpu:
         result["peak_gpu_mb"] = torch.cuda.max_memory_reserved(torch_device) / 2**20
     return result
