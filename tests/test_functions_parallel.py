@@ -108,6 +108,20 @@ def test_a_new_thread_count_gets_a_new_crew(monkeypatch):
     assert parallel._crew.size == 1 and len(seen) == 2
 
 
+def test_a_nested_run_with_another_thread_count_does_not_wait_for_itself():
+    results = []
+
+    def outer(item):
+        return sum(parallel.run_blocks(lambda i: (time.sleep(0.001), i)[1], range(4), workers=3))
+
+    caller = threading.Thread(target=lambda: results.append(parallel.run_blocks(outer, range(4), workers=2)))
+    caller.start()
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "run_blocks waited for its own run to end"
+    assert results == [[6, 6, 6, 6]]
+    assert parallel.run_blocks(lambda i: i, range(4), workers=2) == [0, 1, 2, 3]
+
+
 def test_an_interrupted_wait_retires_the_crew(monkeypatch):
     monkeypatch.setenv("NFED_NUM_THREADS", "2")
     parallel.run_blocks(lambda i: i, range(4))

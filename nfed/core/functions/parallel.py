@@ -53,6 +53,7 @@ class _Crew:
     def __init__(self, helpers: int):
         self.size = helpers
         self.busy = threading.Lock()
+        self.retired = False
         self.job = None
         self.wake = [_held_lock() for _ in range(helpers)]
         self.done = [_held_lock() for _ in range(helpers)]
@@ -79,9 +80,14 @@ class _Crew:
             self.done[index].acquire()
         self.job = None
 
-    def stop(self) -> None:
-        """Let the helpers end (they are all asleep: nobody else holds `busy`)."""
-        with self.busy:
+    def retire(self) -> None:
+        """Let the helpers end as soon as no run uses them: now, or when the run that holds `busy` ends (never
+        wait for it here: that run may be the caller's own, one level up)."""
+        self.retired = True
+        self.stop_if_retired()
+
+    def stop_if_retired(self) -> None:
+        if self.retired and self.busy.acquire(blocking=False):  # kept: a stopped crew stays busy for good
             self.job = None
             for lock in self.wake:
                 lock.release()
@@ -96,14 +102,18 @@ def _held_lock() -> threading.Lock:
 def _crew_of(workers: int) -> _Crew:
     global _crew
     with _crew_lock:
-        if _crew is None or _crew.size != workers - 1:
-            if _crew is not None:
-                _crew.stop()
-            _crew = _Crew(workers - 1)
-        return _crew
+        old = _crew
+        if old is not None and old.size == workers - 1:
+            return old
+        _crew = _Crew(workers - 1)
+        crew = _crew
+    if old is not None:
+        old.retire()
+    return crew
 
 
-def _retire(crew: _Crew) -> None:
+def _discard(crew: _Crew) -> None:
+    """Forget a crew whose helpers may still be at work (an interrupted run): the next run starts a new one."""
     global _crew
     with _crew_lock:
         if _crew is crew:
@@ -224,10 +234,11 @@ def run_blocks(task, items, workers: int | None = None) -> list:
         with single_threaded_blas():
             crew.run(work, min(workers, len(items)) - 1)
     except BaseException:  # interrupted while waiting for the helpers: they may still be working, so the
-        _retire(crew)      # next run gets a fresh crew instead of reading this one's late reports
+        _discard(crew)     # next run gets a fresh crew instead of reading this one's late reports
         raise
     finally:
         crew.busy.release()
+        crew.stop_if_retired()
     if errors:
         raise errors[0]
     return results
