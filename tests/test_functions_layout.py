@@ -6,8 +6,8 @@ import pytest
 
 from nfed.core import functions as F
 from nfed.core.autograd import Tensor
-from nfed.core.functions.layout import (ChannelView, concatenate, empty_like_layout, is_channels_last, to_channels_last,
-                                        zeros_like_layout)
+from nfed.core.functions.layout import (ChannelView, channel_row, concatenate, empty_like_layout, is_channels_last,
+                                        to_channels_last, zeros_like_layout)
 from nfed.core.functions.normalization import (batch_norm_eval_backward, batch_norm_eval_forward,
                                                batch_norm_train_backward, batch_norm_train_forward)
 from nfed.core.functions.pooling import max_pool2d_backward, max_pool2d_forward
@@ -108,3 +108,12 @@ def test_max_pool_on_channels_last_equals_nchw():
     back = max_pool2d_backward(channels_last(g), cl_index, x.shape)
     assert is_channels_last(back)
     np.testing.assert_array_equal(back, max_pool2d_backward(g, index, x.shape))
+
+
+def test_channel_row_is_np_tile_cast_to_the_dtype():
+    values = np.array([0.1, -2.5, 3.0000001], dtype=np.float64)
+    row = channel_row(values, 4, np.float32)
+    expected = np.tile(values.astype(np.float32), 4)
+    assert row.dtype == np.float32 and row.shape == (12,)
+    np.testing.assert_array_equal(row, expected)
+    assert channel_row(values, 2).dtype == np.float64

@@ -25,7 +25,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from nfed.core.functions import winograd_cpu
-from nfed.core.functions.layout import from_nhwc, is_channels_last, nhwc
+from nfed.core.functions.layout import channel_row, from_nhwc, is_channels_last, nhwc
 from nfed.core.functions.parallel import num_workers, run_blocks, single_threaded_blas
 
 # Zero-bordered scratch arrays kept per thread (see zero_bordered).
@@ -99,6 +99,8 @@ def inside(bordered, shape):
 def packed_weight(w, k: int, dtype):
     """[O, C, kh, kw] -> [kh * (kw + k - 1) * C, k * O]: column block p holds the kernel shifted p pixels."""
     o, c, kh, kw = w.shape
+    if k == 1:
+        return np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=dtype).reshape(kh * kw * c, o)
     packed = np.zeros((kh, kw + k - 1, c, k, o), dtype=dtype)
     taps = w.transpose(2, 3, 1, 0)
     for p in range(k):
@@ -175,7 +177,7 @@ def padded_conv(xpad, w, b, epilogue=None):
         return out, winograd_cpu.conv(xpad, winograd_cpu.filter_transform(w, xpad.dtype), out, b, epilogue)
     k = pixels_per_row(wo, o, kw)
     weights = packed_weight(w, k, xpad.dtype)
-    bias = None if b is None else np.tile(b.astype(xpad.dtype, copy=False), k)
+    bias = None if b is None else channel_row(b, k, xpad.dtype)
     out = np.empty((n, ho, wo, o), dtype=xpad.dtype)
 
     def block(item):

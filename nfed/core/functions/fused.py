@@ -20,7 +20,7 @@ from nfed.core.autograd import Function, Tensor, is_grad_enabled
 from nfed.core.functions import conv_cpu
 from nfed.core.functions.activation import relu
 from nfed.core.functions.conv import conv2d
-from nfed.core.functions.layout import from_nhwc, nhwc
+from nfed.core.functions.layout import channel_row, from_nhwc, nhwc
 from nfed.core.functions.normalization import BatchNorm, batch_norm, update_running_stats
 from nfed.core.functions.parallel import run_blocks
 from nfed.core.functions.utils import pair
@@ -55,7 +55,7 @@ class _ImageRows:
         return view
 
     def tile(self, values, dtype):
-        return np.tile(np.asarray(values, dtype=dtype), self.w)
+        return channel_row(values, self.w, dtype)
 
     def sums(self, part):
         """Per-channel sums of an image-row block."""
@@ -76,7 +76,7 @@ def _moments(width: int, channels: int):
     def moments(rows):
         count = rows.shape[0] * width
         mean = rows.sum(axis=0).reshape(width, channels).sum(axis=0) / count
-        deviation = rows - np.tile(mean, width)
+        deviation = rows - channel_row(mean, width)
         squares = np.square(deviation, out=deviation).sum(axis=0).reshape(width, channels).sum(axis=0)
         return count, mean, squares
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from nfed.core.functions.layout import channel_row
 from nfed.core.functions.parallel import num_workers, run_blocks, single_threaded_blas
 
 # Input and output channels from which a 3x3 layer takes Winograd (forward of W-Net layers on a 2-core Zen 5
@@ -97,7 +98,7 @@ def conv(xpad, u, out, bias=None, epilogue=None) -> list:
     rows [rows, W * O] while it is in cache; its results come back in block order."""
     n, hp, wp, c = xpad.shape
     h, w, o = hp - 2, wp - 2, u.shape[2]
-    bias = None if bias is None else np.tile(bias.astype(out.dtype, copy=False), w)
+    bias = None if bias is None else channel_row(bias, w, out.dtype)
     th, tw = h // 2, w // 2
     s0, s1, s2, s3 = xpad.strides
     images = max(1, BLOCK_TILES // (th * tw))
