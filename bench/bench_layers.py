@@ -101,10 +101,10 @@ def torch_times(x, w, g, repeat: int, channels_last: bool) -> tuple[float, float
         with torch.no_grad():
             torch.relu(norm(conv(tx)))
 
-    conv.train(), norm.train()
+    norm.train()
     forward_s = best_of(forward, repeat)
     both_s = best_of(lambda: forward().backward(tg), repeat)
-    conv.eval(), norm.eval()
+    norm.eval()
     evaluation_s = best_of(evaluation, repeat)
     return forward_s, max(0.0, both_s - forward_s), evaluation_s
 
