@@ -280,6 +280,7 @@ def test_run_folder_lock_and_workers_that_die_with_their_server(tmp_path, packs)
     try:
         second = nfed_process("federate", "--data", packs, "--out", run, "--rounds", "1", *TINY)
         assert_one_line(second, str(run), f"in use by another nfed run (pid {holder.pid}")
+        assert "federating" not in second.stdout  # a refused run announces no plan
     finally:
         holder.kill()
         holder.wait()

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from nfed.commands.options import device_option, limited, precision_option, run_environment
+from nfed.common.atomic import new_folder
 from nfed.common.errors import ConfigError
 from nfed.common.validate import check_number
 
@@ -126,6 +127,7 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
     from nfed.federation.config import FederationConfig, load_client_speeds
     from nfed.federation.server import federate as run_federation
     from nfed.runs.packs import find_packs
+    from nfed.runs.runlock import RunLock
     from nfed.training.trainer import profile_config
 
     if resume and overwrite:
@@ -142,11 +144,12 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
                               server_momentum=server_momentum, client_state=client_state,
                               client_speeds=load_client_speeds(client_speeds, list(packs)), seed=seed,
                               gpus=gpu_ids, evaluate_rounds=not no_round_eval, **defences)
-    click.echo(f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {server_opt}, "
-               f"up to {rounds} round(s) of {local_epochs} local epoch(s), device {env.device}, precision "
-               f"{env.precision}" + (f", deadline {deadline:g} s" if deadline else ""))
-    result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite,
-                            echo=click.echo, show_progress=not quiet, env=env)
+    with new_folder(run_dir), RunLock(run_dir):  # the plan comes from the run that holds the folder, not a refused one
+        click.echo(f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {server_opt}, "
+                   f"up to {rounds} round(s) of {local_epochs} local epoch(s), device {env.device}, precision "
+                   f"{env.precision}" + (f", deadline {deadline:g} s" if deadline else ""))
+        result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite,
+                                echo=click.echo, show_progress=not quiet, env=env)
     f1 = [row["f1"] for row in result.results]
     click.echo(f"wrote {run_dir / 'federated.csv'}: mean test F1 {sum(f1) / max(len(f1), 1):.4f} over "
                f"{len(f1)} district(s); global weights in {run_dir / 'global.h5'}")
