@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -194,12 +195,10 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
                                warmup_rounds=settings.warmup_rounds)
         echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
              f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
-        pooled = {}
-        if pool is not None:
-            runner = PoolRunner(pool, run_dir / "federated" / "work", packs)
-            pooled = {"runner": runner, "evaluate_fn": runner.evaluate}
-        result = federate(packs, run_dir / "federated", config, fed, echo=echo, show_progress=not settings.quiet,
-                          overwrite=True, env=env, **pooled)
+        with nullcontext() if pool is None else PoolRunner(pool, run_dir / "federated" / "work", packs) as runner:
+            pooled = {} if runner is None else {"runner": runner, "evaluate_fn": runner.evaluate}
+            result = federate(packs, run_dir / "federated", config, fed, echo=echo,
+                              show_progress=not settings.quiet, overwrite=True, env=env, **pooled)
         shutil.rmtree(run_dir / "federated" / "work", ignore_errors=True)
         stages.done("federated")
 

@@ -13,6 +13,7 @@ from nfed.common.errors import TrainingError
 from nfed.federation.config import FederationConfig
 from nfed.federation.district_jobs import PoolRunner, WorkerPool, make_task, run_tasks
 from nfed.federation.server import federate
+from nfed.model import checkpoint
 from nfed.model.checkpoint import save_checkpoint
 from nfed.training.trainer import TrainConfig, build_model
 
@@ -71,14 +72,16 @@ def test_a_failing_district_stops_the_workers_with_one_line(packs, tmp_path):
     assert "\n" not in str(caught.value)
 
 
-def test_a_federation_on_worker_processes_matches_the_in_process_one(packs, tmp_path):
+def test_a_federation_on_worker_processes_matches_the_in_process_one(packs, tmp_path, monkeypatch):
     """Same rounds, same stop, same global weights (to float32 rounding) and the same test scores."""
     config = _config().replace(epochs=1)
     fed = FederationConfig(rounds=3, local_epochs=1, patience_rounds=5, seed=0)
     by_name = {path.stem: path for path in packs}
     serial = federate(by_name, tmp_path / "serial", config, fed)
-    with WorkerPool(2) as pool:
-        runner = PoolRunner(pool, tmp_path / "work", by_name)
+    written = []
+    save = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda path, *a, **k: written.append(path) or save(path, *a, **k))
+    with WorkerPool(2) as pool, PoolRunner(pool, tmp_path / "work", by_name) as runner:
         pooled = federate(by_name, tmp_path / "pooled", config, fed, runner=runner, evaluate_fn=runner.evaluate)
     assert (len(pooled.rounds), pooled.best_round, pooled.stop_reason) == \
         (len(serial.rounds), serial.best_round, serial.stop_reason)
@@ -87,3 +90,6 @@ def test_a_federation_on_worker_processes_matches_the_in_process_one(packs, tmp_
     for a, b in zip(pooled.results, serial.results):
         assert a["district"] == b["district"] and a["f1"] == pytest.approx(b["f1"], abs=1e-3)
     assert list((tmp_path / "work").iterdir()) == []   # no weights left behind
+    # each global model written once: round r's validation and round r + 1's training share its file
+    global_files = [path for path in written if Path(path).parent == tmp_path / "work"]
+    assert len(global_files) == len(set(global_files)) == len(pooled.rounds) + 1

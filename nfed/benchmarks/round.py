@@ -22,6 +22,7 @@ import resource
 import statistics
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -106,9 +107,9 @@ def time_rounds(packs: Mapping[str, Path], run_dir: Path, train_config, *, round
 
     config = FederationConfig(rounds=warmup + rounds, local_epochs=local_epochs, workers=workers, seed=seed)
     clock = RoundClock()
-    with worker_pool(jobs) as pool:
+    with worker_pool(jobs) as pool, ExitStack() as cleanup:
         if pool is not None:
-            runner = PoolRunner(pool, run_dir / "work", packs)
+            runner = cleanup.enter_context(PoolRunner(pool, run_dir / "work", packs))
             evaluate_fn = runner.evaluate
         else:
             runner = WorkerRunner(workers, run_dir / "work") if workers > 1 else SequentialRunner()

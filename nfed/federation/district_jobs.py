@@ -181,8 +181,9 @@ class PoolRunner:
     """A federation runner and evaluation function (nfed.federation.server's `runner=` and `evaluate_fn=`) whose
     clients train and evaluate on a WorkerPool.
 
-    Each round the global weights are written once (WORK/global-N.h5) and every client's weights come back as
-    a checkpoint. Like SequentialRunner, a client whose compute time exceeds the deadline is late (nothing is
+    Each global model is written once (WORK/global-N.h5): a round's validation and the next round's training
+    read the same file, which stays until other weights come or the runner closes; every client's weights come
+    back as a checkpoint. Like SequentialRunner, a client whose compute time exceeds the deadline is late (nothing is
     killed: the clients are this machine's own processes), and a crashing client is failed while the round
     goes on. The first `evaluate` call for given weights and split evaluates every district of `packs` at once;
     the others are answered from that. Optimiser states kept across rounds (--client-state keep) are not
@@ -192,15 +193,34 @@ class PoolRunner:
         self.pool = pool
         self.work_dir = Path(work_dir)
         self.packs = {str(path): district for district, path in packs.items()}
-        self.calls = 0
+        self._files = 0
         self._evaluated: tuple | None = None   # (weights, split, pack path -> metrics or error)
+        self._written: tuple | None = None     # (weights, the file they were written to)
+
+    def __enter__(self) -> "PoolRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the file of the last weights."""
+        if self._written is not None:
+            self._written[1].unlink(missing_ok=True)
+            self._written = None
 
     def _weights_file(self, weights) -> Path:
+        """The file the workers read these weights from, written on the first call for this weights object."""
         from nfed.model.checkpoint import save_checkpoint
 
+        if self._written is not None and self._written[0] is weights and self._written[1].is_file():
+            return self._written[1]
+        self.close()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.calls += 1   # a new file name per call: workers cache the weights by path
-        return save_checkpoint(self.work_dir / f"global-{self.calls}.h5", weights)
+        self._files += 1   # a new file name per weights: workers cache the weights by path
+        path = save_checkpoint(self.work_dir / f"global-{self._files}.h5", weights)
+        self._written = (weights, path)
+        return path
 
     def run(self, global_weights, tasks, deadline: float | None):
         from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
@@ -213,21 +233,18 @@ class PoolRunner:
                  "result": str(self.work_dir / f"client-{index}.h5"), "env": _env_entry(task.env)}
                 for index, task in enumerate(tasks)]
         outcomes = [None] * len(tasks)
-        try:
-            for index, answer in self.pool.map(jobs):
-                task = tasks[index]
-                if "error" in answer:
-                    outcomes[index] = ClientOutcome(task.district, "failed", reason=answer["error"])
-                    continue
-                metrics = clean_metrics(answer.get("metrics"))
-                result_path = Path(jobs[index]["result"])
-                result = ClientResult(load_checkpoint(result_path).model_state, int(answer["num_samples"]), metrics)
-                result_path.unlink()
-                seconds = float(metrics.get("wall_time_s", 0.0))
-                status = "late" if deadline is not None and seconds > deadline else "ok"
-                outcomes[index] = ClientOutcome(task.district, status, seconds, seconds, result)
-        finally:
-            weights_path.unlink(missing_ok=True)
+        for index, answer in self.pool.map(jobs):
+            task = tasks[index]
+            if "error" in answer:
+                outcomes[index] = ClientOutcome(task.district, "failed", reason=answer["error"])
+                continue
+            metrics = clean_metrics(answer.get("metrics"))
+            result_path = Path(jobs[index]["result"])
+            result = ClientResult(load_checkpoint(result_path).model_state, int(answer["num_samples"]), metrics)
+            result_path.unlink()
+            seconds = float(metrics.get("wall_time_s", 0.0))
+            status = "late" if deadline is not None and seconds > deadline else "ok"
+            outcomes[index] = ClientOutcome(task.district, status, seconds, seconds, result)
         return outcomes
 
     def evaluate(self, weights, setup, pack_path, *, split: str = "val", env: RunEnvironment | None = None) -> dict:
@@ -237,11 +254,8 @@ class PoolRunner:
             jobs = [{"kind": "evaluate", "pack": pack, "setup": dict(setup), "weights": str(weights_path),
                      "split": split, "env": _env_entry(env)} for pack in self.packs]
             answers = {}
-            try:
-                for index, answer in self.pool.map(jobs):
-                    answers[jobs[index]["pack"]] = answer
-            finally:
-                weights_path.unlink(missing_ok=True)
+            for index, answer in self.pool.map(jobs):
+                answers[jobs[index]["pack"]] = answer
             self._evaluated = (weights, split, answers)
         answer = self._evaluated[2].get(str(pack_path))
         if answer is None:
