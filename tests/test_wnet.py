@@ -6,7 +6,7 @@ import pytest
 
 from nfed.core import nn
 from nfed.core.autograd import Tensor
-from nfed.model.wnet import WNetCD, count_parameters, dates_to_channels, weighted_layers
+from nfed.model.wnet import WNetCD, count_parameters, dates_to_channels, parameter_count, weighted_layers
 
 
 def closed_form_parameters(w: int, k: int) -> int:
@@ -51,7 +51,7 @@ def test_study_size_has_46_weighted_layers_and_the_formula_count():
 @pytest.mark.parametrize("width,classes", [(1, 2), (8, 2), (8, 5), (3, 5)])
 def test_parameter_count_formula_holds_for_other_sizes(width, classes):
     model = WNetCD(width=width, classes=classes, rng=np.random.default_rng(0))
-    assert count_parameters(model) == closed_form_parameters(width, classes)
+    assert count_parameters(model) == closed_form_parameters(width, classes) == parameter_count(width, classes)
     assert len(weighted_layers(model)) == 46
 
 

@@ -128,7 +128,7 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
     from nfed.federation.server import federate as run_federation
     from nfed.runs.packs import find_packs
     from nfed.runs.runlock import RunLock
-    from nfed.training.trainer import profile_config
+    from nfed.training.trainer import profile_config, require_memory
 
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out, --overwrite replaces it: give one of them")
@@ -136,6 +136,7 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
     gpu_ids = parse_gpus(gpus)
     env = run_environment(f"cuda:{gpu_ids[0]}" if gpu_ids and device is None else device, precision)
     train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed)
+    require_memory(train_config, env.device)
     packs = find_packs(data_dir)
     config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
                               warmup_rounds=warmup_rounds,

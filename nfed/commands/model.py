@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, limited, precision_option,
-                                   run_environment, training_config)
+                                   run_environment, training_setup)
 from nfed.commands.predict_outputs import describe_regions, output_options
 from nfed.common import backend, strict_json
 from nfed.common.errors import ConfigError, DataError
@@ -24,10 +24,14 @@ def model_info(width, classes, as_json):
     """Print W-Net-CD's weighted layers, their count and the trainable parameter count."""
     import numpy as np
 
-    from nfed.model.wnet import WNetCD, count_parameters, weighted_layers
+    from nfed.model.wnet import WNetCD, count_parameters, require_memory_for, weighted_layers
 
     if width < 1:
         raise ConfigError(f"--width {width}: must be >= 1")
+    try:
+        require_memory_for(width, int(classes), 1)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     model = WNetCD(width=width, classes=int(classes), rng=np.random.default_rng(0))
     layers = weighted_layers(model)
     info = {"model": "W-Net-CD", "width": width, "classes": int(classes), "weighted_layers": len(layers),
@@ -66,8 +70,7 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
     from nfed.data.reader import list_packs
     from nfed.training.study import local_column
 
-    config = training_config(**options)
-    env = run_environment(device, precision)
+    config, env = training_setup(device, precision, **options)
     if train_all:
         if data_path.is_file():
             raise ConfigError(f"--all trains every pack of a folder, but --data {data_path} is a file; "

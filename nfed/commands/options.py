@@ -24,6 +24,17 @@ def run_environment(device, precision):
     return RunEnvironment.from_options(device, precision)
 
 
+def training_setup(device, precision, **options):
+    """(TrainConfig, RunEnvironment) of the training options, --device and --precision; a model that cannot fit
+    in this machine's memory is refused here, before any folder is made."""
+    from nfed.training.trainer import require_memory
+
+    config = training_config(**options)
+    env = run_environment(device, precision)
+    require_memory(config, env.device)
+    return config, env
+
+
 precision_option = click.option(
     "--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None, callback=_apply_precision,
     help="GPU GEMM precision: fp32 (default, matches the CPU), tf32 (tensor cores) or bf16 (bf16 inputs, "

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, precision_option, run_environment,
-                                   training_config)
+from nfed.commands.options import TRAINING_OPTIONS, apply_options, device_option, precision_option, training_setup
 from nfed.common.errors import ConfigError, DataError
 
 
@@ -44,8 +43,7 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
     """
     from nfed.training.study import central_column
 
-    config = training_config(**options)
-    env = run_environment(device, precision)
+    config, env = training_setup(device, precision, **options)
     summary, rows = central_column(_packs(data_path), out_dir, config, env=env, quiet=quiet)
     for row in rows:
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['test_tiles']} test tiles)")
@@ -71,8 +69,7 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
 
     checkpoint = load_checkpoint(model_path)
     options.update(model_setup(checkpoint_train_config(checkpoint), options, model_path))
-    config = training_config(**options)
-    env = run_environment(device, precision)
+    config, env = training_setup(device, precision, **options)
     if options.get("lr") is None:
         config = fine_tune_config(config)
 

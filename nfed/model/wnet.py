@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from nfed.common import backend
+from nfed.common.memory import gib, memory_limit_bytes
 from nfed.core import functions as F
 from nfed.core import nn
 from nfed.core.autograd import Function, Tensor, as_tensor, no_grad
@@ -219,6 +220,26 @@ def weighted_layers(model: nn.Module) -> list[dict]:
             rows.append({"name": name, "kind": kind, "in": int(c_in), "out": int(c_out),
                          "kernel": f"{weight.shape[2]}x{weight.shape[3]}", "parameters": params})
     return rows
+
+
+def parameter_count(width: int, classes: int) -> int:
+    """Trainable parameters of W-Net-CD at this width without building it (the formula in this module's
+    docstring; every channel count is a multiple of the width or a constant)."""
+    return 16425 * width * width + (615 + 10 * classes) * width + classes + 6
+
+
+def require_memory_for(width: int, classes: int, copies: int, what: str = "W-Net-CD") -> None:
+    """ValueError when `copies` float32 copies of the parameters (weights; + gradients + Adam's two moments
+    for training: 4) exceed the memory this process may use: refused before anything is allocated. A lower
+    bound (activations come on top), so it refuses only what cannot fit."""
+    count = parameter_count(width, classes)
+    need = 4 * copies * count
+    have = memory_limit_bytes()
+    if have is not None and need > have:
+        held = "weights, gradients and Adam state" if copies > 1 else "weights"
+        raise ValueError(f"{what} at width {width} has {count / 1e9:.1f} G parameters: at least {gib(need)} for "
+                         f"its {held}, more than the {gib(have)} of memory this machine allows; choose a smaller "
+                         f"width")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -24,7 +24,7 @@ from nfed.core import optim
 from nfed.core.autograd import no_grad
 from nfed.core.metrics import ConfusionMatrix
 from nfed.model.checkpoint import Checkpoint, check_state_matches, checkpoint_kind, load_checkpoint
-from nfed.model.wnet import WNetCD
+from nfed.model.wnet import WNetCD, require_memory_for
 from nfed.training.environment import from_fields
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -125,10 +125,20 @@ def build_model(config: TrainConfig, device: str | None = "cpu") -> WNetCD:
     kernels they launch) land on the same GPU as the weights (`--gpus 0,1,2` gives clients different ones).
     """
     device = backend.parse_device(device)
+    require_memory(config, device)
     device.use()
     model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,
                    rng=np.random.default_rng(config.seed))
     return model.to(device)
+
+
+def require_memory(config: TrainConfig, device=None) -> None:
+    """ConfigError when this machine's memory cannot hold the config's model for training on `device` (on the
+    CPU the gradients and Adam's moments share the host's memory with the weights; on a GPU they live there)."""
+    try:
+        require_memory_for(config.width, config.classes, 1 if backend.parse_device(device).is_gpu else 4)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def build_optimizer(model: WNetCD, config: TrainConfig):
@@ -283,6 +293,10 @@ def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[WNetCD,
         config = TrainConfig.from_saved(values)
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: checkpoint config is invalid ({exc})") from None
+    try:
+        require_memory_for(config.width, config.classes, 1)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,
                    rng=np.random.default_rng(0))
     load_weights(model, checkpoint, path)
