@@ -80,7 +80,12 @@ def test_a_federation_on_worker_processes_matches_the_in_process_one(packs, tmp_
     serial = federate(by_name, tmp_path / "serial", config, fed)
     written = []
     save = checkpoint.save_checkpoint
-    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda path, *a, **k: written.append(path) or save(path, *a, **k))
+
+    def counted_save(path, *args, **kwargs):
+        written.append(path)
+        return save(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", counted_save)
     with WorkerPool(2) as pool, PoolRunner(pool, tmp_path / "work", by_name) as runner:
         pooled = federate(by_name, tmp_path / "pooled", config, fed, runner=runner, evaluate_fn=runner.evaluate)
     assert (len(pooled.rounds), pooled.best_round, pooled.stop_reason) == \

@@ -41,7 +41,7 @@ def test_training_needs_four_copies_of_the_parameters(machine_of):
     machine_of(need + 1)
     wnet.require_memory_for(64, 2, 4)
     machine_of(need - 1)
-    with pytest.raises(ValueError, match=r"width 64 has 0\.1 G parameters: at least 1\.0 GiB for its weights, "
+    with pytest.raises(ConfigError, match=r"width 64 has 0\.1 G parameters: at least 1\.0 GiB for its weights, "
                                          r"gradients and Adam state, more than the 1\.0 GiB"):
         wnet.require_memory_for(64, 2, 4)
     wnet.require_memory_for(64, 2, 1)          # the weights alone fit

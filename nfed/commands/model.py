@@ -28,10 +28,7 @@ def model_info(width, classes, as_json):
 
     if width < 1:
         raise ConfigError(f"--width {width}: must be >= 1")
-    try:
-        require_memory_for(width, int(classes), 1)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    require_memory_for(width, int(classes), 1)
     model = WNetCD(width=width, classes=int(classes), rng=np.random.default_rng(0))
     layers = weighted_layers(model)
     info = {"model": "W-Net-CD", "width": width, "classes": int(classes), "weighted_layers": len(layers),

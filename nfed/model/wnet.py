@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from nfed.common import backend
+from nfed.common.errors import ConfigError
 from nfed.common.memory import gib, memory_limit_bytes
 from nfed.core import functions as F
 from nfed.core import nn
@@ -229,7 +230,7 @@ def parameter_count(width: int, classes: int) -> int:
 
 
 def require_memory_for(width: int, classes: int, copies: int, what: str = "W-Net-CD") -> None:
-    """ValueError when `copies` float32 copies of the parameters (weights; + gradients + Adam's two moments
+    """ConfigError when `copies` float32 copies of the parameters (weights; + gradients + Adam's two moments
     for training: 4) exceed the memory this process may use: refused before anything is allocated. A lower
     bound (activations come on top), so it refuses only what cannot fit."""
     count = parameter_count(width, classes)
@@ -237,7 +238,7 @@ def require_memory_for(width: int, classes: int, copies: int, what: str = "W-Net
     have = memory_limit_bytes()
     if have is not None and need > have:
         held = "weights, gradients and Adam state" if copies > 1 else "weights"
-        raise ValueError(f"{what} at width {width} has {count / 1e9:.1f} G parameters: at least {gib(need)} for "
+        raise ConfigError(f"{what} at width {width} has {count / 1e9:.1f} G parameters: at least {gib(need)} for "
                          f"its {held}, more than the {gib(have)} of memory this machine allows; choose a smaller "
                          f"width")
 

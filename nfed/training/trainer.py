@@ -135,10 +135,7 @@ def build_model(config: TrainConfig, device: str | None = "cpu") -> WNetCD:
 def require_memory(config: TrainConfig, device=None) -> None:
     """ConfigError when this machine's memory cannot hold the config's model for training on `device` (on the
     CPU the gradients and Adam's moments share the host's memory with the weights; on a GPU they live there)."""
-    try:
-        require_memory_for(config.width, config.classes, 1 if backend.parse_device(device).is_gpu else 4)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    require_memory_for(config.width, config.classes, 1 if backend.parse_device(device).is_gpu else 4)
 
 
 def build_optimizer(model: WNetCD, config: TrainConfig):
@@ -295,7 +292,7 @@ def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[WNetCD,
         raise CheckpointError(f"{path}: checkpoint config is invalid ({exc})") from None
     try:
         require_memory_for(config.width, config.classes, 1)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,
                    rng=np.random.default_rng(0))
