@@ -10,7 +10,7 @@ from nfed.common import memory
 from nfed.common.errors import CheckpointError, ConfigError
 from nfed.model import wnet
 from nfed.model.checkpoint import save_checkpoint
-from nfed.training.trainer import TrainConfig, build_model, model_from_checkpoint
+from nfed.training.trainer import TrainConfig, build_model, model_from_checkpoint, require_memory
 
 GIB = 2 ** 30
 
@@ -42,11 +42,18 @@ def test_training_needs_four_copies_of_the_parameters(machine_of):
     wnet.require_memory_for(64, 2, 4)
     machine_of(need - 1)
     with pytest.raises(ConfigError, match=r"width 64 has 0\.1 G parameters: at least 1\.0 GiB for its weights, "
-                                         r"gradients and Adam state, more than the 1\.0 GiB"):
+                                         r"gradients and optimiser state, more than the 1\.0 GiB"):
         wnet.require_memory_for(64, 2, 4)
     wnet.require_memory_for(64, 2, 1)          # the weights alone fit
     machine_of(None)                           # unknown: nothing is refused
     wnet.require_memory_for(1024, 5, 4)
+
+
+def test_sgd_keeps_one_buffer_fewer_than_adam(machine_of):
+    machine_of(3 * 4 * wnet.parameter_count(64, 2))   # weights, gradients, momentum: SGD fits, Adam does not
+    require_memory(TrainConfig(width=64, optimizer="sgd"), "cpu")
+    with pytest.raises(ConfigError, match="optimiser state"):
+        require_memory(TrainConfig(width=64, optimizer="adam"), "cpu")
 
 
 def test_build_model_refuses_before_allocating(machine_of, monkeypatch):

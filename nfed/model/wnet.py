@@ -229,16 +229,16 @@ def parameter_count(width: int, classes: int) -> int:
     return 16425 * width * width + (615 + 10 * classes) * width + classes + 6
 
 
-def require_memory_for(width: int, classes: int, copies: int, what: str = "W-Net-CD") -> None:
-    """ConfigError when `copies` float32 copies of the parameters (weights; + gradients + Adam's two moments
-    for training: 4) exceed the memory this process may use: refused before anything is allocated. A lower
-    bound (activations come on top), so it refuses only what cannot fit."""
+def require_memory_for(width: int, classes: int, copies: int) -> None:
+    """ConfigError when `copies` float32 copies of the parameters (weights; for training also the gradients
+    and the optimiser's state) exceed the memory this process may use: refused before anything is allocated.
+    A lower bound (activations come on top), so it refuses only what cannot fit."""
     count = parameter_count(width, classes)
     need = 4 * copies * count
     have = memory_limit_bytes()
     if have is not None and need > have:
-        held = "weights, gradients and Adam state" if copies > 1 else "weights"
-        raise ConfigError(f"{what} at width {width} has {count / 1e9:.1f} G parameters: at least {gib(need)} for "
+        held = "weights, gradients and optimiser state" if copies > 1 else "weights"
+        raise ConfigError(f"W-Net-CD at width {width} has {count / 1e9:.1f} G parameters: at least {gib(need)} for "
                          f"its {held}, more than the {gib(have)} of memory this machine allows; choose a smaller "
                          f"width")
 

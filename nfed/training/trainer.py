@@ -134,8 +134,10 @@ def build_model(config: TrainConfig, device: str | None = "cpu") -> WNetCD:
 
 def require_memory(config: TrainConfig, device=None) -> None:
     """ConfigError when this machine's memory cannot hold the config's model for training on `device` (on the
-    CPU the gradients and Adam's moments share the host's memory with the weights; on a GPU they live there)."""
-    require_memory_for(config.width, config.classes, 1 if backend.parse_device(device).is_gpu else 4)
+    CPU the gradients and the optimiser's state share the host's memory with the weights; on a GPU they live
+    there)."""
+    state = 1 if config.optimizer == "sgd" else 2   # SGD's momentum buffer; Adam's two moments
+    require_memory_for(config.width, config.classes, 1 if backend.parse_device(device).is_gpu else 2 + state)
 
 
 def build_optimizer(model: WNetCD, config: TrainConfig):
