@@ -117,6 +117,18 @@ def test_json_tiles_are_cut_with_tile_option(tmp_path):
     assert_one_line_error(code, output, "src/big.json: tile is 70x40, not square (use --tile")
 
 
+def test_images_smaller_than_the_tile_are_padded_and_counted(tmp_path):
+    make_source(tmp_path / "src", {"Jung-gu": 3})   # 32 px pairs
+    write_pair(tmp_path / "src" / "Jung-gu", "wide", size=(70, 40))
+    report = pack.pack_folder(tmp_path / "src", tmp_path / "out", tile=64)
+    assert report.padded == 4 and sum(report.counts["Jung-gu"].values()) == 4
+    assert pack.pack_folder(tmp_path / "src", tmp_path / "out16", tile=16).padded == 0
+    code, output = run("pack", tmp_path / "src", "--out", tmp_path / "o2", "--tile", 64, "--quiet")
+    assert code == 0 and "warning: 4 image(s) smaller than the tile were zero-padded" in output, output
+    code, output = run("pack", tmp_path / "src", "--out", tmp_path / "o3", "--tile", 16, "--quiet")
+    assert code == 0 and "warning" not in output, output
+
+
 def test_missing_image(tmp_path):
     src = make_source(tmp_path / "src", {"Jung-gu": 3})
     (src / "Jung-gu" / "Jung-gu_001_b.png").unlink()

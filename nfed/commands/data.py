@@ -80,6 +80,9 @@ def pack(src, out_dir, fmt, tile, split, seed, district_map, skip_bad, quiet):
         click.echo(f"skipped {len(report.skipped)} item(s):", err=True)
         for message in report.skipped:
             click.echo(f"  skipped: {message}", err=True)
+    if report.padded:
+        click.echo(f"warning: {report.padded} image(s) smaller than the tile were zero-padded (mask 0 outside the "
+                   "image); a smaller --tile wastes less", err=True)
     click.echo(f"packed {len(report.written)} district(s) from {src} ({report.source_format}) into {out_dir}")
 
 

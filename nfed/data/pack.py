@@ -37,12 +37,14 @@ _SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]*$")
 
 @dataclass
 class PackReport:
-    """What `pack_folder` did: packs written (district -> path, counts) and what it skipped and why."""
+    """What `pack_folder` did: packs written (district -> path, counts), what it skipped and why, and how many
+    images were smaller than a tile (zero-padded: mostly padding in a tile means a --tile too large)."""
 
     written: dict[str, Path] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     source_format: str = ""
+    padded: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ splits
@@ -184,6 +186,7 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
                         reject(item.name, str(exc))
                         continue
                     width, height = item.size
+                    report.padded += width < district_tile or height < district_tile
                     origins = tile_origins(width, height, district_tile)
                     ids = tile_ids(item.tile_id, width, height, district_tile, origins)
                     for tile_id, p, c, m in zip(ids, cut_tiles(past, district_tile, origins),
