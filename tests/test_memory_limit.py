@@ -10,6 +10,7 @@ from nfed.common import memory
 from nfed.common.errors import CheckpointError, ConfigError
 from nfed.model import wnet
 from nfed.model.checkpoint import save_checkpoint
+from nfed.training import trainer
 from nfed.training.trainer import TrainConfig, build_model, model_from_checkpoint, require_memory
 
 GIB = 2 ** 30
@@ -19,7 +20,7 @@ GIB = 2 ** 30
 def machine_of(monkeypatch):
     """Pretend this machine allows `limit` bytes; WNetCD must not be built past a refusal."""
     def set_limit(limit):
-        monkeypatch.setattr(wnet, "memory_limit_bytes", lambda: limit)
+        monkeypatch.setattr(trainer, "memory_limit_bytes", lambda: limit)
     return set_limit
 
 
@@ -39,14 +40,14 @@ def test_the_limit_is_the_ram_or_a_lower_container_limit(tmp_path, monkeypatch):
 def test_training_needs_four_copies_of_the_parameters(machine_of):
     need = 4 * 4 * wnet.parameter_count(64, 2)   # weights, gradients, Adam's two moments in float32
     machine_of(need + 1)
-    wnet.require_memory_for(64, 2, 4)
+    trainer.require_memory_for(64, 2, 4)
     machine_of(need - 1)
     with pytest.raises(ConfigError, match=r"width 64 has 0\.1 G parameters: at least 1\.0 GiB for its weights, "
                                          r"gradients and optimiser state, more than the 1\.0 GiB"):
-        wnet.require_memory_for(64, 2, 4)
-    wnet.require_memory_for(64, 2, 1)          # the weights alone fit
+        trainer.require_memory_for(64, 2, 4)
+    trainer.require_memory_for(64, 2, 1)          # the weights alone fit
     machine_of(None)                           # unknown: nothing is refused
-    wnet.require_memory_for(1024, 5, 4)
+    trainer.require_memory_for(1024, 5, 4)
 
 
 def test_sgd_keeps_one_buffer_fewer_than_adam(machine_of):

@@ -24,7 +24,8 @@ def model_info(width, classes, as_json):
     """Print W-Net-CD's weighted layers, their count and the trainable parameter count."""
     import numpy as np
 
-    from nfed.model.wnet import WNetCD, count_parameters, require_memory_for, weighted_layers
+    from nfed.model.wnet import WNetCD, count_parameters, weighted_layers
+    from nfed.training.trainer import require_memory_for
 
     if width < 1:
         raise ConfigError(f"--width {width}: must be >= 1")

@@ -28,8 +28,6 @@ from __future__ import annotations
 import numpy as np
 
 from nfed.common import backend
-from nfed.common.errors import ConfigError
-from nfed.common.memory import gib, memory_limit_bytes
 from nfed.core import functions as F
 from nfed.core import nn
 from nfed.core.autograd import Function, Tensor, as_tensor, no_grad
@@ -227,20 +225,6 @@ def parameter_count(width: int, classes: int) -> int:
     """Trainable parameters of W-Net-CD at this width without building it (the formula in this module's
     docstring; every channel count is a multiple of the width or a constant)."""
     return 16425 * width * width + (615 + 10 * classes) * width + classes + 6
-
-
-def require_memory_for(width: int, classes: int, copies: int) -> None:
-    """ConfigError when `copies` float32 copies of the parameters (weights; for training also the gradients
-    and the optimiser's state) exceed the memory this process may use: refused before anything is allocated.
-    A lower bound (activations come on top), so it refuses only what cannot fit."""
-    count = parameter_count(width, classes)
-    need = 4 * copies * count
-    have = memory_limit_bytes()
-    if have is not None and need > have:
-        held = "weights, gradients and optimiser state" if copies > 1 else "weights"
-        raise ConfigError(f"W-Net-CD at width {width} has {count / 1e9:.1f} G parameters: at least {gib(need)} for "
-                         f"its {held}, more than the {gib(have)} of memory this machine allows; choose a smaller "
-                         f"width")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -18,13 +18,14 @@ import numpy as np
 from nfed.common import backend, strict_json
 from nfed.common.atomic import LineLog
 from nfed.common.errors import CheckpointError, ConfigError, TrainingError
+from nfed.common.memory import gib, memory_limit_bytes
 from nfed.common.progress import progress as progress_bar
 from nfed.common.validate import check_fields
 from nfed.core import optim
 from nfed.core.autograd import no_grad
 from nfed.core.metrics import ConfusionMatrix
 from nfed.model.checkpoint import Checkpoint, check_state_matches, checkpoint_kind, load_checkpoint
-from nfed.model.wnet import WNetCD, require_memory_for
+from nfed.model.wnet import WNetCD, parameter_count
 from nfed.training.environment import from_fields
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -130,6 +131,20 @@ def build_model(config: TrainConfig, device: str | None = "cpu") -> WNetCD:
     model = WNetCD(width=config.width, classes=config.classes, lambda_rec=config.lambda_rec,
                    rng=np.random.default_rng(config.seed))
     return model.to(device)
+
+
+def require_memory_for(width: int, classes: int, copies: int) -> None:
+    """ConfigError when `copies` float32 copies of the parameters (weights; for training also the gradients
+    and the optimiser's state) exceed the memory this process may use: refused before anything is allocated.
+    A lower bound (activations come on top), so it refuses only what cannot fit."""
+    count = parameter_count(width, classes)
+    need = 4 * copies * count
+    have = memory_limit_bytes()
+    if have is not None and need > have:
+        held = "weights, gradients and optimiser state" if copies > 1 else "weights"
+        raise ConfigError(f"W-Net-CD at width {width} has {count / 1e9:.1f} G parameters: at least {gib(need)} for "
+                         f"its {held}, more than the {gib(have)} of memory this machine allows; choose a smaller "
+                         f"width")
 
 
 def require_memory(config: TrainConfig, device=None) -> None:
