@@ -13,7 +13,6 @@ that looks valid.
 """
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from nfed.common.errors import ConfigError, DataError
+from nfed.common.names import check_name, child_path
 from nfed.common.validate import check_number
 from nfed.data.districts import district_order_key
 from nfed.data.geopack import labels_typed
@@ -32,7 +32,6 @@ from nfed.data.sources import (Item, check_item, detect_format, discover_json, d
                                read_district_map)
 
 DEFAULT_LEVIR_TILE = 256
-_SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]*$")
 
 
 @dataclass
@@ -133,8 +132,7 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
     seen: dict[tuple[str, str], str] = {}
     for item in items:
         try:
-            if not _SAFE_NAME.match(item.district):
-                raise DataError(f"{item.name}: district name '{item.district}' cannot be a file name")
+            check_name(item.district, item.name)
             check_item(item, src)
             key = (item.district, item.tile_id)
             if key in seen:
@@ -171,7 +169,7 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
         district_tile = tile or district_items[0].size[0]
         assignment, split_rule = _plan_splits(district_items, district_tile, split, seed, district)
         source = f"{fmt}:{src.name}"
-        target = out_dir / f"{district}.h5"
+        target = child_path(out_dir, district, ".h5")
         typed = fmt == "json" or (fmt == "geotiff" and labels_typed(district_items))
         try:
             with PackWriter(target, district=district, tile=district_tile, source=source, split_seed=seed,

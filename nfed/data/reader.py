@@ -14,6 +14,7 @@ import numpy as np
 
 from nfed.common import backend
 from nfed.common.errors import ConfigError, DataError
+from nfed.common.names import check_name
 from nfed.data.districts import district_order_key
 from nfed.data.images import images_to_nchw_float
 from nfed.data.packformat import (IDS_DATASET, MASK_VALUES_BINARY, MAX_MASK_VALUE, REQUIRED_ATTRS, SPLITS,
@@ -108,7 +109,7 @@ class DistrictPack(_TileSource):
             raise DataError(f"{self.path}: pack format version {attrs['format_version']} is not supported "
                             f"(this nfed reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})")
         self.attrs = attrs
-        self.district = str(attrs["district"])
+        self.district = check_name(attrs["district"], str(self.path))
         tile = attrs["tile_size"]
         if isinstance(tile, bool) or not isinstance(tile, int) or not 0 < tile <= 65536:
             raise DataError(f"{self.path}: attribute tile_size {tile!r} is not a positive integer")

@@ -24,24 +24,21 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from nfed.common.errors import ConfigError
+from nfed.common.names import NAME_RULE, printable, safe_name
 from nfed.data.districts import district_order_key
-
-MAX_NAME = 100
 
 
 def valid_district_name(name) -> bool:
-    """A district name a node may claim and a run folder may hold: printable, no path, up to 100 characters."""
-    return isinstance(name, str) and 0 < len(name) <= MAX_NAME and name.isprintable() and "/" not in name \
-        and not name.startswith(".")
+    """A district name a node may claim and a run folder may hold: the one rule of nfed.common.names."""
+    return safe_name(name)
 
 
 def parse_allow_list(names: Iterable[str], source: str) -> list[str]:
     """The districts of an allow-list, checked (ConfigError naming `source` for a bad or repeated name)."""
     allowed: list[str] = []
     for name in names:
-        if not valid_district_name(name) or "," in name or name != name.strip():
-            raise ConfigError(f"{source}: {name[:40]!r} is not a district name (printable, no '/' or ',', "
-                              f"at most {MAX_NAME} characters)")
+        if not safe_name(name):
+            raise ConfigError(f"{source}: '{printable(name[:40])}' is not a district name ({NAME_RULE})")
         if name in allowed:
             raise ConfigError(f"{source}: district '{name}' is named twice")
         allowed.append(name)
