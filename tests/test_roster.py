@@ -29,11 +29,24 @@ def test_allow_list_refuses_outsiders_and_keeps_a_same_pack_duplicate_as_standby
     assert roster.known() == {1, 2, 3, 4}
 
 
-def test_claims_with_different_packs_are_all_refused_and_later_ones_must_match_the_started_pack():
+def test_claims_with_different_packs_keep_the_first_listed_and_later_ones_must_match_the_started_pack():
     roster = Roster(echo=lambda line: None)
+    # listed at the same time: none can be told from the other: contested, asked again (not refused for good)
     roster.admit({1: claim("Jung-gu", "sha256:a"), 2: claim("Jung-gu", "sha256:b"), 3: claim("Mapo-gu")})
     assert served(roster) == {"Mapo-gu": 3}
-    assert "different packs" in roster.refused[1] and "different packs" in roster.refused[2]
+    assert 1 not in roster.known() and 2 not in roster.known()
+    assert "different packs" in roster.contested["Jung-gu"] and "different packs" in roster.why_unserved("Jung-gu")
+    # the impostor listed after the district's node: the first one serves, the impostor is refused
+    roster.admit({1: claim("Jung-gu", "sha256:a"), 2: claim("Jung-gu", "sha256:b")}, first_seen={1: 1, 2: 2, 3: 1})
+    assert served(roster) == {"Mapo-gu": 3, "Jung-gu": 1} and roster.contested == {}
+    assert "another pack than SuperNode 1, which connected first" in roster.refused[2]
+    roster.forget_offline({2, 3})                                       # Jung-gu's node left: nobody serves it
+    roster.admit({1: claim("Jung-gu", "sha256:a")}, first_seen={1: 5, 2: 2, 3: 1})
+    assert served(roster) == {"Mapo-gu": 3, "Jung-gu": 1}              # back with its pack; 2 stays refused
+    roster.forget_offline({1, 3})
+    roster.admit({2: claim("Jung-gu", "sha256:b")})
+    assert "not the one the district started the run with" in roster.refused[2]
+    roster.forget_offline({3})
     roster.start()
     roster.admit({4: claim("Jung-gu")})
     assert "not one of the 1 this run started with" in roster.refused[4]

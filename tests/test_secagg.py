@@ -137,9 +137,16 @@ def test_a_node_weighing_itself_wrongly_voids_the_secure_aggregate(tmp_path, tas
 
     packs = make_tiny_packs(tmp_path / "packs")
     grid = WireGrid({30 + i: {"pack": str(path)} for i, path in enumerate(packs.values())}, rogue={32: inflate})
-    secure, _ = serve_secure(tmp_path, packs, grid)
-    record = secure.rounds[0]
+    from nfed.common.errors import TrainingError
+    from nfed.runs.runfolder import read_rounds
+    from nfed.runs.runstatus import read_status
+
+    # its only round kept the previous weights: a run in which no update was ever accepted fails
+    with pytest.raises(TrainingError, match="no district's update was accepted"):
+        serve_secure(tmp_path, packs, grid)
+    record = read_rounds(tmp_path / "secure" / "rounds.jsonl")[0]
     assert record["kept_previous"] and "Gwangjin-gu weighed itself 1000000" in record["problem"]
+    assert read_status(tmp_path / "secure")["state"] == "failed"
 
 
 def test_secure_aggregation_excludes_what_needs_individual_updates(tmp_path):

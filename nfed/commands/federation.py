@@ -66,8 +66,8 @@ DEFENCE_OPTIONS = [
     click.option("--clip-factor", type=limited("clip_factor"), default=1.0, show_default=True,
                  help="clipped: delta norms clipped to this multiple of the round's median delta norm"),
     click.option("--max-sample-share", type=limited("max_sample_share"), default=1.0, show_default=True,
-                 help="no client weighs more than this share of a round (1: no cap; counts above a district's "
-                      "registered count are always capped)"),
+                 help="no client weighs more than this share of a round (1: no share cap). A claim above the count "
+                      "its pack announced when it joined, or its registered count, is always capped"),
     click.option("--dp-clip", type=limited("dp_clip"), default=0.0, show_default=True,
                  help="DP-FedAvg: each client clips its update to this L2 norm (0: no differential privacy)"),
     click.option("--dp-noise", type=limited("dp_noise"), default=0.0, show_default=True,

@@ -36,7 +36,7 @@ from nfed.federation.flower_config import settings_from_run_config
 from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, from_json_record, json_record,
                                              record_to_weights, weights_to_record)
 from nfed.federation.flower_transport import FlowerClients, round_plan
-from nfed.federation.roster import Roster
+from nfed.federation.roster import AnnouncedCounts, Roster
 from nfed.federation.server import federate
 from nfed.gpu.precision import parse_precision
 from nfed.runs.packs import describe_pack, pack_district
@@ -159,8 +159,7 @@ def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], No
                           resume=settings.resume, overwrite=settings.overwrite, echo=echo, runner=clients,
                           evaluate_fn=clients.evaluate, data_fingerprint=clients.data_fingerprint(),
                           tile=clients.tile(),
-                          train_samples={d: int(node.samples.get("train", 0))
-                                         for d, node in roster.reference.items()})
+                          train_samples=AnnouncedCounts(roster))
     for row in result.results:
         echo(f"test {row['district']}: F1 {row['f1']:.4f} ({row['samples']} samples)"
              if not math.isnan(row["f1"]) else f"test {row['district']}: no result")

@@ -73,24 +73,41 @@ class FlowerClients:
         self._evaluated: tuple | None = None
         self.secagg_range = 8.0   # secure aggregation: coordinates clipped to +-this before quantisation
         self._prefetched: tuple | None = None           # (weights, district -> Prefetched)
+        self.first_seen: dict[int, int] = {}            # node id -> the poll that first listed it
+        self._polls = 0
+
+    @property
+    def refused_nodes(self) -> dict[int, str]:
+        """SuperNodes left out now (node id -> why): an impostor, a node of another district, a broken one."""
+        return dict(self.roster.refused)
 
     # -- the nodes
     def refresh(self, describe_timeout: float | None = None) -> None:
         """List the connected nodes again: forget those gone, have new ones describe their packs."""
-        online = {int(node) for node in self.grid.get_node_ids()}
+        online = self._listed()
         self.roster.forget_offline(online)
         new = sorted(online - self.roster.known())
         if new:
-            self.roster.admit(describe_nodes(self.grid, new, describe_timeout or self.describe_timeout))
+            self.roster.admit(describe_nodes(self.grid, new, describe_timeout or self.describe_timeout),
+                              self.first_seen)
+
+    def _listed(self) -> set[int]:
+        """The nodes the SuperLink lists now; each new one is stamped with this poll's number (first come)."""
+        online = {int(node) for node in self.grid.get_node_ids()}
+        self._polls += 1
+        for node in online:
+            self.first_seen.setdefault(node, self._polls)
+        self.first_seen = {node: poll for node, poll in self.first_seen.items() if node in online}
+        return online
 
     def connect(self, expected: int, timeout: float) -> list[str]:
         """Wait up to `timeout` s for `expected` nodes, have them describe their packs, and fix the run's
         districts (DataError when no node serves one); allowed districts without a node join when one comes."""
         started = time.monotonic()
-        online = list(self.grid.get_node_ids())
+        online = self._listed()
         while len(online) < expected and time.monotonic() - started < timeout:
             time.sleep(POLL_SECONDS)
-            online = list(self.grid.get_node_ids())
+            online = self._listed()
         if len(online) < expected:
             self.echo(f"only {len(online)} of {expected} expected SuperNode(s) connected after {timeout:g} s")
         if not online:

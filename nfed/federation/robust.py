@@ -227,23 +227,27 @@ def registered_samples() -> dict[str, int]:
     return {district.name: int(district.samples) for district in load_districts()}
 
 
-def cap_sample_counts(claims: Mapping[str, object], registered: Mapping[str, int],
-                      max_share: float = 1.0) -> tuple[dict[str, object], dict[str, str]]:
+def cap_sample_counts(claims: Mapping[str, object], registered: Mapping[str, int], max_share: float = 1.0,
+                      announced: Mapping[str, int] | None = None) -> tuple[dict[str, object], dict[str, str]]:
     """The weights the claimed sample counts may carry, and why each changed one was cut.
 
-    A claim above the district's registered count is cut to that count; then, with max_share < 1, the largest
-    claims are cut to one level t so that none holds more than max_share of the round's total (water-filling;
-    when that cannot hold, as for 2 clients and a share of 0.5, every client weighs the same). Malformed claims
-    pass unchanged (the aggregator rejects them).
+    A claim above the count the district's pack announced when it joined (`announced`: read from the pack
+    in-process, the node's description over Flower) or above its registered count is cut to the lower of them;
+    then, with max_share < 1, the largest claims are cut to one level t so that none holds more than max_share
+    of the round's total (water-filling; when that cannot hold, as for 2 clients and a share of 0.5, every
+    client weighs the same). Malformed claims pass unchanged (the aggregator rejects them).
     """
     weights = dict(claims)
     reasons: dict[str, str] = {}
     valid = [d for d, n in claims.items() if sample_count_problem(n) is None]
     for district in valid:
-        limit = registered.get(district)
-        if limit is not None and claims[district] > limit:
-            weights[district] = int(limit)
-            reasons[district] = f"claimed {claims[district]} samples, registered {limit}"
+        limits = [(int(n), "announced") for n in [(announced or {}).get(district)] if n is not None]
+        limits += [(int(n), "registered") for n in [registered.get(district)] if n is not None]
+        if limits:
+            limit, source = min(limits)
+            if claims[district] > limit:
+                weights[district] = limit
+                reasons[district] = f"claimed {claims[district]} samples, {source} {limit}"
     if max_share < 1.0 and len(valid) >= 2:
         level = _share_level([weights[d] for d in valid], max_share)
         for district in valid:

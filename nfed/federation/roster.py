@@ -79,6 +79,23 @@ class Node:
         return f"tile {self.tile}, " + ", ".join(f"{split} {n}" for split, n in self.samples.items())
 
 
+class AnnouncedCounts(Mapping):
+    """district -> the training samples its pack announced when its first node joined (live: districts that
+    join later appear as they join); the most a round's claim may weigh."""
+
+    def __init__(self, roster: "Roster"):
+        self._roster = roster
+
+    def __getitem__(self, district: str) -> int:
+        return int(self._roster.reference[district].samples.get("train", 0))
+
+    def __iter__(self):
+        return iter(self._roster.reference)
+
+    def __len__(self) -> int:
+        return len(self._roster.reference)
+
+
 class Roster:
     """district -> the SuperNode serving it, with standbys and the refused nodes (see the module docstring)."""
 
@@ -92,6 +109,7 @@ class Roster:
         self.reference: dict[str, Node] = {}     # district -> the node whose pack the district started with
         self.districts: list[str] | None = None  # the run's districts, fixed by start()
         self.tile: int | None = None
+        self.contested: dict[str, str] = {}      # district -> why no node serves it (nodes asked again)
 
     # -- queries
     def known(self) -> set[int]:
@@ -144,9 +162,12 @@ class Roster:
         if node is not None and node.node_id == node_id:
             self._replace(district, f"SuperNode {node_id} was left out: {why}")
 
-    def admit(self, claims: Mapping[int, dict | str]) -> None:
-        """Decide on newly described nodes: node id -> its checked description, or why it gave none."""
+    def admit(self, claims: Mapping[int, dict | str], first_seen: Mapping[int, int] | None = None) -> None:
+        """Decide on newly described nodes: node id -> its checked description, or why it gave none.
+        `first_seen`: node id -> when the SuperLink first listed it (a poll count): of nodes that claim one
+        district with different packs, the one listed first serves and the later ones are refused."""
         by_district: dict[str, list[Node]] = {}
+        self.contested = {}
         for node_id, claim in sorted(claims.items()):
             if isinstance(claim, str):
                 self._refuse(node_id, None, claim)
@@ -161,11 +182,9 @@ class Roster:
             current = self.serving.get(district)
             packs = {node.fingerprint for node in nodes}
             if current is None and len(nodes) > 1 and (len(packs) > 1 or None in packs):
-                ids = ", ".join(str(node.node_id) for node in nodes)
-                for node in nodes:
-                    self._refuse(node.node_id, district, f"SuperNodes {ids} all claim district '{district}' with "
-                                                         "different packs: all left out (one node per district)")
-                continue
+                nodes = self._first_of_contested(district, nodes, first_seen or {})
+                if not nodes:
+                    continue
             if current is None:
                 current = nodes.pop(0)
                 self._serve(current)
@@ -173,6 +192,27 @@ class Roster:
                 self.standby.setdefault(district, []).append(node)
                 self.echo(f"SuperNode {node.node_id} ({district}) refused for now: a duplicate of SuperNode "
                           f"{current.node_id}, which serves {district} with the same pack (kept as a standby)")
+
+    def _first_of_contested(self, district: str, nodes: list[Node], first_seen: Mapping[int, int]) -> list[Node]:
+        """Nodes that claim an unserved district with different packs: the one the SuperLink listed first is
+        kept and the later ones refused as impostors. Listed at the same time, none can be told from the
+        other: none serves, the district is contested (its round says so) and they are asked again next round."""
+        never = max(first_seen.values(), default=0) + 1
+        earliest = min(first_seen.get(node.node_id, never) for node in nodes)
+        first = [node for node in nodes if first_seen.get(node.node_id, never) == earliest]
+        if len(first) > 1 and (len({node.fingerprint for node in first}) > 1 or None in {n.fingerprint for n in first}):
+            ids = ", ".join(str(node.node_id) for node in nodes)
+            self.contested[district] = f"SuperNodes {ids} claim it with different packs (none serves it until " \
+                                       "the impostor is removed)"
+            self.lost[district] = self.contested[district]
+            self.echo(f"district {district} contested: {self.contested[district]}")
+            return []
+        keeper = first[0]
+        for node in nodes:
+            if node.fingerprint != keeper.fingerprint or node.fingerprint is None and node is not keeper:
+                self._refuse(node.node_id, district, f"claims district '{district}' with another pack than "
+                                                     f"SuperNode {keeper.node_id}, which connected first")
+        return [keeper] + [node for node in nodes if node is not keeper and node.node_id not in self.refused]
 
     def _policy(self, node: Node) -> str | None:
         """Why a node may not serve its district (None: it may)."""

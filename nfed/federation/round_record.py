@@ -44,6 +44,17 @@ def round_record(round_number: int, selected: Sequence[str], clients: Mapping[st
     return record
 
 
+def round_problems(record: Mapping) -> dict[str, str]:
+    """district (or "node N") -> why it is not in the round's average as it claimed: late, failed, rejected,
+    capped, or a SuperNode refused; what RUN/status.json shows for the round."""
+    problems = {d: "late" for d in record.get("late", ())}
+    problems.update({d: f"failed: {why}" for d, why in record.get("failed", {}).items()})
+    problems.update({d: f"rejected: {why}" for d, why in record.get("rejected", {}).items()})
+    problems.update({d: f"capped: {e['capped']}" for d, e in record.get("clients", {}).items() if "capped" in e})
+    problems.update({f"node {n}": f"refused: {why}" for n, why in record.get("refused_nodes", {}).items()})
+    return problems
+
+
 def add_validation(record: dict, evaluated: Mapping[str, dict]) -> None:
     """The global model's validation per district and its means; without a federated evaluation, the means of
     the answering clients' own validation."""

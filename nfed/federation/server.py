@@ -28,18 +28,19 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from nfed.common.atomic import new_folder, write_json_atomic
-from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError
+from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, TrainingError
 from nfed.federation.aggregator import relative_norm_difference, trainable, update_problem
 from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientTask, make_round_setup
 from nfed.federation.config import FederationConfig
 from nfed.federation.resume import check_data, check_history, check_settings, restore_server_state, server_state
 from nfed.federation.robust import build_aggregator, cap_sample_counts, registered_samples
-from nfed.federation.round_record import add_validation, client_entry, defence_summary, round_line, round_record
+from nfed.federation.round_record import (add_validation, client_entry, defence_summary, round_line, round_problems,
+                                         round_record)
 from nfed.federation.runners import SequentialRunner, TrainFn, select_clients
 from nfed.federation.server_optim import build_server_optimizer
 from nfed.federation.stop_rules import StopRules
 from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_checkpoint, save_checkpoint
-from nfed.runs.packs import pack_fingerprint, shared_tile
+from nfed.runs.packs import pack_fingerprint, shared_tile, train_counts
 from nfed.runs.results import federated_row, write_results_csv
 from nfed.runs.runfolder import (BEST_NAME, CHECKPOINT_NAME, RESULTS_NAME, ROUNDS_NAME, SUMMARY_NAME, WORK_NAME,
                                  RunRecorder, check_run_folder, clear_run_folder, client_work, latest_client_state,
@@ -99,6 +100,8 @@ class Federation:
         self._fingerprint = dict(data_fingerprint) if data_fingerprint is not None else None
         self._tile = tile if tile is not None else shared_tile(self.packs.values())
         self.registered = registered_samples()
+        # what each district's pack announced when it joined: no claim of a round may exceed it
+        self.announced = train_samples if train_samples is not None else train_counts(self.packs)   # may be live
         self.attackers: list[str] = []
         if fed_config.simulate_attack is not None:
             from nfed.federation.attacks import choose_attackers
@@ -109,7 +112,8 @@ class Federation:
             from nfed.federation.privacy import PrivacyLedger
 
             rate = len(select_clients(self.districts, fed_config.fraction, fed_config.seed, 1)) / len(self.districts)
-            self.privacy = PrivacyLedger(fed_config, self.packs, rate, train_samples)
+            counted = dict(self.announced) if set(self.announced) == set(self.districts) else None
+            self.privacy = PrivacyLedger(fed_config, self.packs, rate, counted)
 
     def data_fingerprint(self) -> dict[str, str | None]:
         """district -> sha256 of its pack (what a resume must find again), computed once."""
@@ -224,7 +228,7 @@ class Federation:
             return outcomes, {}, SecureSumAggregator(weights, aggregate, cfg.dp_clip, cfg.dp_noise)
         outcomes = self._attacked(runner.run(weights, tasks, cfg.deadline), weights, round_number)
         claims = {o.district: o.result.num_samples for o in outcomes if o.status == "ok" and o.result is not None}
-        caps, reasons = cap_sample_counts(claims, self.registered, cfg.max_sample_share)
+        caps, reasons = cap_sample_counts(claims, self.registered, cfg.max_sample_share, self.announced)
         aggregator = build_aggregator(cfg, weights)
         for outcome in outcomes:
             if outcome.status == "ok" and not aggregator.add(outcome.result.weights, caps[outcome.district],
@@ -295,7 +299,10 @@ class Federation:
                 prune_client_states(self.run_dir, self.districts, round_number)
             self.echo(round_line(record, cfg.rounds))
             done = round_number
-            self._record_progress(done, stop_reason)
+            self._record_progress(done, stop_reason, round_problems(record))
+        if records and not any(record["answered"] for record in records):
+            raise TrainingError(f"no district's update was accepted in any of the {done} round(s) (see "
+                                f"{self.run_dir / ROUNDS_NAME}): the global model is the initial one")
         self.echo(f"stopped after round {done}: {stop_reason}")
         best_round = self._best[0]
         best_weights = weights
@@ -315,9 +322,9 @@ class Federation:
             "clients": client_work(records), **defence_summary(cfg, records, self.attackers)})
         return result
 
-    def _record_progress(self, round_number: int, stop_reason: str | None) -> None:
+    def _record_progress(self, round_number: int, stop_reason: str | None, problems: dict | None = None) -> None:
         if self.recorder is not None:
-            self.recorder.running(round_number, best_round=self._best[0], stop_reason=stop_reason)
+            self.recorder.running(round_number, best_round=self._best[0], stop_reason=stop_reason, problems=problems)
 
     def _track_best(self, weights, record: dict) -> None:
         """Keep RUN/best.h5 = the global weights of the round with the lowest mean validation loss of the
@@ -365,6 +372,9 @@ class Federation:
         else:
             norm_difference = relative_norm_difference(trainable(new_weights), trainable(weights))
         record = round_record(round_number, selected, clients, aggregator, problem, kept_previous, norm_difference)
+        refused = getattr(runner, "refused_nodes", None)   # SuperNodes a Flower run left out (none in-process)
+        if refused:
+            record["refused_nodes"] = {str(node): why for node, why in refused.items()}
         if self.privacy is not None:
             record["privacy"] = self.privacy.record(released=averaged is not None)
         add_validation(record, self._evaluate_all(new_weights, round_number, "val") if cfg.evaluate_rounds else {})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Mapping
 
 from nfed.common.errors import DataError
 from nfed.data.reader import DistrictPack, list_packs
@@ -36,6 +37,16 @@ def pack_fingerprint(path: Path) -> str | None:
     except OSError as exc:
         raise DataError(f"{path}: cannot read the pack ({exc.strerror or exc})") from None
     return "sha256:" + digest.hexdigest()
+
+
+def train_counts(packs: Mapping[str, Path]) -> dict[str, int]:
+    """district -> training samples of its pack, for the packs readable here (a remote node's is not)."""
+    counts = {}
+    for district, path in packs.items():
+        if Path(path).is_file():
+            with DistrictPack(path) as pack:
+                counts[district] = int(pack.num_samples("train"))
+    return counts
 
 
 def shared_tile(paths) -> int | None:

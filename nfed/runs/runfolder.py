@@ -160,9 +160,12 @@ class RunRecorder:
         self.round = round_number
         self.best_round: int | None = None
         self.stop_reason: str | None = None
+        self.problems: dict | None = None   # the last round's: district or node -> why it is not in the average
 
-    def running(self, round_number: int, *, best_round: int | None = None, stop_reason: str | None = None) -> None:
+    def running(self, round_number: int, *, best_round: int | None = None, stop_reason: str | None = None,
+                problems: dict | None = None) -> None:
         self.round, self.best_round, self.stop_reason = round_number, best_round or None, stop_reason
+        self.problems = problems
         self._write("running")
 
     def finished(self, result) -> None:
@@ -177,7 +180,7 @@ class RunRecorder:
 
     def _write(self, state: str, reason: str | None = None) -> None:
         write_status(self.run_dir, state, round_number=self.round, rounds=self.rounds, reason=reason,
-                     stop_reason=self.stop_reason, best_round=self.best_round)
+                     stop_reason=self.stop_reason, best_round=self.best_round, problems=self.problems)
 
 
 _recording: dict[Path, RunRecorder] = {}   # run folders this process records, so nested users share one

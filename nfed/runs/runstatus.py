@@ -8,7 +8,8 @@ process holds the run folder's lock (nfed.runs.runlock) is read as failed: the r
 
     {"state": "running" | "finished" | "failed", "round": last finished round, "rounds": round budget,
      "reason": why it failed (or null), "stop_reason": why the rounds ended (or null),
-     "best_round": the round whose model is scored (or null), "updated": ISO time, "process": "pid N on host"}
+     "best_round": the round whose model is scored (or null), "updated": ISO time, "process": "pid N on host",
+     "round_problems": {district or "node N": why it is not in the last round's average} (only when any)}
 """
 from __future__ import annotations
 
@@ -20,16 +21,20 @@ from pathlib import Path
 from nfed.common import strict_json
 from nfed.common.atomic import write_json_atomic
 from nfed.common.errors import DataError
+from nfed.common.paths import read_own_text
 from nfed.runs.runlock import lock_holder
 
 STATUS_NAME = "status.json"
 STATES = ("running", "finished", "failed")
 MAX_REASON = 500
+MAX_NAME = 100
 
 
 def write_status(run_dir: str | os.PathLike, state: str, *, round_number: int, rounds: int,
-                 reason: str | None = None, stop_reason: str | None = None, best_round: int | None = None) -> dict:
-    """Write RUN/status.json atomically; returns what was written."""
+                 reason: str | None = None, stop_reason: str | None = None, best_round: int | None = None,
+                 problems: dict | None = None) -> dict:
+    """Write RUN/status.json atomically; returns what was written. `problems`: what went wrong in the last
+    round (district or node -> why it is not in the average), so a run that goes on despite it says so."""
     if state not in STATES:
         raise ValueError(f"unknown run state {state!r}")
     status = {"state": state, "round": int(round_number), "rounds": int(rounds),
@@ -37,6 +42,8 @@ def write_status(run_dir: str | os.PathLike, state: str, *, round_number: int, r
               "best_round": best_round,
               "updated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "process": f"pid {os.getpid()} on {socket.gethostname()}"}
+    if problems:
+        status["round_problems"] = {str(k)[:MAX_NAME]: str(v)[:MAX_REASON] for k, v in list(problems.items())[:100]}
     write_json_atomic(Path(run_dir) / STATUS_NAME, status)
     return status
 
@@ -47,7 +54,7 @@ def read_status(run_dir: str | os.PathLike) -> dict:
     if not Path(run_dir).is_dir():
         raise DataError(f"{run_dir}: run folder not found")
     try:
-        status = strict_json.loads(path.read_text(encoding="utf-8"))
+        status = strict_json.loads(read_own_text(path))   # never through a link planted in the run folder
     except FileNotFoundError:
         raise DataError(f"{path}: not found (no federated run was started in this folder, or one by an nfed "
                         "older than status files)") from None
@@ -78,4 +85,8 @@ def status_line(status: dict) -> str:
         line += f"; {status['reason']}"
     elif status.get("stop_reason"):
         line += f"; {status['stop_reason']}"
+    problems = status.get("round_problems")
+    if isinstance(problems, dict) and problems:
+        shown = ", ".join(f"{k} ({v})" for k, v in list(problems.items())[:3])
+        line += f"; round {status['round']} left out {len(problems)}: {shown}" + (" ..." if len(problems) > 3 else "")
     return line + f" (updated {status.get('updated', '?')})"
