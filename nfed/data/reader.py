@@ -14,6 +14,7 @@ import numpy as np
 
 from nfed.common import backend
 from nfed.common.errors import ConfigError, DataError
+from nfed.common.h5check import check_h5_file
 from nfed.common.names import check_name
 from nfed.data.districts import district_order_key
 from nfed.data.images import images_to_nchw_float
@@ -92,6 +93,7 @@ class DistrictPack(_TileSource):
             raise DataError(f"{self.path}: not a readable HDF5 pack (truncated or corrupt: "
                             f"{str(exc).splitlines()[0][:120]})") from None
         try:
+            check_h5_file(self._file, self.path, rows="tiles")
             self._validate()
         except DataError:
             self._file.close()

@@ -22,6 +22,7 @@ import numpy as np
 from nfed import __version__
 from nfed.common import backend, strict_json
 from nfed.common.errors import CheckpointError
+from nfed.common.h5check import check_h5_file
 from nfed.common.h5write import create_h5, raise_if_failed
 
 FORMAT = "nfed-checkpoint"
@@ -76,6 +77,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         with h5py.File(path, "r") as f:
+            check_h5_file(f, path, error=CheckpointError)
             if f.attrs.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not an nfed checkpoint (format attribute missing or wrong)")
             version = int(f.attrs.get("format_version", -1))
