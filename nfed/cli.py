@@ -16,6 +16,7 @@ import click
 
 from nfed import __version__
 from nfed.common.errors import NfedError
+from nfed.common.names import printable
 
 # command name -> (module, attribute). A command whose module is absent is simply not listed.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -64,8 +65,8 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except NfedError as exc:
-            raise click.ClickException(str(exc)) from None
+        except NfedError as exc:   # its message may quote a file's contents: shown escaped, on one line
+            raise click.ClickException(printable(str(exc))) from None
         except FileNotFoundError as exc:
             raise click.ClickException(f"file not found: {exc.filename or exc}") from None
         except Terminated:

@@ -8,6 +8,7 @@ import click
 
 from nfed.commands.options import limited
 from nfed.common import strict_json
+from nfed.common.names import printable
 from nfed.common.progress import progress
 
 
@@ -79,7 +80,7 @@ def pack(src, out_dir, fmt, tile, split, seed, district_map, skip_bad, quiet):
     if report.skipped:
         click.echo(f"skipped {len(report.skipped)} item(s):", err=True)
         for message in report.skipped:
-            click.echo(f"  skipped: {message}", err=True)
+            click.echo(f"  skipped: {printable(message)}", err=True)
     if report.padded:
         click.echo(f"warning: {report.padded} image(s) smaller than the tile were zero-padded (mask 0 outside the "
                    "image); a smaller --tile wastes less", err=True)
@@ -95,16 +96,18 @@ def info(pack_path, as_json):
 
     with DistrictPack(pack_path) as district_pack:
         summary = district_pack.summary()
-    if as_json:
-        click.echo(strict_json.dumps(summary, indent=2, ensure_ascii=False))
+    if as_json:   # the pack's strings escaped so the terminal shows them; still JSON with the same values
+        click.echo(printable(strict_json.dumps(summary, indent=2, ensure_ascii=False), newlines=True, json_text=True))
         return
     splits = summary["splits"]
-    click.echo(f"{Path(summary['path']).name}: district {summary['district']}, tile {summary['tile_size']}, "
-               f"source {summary['source']}, split seed {summary['split_seed']}")
-    click.echo("  tiles: " + ", ".join(f"{name} {s['tiles']}" for name, s in splits.items())
-               + f" (total {summary['tiles']})")
-    click.echo(f"  change pixels: {summary['change_pixel_share']:.2%} ("
-               + ", ".join(f"{name} {s['change_pixel_share']:.2%}" for name, s in splits.items()) + ")")
+    lines = [f"{Path(summary['path']).name}: district {summary['district']}, tile {summary['tile_size']}, "
+             f"source {summary['source']}, split seed {summary['split_seed']}",
+             "  tiles: " + ", ".join(f"{name} {s['tiles']}" for name, s in splits.items())
+             + f" (total {summary['tiles']})",
+             f"  change pixels: {summary['change_pixel_share']:.2%} ("
+             + ", ".join(f"{name} {s['change_pixel_share']:.2%}" for name, s in splits.items()) + ")"]
     if summary["change_types"]:
-        click.echo("  change types: " + ", ".join(
+        lines.append("  change types: " + ", ".join(
             f"{name} {v['pixels']} px in {v['tiles']} tiles" for name, v in summary["change_types"].items()))
+    for line in lines:   # every string a pack holds is data: no escape sequence reaches the terminal
+        click.echo(printable(line))

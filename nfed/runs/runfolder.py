@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 from nfed.common import strict_json
 from nfed.common.atomic import new_folder, write_text_atomic
 from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, one_line
+from nfed.common.names import child_path
 from nfed.model.checkpoint import load_checkpoint
 from nfed.runs.runlock import RunLock
 from nfed.runs.runstatus import write_status
@@ -39,7 +40,7 @@ RUN_FILES = (CHECKPOINT_NAME, ROUNDS_NAME, RESULTS_NAME)
 # ------------------------------------------------------------------------------------------ client states
 
 def state_file(run_dir: Path, district: str, round_number: int) -> Path:
-    return run_dir / CLIENT_STATE_NAME / f"{district}.r{round_number:04d}.h5"
+    return child_path(run_dir / CLIENT_STATE_NAME, district, f".r{round_number:04d}.h5")
 
 
 def _client_state_files(run_dir: Path, district: str) -> list[tuple[int, Path]]:

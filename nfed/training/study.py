@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 from nfed.common.atomic import make_folder, new_folder, write_json_atomic
 from nfed.common.errors import ConfigError, DataError
+from nfed.common.names import child_path
 from nfed.runs.results import FILE_NAMES, test_facts, write_results_csv
 from nfed.runs.runlock import RunLock
 from nfed.training.environment import RunEnvironment, default_environment
@@ -60,7 +61,7 @@ def _train_and_save(pack, out_dir: Path, config, model, env, *, quiet: bool, val
     from nfed.model.checkpoint import save_checkpoint
     from nfed.training.trainer import build_optimizer, fit
 
-    run_dir = out_dir / pack.district
+    run_dir = child_path(out_dir, pack.district, source=str(pack.path))
     make_folder(run_dir)
     log_path = run_dir / "epochs.jsonl"
     log_path.unlink(missing_ok=True)
