@@ -107,6 +107,15 @@ def test_the_cli_error_line_escapes_whatever_the_message_holds(monkeypatch):
     assert terminal_safe(result.output) and error == result.output.strip()
 
 
+def test_the_flower_server_output_escapes_what_nodes_send(capsys):
+    pytest.importorskip("flwr")
+    from nfed.federation.flower import _echo
+
+    _echo("SuperNode 7 failed: \x1b]0;owned\x07\x9b2J")
+    out = capsys.readouterr().out
+    assert terminal_safe(out) and "failed: \\x1b]0;owned\\x07\\x9b2J" in out
+
+
 # ------------------------------------------------------------------------------------------ the one rule
 
 def test_one_rule_for_every_name():

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from nfed.common.backend import ENV_DEVICE
 from nfed.common.errors import ConfigError, one_line
+from nfed.common.names import printable
 from nfed.federation.client import evaluate_weights, train_round
 from nfed.federation.flower_config import settings_from_run_config
 from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, from_json_record, json_record,
@@ -136,7 +137,8 @@ server_app = ServerApp()
 
 
 def _echo(text: str) -> None:
-    print(text, flush=True)
+    """A line of the run's output; what nodes send (their errors, their names) is shown escaped (printable)."""
+    print(printable(text), flush=True)
 
 
 def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], None] = _echo):
