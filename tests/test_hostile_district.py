@@ -69,3 +69,15 @@ def test_a_run_in_which_no_update_was_ever_accepted_fails(tmp_path):
     assert status["state"] == "failed" and "no district's update was accepted" in status["reason"]
     assert set(status["round_problems"]) == set(TARGET)
     assert not (tmp_path / "run" / "federated.csv").exists()
+
+
+def test_nfed_status_shows_what_nodes_said_escaped(tmp_path):
+    from click.testing import CliRunner
+
+    from nfed.cli import cli
+    from nfed.runs.runstatus import write_status
+
+    write_status(tmp_path, "finished", round_number=1, rounds=1, problems={"Jung-gu": "failed: \x1b[2Jgone"})
+    for options in ([], ["--json"]):
+        result = CliRunner().invoke(cli, ["status", str(tmp_path), *options])
+        assert result.exit_code == 0 and "\x1b" not in result.output and "[2Jgone" in result.output

@@ -18,9 +18,11 @@ def status(run_dir, as_json):
     """Print the state of the federated run in RUN_DIR (nfed federate or the Flower ServerApp): finished
     (exit 0), failed with the one-line reason (exit 1; also when the run's process was killed) or still
     running (exit 3)."""
+    from nfed.common.names import printable
     from nfed.runs.runstatus import current_status, status_line
 
-    current = current_status(run_dir)
-    click.echo(strict_json.dumps(current, sort_keys=True) if as_json else f"{run_dir}: {status_line(current)}")
+    current = current_status(run_dir)   # its reasons quote what nodes and files said: shown escaped
+    click.echo(printable(strict_json.dumps(current, sort_keys=True), json_text=True) if as_json
+               else printable(f"{run_dir}: {status_line(current)}"))
     click.get_current_context().exit({"finished": EXIT_FINISHED, "failed": EXIT_FAILED}.get(current["state"],
                                                                                              EXIT_RUNNING))
