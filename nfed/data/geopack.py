@@ -10,15 +10,15 @@ so no raster is ever held in memory whole.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from nfed.common import strict_json
 from nfed.common.errors import DataError
 from nfed.data.geo import RasterPair, open_raster, read_window, require_rasterio
 from nfed.data.images import RASTER_SUFFIXES
-from nfed.data.labels import CHANGE_CODES
+from nfed.data.labels import CHANGE_CODES, show_json
 
 LABEL_SUFFIXES = (".geojson",)
 UNTYPED_VALUES = (None, "change")
@@ -38,8 +38,8 @@ def _has(folder: Path, suffixes) -> bool:
 def labels_typed(items) -> bool:
     """Whether any GeoJSON label of these items gives a change type (else the pack's mask is binary)."""
     for item in items:
-        for feature in _read_json(item.label).get("features") or []:
-            if ((feature or {}).get("properties") or {}).get("type") in CHANGE_CODES:
+        for index, feature in enumerate(_features(_read_json(item.label), item.label)):
+            if _feature_type(feature, f"{item.label}: features[{index}]") in CHANGE_CODES:
                 return True
     return False
 
@@ -115,10 +115,8 @@ def read_label_shapes(path: Path, raster_crs, transform, size: tuple[int, int]) 
     from rasterio.warp import transform_geom
 
     document = _read_json(path)
-    features = document.get("features") if document.get("type") == "FeatureCollection" else None
-    if not isinstance(features, list):
-        raise DataError(f"{path}: not a GeoJSON FeatureCollection")
-    name = ((document.get("crs") or {}).get("properties") or {}).get("name") or RFC7946_CRS
+    features = _features(document, path)
+    name = _crs_name(document, path)
     try:
         label_crs = CRS.from_user_input(name)
     except CRSError as exc:
@@ -129,13 +127,8 @@ def read_label_shapes(path: Path, raster_crs, transform, size: tuple[int, int]) 
     bounds = _raster_bounds(transform, size)
     for index, feature in enumerate(features):
         where = f"{path}: features[{index}]"
-        geometry = (feature or {}).get("geometry") or {}
-        if geometry.get("type") not in ("Polygon", "MultiPolygon"):
-            raise DataError(f"{where}.geometry: {geometry.get('type')!r} is not a Polygon or MultiPolygon")
-        kind = ((feature.get("properties") or {}).get("type"))
-        if kind not in UNTYPED_VALUES and kind not in CHANGE_CODES:
-            raise DataError(f"{where}.properties.type: {kind!r} is not one of new, demolished, renewed, "
-                            "recoloured, change")
+        kind = _feature_type(feature, where)
+        geometry = _polygon_geometry(feature, where)
         outside = DataError(f"{where}: lies outside the raster (coordinates read as {name}; a GeoJSON "
                             "without a crs member is lon/lat)")
         if raster_crs is not None and label_crs != raster_crs:
@@ -150,15 +143,80 @@ def read_label_shapes(path: Path, raster_crs, transform, size: tuple[int, int]) 
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    document = strict_json.read_file(path)
     if not isinstance(document, dict):
         raise DataError(f"{path}: not a GeoJSON object")
     return document
+
+
+# GeoJSON is checked member by member before rasterio or NumPy sees it: a wrong type is one line naming the
+# file and the member, and the checked structure (at most 5 levels of arrays) bounds what the rest walks.
+
+def _features(document: dict, path: Path) -> list:
+    features = document.get("features") if document.get("type") == "FeatureCollection" else None
+    if not isinstance(features, list):
+        raise DataError(f"{path}: not a GeoJSON FeatureCollection")
+    return features
+
+
+def _crs_name(document: dict, path: Path) -> str:
+    """The name in the legacy crs member ({"type": "name", "properties": {"name": ...}}), else lon/lat."""
+    crs = document.get("crs")
+    if crs is None:
+        return RFC7946_CRS
+    properties = crs.get("properties") if isinstance(crs, dict) else None
+    name = properties.get("name") if isinstance(properties, dict) else None
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{path}: crs: {show_json(crs)} names no CRS (expected properties.name, e.g. "
+                        "urn:ogc:def:crs:EPSG::32652)")
+    return name
+
+
+def _feature_type(feature, where: str) -> str | None:
+    """The feature's change type (None or "change" for untyped); DataError for anything else."""
+    if not isinstance(feature, dict):
+        raise DataError(f"{where}: not a GeoJSON Feature (an object), got {show_json(feature)}")
+    properties = feature.get("properties")
+    if properties is None:
+        return None
+    if not isinstance(properties, dict):
+        raise DataError(f"{where}.properties: not an object, got {show_json(properties)}")
+    kind = properties.get("type")
+    if kind not in UNTYPED_VALUES and not (isinstance(kind, str) and kind in CHANGE_CODES):
+        raise DataError(f"{where}.properties.type: {show_json(kind)} is not one of new, demolished, renewed, "
+                        "recoloured, change")
+    return kind
+
+
+def _polygon_geometry(feature: dict, where: str) -> dict:
+    """The feature's geometry, a Polygon or MultiPolygon whose coordinates have exactly their GeoJSON shape."""
+    geometry = feature.get("geometry")
+    if not isinstance(geometry, dict):
+        raise DataError(f"{where}.geometry: not a GeoJSON geometry object, got {show_json(geometry)}")
+    kind = geometry.get("type")
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise DataError(f"{where}.geometry: {show_json(kind)} is not a Polygon or MultiPolygon")
+    where = f"{where}.geometry.coordinates"
+    coordinates = geometry.get("coordinates")
+    polygons = [(where, coordinates)] if kind == "Polygon" else \
+        [(f"{where}[{i}]", polygon) for i, polygon in enumerate(_array(coordinates, where, "polygons"))]
+    for polygon_where, polygon in polygons:
+        for r, ring in enumerate(_array(polygon, polygon_where, "rings")):
+            ring_where = f"{polygon_where}[{r}]"
+            if len(_array(ring, ring_where, "positions")) < 4:
+                raise DataError(f"{ring_where}: a ring needs at least 4 positions (the last repeats the first), "
+                                f"got {len(ring)}")
+            for p, position in enumerate(ring):
+                if not (isinstance(position, list) and len(position) in (2, 3)
+                        and all(strict_json.is_finite_number(value) for value in position)):
+                    raise DataError(f"{ring_where}[{p}]: {show_json(position)} is not a position [x, y]")
+    return geometry
+
+
+def _array(value, where: str, of: str) -> list:
+    if not isinstance(value, list):
+        raise DataError(f"{where}: expected a list of {of}, got {show_json(value)}")
+    return value
 
 
 def _raster_bounds(transform, size: tuple[int, int]) -> tuple[float, float, float, float]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nfed.common import strict_json
 from nfed.common.errors import DataError
 from nfed.common.resources import data_file
 
@@ -56,8 +57,12 @@ def _child(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _show(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+def show_json(value: Any) -> str:
+    """A value of a JSON document as at most 40 characters for messages (strings quoted as Python does)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    except (ValueError, TypeError, RecursionError):
+        text = type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -69,12 +74,12 @@ def validate_schema(value: Any, schema: dict, path: str = "") -> None:
     if "type" in schema:
         types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not any(_JSON_TYPES[t](value) for t in types):
-            raise SchemaViolation(path, f"{_show(value)} is not of type {' or '.join(types)}")
+            raise SchemaViolation(path, f"{show_json(value)} is not of type {' or '.join(types)}")
     if "enum" in schema and value not in schema["enum"]:
-        raise SchemaViolation(path, f"{_show(value)} is not one of {', '.join(map(str, schema['enum']))}")
+        raise SchemaViolation(path, f"{show_json(value)} is not one of {', '.join(map(str, schema['enum']))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise SchemaViolation(path, f"{value} is not a finite number")
+        if not strict_json.is_finite_number(value):
+            raise SchemaViolation(path, f"{show_json(value)} is not a finite number")
         if "minimum" in schema and value < schema["minimum"]:
             raise SchemaViolation(path, f"{value} is less than the minimum {schema['minimum']}")
         if "maximum" in schema and value > schema["maximum"]:
@@ -105,7 +110,7 @@ def validate_schema(value: Any, schema: dict, path: str = "") -> None:
             if items.keys() <= {"type", "minimum"} and items.get("type") == "number":
                 # fast path for coordinate lists (most of a label's values); errors via the general path
                 minimum = items.get("minimum", -math.inf)
-                if all(type(v) in (int, float) and math.isfinite(v) and v >= minimum for v in value):
+                if all(strict_json.is_finite_number(v) and v >= minimum for v in value):
                     return
             for index, item in enumerate(value):
                 validate_schema(item, items, _child(path, index))
@@ -145,10 +150,6 @@ class Label:
     split: str | None = None
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_label(document: Any, path: str | Path) -> Label:
     """Validate a decoded label against the schema and the tile bounds; DataError names file and field."""
     path = Path(path)
@@ -173,19 +174,10 @@ def parse_label(document: Any, path: str | Path) -> Label:
 
 
 def read_label(path: str | Path) -> Label:
-    """Read and validate one label file (DataError on missing file, bad JSON or schema violation)."""
+    """Read and validate one label file (DataError on missing file, bad or too deeply nested JSON, schema
+    violation)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
-    try:
-        document = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    return parse_label(document, path)
+    return parse_label(strict_json.read_file(path), path)
 
 
 def label_document(tile_id: str, district: str, past: str, current: str, width: int, height: int,
