@@ -162,3 +162,102 @@ def test_geojson_feature_as_a_list_through_the_cli(tmp_path):
     assert "skipped 1 item(s):" in output and "b.geojson: features[0]" in output
     assert all_ids(tmp_path / "out" / "Jung-gu.h5") == ["a_y0000_x0000", "a_y0000_x0032", "a_y0032_x0000",
                                                         "a_y0032_x0032"]
+
+
+# ------------------------------------------------------------------------------------ decompression bombs
+
+def test_decompression_bomb_is_one_line_and_skip_bad_packs_the_rest(tmp_path):
+    src = tmp_path / "levir"
+    for i in range(2):
+        levir_pair(src, f"p{i}", 32, 32, seed=i)
+    for side in ("A", "B", "label"):
+        write_blank_1bit_png(src / side / "bomb.png", 20_000, 20_000)   # 400 million pixels in ~60 kB
+    code, output = run("pack", src, "--out", tmp_path / "out", "--quiet", "--tile", TILE)
+    assert_one_line_error(code, output, "levir/A/bomb.png: image too large to decode")
+    code, output = run("pack", src, "--out", tmp_path / "out", "--quiet", "--tile", TILE, "--skip-bad")
+    assert code == 0, output
+    assert "skipped 1 item(s):" in output and "skipped: levir/A/bomb.png: image too large to decode" in output
+    assert all_ids(tmp_path / "out" / "levir.h5") == ["p0", "p1"]
+
+
+def test_image_over_the_pixel_budget_is_refused_before_decoding(tmp_path):
+    """Pillow only warns between its limit and twice that; nfed refuses, without decoding or warning."""
+    path = write_blank_1bit_png(tmp_path / "big.png", 10_000, 10_000)
+    assert path.stat().st_size < 100_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for read in (images.read_rgb, images.read_binary_mask):
+            with pytest.raises(DataError, match=r"big\.png: image too large to decode \(10000x10000"):
+                read(path)
+        assert images.image_size(path) == (10_000, 10_000)       # the header alone is fine
+
+
+def test_pixel_budget_follows_the_memory_and_never_drops_below_a_tile(tmp_path, monkeypatch):
+    src = tmp_path / "levir"
+    for i in range(3):
+        levir_pair(src, f"p{i}", 100, 100, seed=i)
+    monkeypatch.setattr(images, "memory_limit_bytes", lambda: 64 * 64 * images.DECODED_BYTES_PER_PIXEL)
+    assert images.pixel_budget() == 64 * 64 and images.pixel_budget(tile=80) == 80 * 80
+    with pytest.raises(DataError, match=r"levir/A/p0\.png: image too large to decode \(100x100"):
+        pack_folder(src, tmp_path / "out", tile=TILE)
+    assert pack_folder(src, tmp_path / "out", tile=100).written
+
+
+# ------------------------------------------------------------------------------ more than 8 bits a sample
+
+SAMPLES16 = np.array([[0, 255, 256, 4095], [32767, 32768, 40000, 65535]], np.uint16)
+SCALED = (SAMPLES16 >> 8).astype(np.uint8)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4], ids=["grey", "grey+alpha", "rgb", "rgba"])
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path, channels):
+    planes = [SAMPLES16] if channels <= 2 else [SAMPLES16, 65535 - SAMPLES16, SAMPLES16 // 3]
+    alpha = [np.full_like(SAMPLES16, 65535)] if channels in (2, 4) else []
+    samples = np.dstack(planes + alpha)
+    rgb = images.read_rgb(write_png16(tmp_path / "deep.png", samples))
+    expected = [(plane >> 8).astype(np.uint8) for plane in planes]
+    np.testing.assert_array_equal(rgb, np.dstack(expected * 3 if channels <= 2 else expected))
+
+
+def test_16_bit_label_thresholds_at_half_range_or_is_refused(tmp_path):
+    mask = images.read_binary_mask(write_png16(tmp_path / "full.png", SAMPLES16))
+    np.testing.assert_array_equal(mask, (SAMPLES16 >= 32768).astype(np.uint8))
+    binary = np.where(SAMPLES16 >= 32768, 65535, 0).astype(np.uint16)
+    np.testing.assert_array_equal(images.read_binary_mask(write_png16(tmp_path / "binary.png", binary)),
+                                  binary > 0)
+    small = np.where(SAMPLES16 >= 32768, 255, 0).astype(np.uint16)      # 0/255 values saved as 16-bit
+    with pytest.raises(DataError, match=r"small\.png: 16-bit label whose values reach only 255"):
+        images.read_binary_mask(write_png16(tmp_path / "small.png", small))
+
+
+def test_16_bit_levir_pair_packs_scaled(tmp_path):
+    src = tmp_path / "levir"
+    levir_pair(src, "p0", 32, 32)
+    grey = np.tile(np.arange(32, dtype=np.uint16) * 2048, (32, 1))
+    write_png16(src / "A" / "p0.png", grey)
+    pack_folder(src, tmp_path / "out", tile=TILE)
+    from nfed.data.reader import DistrictPack
+
+    with DistrictPack(tmp_path / "out" / "levir.h5") as packed:
+        split = next(s for s in ("train", "val", "test") if packed.num_samples(s))
+        past = packed.read(split, [0])[0][0]
+    np.testing.assert_array_equal(past, np.dstack([(grey >> 8).astype(np.uint8)] * 3))
+
+
+@pytest.mark.parametrize("mode, values", [("F", np.linspace(0, 1, 16, dtype=np.float32)),
+                                          ("I", np.arange(16, dtype=np.int32) * 100_000)])
+def test_float_and_32_bit_images_are_refused_in_one_line(tmp_path, mode, values):
+    path = tmp_path / "deep.tif"
+    Image.fromarray(values.reshape(4, 4), mode).save(path)
+    for read in (images.read_rgb, images.read_binary_mask):
+        with pytest.raises(DataError, match=r"deep\.tif: pixels are .*; nfed needs 8-bit images"):
+            read(path)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "LA", "RGBA", "CMYK"])
+def test_8_bit_modes_convert_as_pillow_converts_them(tmp_path, mode):
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb).convert(mode)
+    image.save(tmp_path / ("x.tif" if mode == "CMYK" else "x.png"))
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    np.testing.assert_array_equal(images.read_rgb(path), np.asarray(image.convert("RGB")))

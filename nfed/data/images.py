@@ -1,9 +1,16 @@
 """Image files and tiles, shared by packing, synthesis and prediction: decoding (Pillow), a fast PNG encoder,
-cutting images into grid tiles, and the tile -> model input conversion every reader of tiles uses."""
+cutting images into grid tiles, and the tile -> model input conversion every reader of tiles uses.
+
+Decoding yields 8 bits a sample. 16-bit greys (PNG, TIFF) keep their high byte (value >> 8), as Pillow itself
+does for 16-bit RGB and RGBA PNGs; a 16-bit label marks change at >= 32768. Floats and 32-bit integers are
+refused, never clipped. An image that declares more pixels than `pixel_budget` is refused from its header,
+before any pixel is decoded (a decompression bomb is a few kilobytes that decode into gigabytes).
+"""
 from __future__ import annotations
 
 import contextlib
 import struct
+import warnings
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -12,9 +19,15 @@ import numpy as np
 from PIL import Image
 
 from nfed.common.errors import DataError
+from nfed.common.memory import memory_limit_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 RASTER_SUFFIXES = (".tif", ".tiff")   # GeoTIFFs: read by window through rasterio (nfed.data.geo) when installed
+MAX_PIXELS = 89_478_485               # Pillow's decompression-bomb limit: about 0.25 GiB as RGB
+DECODED_BYTES_PER_PIXEL = 16          # a pair decoded for packing: two RGB images, the mask, Pillow's buffers
+EIGHT_BIT_MODES = {"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+LABEL_CHANGE_16 = 32768               # a 16-bit label's change threshold: 128 << 8
 
 
 def list_images(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
@@ -25,34 +38,80 @@ def list_images(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
             if path.is_file() and path.suffix.lower() in suffixes and not path.name.startswith(".")]
 
 
+def pixel_budget(tile: int = 0) -> int:
+    """The most pixels an image may declare to be decoded whole: Pillow's bomb limit, lowered to what this
+    machine's memory holds, never below one tile."""
+    limit = memory_limit_bytes()
+    budget = MAX_PIXELS if limit is None else min(MAX_PIXELS, limit // DECODED_BYTES_PER_PIXEL)
+    return max(budget, tile * tile)
+
+
 @contextlib.contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
-    """The image at `path`, open; any failure while opening or decoding it becomes one DataError naming it."""
+def _opened(path: Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """The image at `path`, open, its header within `max_pixels`; any failure while opening or decoding it
+    becomes one DataError naming it."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # nfed's own budget applies
+            image = Image.open(path)
+        with image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise DataError(f"{path}: image too large to decode ({image.width}x{image.height} pixels; nfed "
+                                f"decodes at most {max_pixels:,} at once here: cut it into smaller files)")
             yield image
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image too large to decode ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: unreadable image ({exc})") from None
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image as [H,W,3] uint8 (RGBA/greyscale/palette converted); DataError when unreadable."""
-    with _opened(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+def _sixteen_bit(image: Image.Image) -> np.ndarray | None:
+    """The samples of a 16-bit grey image as uint16 (None for other modes); old Pillows open such PNGs as I."""
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        return np.asarray(image).astype(np.uint16)
+    return None
 
 
-def read_binary_mask(path: Path) -> np.ndarray:
-    """Decode a LEVIR label as [H,W] uint8 with 1 where the grey value is >= 128."""
-    with _opened(path) as image:
-        grey = np.asarray(image.convert("L"), dtype=np.uint8)
+def _eight_bit(image: Image.Image, path: Path) -> Image.Image:
+    """The image with 8 bits a sample (16-bit greys: value >> 8); DataError for modes it cannot take."""
+    if image.mode in EIGHT_BIT_MODES:
+        return image
+    samples = _sixteen_bit(image)
+    if samples is not None:
+        return Image.fromarray((samples >> 8).astype(np.uint8), "L")
+    shown = {"I": "32-bit integers", "F": "32-bit floats"}.get(image.mode, f"of mode {image.mode}")
+    raise DataError(f"{path}: pixels are {shown}; nfed needs 8-bit images (rescale first, e.g. "
+                    "gdal_translate -ot Byte -scale)")
+
+
+def read_rgb(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image as [H,W,3] uint8 (RGBA/greyscale/palette converted, 16-bit scaled); DataError when
+    unreadable or larger than `max_pixels` (default: pixel_budget())."""
+    with _opened(path, pixel_budget() if max_pixels is None else max_pixels) as image:
+        return np.asarray(_eight_bit(image, path).convert("RGB"), dtype=np.uint8)
+
+
+def read_binary_mask(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Decode a LEVIR label as [H,W] uint8 with 1 where the grey value is >= 128 (16-bit: >= 32768). A 16-bit
+    label whose values stay below 32768 but are not all 0 (0/255 saved as 16-bit) is refused, not read as
+    'no change'."""
+    with _opened(path, pixel_budget() if max_pixels is None else max_pixels) as image:
+        samples = _sixteen_bit(image)
+        if samples is not None:
+            top = int(samples.max(initial=0))
+            if 0 < top < LABEL_CHANGE_16:
+                raise DataError(f"{path}: 16-bit label whose values reach only {top}: change must be >= "
+                                f"{LABEL_CHANGE_16} (save it as 0/65535, or as an 8-bit 0/255 PNG)")
+            return (samples >= LABEL_CHANGE_16).astype(np.uint8)
+        grey = np.asarray(_eight_bit(image, path).convert("L"), dtype=np.uint8)
     return (grey >= 128).astype(np.uint8)
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header without decoding the pixels."""
-    with _opened(path) as image:
+def image_size(path: Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) from the image header without decoding the pixels; DataError above `max_pixels`."""
+    with _opened(path, max_pixels) as image:
         return image.size
 
 

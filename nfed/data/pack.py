@@ -25,7 +25,7 @@ from nfed.common.names import check_name, child_path
 from nfed.common.validate import check_number
 from nfed.data.districts import district_order_key
 from nfed.data.geopack import labels_typed
-from nfed.data.images import cut_tiles, tile_ids, tile_origins
+from nfed.data.images import cut_tiles, pixel_budget, tile_ids, tile_origins
 from nfed.data.packformat import MASK_VALUES_BINARY, MASK_VALUES_TYPED
 from nfed.data.packwriter import PackWriter
 from nfed.data.sources import (Item, check_item, detect_format, discover_json, discover_levir, load_item,
@@ -118,6 +118,7 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
     else:
         items, problems = discover_json(src, exclude=out_dir.resolve())
     report = PackReport(source_format=fmt)
+    budget = pixel_budget(tile or 0)
 
     def reject(name: str, message: str) -> None:
         if not skip_bad:
@@ -133,7 +134,7 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
     for item in items:
         try:
             check_name(item.district, item.name)
-            check_item(item, src)
+            check_item(item, src, budget)
             key = (item.district, item.tile_id)
             if key in seen:
                 raise DataError(f"{item.name}: duplicate tile id '{item.tile_id}' in {item.district} "
@@ -178,18 +179,19 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, fmt: str = "auto", tile
                                          "split_rule": split_rule}) as writer:
                 for item in district_items:
                     next(bar, None)
-                    try:
+                    width, height = item.size
+                    origins = tile_origins(width, height, district_tile)
+                    ids = tile_ids(item.tile_id, width, height, district_tile, origins)
+                    try:    # GeoTIFFs are lazy views: their windows are read while cutting, so cut before writing
                         past, current, mask = load_item(item, src)
+                        tiles = list(zip(ids, cut_tiles(past, district_tile, origins),
+                                         cut_tiles(current, district_tile, origins),
+                                         cut_tiles(mask, district_tile, origins)))
                     except DataError as exc:
                         reject(item.name, str(exc))
                         continue
-                    width, height = item.size
                     report.padded += width < district_tile or height < district_tile
-                    origins = tile_origins(width, height, district_tile)
-                    ids = tile_ids(item.tile_id, width, height, district_tile, origins)
-                    for tile_id, p, c, m in zip(ids, cut_tiles(past, district_tile, origins),
-                                                cut_tiles(current, district_tile, origins),
-                                                cut_tiles(mask, district_tile, origins)):
+                    for tile_id, p, c, m in tiles:
                         writer.append(assignment.get(tile_id, assignment.get(item.tile_id)), tile_id, p, c, m)
                 if sum(writer.counts.values()) == 0:
                     message = f"{district}: empty district (every pair was skipped)"

@@ -175,8 +175,9 @@ def _shorten(message: str, path: Path, name: str) -> str:
     return name + message[len(str(path)):] if message.startswith(str(path)) else message
 
 
-def check_item(item: Item, src: Path) -> None:
-    """Cheap checks from image headers: files exist and are images, past/current/label sizes agree."""
+def check_item(item: Item, src: Path, max_pixels: int | None = None) -> None:
+    """Cheap checks from image headers: files exist and are images of at most `max_pixels` (GeoTIFFs are read
+    by window, so any size), past/current/label sizes agree."""
     if item.kind == "geotiff":
         return check_geotiff_item(item)
     sizes = {}
@@ -184,7 +185,7 @@ def check_item(item: Item, src: Path) -> None:
         if role == "label" and item.kind == "json":
             continue
         try:
-            sizes[role] = image_size(path)
+            sizes[role] = image_size(path, max_pixels)
         except DataError as exc:
             raise DataError(_shorten(str(exc), path, _relative(path, src))) from None
     if item.kind == "json":
@@ -196,12 +197,14 @@ def check_item(item: Item, src: Path) -> None:
 
 
 def load_item(item: Item, src: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode one pair: past, current [H,W,3] uint8 and mask [H,W] uint8 (GeoTIFFs: views read by window)."""
+    """Decode one pair: past, current [H,W,3] uint8 and mask [H,W] uint8 (GeoTIFFs: views read by window).
+    Images decode only up to the size their headers had when checked (a file swapped since is refused)."""
     if item.kind == "geotiff":
         return load_geotiff_item(item)
+    max_pixels = item.size[0] * item.size[1] or None
     try:
-        past, current = read_rgb(item.past), read_rgb(item.current)
-        mask = rasterise(item.json_label) if item.kind == "json" else read_binary_mask(item.label)
+        past, current = read_rgb(item.past, max_pixels), read_rgb(item.current, max_pixels)
+        mask = rasterise(item.json_label) if item.kind == "json" else read_binary_mask(item.label, max_pixels)
     except DataError as exc:
         message = str(exc)
         for path in (item.past, item.current, item.label):
