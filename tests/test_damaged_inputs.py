@@ -164,6 +164,17 @@ def test_geojson_feature_as_a_list_through_the_cli(tmp_path):
                                                         "a_y0032_x0032"]
 
 
+def test_geotiff_cut_short_is_skipped_by_name(tmp_path):
+    src = geotiff_source(tmp_path / "src", {"a": geojson([GOOD_FEATURE]), "b": geojson([GOOD_FEATURE])}, size=256)
+    damaged = src / "Jung-gu" / "B" / "b.tif"
+    damaged.write_bytes(damaged.read_bytes()[:60_000])       # the header survives, most pixels do not
+    with pytest.raises(DataError, match=r"B/b\.tif: unreadable raster"):
+        pack_folder(src, tmp_path / "out", tile=128)
+    report = pack_folder(src, tmp_path / "out", tile=128, skip_bad=True)
+    assert len(report.skipped) == 1 and "b.tif" in report.skipped[0]
+    assert all_ids(tmp_path / "out" / "Jung-gu.h5") == [f"a_y{y:04d}_x{x:04d}" for y in (0, 128) for x in (0, 128)]
+
+
 # ------------------------------------------------------------------------------------ decompression bombs
 
 def test_decompression_bomb_is_one_line_and_skip_bad_packs_the_rest(tmp_path):
@@ -261,3 +272,49 @@ def test_8_bit_modes_convert_as_pillow_converts_them(tmp_path, mode):
     image.save(tmp_path / ("x.tif" if mode == "CMYK" else "x.png"))
     path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
     np.testing.assert_array_equal(images.read_rgb(path), np.asarray(image.convert("RGB")))
+
+
+# --------------------------------------------------------------------------------- GeoTIFF output, disk full
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past `nbytes` of any file fail with EFBIG (as on a full disk) until the block ends."""
+    resource = pytest.importorskip("resource", reason="needs POSIX resource limits")
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if hard != resource.RLIM_INFINITY and hard < nbytes:
+        pytest.skip("the file size limit is already lower")
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # EFBIG instead of the signal's default kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_geotiff_mask_on_a_full_disk_is_one_line_and_leaves_no_file(tmp_path):
+    rasterio = pytest.importorskip("rasterio", reason="rasterio not installed (pip install 'nfed[geo]')")
+    from test_geo import write_geotiff
+    from test_predict_outputs import balanced_model, image_pair
+
+    from nfed.model.checkpoint import save_checkpoint
+
+    past, current = image_pair(128, 128, seed=3)
+    model = balanced_model(2, past, current)
+    checkpoint = save_checkpoint(tmp_path / "model.h5", model.state_dict(),
+                                 config={"width": 4, "classes": 2, "lambda_rec": 0.0, "tile": TILE})
+    args = ["predict", "--model", checkpoint, "--past", write_geotiff(tmp_path / "A" / "s.tif", past),
+            "--current", write_geotiff(tmp_path / "B" / "s.tif", current), "--quiet", "--out"]
+    code, output = run(*args, tmp_path / "ok" / "m.tif")
+    assert code == 0 and "wrote" in output, output
+    complete = (tmp_path / "ok" / "m.tif").stat().st_size
+    with rasterio.open(tmp_path / "ok" / "m.tif") as written:
+        assert written.read(1).shape == (128, 128)
+    (tmp_path / "full").mkdir()
+    with file_size_limit(complete // 2):
+        code, output = run(*args, tmp_path / "full" / "m.tif")
+    assert_one_line_error(code, output, f"{tmp_path / 'full' / 'm.tif'}: cannot write (")
+    assert "wrote" not in output
+    assert list((tmp_path / "full").iterdir()) == []             # neither the mask nor its temporary file

@@ -107,7 +107,7 @@ def time_rounds(packs: Mapping[str, Path], run_dir: Path, train_config, *, round
 
     config = FederationConfig(rounds=warmup + rounds, local_epochs=local_epochs, workers=workers, seed=seed)
     clock = RoundClock()
-    with worker_pool(jobs) as pool, ExitStack() as cleanup:
+    with worker_pool(jobs, len(packs)) as pool, ExitStack() as cleanup:
         if pool is not None:
             runner = cleanup.enter_context(PoolRunner(pool, run_dir / "work", packs))
             evaluate_fn = runner.evaluate

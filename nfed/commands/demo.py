@@ -39,6 +39,7 @@ DEFAULTS = DemoSettings()
 @click.option("--local-epochs", type=limited("local_epochs"),
               help=f"epochs per client per round (default {DEFAULTS.local_epochs})")
 @click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), help="server optimiser")
+@click.option("--prox-mu", type=limited("prox_mu"), help="FedProx weight of the federated clients (default 0: FedAvg)")
 @click.option("--epochs", type=limited("epochs"),
               help="epoch cap of the local, personalised and centralised training (default "
                    f"{DEFAULTS.epochs}; never below rounds x local epochs, what a client trains in the whole "
@@ -50,13 +51,13 @@ DEFAULTS = DemoSettings()
               help="districts trained at once in the local and personalised columns (0: one per CPU core)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def demo(out_dir, scale, val_tiles, test_tiles, districts, seeds, seed, data_seed, rounds, patience_rounds,
-         warmup_rounds, local_epochs, server_opt, epochs, lr, device, precision, jobs, quiet):
+         warmup_rounds, local_epochs, server_opt, prox_mu, epochs, lr, device, precision, jobs, quiet):
     """Re-run the whole study on synthetic districts: local, federated, personalised and centralised F1."""
     env = run_environment(device, precision)
     settings = settings_with(DEFAULTS, scale=scale, val_tiles=val_tiles, test_tiles=test_tiles, districts=districts,
                              data_seed=data_seed, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
                              patience_rounds=patience_rounds, warmup_rounds=warmup_rounds, local_epochs=local_epochs,
-                             server_opt=server_opt,
+                             server_opt=server_opt, prox_mu=prox_mu,
                              epochs=epochs, lr=lr, device=env.device, precision=env.precision, jobs=jobs or None,
                              quiet=quiet)
     if out_dir.exists() and not out_dir.is_dir():

@@ -77,11 +77,19 @@ DEFENCE_OPTIONS = [
 ]
 
 
+# The clients' local objective (FederationConfig fields of the same names).
+CLIENT_OPTIONS = [
+    click.option("--prox-mu", type=limited("prox_mu"), default=0.0, show_default=True,
+                 help="FedProx: each client adds mu/2 ||w - w_global||^2 over the trainable weights to its loss "
+                      "(0: plain FedAvg)"),
+]
+
+
 def protocol_options(command):
     """Apply PROTOCOL_OPTIONS (profile, rounds, local epochs, stop rules, sampling, server optimiser, client
-    set-up) and DEFENCE_OPTIONS (aggregator, sample-count cap, DP-FedAvg; passed on as keyword arguments named
-    like FederationConfig's fields) to a click command."""
-    for option in reversed(PROTOCOL_OPTIONS + DEFENCE_OPTIONS):
+    set-up), DEFENCE_OPTIONS (aggregator, sample-count cap, DP-FedAvg) and CLIENT_OPTIONS (FedProx); the last two
+    are passed on as keyword arguments named like FederationConfig's fields) to a click command."""
+    for option in reversed(PROTOCOL_OPTIONS + DEFENCE_OPTIONS + CLIENT_OPTIONS):
         command = option(command)
     return command
 

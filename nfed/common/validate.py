@@ -103,6 +103,7 @@ LIMITS: dict[str, Limit] = {
     "dp_delta": Limit(0, 1, low_open=True, high_open=True),
     "secagg_range": Limit(0, 1e6, low_open=True),
     "attackers": Limit(0, 100000, integer=True),
+    "prox_mu": Limit(0, 1000),                     # FedProx proximal weight (0: plain FedAvg clients)
     "epsilon": Limit(0, 1e6, low_open=True),
     # data
     "scale": Limit(0, 100, low_open=True),

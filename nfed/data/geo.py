@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from nfed.common.atomic import atomic_path
-from nfed.common.errors import ConfigError, DataError
+from nfed.common.errors import ConfigError, DataError, OutputError
 from nfed.data.vectors import Georeference
 
 MASK_BLOCK = 256
@@ -51,8 +52,24 @@ def open_raster(path: Path):
     with _quiet_georeference() as rasterio:
         try:
             return rasterio.open(path)
-        except rasterio.errors.RasterioIOError as exc:
-            raise DataError(f"{path}: unreadable raster ({str(exc).splitlines()[0]})") from None
+        except rasterio.errors.RasterioError as exc:
+            raise DataError(f"{path}: unreadable raster ({_gdal_reason(exc)})") from None
+
+
+def _gdal_reason(exc: BaseException) -> str:
+    """GDAL's own words (rasterio chains them as the cause of its generic 'Read failed'), or the OS's."""
+    text = (getattr(exc, "strerror", None) or str(exc.__cause__ or exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read(dataset, bands: list[int], **options) -> np.ndarray:
+    """dataset.read; a damaged raster (cut short, a corrupt block) is one DataError naming it."""
+    from rasterio.errors import RasterioError
+
+    try:
+        return dataset.read(bands, **options)
+    except RasterioError as exc:
+        raise DataError(f"{dataset.name}: unreadable raster ({_gdal_reason(exc)})") from None
 
 
 def raster_size(path: Path) -> tuple[int, int]:
@@ -113,7 +130,7 @@ class RasterPair:
         shape = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
         dataset = self.datasets[1]
         bands = _rgb_bands(dataset)
-        data = dataset.read(bands, out_shape=(len(bands),) + shape, resampling=Resampling.average)
+        data = _read(dataset, bands, out_shape=(len(bands),) + shape, resampling=Resampling.average)
         return _as_rgb(data), shape[1] / self.width
 
     def close(self) -> None:
@@ -142,7 +159,7 @@ def read_window(dataset, row_start: int, row_stop: int, col_start: int, col_stop
     from rasterio.windows import Window
 
     window = Window(col_start, row_start, col_stop - col_start, row_stop - row_start)
-    return _as_rgb(dataset.read(_rgb_bands(dataset), window=window))
+    return _as_rgb(_read(dataset, _rgb_bands(dataset), window=window))
 
 
 def _rgb_bands(dataset) -> list[int]:
@@ -159,7 +176,8 @@ def _as_rgb(bands: np.ndarray) -> np.ndarray:
 @contextlib.contextmanager
 def mask_raster_writer(path: Path, pair):
     """Yield write(first_row, classes) that puts 0/255 rows into a new one-band GeoTIFF (tiled, deflate) with
-    the pair's CRS and transform; the file appears under `path` only when the block ends without error."""
+    the pair's CRS and transform. It is written to a temporary file, checked complete, then renamed to `path`:
+    a failed write (disk full, file size limit) is one OutputError naming `path` and leaves no file."""
     with _quiet_georeference() as rasterio:
         from rasterio.windows import Window
 
@@ -169,9 +187,54 @@ def mask_raster_writer(path: Path, pair):
         if getattr(pair, "transform", None) is not None:
             profile["transform"] = pair.transform
         with atomic_path(path, suffix=".tif") as tmp:
-            with rasterio.open(tmp, "w", **profile) as target:
+            target = _gdal_write(path, lambda: rasterio.open(tmp, "w", **profile))
+            try:
                 def write_rows(first_row: int, classes: np.ndarray) -> None:
                     window = Window(0, first_row, pair.width, classes.shape[0])
-                    target.write(np.where(classes > 0, 255, 0).astype(np.uint8)[None], window=window)
+                    rows = np.where(classes > 0, 255, 0).astype(np.uint8)[None]
+                    _gdal_write(path, lambda: target.write(rows, window=window))
 
                 yield write_rows
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    target.close()
+                raise
+            _gdal_write(path, target.close)
+            _check_complete(tmp, path, pair.height, pair.width)
+
+
+def _gdal_write(path: Path, step):
+    """Run one GDAL write step; its failure is an OutputError naming the output."""
+    from rasterio.errors import RasterioError
+
+    try:
+        return step()
+    except (RasterioError, OSError) as exc:
+        raise OutputError(f"{path}: cannot write ({_gdal_reason(exc)})") from None
+
+
+def _check_complete(written: Path, path: Path, height: int, width: int) -> None:
+    """GDAL reports some failed writes only on stderr (libtiff's 'File too large' when the disk fills while the
+    file is closed): re-open the file and check its width, height and that every block's bytes lie inside it."""
+    import rasterio
+
+    try:
+        with rasterio.open(written) as dataset:
+            complete = (dataset.height, dataset.width) == (height, width) and \
+                _blocks_inside(dataset, os.path.getsize(written))
+    except (rasterio.errors.RasterioError, ValueError):
+        complete = False
+    if not complete:
+        raise OutputError(f"{path}: cannot write (the GeoTIFF on disk is incomplete: is the disk full, or is "
+                          "there a file size limit?)")
+
+
+def _blocks_inside(dataset, file_size: int) -> bool:
+    """Whether every block of band 1 has its bytes in the file (GDAL's TIFF metadata: offset and size)."""
+    for row in range(-(-dataset.height // MASK_BLOCK)):
+        for col in range(-(-dataset.width // MASK_BLOCK)):
+            offset = int(dataset.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1) or 0)
+            size = int(dataset.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=1) or 0)
+            if offset <= 0 or size <= 0 or offset + size > file_size:
+                return False
+    return True

@@ -28,6 +28,7 @@ import numpy as np
 from nfed import __version__
 from nfed.common.atomic import atomic_folder, new_folder, write_text_atomic
 from nfed.common.errors import ConfigError
+from nfed.common.memory import worker_count
 from nfed.common.validate import check_number
 from nfed.data.districts import District, find_district, load_districts
 from nfed.data.images import encode_png
@@ -125,7 +126,8 @@ def synthesise(out_dir: str | Path, *, scale: float = 0.025, tile: int = 64, see
     Without fixed evaluation tiles a district has max(min_per_district, round(scale x samples)) tiles and
     `nfed pack` splits them by fractions; with `val_tiles`/`test_tiles` that count is its training split and
     the evaluation tiles come on top. Districts are generated in `jobs` worker processes (default: one per
-    CPU); each tile has its own random stream, so the files are the same for any number of workers."""
+    CPU), at most one per district and as many as the memory holds; each tile has its own random stream, so the
+    files are the same for any number of workers."""
     scale = check_number("--scale", scale, "scale")
     tile = check_number("--tile", tile, "tile")
     min_per_district = check_number("--min-per-district", min_per_district, "min_per_district")
@@ -134,8 +136,9 @@ def synthesise(out_dir: str | Path, *, scale: float = 0.025, tile: int = 64, see
     test_tiles = check_number("--test-tiles", test_tiles, "eval_tiles")
     if (val_tiles == 0) != (test_tiles == 0):
         raise ConfigError("--val-tiles and --test-tiles: fix both (> 0) or neither (0 and 0)")
-    jobs = default_jobs() if jobs is None or jobs == 0 else check_number("--jobs", jobs, "jobs")
+    jobs = 0 if jobs is None else check_number("--jobs", jobs, "jobs")
     chosen = select_districts(districts)
+    jobs = worker_count(jobs or default_jobs(), len(chosen), say=jobs > 0)
     with new_folder(out_dir):
         return _synthesise(Path(out_dir), chosen, scale=scale, tile=tile, seed=seed,
                            min_per_district=min_per_district, val_tiles=val_tiles, test_tiles=test_tiles,
@@ -150,7 +153,7 @@ def _synthesise(out_dir: Path, chosen: list, *, scale, tile, seed, min_per_distr
     iterate = progress or (lambda iterable, length, label: iterable)
     bar = iter(iterate(range(total), total, "synth"))
     shares: dict[str, float] = {}
-    if jobs == 1 or len(chosen) == 1:
+    if jobs == 1:
         for district in chosen:
             shares[district.name] = write_district(out_dir, district, counts[district.name], tile=tile,
                                                    seed=seed, val_tiles=val_tiles, test_tiles=test_tiles,

@@ -7,8 +7,8 @@ so the in-process simulation, the worker subprocesses and the Flower client all 
 The round set-up is a JSON-able dict (what the study's server sends to every client):
     {"round": 3, "local_epochs": 1, "config": TrainConfig.to_dict(), "epoch_seed_offset": 2,
      "keep_optimizer_state": False}
-plus, where used, "dp_clip" (DP-FedAvg: clip the update to this L2 norm) and "simulate_attack" (a simulated
-label-flipping attacker trains on inverted masks).
+plus, where used, "dp_clip" (DP-FedAvg: clip the update to this L2 norm), "prox_mu" (FedProx: the proximal
+weight mu) and "simulate_attack" (a simulated label-flipping attacker trains on inverted masks).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from nfed.common.backend import to_numpy
 from nfed.common.errors import ConfigError
+from nfed.common.validate import check_number
 from nfed.core.functions.parallel import num_workers
 from nfed.federation.attacks import ATTACK_KEY, FlippedMasks
 from nfed.training.environment import RunEnvironment, default_environment
@@ -62,6 +63,7 @@ class ClientOutcome:
 
 
 DP_CLIP_KEY = "dp_clip"
+PROX_MU_KEY = "prox_mu"
 
 # Entries of a round record that a client's metrics must not overwrite.
 RESERVED_ENTRIES = ("status", "seconds", "simulated_seconds", "reason", "num_samples", "weight", "capped",
@@ -92,13 +94,17 @@ def clean_metrics(metrics) -> dict:
 
 
 def make_round_setup(config, round_number: int, local_epochs: int, *,
-                     keep_optimizer_state: bool = False) -> dict:
-    """The set-up the server sends for round `round_number` (1-based); epochs continue the seed sequence."""
+                     keep_optimizer_state: bool = False, prox_mu: float = 0.0) -> dict:
+    """The set-up the server sends for round `round_number` (1-based); epochs continue the seed sequence.
+    `prox_mu` > 0 makes the clients FedProx ones (the key is absent at 0, so FedAvg set-ups are unchanged)."""
     if local_epochs < 1:
         raise ConfigError(f"local epochs must be >= 1, got {local_epochs}")
-    return {"round": int(round_number), "local_epochs": int(local_epochs), "config": config.to_dict(),
-            "epoch_seed_offset": int((round_number - 1) * local_epochs),
-            "keep_optimizer_state": bool(keep_optimizer_state)}
+    setup = {"round": int(round_number), "local_epochs": int(local_epochs), "config": config.to_dict(),
+             "epoch_seed_offset": int((round_number - 1) * local_epochs),
+             "keep_optimizer_state": bool(keep_optimizer_state)}
+    if prox_mu > 0:
+        setup[PROX_MU_KEY] = float(prox_mu)
+    return setup
 
 
 def _config_for(setup: Mapping):
@@ -135,17 +141,20 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
     started = time.perf_counter()
     env = env or default_environment()
     config = _config_for(setup)
+    mu = check_number("prox_mu", setup.get(PROX_MU_KEY) or 0.0)   # a value from the wire: checked like the option
     model = _model_with(global_weights, config, env)
     optimizer = build_optimizer(model, config)
     if optimizer_state:
         optimizer.load_state_dict(dict(optimizer_state))
+    # FedProx pulls the trainable weights (not the BatchNorm statistics) towards the global ones, held on the device
+    proximal = (mu, {name: p.data.copy() for name, p in model.named_parameters()}) if mu > 0 else None
     with env.active(), DistrictPack(pack_path) as pack:
         source = pack
         if setup.get(ATTACK_KEY) == "label-flip":   # a simulated attacker (nfed federate --simulate-attack)
             source = FlippedMasks(pack)
         result = fit(model, optimizer, source, config, epochs=int(setup["local_epochs"]), early_stopping=False,
                      progress=False, epoch_seed_offset=int(setup.get("epoch_seed_offset", 0)),
-                     validate_last_only=True)
+                     validate_last_only=True, proximal=proximal)
     last = result.history[-1] if result.history else {}
     metrics = {
         "train_loss": float(last.get("train_loss", result.train_loss)),

@@ -39,6 +39,7 @@ class FederationConfig:
     seed: int = 0
     gpus: tuple[int, ...] = ()
     evaluate_rounds: bool = True
+    prox_mu: float = 0.0        # FedProx: clients add mu/2 ||w - w_global||^2 to their loss (0: plain FedAvg)
     # defences (nfed.federation.robust, nfed.federation.privacy, Flower's SecAgg+) and the testing-only attack
     # simulation
     aggregator: str = "fedavg"
@@ -59,7 +60,7 @@ class FederationConfig:
         check_fields(self, ("rounds", "local_epochs", "eps", "patience_rounds", "warmup_rounds", "delta", "deadline",
                             "fraction", "min_clients", "workers", "server_lr", "server_momentum", "seed", "trim_beta",
                             "krum_f", "krum_m", "clip_factor", "max_sample_share", "dp_clip", "dp_noise",
-                            "dp_delta", "secagg_range", "attackers"),
+                            "dp_delta", "secagg_range", "attackers", "prox_mu"),
                      optional=("deadline", "server_lr", "dp_delta"))
         check_defences(self)
         if self.client_state not in ("reset", "keep"):

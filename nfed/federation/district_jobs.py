@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from nfed.common import strict_json
 from nfed.common.errors import TrainingError
+from nfed.common.memory import worker_count
 from nfed.core.functions.parallel import ENV_THREADS, usable_cpus
 from nfed.federation.worker import THREAD_VARIABLES as WORKER_THREAD_VARIABLES
 from nfed.training.environment import RunEnvironment, default_environment
@@ -70,11 +71,13 @@ def run_task(task: Mapping, weights_cache: dict) -> dict:
     return {"num_samples": int(result.num_samples), "metrics": result.metrics}
 
 
-def worker_pool(jobs: int):
-    """A WorkerPool of `jobs` processes, or None (work in this process) for one job: use with `with`."""
+def worker_pool(jobs: int, districts: int, *, say: bool = True):
+    """A WorkerPool of `jobs` processes for `districts` districts, or None (work in this process) for one: use
+    with `with`. Capped by worker_count (no idle worker, no more than the memory holds), said unless not `say`."""
     import contextlib
 
-    return WorkerPool(jobs) if jobs > 1 else contextlib.nullcontext(None)
+    count = worker_count(jobs, districts, say=say)
+    return WorkerPool(count) if count > 1 else contextlib.nullcontext(None)
 
 
 def run_tasks(tasks: Sequence[Mapping], pool: "WorkerPool | None",

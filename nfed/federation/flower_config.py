@@ -42,9 +42,10 @@ FEDERATION_KEYS = {
     "dp-delta": ("dp_delta", float),          # 0: 1 / the districts' training samples
     "secure-aggregation": ("secure_aggregation", bool),
     "secagg-range": ("secagg_range", float),
+    "prox-mu": ("prox_mu", float),            # FedProx (optional: apps written before it keep working)
 }
 OPTIONAL_KEYS = ("warmup-rounds", "aggregator", "trim-beta", "krum-f", "krum-m", "clip-factor", "max-sample-share",
-                 "dp-clip", "dp-noise", "dp-delta", "secure-aggregation", "secagg-range")
+                 "dp-clip", "dp-noise", "dp-delta", "secure-aggregation", "secagg-range", "prox-mu")
 TRAIN_PREFIX = "train."
 
 

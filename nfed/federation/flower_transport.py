@@ -330,6 +330,6 @@ def round_plan(districts: Sequence[str], train_config, fed_config) -> Callable[[
     def plan(round_number: int) -> dict[str, dict]:
         if round_number > fed_config.rounds:
             return {}
-        setup = make_round_setup(train_config, round_number, fed_config.local_epochs)
+        setup = make_round_setup(train_config, round_number, fed_config.local_epochs, prox_mu=fed_config.prox_mu)
         return {d: setup for d in select_clients(districts, fed_config.fraction, fed_config.seed, round_number)}
     return plan

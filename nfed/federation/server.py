@@ -187,7 +187,7 @@ class Federation:
     def _tasks(self, round_number: int, selected: Sequence[str]) -> list[ClientTask]:
         keep = self.config.client_state == "keep"
         setup = make_round_setup(self.train_config, round_number, self.config.local_epochs,
-                                 keep_optimizer_state=keep)
+                                 keep_optimizer_state=keep, prox_mu=self.config.prox_mu)
         if self.config.dp_clip > 0:
             setup[DP_CLIP_KEY] = float(self.config.dp_clip)
         tasks = []

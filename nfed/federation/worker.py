@@ -21,6 +21,7 @@ from typing import Sequence
 from nfed.common import strict_json
 from nfed.common.atomic import write_json_atomic
 from nfed.common.errors import CheckpointError, ConfigError, one_line
+from nfed.common.memory import worker_count
 from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
 from nfed.model.checkpoint import load_checkpoint, save_checkpoint
 from nfed.training.environment import RunEnvironment
@@ -37,7 +38,8 @@ def _client_function(spec: str):
 
 
 class WorkerRunner:
-    """Runs up to `workers` clients at a time as subprocesses; kills those still running at the deadline.
+    """Runs up to `workers` clients at a time as subprocesses (no more than a round's clients or the memory
+    holds: worker_count, said once); kills those still running at the deadline.
 
     `gpus` assigns the clients round-robin to cuda:<id> (already done per task by the federation);
     `client_function` names the client's train function as "module:function" (tests use a hanging one).
@@ -52,10 +54,11 @@ class WorkerRunner:
         self.gpus = tuple(gpus)
         self.client_function = client_function
         self.poll_s = poll_s
+        self._said = False
 
-    def _environment(self) -> dict:
+    def _environment(self, workers: int) -> dict:
         env = dict(os.environ)
-        threads = str(max(1, (os.cpu_count() or 1) // self.workers))
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
         for name in THREAD_VARIABLES:
             env.setdefault(name, threads)
         return env
@@ -65,7 +68,9 @@ class WorkerRunner:
         shutil.rmtree(round_dir, ignore_errors=True)
         round_dir.mkdir(parents=True)
         global_path = save_checkpoint(round_dir / "global.h5", global_weights)
-        env = self._environment()
+        workers = worker_count(self.workers, len(tasks), option="--workers", say=not self._said)
+        self._said = self._said or workers < self.workers
+        env = self._environment(workers)
         pending = list(enumerate(tasks))
         running: dict[int, tuple] = {}
         outcomes: dict[int, ClientOutcome] = {}
@@ -84,7 +89,7 @@ class WorkerRunner:
                                                         reason=f"not started before the {deadline:g} s deadline")
                     pending.clear()
                     break
-                while pending and len(running) < self.workers:
+                while pending and len(running) < workers:
                     index, task = pending.pop(0)
                     running[index] = self._launch(index, task, round_dir, global_path, env)
                 for index in list(running):

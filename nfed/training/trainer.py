@@ -172,7 +172,8 @@ def epoch_seed(seed: int, offset: int, epoch: int) -> int:
 
 def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, early_stopping: bool = True,
         progress: bool = False, log_path: str | os.PathLike | None = None, epoch_seed_offset: int = 0,
-        validate_start: bool = False, validate_last_only: bool = False) -> FitResult:
+        validate_start: bool = False, validate_last_only: bool = False,
+        proximal: tuple[float, Mapping] | None = None) -> FitResult:
     """Train on the pack's train split for up to `epochs` epochs, validating after each on its val split.
 
     Early stopping watches the validation loss (the training loss when the pack has no val tiles): after
@@ -183,7 +184,8 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
     that never beats them gives them back (best_epoch 0). With `validate_last_only` (no early stopping: a
     federated client's round) only the last epoch is validated, since nothing reads the others. Each epoch
     appends one JSON line to `log_path` (when given) and, with `progress`, shows a bar and a summary line on
-    stderr.
+    stderr. `proximal` = (mu, reference arrays by parameter name) trains FedProx's objective
+    loss + mu/2 ||w - reference||^2 (see add_proximal_gradient); the losses reported leave the term out.
     """
     if epochs < 1:
         raise ConfigError(f"epochs {epochs}: must be >= 1")
@@ -219,6 +221,8 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
                     raise TrainingError(f"{pack.district}: training diverged (loss {value} at epoch {epoch}); "
                                         f"lower the learning rate (lr {config.lr:g})")
                 loss.backward()
+                if proximal is not None:
+                    add_proximal_gradient(model, *proximal)
                 optimizer.step()
                 step_count += 1
                 count = len(batch.ids)
@@ -260,6 +264,14 @@ def fit(model: WNetCD, optimizer, pack, config: TrainConfig, *, epochs: int, ear
                      images_per_s=images / train_seconds if train_seconds > 0 else 0.0,
                      num_train_samples=n_train, best_epoch=best_epoch, steps=step_count,
                      stop="early-stop" if stop_epoch is not None else "cap")
+
+
+def add_proximal_gradient(model: WNetCD, mu: float, reference: Mapping) -> None:
+    """Add mu * (w - reference) to every trainable parameter's gradient: the gradient of mu/2 ||w - reference||^2
+    (FedProx's proximal term) without building it into the graph. BatchNorm statistics are not parameters."""
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            p.grad = p.grad + mu * (p.data - reference[name])
 
 
 def evaluate(model: WNetCD, pack, split: str = "test", batch_size: int = 8, *, device=None,
