@@ -178,7 +178,7 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
     for name in STAGE_FOLDERS:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
-    with worker_pool(settings.district_jobs) as pool:
+    with worker_pool(settings.district_jobs, len(packs), say=False) as pool:
         echo(f"[demo] seed {seed}: local column, every district alone (early stopping, cap {config.epochs} "
              "epochs)")
 
@@ -232,6 +232,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
 
     One seed: the run's folders and report/ are in OUT itself. Several: each seed's in OUT/seed-<k>/, and
     OUT/report/ aggregates them (mean and 95 % interval per column, paired tests over districts)."""
+    from nfed.common.memory import worker_count
     from nfed.report.build import make_study_report, table_text
 
     settings = settings or DemoSettings()
@@ -241,6 +242,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
     stages = _Stages(echo)
     packs = make_data(out_dir, settings, echo)
     stages.done("data")
+    settings = replace(settings, jobs=worker_count(settings.district_jobs, len(packs), say=settings.jobs > 0))
     run_dirs = []
     for seed in settings.seeds:
         run_dir = out_dir if len(settings.seeds) == 1 else out_dir / f"seed-{seed}"
