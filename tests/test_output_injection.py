@@ -1,13 +1,22 @@
-"""Bounded worker pools: no idle processes, no more than the memory holds."""
+"""Bounded worker pools (no idle processes, no more than the memory holds) and output files that a spreadsheet or a
+markdown viewer shows as text: a hostile district or file name cannot run a formula or inject a link or HTML."""
 from __future__ import annotations
 
 import concurrent.futures
+import csv
+import io
 import logging
+import re
 from types import SimpleNamespace
 
 import pytest
+from report_runs import districts, make_run
 
 from nfed.common import memory
+from nfed.runs.results import read_results, write_results_csv
+
+HOSTILE = ['=HYPERLINK("http://evil.example","click")', "+1+1", "-2+3", "@SUM(A1:A9)", "\tTab", "\rReturn",
+           "'=quoted", "'plain", "Gangnam-gu"]
 
 
 class Stop(Exception):
@@ -128,3 +137,69 @@ def test_federate_workers_share_the_cpus_among_the_clients_that_run(tmp_path, mo
     with pytest.raises(Stop):
         runner.run({}, [SimpleNamespace(setup={"round": 1}, district="Gangnam-gu")], None)
     assert seen == ["16"]   # one client: it gets every CPU, not 1/16 of them
+
+
+# -- CSV: text cells a spreadsheet shows as text -------------------------------------------------------------
+
+def _cells(text: str) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(text)))
+
+
+def test_results_csv_guards_text_cells_keeps_numbers_and_reads_names_back(tmp_path):
+    rows = [{"district": name, "samples": 10, "precision": -0.12, "recall": 0.5, "f1": 0.25, "iou": 0.1,
+             "stop": "=cmd"} for name in HOSTILE]
+    path = write_results_csv(tmp_path / "local.csv", rows, "local")
+    with path.open(newline="", encoding="utf-8") as handle:
+        cells = _cells(handle.read())[1:]
+    assert [row[0] for row in cells] == [
+        '\'=HYPERLINK("http://evil.example","click")', "'+1+1", "'-2+3", "'@SUM(A1:A9)", "'\tTab", "'\rReturn",
+        "''=quoted", "''plain", "Gangnam-gu"]
+    assert {row[2] for row in cells} == {"-0.120000"}   # a number nfed formats stays a number
+    assert {row[-2] for row in cells} == {"'=cmd"}
+    back = read_results(path)
+    assert list(back) == HOSTILE
+    assert back["+1+1"]["precision"] == pytest.approx(-0.12) and back["+1+1"]["stop"] == "=cmd"
+
+
+def test_report_table_csv_guards_names_not_negative_gains(tmp_path):
+    from nfed.report.build import make_study_report
+
+    entries = districts()
+    entries[0]["name"] = "=1+2"
+    make_study_report([make_run(tmp_path / "run", entries)], tmp_path / "r", figures=False)
+    cells = {row[0]: row for row in _cells((tmp_path / "r" / "table.csv").read_text(encoding="utf-8"))}
+    assert "'=1+2" in cells and "=1+2" not in cells
+    assert cells["Gangseo-gu"][6] == "-2.50"   # the gain column: negative, not turned into text
+
+
+def test_change_summary_csv_guards_image_names(tmp_path):
+    from nfed.data.vectors import write_summary_csv
+
+    write_summary_csv(tmp_path / "changes.csv", [{"image": "=2+5.png", "type": "new", "count": 1, "pixels": 4,
+                                                  "area": 4.0}])
+    assert _cells((tmp_path / "changes.csv").read_text(encoding="utf-8"))[1] == ["'=2+5.png", "new", "1", "4", "4"]
+
+
+# -- table.md: file text shown as text ---------------------------------------------------------------------------
+
+UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")
+
+
+def test_table_md_shows_hostile_names_as_text(tmp_path):
+    from nfed.report.build import make_study_report
+    from nfed.report.text import markdown_text
+
+    name = "x|y <img src=x onerror=alert(1)> [click](http://evil.example) *b* _i_ `c` \\\n| z | row |"
+    entries = districts(**{"Gangdong-gu": {"local_stop": "early|stop\n<b>"}})
+    entries[0]["name"] = name
+    make_study_report([make_run(tmp_path / "<b>run", entries)], tmp_path / "r", figures=False)
+    text = (tmp_path / "r" / "table.md").read_text(encoding="utf-8")
+    table_lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 * (2 + 4)   # two tables: header, rule and four districts each
+    for line in table_lines:
+        assert len(UNESCAPED_PIPE.findall(line)) in (13, 8), line   # 12 columns, 7 columns: no extra cell
+    for markup in ("<img", "<b>", "](", "`c"):   # a tag, a link, a code span: each only escaped
+        assert not re.search(r"(?<!\\)" + re.escape(markup), text), markup
+    assert markdown_text(name) in text and "Run \\<b\\>run:" in text
+    assert markdown_text("a*b_c [d] <e> | `f` & #g\nh") == "a\\*b\\_c \\[d\\] \\<e\\> \\| \\`f\\` \\& \\#g h"
+    assert markdown_text("Gangnam-gu") == "Gangnam-gu" and markdown_text("0.5 ± 0.1") == "0.5 ± 0.1"

@@ -8,13 +8,12 @@ that schema knows only the four change types, so a 2-class model's regions are w
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from nfed.common.atomic import write_json_atomic, write_text_atomic
+from nfed.common.csvtable import csv_cell, csv_text
 from nfed.data.labels import label_document, parse_label
 from nfed.data.polygons import UNTYPED, ChangeRegion, label_outlines, require_shapely, summarise
 
@@ -92,10 +91,8 @@ def write_label_json(path: str | os.PathLike, document: dict) -> None:
 
 
 def write_summary_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    """The per-image summary as CSV (SUMMARY_COLUMNS), written atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**row, "area": f"{row['area']:.6g}"})
-    write_text_atomic(path, buffer.getvalue())
+    """The per-image summary as CSV (SUMMARY_COLUMNS), written atomically; an image name a spreadsheet would run
+    as a formula is written as text (csv_cell)."""
+    number = {"area": lambda area: f"{area:.6g}"}
+    cells = ([csv_cell(row[column], number.get(column, str)) for column in SUMMARY_COLUMNS] for row in rows)
+    write_text_atomic(path, csv_text(SUMMARY_COLUMNS, cells))

@@ -5,16 +5,27 @@ headline number computed on the seed means is followed by its mean ± interval o
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
+import re
+from typing import Callable
 
+from nfed.common.csvtable import csv_cell, csv_text
 from nfed.report.comparison import GAINS, Comparison
 from nfed.report.fairness import MIN_TEST_CHANGE_PIXELS, MIN_TEST_TILES
 
 STUDY_COLUMNS = (("study_samples", "study samples", None), ("study_f1_local", "study F1 local", 4),
                  ("study_f1_federated", "study F1 federated", 4), ("study_gain_pct", "study gain %", 2))
 NOT_RECORDED = "not recorded"
+# What markdown or HTML acts on in running text and table cells, and the characters that break a line.
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#])")
+LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def markdown_text(text) -> str:
+    """Text read from a file (a district or run name, a stop reason) as markdown that shows it literally: on one
+    line, with every character that markdown or HTML would act on backslash-escaped, so that a hostile name cannot
+    add a table cell or row, a link, a tag or emphasis."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", LINE_BREAKS.sub(" ", str(text)))
 
 
 def _fmt(value, digits: int | None = 4, signed: bool = False) -> str:
@@ -54,12 +65,13 @@ def table_csv(comparison: Comparison) -> str:
     for key, _, digits in table_columns(comparison):
         keys += [(key, digits)] + ([(f"{key}_low", digits), (f"{key}_high", digits)]
                                    if seeds and key.startswith(("f1_", "gain")) else [])
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([key for key, _ in keys])
-    for row in comparison.rows:
-        writer.writerow(["" if row.get(key) is None else _fmt(row[key], digits) for key, digits in keys])
-    return buffer.getvalue()
+    return csv_text([key for key, _ in keys], ([_csv_cell(row.get(key), digits) for key, digits in keys]
+                                               for row in comparison.rows))
+
+
+def _csv_cell(value, digits: int | None) -> str:
+    """A table.csv cell: numbers as the table shows them, a district name guarded against formula injection."""
+    return "" if value is None else csv_cell(value, lambda number: _fmt(number, digits))
 
 
 def _number(summary: dict, key: str, digits: int, unit: str = "", signed: bool = False) -> str:
@@ -103,13 +115,15 @@ def _wilcoxon(name: str, test: dict) -> str:
             f"W = {_fmt(test['statistic'], None)}, p = {p}")
 
 
-def headline_lines(comparison: Comparison) -> list[str]:
-    """Headline numbers beside the study's and paired tests; with seeds on the seed means."""
+def headline_lines(comparison: Comparison, text: Callable[[str], str] = str) -> list[str]:
+    """Headline numbers beside the study's and paired tests; with seeds on the seed means. `text` renders the
+    names read from files (the runs' labels)."""
     s, study = comparison.summary, comparison.summary.get("study", {})
     lines = []
     if comparison.seeds:
-        lines.append(f"{s['seeds']} seeds ({', '.join(c.runs[0].label for c in comparison.seeds)}): numbers on the "
-                     f"seed means; ± is the half-width of the 95 % Student-t interval over seeds")
+        labels = ", ".join(text(c.runs[0].label) for c in comparison.seeds)
+        lines.append(f"{s['seeds']} seeds ({labels}): numbers on the seed means; ± is the half-width of the 95 % "
+                     f"Student-t interval over seeds")
     others = [c for c in comparison.columns if c not in ("local", "federated")]
     lines.append(f"mean F1 local -> federated: {_number(s, 'mean_f1_local', 4)} -> {_number(s, 'mean_f1_federated', 4)}"
                  f" (study {_fmt(study.get('mean_f1_local'))} -> {_fmt(study.get('mean_f1_federated'))})"
@@ -142,10 +156,10 @@ def goal_verdict(goal: dict) -> str:
     return "not measured" if goal["met"] is None else ("yes" if goal["met"] else "NO")
 
 
-def summary_lines(comparison: Comparison) -> list[str]:
+def summary_lines(comparison: Comparison, text: Callable[[str], str] = str) -> list[str]:
     """The headline lines, then one line per goal of the fair re-run."""
-    return headline_lines(comparison) + [f"goal: {goal['target']}: {goal['measured']}: {goal_verdict(goal)}"
-                                         for goal in comparison.summary["goals"]]
+    return headline_lines(comparison, text) + [f"goal: {goal['target']}: {goal['measured']}: {goal_verdict(goal)}"
+                                               for goal in comparison.summary["goals"]]
 
 
 def _training(row: dict, column: str) -> str:
@@ -161,13 +175,16 @@ def _training(row: dict, column: str) -> str:
     return text + (" (global kept)" if column == "personalised" and best == 0 else "")
 
 
-def fairness_header(section: dict) -> list[str]:
+def fairness_header(section: dict, text: Callable[[str], str] = str) -> list[str]:
+    """The fairness section's lines above its table; `text` renders what was read from files (names, stop
+    rules and reasons)."""
     federation, central = section["federation"], section["centralised"]
     lines = [f"federation: {_fmt(federation['rounds'])} rounds, best round {_fmt(federation['best_round'])}, stop "
-             f"rule {federation['stop_rule'] or NOT_RECORDED} ({federation['stop_reason'] or NOT_RECORDED})"]
+             f"rule {text(federation['stop_rule'] or NOT_RECORDED)} "
+             f"({text(federation['stop_reason'] or NOT_RECORDED)})"]
     if central is not None:
         lines.append(f"centralised model: {_fmt(central['epochs_run'])} epochs, {_fmt(central['steps'])} steps, "
-                     f"stop {central['stop'] or NOT_RECORDED} (best epoch {_fmt(central['best_epoch'])}), "
+                     f"stop {text(central['stop'] or NOT_RECORDED)} (best epoch {_fmt(central['best_epoch'])}), "
                      f"{_fmt(central['train_samples'])} training samples")
     totals = []
     for column in ("local", "federated", "personalised"):
@@ -178,9 +195,9 @@ def fairness_header(section: dict) -> list[str]:
         totals.append(f"centralised {central['steps']:,}")
     lines.append("optimiser steps over all districts: " + (", ".join(totals) or NOT_RECORDED))
     for column, names in section["capped"].items():
-        lines.append(f"{column} runs that ended on the epoch cap: {', '.join(names) or 'none'}")
+        lines.append(f"{column} runs that ended on the epoch cap: {', '.join(map(text, names)) or 'none'}")
     lines.append(f"test splits too small (< {MIN_TEST_TILES} tiles or < {MIN_TEST_CHANGE_PIXELS:,} change pixels): "
-                 f"{', '.join(section['small_test_split']) or 'none'}")
+                 f"{', '.join(map(text, section['small_test_split'])) or 'none'}")
     return lines
 
 
@@ -199,11 +216,12 @@ def fairness_cells(section: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def fairness_markdown(section: dict, heading: str) -> list[str]:
+    """The fairness section in markdown under `heading`; every cell and warning shown as text (markdown_text)."""
     header, cells = fairness_cells(section)
-    lines = [heading, ""] + [f"- {line}" for line in fairness_header(section)] + [""]
+    lines = [heading, ""] + [f"- {line}" for line in fairness_header(section, markdown_text)] + [""]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return lines + [""] + [f"- warning: {w}" for w in section["warnings"]] + [""]
+    lines += ["| " + " | ".join(map(markdown_text, row)) + " |" for row in cells]
+    return lines + [""] + [f"- warning: {markdown_text(w)}" for w in section["warnings"]] + [""]
 
 
 def table_markdown(comparison: Comparison) -> str:
@@ -211,11 +229,12 @@ def table_markdown(comparison: Comparison) -> str:
     columns = table_columns(comparison)
     lines = ["# nfed: " + ", ".join(comparison.columns) + " F1 per district (study Table 4)", "",
              "| " + " | ".join(header for _, header, _ in columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
-    lines += ["| " + " | ".join(cell_text(row, key, digits) for key, _, digits in columns) + " |"
+    lines += ["| " + " | ".join(markdown_text(cell_text(row, key, digits)) for key, _, digits in columns) + " |"
               for row in comparison.rows]
-    lines += [""] + [f"- {line}" for line in summary_lines(comparison)] + ["", "## Fairness", ""]
+    lines += [""] + [f"- {line}" for line in summary_lines(comparison, markdown_text)] + ["", "## Fairness", ""]
     for section in comparison.summary["fairness"]:
-        heading = f"### {section['run']}" if comparison.seeds else f"Run {section['run']}:"
+        run = markdown_text(section["run"])
+        heading = f"### {run}" if comparison.seeds else f"Run {run}:"
         lines += fairness_markdown(section, heading)
     return "\n".join(lines)
 

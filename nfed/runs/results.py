@@ -6,13 +6,11 @@ comparison fair or not (SEED.md's protocol; ARCHITECTURE.md "what makes a compar
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from nfed.common.atomic import write_text_atomic
-from nfed.common.csvtable import read_csv_rows
+from nfed.common.csvtable import csv_cell, csv_text, read_csv_rows
 from nfed.common.errors import DataError
 
 METRIC_COLUMNS = ("district", "samples", "precision", "recall", "f1", "iou")
@@ -65,12 +63,8 @@ def format_value(value) -> str:
 
 
 def results_csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([format_value(row.get(column)) for column in columns])
-    return buffer.getvalue()
+    """The table's CSV text: numbers by format_value, text guarded against formula injection (csv_cell)."""
+    return csv_text(columns, ([csv_cell(row.get(column), format_value) for column in columns] for row in rows))
 
 
 def write_results_csv(path: str | Path, rows: Sequence[Mapping], kind: str) -> Path:
