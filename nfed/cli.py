@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nfed.commands.demo", "demo"),
     "bench": ("nfed.commands.bench", "bench"),
     "flower-app": ("nfed.commands.flower", "flower_app"),
+    "flower-gateway": ("nfed.commands.flower", "flower_gateway"),
     "status": ("nfed.commands.status", "status"),
 }
 

@@ -13,7 +13,8 @@ connection config, so nothing outside the work folder is touched; telemetry is o
         result = flower.run_app(app_dir, timeout=120)
 
 flwr 1.42 serves the SuperLink's Fleet, Control and ServerApp runtime APIs on one HTTP port (`--port`); a
-SuperNode opens one more port of its own (`--port`) for its ClientApp runtime.
+SuperNode opens one more port of its own (`--port`) for its ClientApp runtime. With `gateway_host`, the README's
+recipe: the SuperNodes reach the SuperLink through `nfed flower-gateway` (the Fleet API alone) on that address.
 """
 from __future__ import annotations
 
@@ -41,25 +42,25 @@ def flwr_available() -> bool:
     return (Path(sys.executable).parent / "flower-superlink").exists()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (bound to port 0, then released)."""
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port on `host` (127.0.0.1) that nothing listens on now (bound to port 0, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Block until something accepts connections on 127.0.0.1:port (RuntimeError on timeout or exit)."""
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None, host: str = LOOPBACK) -> None:
+    """Block until something accepts connections on host:port (RuntimeError on timeout or exit)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process {process.args[0]} exited with {process.returncode} before listening")
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.settimeout(0.5)
-            if sock.connect_ex((LOOPBACK, port)) == 0:
+            if sock.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {LOOPBACK}:{port} after {timeout:.0f} s")
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
 # ------------------------------------------------------------------------------------------------- TLS
@@ -73,8 +74,9 @@ class TlsFiles:
     server_key: Path
 
 
-def make_tls_files(directory: Path, *, days: int = 2) -> TlsFiles:
-    """Generate a CA and a SuperLink server certificate (SAN 127.0.0.1, localhost) with `cryptography`."""
+def make_tls_files(directory: Path, *, days: int = 2, extra_ips: Collection[str] = ()) -> TlsFiles:
+    """Generate a CA and a SuperLink server certificate (SAN 127.0.0.1, localhost and `extra_ips`) with
+    `cryptography`."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -105,7 +107,8 @@ def make_tls_files(directory: Path, *, days: int = 2) -> TlsFiles:
                    .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(valid_from).not_valid_after(valid_to)
                    .add_extension(x509.SubjectAlternativeName([
-                       x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]),
+                       x509.DNSName("localhost"),
+                       *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in (LOOPBACK, *extra_ips))]),
                        critical=False)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -233,6 +236,15 @@ def format_node_config(node_config: Mapping[str, object]) -> str:
     return " ".join(parts)
 
 
+def write_flwr_config(flwr_home: Path, address: str, ca_cert: Path | None) -> None:
+    """FLWR_HOME/config.toml naming one connection, `nfed-test`, to the SuperLink at `address` (TLS checked
+    against `ca_cert`; None: insecure), as the README's operator writes it."""
+    lines = ['[superlink]', 'default = "nfed-test"', '', '[superlink.nfed-test]', f'address = "{address}"']
+    lines.append("insecure = true" if ca_cert is None else f'root-certificates = "{ca_cert}"')
+    Path(flwr_home).mkdir(parents=True, exist_ok=True)
+    (Path(flwr_home) / "config.toml").write_text("\n".join(lines) + "\n")
+
+
 @dataclass
 class RunResult:
     """What `flwr run ... --stream` printed and how it ended."""
@@ -246,8 +258,12 @@ class FlowerDeployment:
     """SuperLink + SuperNodes + `flwr run` on loopback; a context manager that always stops them all."""
 
     def __init__(self, workdir: Path, *, tls: TlsFiles | None = None, python_path: list[Path] | None = None,
-                 node_auth: bool = False):
+                 node_auth: bool = False, superlink_host: str = LOOPBACK, gateway_host: str | None = None):
         self.workdir = Path(workdir)
+        self.superlink_host = superlink_host   # where the SuperLink listens (the operator's `flwr` connects there)
+        self.gateway_host = gateway_host       # set: SuperNodes connect through `nfed flower-gateway` listening here
+        if gateway_host is not None and tls is None:
+            raise ValueError("nfed flower-gateway needs TLS")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.node_auth = node_auth   # SuperLink admits only SuperNodes whose public key is registered
@@ -265,6 +281,7 @@ class FlowerDeployment:
             paths = [str(p) for p in python_path] + ([existing] if existing else [])
             self.env["PYTHONPATH"] = os.pathsep.join(paths)
         self.superlink_port: int | None = None
+        self.fleet_address: str | None = None   # host:port the SuperNodes connect to
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[str, subprocess.Popen] = {}
         self._supernode_args: dict[str, tuple[list[str], int]] = {}   # name -> (command line, runtime port)
@@ -294,9 +311,9 @@ class FlowerDeployment:
         return ["--insecure"] if self.tls is None else []
 
     def start_superlink(self, timeout: float = 60.0) -> int:
-        """Start the SuperLink on a free loopback port; returns that port once it accepts connections."""
-        port = free_port()
-        args = ["flower-superlink", *self._security_args(), "--host", LOOPBACK, "--port", str(port),
+        """Start the SuperLink on a free port of its host; returns that port once it accepts connections."""
+        port = free_port(self.superlink_host)
+        args = ["flower-superlink", *self._security_args(), "--host", self.superlink_host, "--port", str(port),
                 "--disable-runtime-dependency-installation"]
         if self.tls is not None:
             args += ["--ssl-certfile", str(self.tls.server_cert), "--ssl-keyfile", str(self.tls.server_key),
@@ -304,16 +321,35 @@ class FlowerDeployment:
         if self.node_auth:
             args.append("--enable-supernode-auth")
         self.superlink = self._start("superlink", args)
-        wait_for_port(port, timeout, self.superlink)
+        wait_for_port(port, timeout, self.superlink, host=self.superlink_host)
         self.superlink_port = port
+        self.fleet_address = f"{self.superlink_host}:{port}"
         self._write_connection_config()
+        if self.gateway_host is not None:
+            self._start_gateway(timeout)
         return port
+
+    def _start_gateway(self, timeout: float) -> None:
+        """`nfed flower-gateway` on a free port of `gateway_host`, relaying the Fleet API alone to the SuperLink;
+        the SuperNodes connect to it."""
+        port = free_port(self.gateway_host)
+        gateway = self._start("gateway", [
+            "nfed", "flower-gateway", "--listen", f"{self.gateway_host}:{port}",
+            "--superlink", f"{self.superlink_host}:{self.superlink_port}", "--ssl-certfile", str(self.tls.server_cert),
+            "--ssl-keyfile", str(self.tls.server_key), "--root-certificates", str(self.tls.ca_cert)])
+        wait_for_port(port, timeout, gateway, host=self.gateway_host)
+        self.fleet_address = f"{self.gateway_host}:{port}"
+
+    def flwr(self, *args: str, flwr_home: Path | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run `flwr ARGS...` with this deployment's connection config, or with the one in `flwr_home` (e.g. an
+        outsider's, who holds nothing but ca.crt); returns the finished process (text output)."""
+        env = self.env if flwr_home is None else {**self.env, "FLWR_HOME": str(flwr_home)}
+        return subprocess.run([str(self.bin_dir / "flwr"), *args], env=env, cwd=self.workdir, capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def register_supernode(self, public_key: Path, timeout: float = 60.0) -> None:
         """`flwr supernode register KEY.pub nfed-test`: admit the SuperNode holding the matching private key."""
-        result = subprocess.run([str(self.bin_dir / "flwr"), "supernode", "register", str(public_key), "nfed-test"],
-                                env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout,
-                                stdin=subprocess.DEVNULL)
+        result = self.flwr("supernode", "register", str(public_key), "nfed-test", timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"flwr supernode register failed ({result.returncode}): "
                                f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
@@ -329,8 +365,8 @@ class FlowerDeployment:
         started = []
         for name, node_config in node_configs.items():
             port = free_port()
-            args = ["flower-supernode", *self._security_args(), "--superlink",
-                    f"{LOOPBACK}:{self.superlink_port}", "--host", LOOPBACK, "--port", str(port),
+            args = ["flower-supernode", *self._security_args(), "--superlink", self.fleet_address,
+                    "--host", LOOPBACK, "--port", str(port),
                     "--node-config", format_node_config(node_config)]
             if self.tls is not None:
                 args += ["--root-certificates", str(self.tls.ca_cert)]
@@ -381,13 +417,8 @@ class FlowerDeployment:
         return bool(victims)
 
     def _write_connection_config(self) -> None:
-        lines = ['[superlink]', 'default = "nfed-test"', '', '[superlink.nfed-test]',
-                 f'address = "{LOOPBACK}:{self.superlink_port}"']
-        if self.tls is None:
-            lines.append("insecure = true")
-        else:
-            lines.append(f'root-certificates = "{self.tls.ca_cert}"')
-        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+        write_flwr_config(self.flwr_home, f"{self.superlink_host}:{self.superlink_port}",
+                          None if self.tls is None else self.tls.ca_cert)
 
     def run_app(self, app_dir: Path, *, run_config: Mapping[str, object] | None = None, timeout: float = 120.0,
                 on_line: Callable[[str], None] | None = None,

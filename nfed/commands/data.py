@@ -8,6 +8,7 @@ import click
 
 from nfed.commands.options import limited
 from nfed.common import strict_json
+from nfed.common.paths import refuse_output_over_inputs
 from nfed.common.names import printable
 from nfed.common.progress import progress
 
@@ -72,6 +73,7 @@ def pack(src, out_dir, fmt, tile, split, seed, district_map, skip_bad, quiet):
     district."""
     from nfed.data.pack import pack_folder, parse_split
 
+    refuse_output_over_inputs(out_dir, {"SRC": src, "--district-map": district_map})
     report = pack_folder(src, out_dir, fmt=fmt, tile=tile, split=parse_split(split), seed=seed,
                          district_map=district_map, skip_bad=skip_bad, progress=_bar(not quiet))
     for district, path in report.written.items():

@@ -8,6 +8,7 @@ import click
 from nfed.commands.options import device_option, limited, precision_option, run_environment
 from nfed.common.atomic import new_folder
 from nfed.common.errors import ConfigError
+from nfed.common.paths import refuse_output_over_inputs
 from nfed.common.validate import check_number
 
 
@@ -146,6 +147,8 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
     train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed)
     require_memory(train_config, env.device)
     packs = find_packs(data_dir)
+    speeds_file = client_speeds if client_speeds and Path(client_speeds).exists() else None
+    refuse_output_over_inputs(run_dir, {"--data": list(packs.values()), "--client-speeds": speeds_file})
     config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
                               warmup_rounds=warmup_rounds,
                               delta=delta, deadline=deadline, fraction=fraction, min_clients=min_clients,
@@ -183,6 +186,7 @@ def report(run_dirs, local_run, federated_run, personalised_run, centralised_run
     summary.json, figures, and all of it on one page: report.html). Each unfairness found is a `warning:` line
     on stderr."""
     from nfed.report.build import make_report, make_study_report, table_text
+    from nfed.runs.results import FILE_NAMES, study_table
 
     files = {"--local": local_run, "--federated": federated_run, "--personalised": personalised_run,
              "--centralised": centralised_run}
@@ -190,6 +194,8 @@ def report(run_dirs, local_run, federated_run, personalised_run, centralised_run
         raise ConfigError("give either --run RUN (repeatable) or --local/--federated results, not both")
     if not run_dirs and (local_run is None or federated_run is None):
         raise ConfigError("give --run RUN, or both --local and --federated")
+    read = [folder for run in run_dirs for folder in [run, *(study_table(run, kind).parent for kind in FILE_NAMES)]]
+    refuse_output_over_inputs(out_dir, {"--run": read, **files})
     figures = not no_figures
     if run_dirs:
         comparison = make_study_report(run_dirs, out_dir, figures=figures)

@@ -1,5 +1,6 @@
 """`nfed flower-app`: write the Flower app folder that runs nfed's federation on a SuperLink + SuperNodes
-(the folder's contents are nfed.federation.flower_app's)."""
+(the folder's contents are nfed.federation.flower_app's); `nfed flower-gateway`: the SuperLink's one public door,
+which relays the Fleet API alone (nfed.federation.flower_gateway)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ import click
 from nfed.commands.federation import protocol_options
 from nfed.commands.options import limited
 from nfed.common.errors import ConfigError
+from nfed.common.paths import refuse_output_over_inputs
 
 
 @click.command("flower-app")
@@ -58,6 +60,7 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
 
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --run-dir, --overwrite replaces it: give one of them")
+    refuse_output_over_inputs(app_dir, {"--districts-file": districts_file})
     districts = read_allow_list(district_names, districts_file)
 
     app_dir = Path(app_dir)
@@ -78,3 +81,41 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
                + (f", districts {', '.join(districts)}" if districts else ", any district")
                + f"; run folder {Path(run_dir).resolve()}")
     click.echo(f"run it with: flwr run {app_dir} <connection> --stream")
+
+
+@click.command("flower-gateway")
+@click.option("--listen", required=True,
+              help="HOST:PORT the SuperNodes connect to (e.g. 0.0.0.0:9092); give them this as --superlink")
+@click.option("--superlink", default="127.0.0.1:9091", show_default=True,
+              help="the SuperLink's HOST:PORT, on loopback or an admin network that no district reaches")
+@click.option("--ssl-certfile", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="certificate the gateway presents (the SuperLink's server.pem; its subjectAltName holds the "
+                   "name or address the SuperNodes use)")
+@click.option("--ssl-keyfile", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="its private key (server.key)")
+@click.option("--root-certificates", "ca_certfile", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="the CA certificate (ca.crt) the SuperLink's certificate is checked against")
+@click.option("--max-request-mib", type=click.IntRange(1, 1 << 20), default=1024, show_default=True,
+              help="largest request relayed, in MiB (a model travels in 5 MB chunks; a secure-aggregation "
+                   "update in one piece of 8 bytes per parameter)")
+def flower_gateway(listen, superlink, ssl_certfile, ssl_keyfile, ca_certfile, max_request_mib):
+    """Relay the Flower Fleet API, and nothing else, to a SuperLink that listens on loopback.
+
+    flwr 1.42 serves the Fleet API (SuperNodes), the Control API (`flwr run`, `flwr supernode register`) and the
+    ServerApps' runtime API on the SuperLink's one port, and checks no operator identity: anyone who reaches it
+    with ca.crt registers nodes and runs code. Start the SuperLink with --host 127.0.0.1 and this gateway on the
+    address the districts reach: other requests get 403 (logged on stderr). Stop it with SIGTERM or Ctrl-C.
+    """
+    from nfed.federation.flower_gateway import FleetGateway, parse_endpoint
+
+    gateway = FleetGateway(parse_endpoint(listen, "--listen"), parse_endpoint(superlink, "--superlink"),
+                           certfile=ssl_certfile, keyfile=ssl_keyfile, ca_certfile=ca_certfile,
+                           max_request_bytes=max_request_mib << 20)
+    click.echo(f"nfed flower-gateway: relaying the Fleet API from {gateway.address} to the SuperLink at "
+               f"{gateway.superlink}; every other request is refused", err=True)
+    try:
+        gateway.serve_forever()
+    except KeyboardInterrupt:   # SIGTERM (nfed's handler raises a KeyboardInterrupt) or Ctrl-C: a normal stop
+        pass
+    finally:
+        gateway.server.server_close()

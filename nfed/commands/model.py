@@ -11,7 +11,8 @@ from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_optio
                                    run_environment, training_setup)
 from nfed.commands.predict_outputs import describe_regions, output_options
 from nfed.common import backend, strict_json
-from nfed.common.errors import ConfigError, DataError
+from nfed.common.errors import ConfigError
+from nfed.common.paths import refuse_output_over_inputs
 from nfed.training.study import METRIC_KEYS
 
 
@@ -65,7 +66,7 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
     tiles, pixels, change pixels) and how training ended (epochs, optimiser steps, stop: early-stop when
     the patience ran out, cap when --epochs was reached first, i.e. possibly not converged).
     """
-    from nfed.data.reader import list_packs
+    from nfed.runs.packs import find_packs
     from nfed.training.study import local_column
 
     config, env = training_setup(device, precision, **options)
@@ -73,13 +74,12 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
         if data_path.is_file():
             raise ConfigError(f"--all trains every pack of a folder, but --data {data_path} is a file; "
                               "drop --all to train this one pack")
-        packs = list_packs(data_path)
-        if not packs:
-            raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
+        packs = list(find_packs(data_path).values())
     else:
         if data_path.is_dir():
             raise ConfigError(f"--data {data_path} is a folder: add --all to train every district in it")
         packs = [data_path]
+    refuse_output_over_inputs(out_dir, {"--data": packs})
 
     def said(summary: dict) -> None:
         click.echo(f"{summary['district']}: f1 {summary['f1']:.4f} precision {summary['precision']:.4f} "
@@ -139,8 +139,10 @@ def predict(model_path, past, current, pairs, out_path, batch_size, outputs, dev
         raise ConfigError("give either --past and --current, or --pairs DIR")
     if pairs is None:
         jobs = [(past, current, out_path)]
+        refuse_output_over_inputs(out_path, {"--model": model_path, "--past": past, "--current": current})
     else:
         jobs = [(a, b, out_path / mask_name(a)) for a, b in find_pairs(pairs)]
+        refuse_output_over_inputs(out_path, {"--model": model_path, "--pairs": [p for job in jobs for p in job[:2]]})
     start = time.perf_counter()
     summaries = predict_pairs(model_path, jobs, device=backend.parse_device(device), batch_size=batch_size,
                               outputs=outputs, show_progress=not quiet)

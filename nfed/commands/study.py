@@ -7,17 +7,18 @@ from pathlib import Path
 import click
 
 from nfed.commands.options import TRAINING_OPTIONS, apply_options, device_option, precision_option, training_setup
-from nfed.common.errors import ConfigError, DataError
+from nfed.common.errors import ConfigError
+from nfed.common.paths import refuse_output_over_inputs
 
 
-def _packs(data_path: Path) -> list[Path]:
-    from nfed.data.reader import list_packs
+def _packs(data_path: Path, out_dir: Path, inputs: dict | None = None) -> list[Path]:
+    """The folder's packs (one per district), once the run folder is known not to hold any input."""
+    from nfed.runs.packs import find_packs
 
     if not data_path.is_dir():
         raise ConfigError(f"--data {data_path}: expected the folder of district packs")
-    packs = list_packs(data_path)
-    if not packs:
-        raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
+    packs = list(find_packs(data_path).values())
+    refuse_output_over_inputs(out_dir, {**(inputs or {}), "--data": packs})
     return packs
 
 
@@ -44,7 +45,7 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
     from nfed.training.study import central_column
 
     config, env = training_setup(device, precision, **options)
-    summary, rows = central_column(_packs(data_path), out_dir, config, env=env, quiet=quiet)
+    summary, rows = central_column(_packs(data_path, out_dir), out_dir, config, env=env, quiet=quiet)
     for row in rows:
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['test_tiles']} test tiles)")
     click.echo(f"centralised model: {summary['epochs_run']} epochs, {summary['steps']} steps, stopped by "
@@ -67,6 +68,7 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
     from nfed.training.study import fine_tune_config, model_setup, personalised_column
     from nfed.training.trainer import checkpoint_train_config
 
+    packs = _packs(data_path, out_dir, {"--model": model_path})
     checkpoint = load_checkpoint(model_path)
     options.update(model_setup(checkpoint_train_config(checkpoint), options, model_path))
     config, env = training_setup(device, precision, **options)
@@ -78,6 +80,6 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
                    f"stopped by {row['stop']}){kept}")
 
-    rows = personalised_column(checkpoint.model_state, _packs(data_path), out_dir, config, env=env, quiet=quiet,
+    rows = personalised_column(checkpoint.model_state, packs, out_dir, config, env=env, quiet=quiet,
                                source=str(model_path), on_row=said)
     click.echo(f"wrote {out_dir / 'personalised.csv'} ({len(rows)} districts)")

@@ -10,17 +10,21 @@ from nfed.data.reader import DistrictPack, list_packs
 
 
 def find_packs(data_dir: str | Path) -> dict[str, Path]:
-    """district name -> pack path for every pack in `data_dir` (DataError when missing or empty)."""
+    """district name -> pack path for every pack in `data_dir`, in the study's order (DataError when missing or
+    empty, or when two packs hold one district: using either would silently drop or double-count data)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: packs folder not found")
     paths = list_packs(data_dir)
     if not paths:
         raise DataError(f"{data_dir}: no district packs (*.h5) found")
-    packs = {}
+    packs: dict[str, Path] = {}
     for path in paths:
         with DistrictPack(path) as pack:
-            packs[pack.district] = Path(path)
+            district = pack.district
+        if district in packs:
+            raise DataError(f"{packs[district]} and {path} both hold district {district!r}: keep one of them")
+        packs[district] = Path(path)
     return packs
 
 

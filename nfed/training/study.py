@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from nfed.common.atomic import make_folder, new_folder, write_json_atomic
-from nfed.common.errors import ConfigError, DataError
+from nfed.common.errors import ConfigError
 from nfed.common.names import child_path
 from nfed.runs.results import FILE_NAMES, test_facts, write_results_csv
 from nfed.runs.runlock import RunLock
@@ -208,15 +208,14 @@ def score_checkpoint(model_path: str | Path, data_path: str | Path, split: str =
     """A checkpoint's change metrics on one split of a pack, or of every pack of a folder and pooled over all of
     them (`nfed evaluate`)."""
     from nfed.core.metrics import ConfusionMatrix
-    from nfed.data.reader import DistrictPack, list_packs
+    from nfed.data.reader import DistrictPack
+    from nfed.runs.packs import find_packs
     from nfed.training.trainer import evaluate, model_from_checkpoint
 
     env = env or default_environment()
     model, _ = model_from_checkpoint(model_path, device=env.device)
     data_path = Path(data_path)
-    pack_paths = list_packs(data_path) if data_path.is_dir() else [data_path]
-    if not pack_paths:
-        raise DataError(f"{data_path}: no district packs (*.h5) in this folder")
+    pack_paths = list(find_packs(data_path).values()) if data_path.is_dir() else [data_path]
     overall = ConfusionMatrix()
     districts = []
     with env.active():
