@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-central": ("nfed.commands.study", "train_central"),
     "personalise": ("nfed.commands.study", "personalise"),
     "evaluate": ("nfed.commands.model", "evaluate"),
+    "adapt": ("nfed.commands.adapt", "adapt"),
     "predict": ("nfed.commands.model", "predict"),
     "export": ("nfed.commands.export", "export"),
     "federate": ("nfed.commands.federation", "federate"),

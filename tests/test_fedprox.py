@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_federation import PACKS, _run, fake_train
+from test_training import synthetic_pack
 
 from nfed.common.errors import ConfigError
 from nfed.core import nn
@@ -13,8 +15,6 @@ from nfed.core.autograd import no_grad
 from nfed.federation.client import PROX_MU_KEY, make_round_setup, train_round
 from nfed.federation.config import FederationConfig
 from nfed.training.trainer import TrainConfig, add_proximal_gradient, build_model, build_optimizer, fit
-from test_federation import PACKS, _run, fake_train
-from test_training import synthetic_pack
 
 
 @pytest.fixture(scope="module")
