@@ -168,3 +168,101 @@ def test_two_packs_of_one_district_are_refused_naming_both(command, twin_packs, 
             "evaluate": ["evaluate", "--model", model, "--data", twin_packs]}[command]
     one_line_error(invoke(*args), f"{twin_packs / 'a.h5'} and {twin_packs / 'b.h5'} both hold district 'Jung-gu'")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ 6. links in run folders
+
+def _secret(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    return secret
+
+
+def test_a_symlinked_lock_is_refused_without_truncating_or_printing_its_target(packs, tmp_path):
+    secret = _secret(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".nfed.lock").symlink_to(secret)
+    result = invoke("federate", "--data", packs, "--out", run, "--rounds", "1", "--width", "2", "--quiet",
+                    "--no-round-eval")
+    one_line_error(result, f"{run / '.nfed.lock'} is a symbolic link: refusing to follow it")
+    assert "not nfed's" not in result.output
+    assert secret.read_text() == SECRET and sorted(p.name for p in run.iterdir()) == [".nfed.lock"]
+
+
+def test_a_hard_linked_or_special_lock_is_refused(packs, tmp_path):
+    from nfed.common.errors import NfedError
+    from nfed.runs.runlock import RunLock
+
+    secret = _secret(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    os.link(secret, run / ".nfed.lock")
+    with pytest.raises(NfedError, match="not a regular file of its own"):
+        with RunLock(run):
+            pass
+    assert secret.read_text() == SECRET
+    (run / ".nfed.lock").unlink()
+    os.mkfifo(run / ".nfed.lock")
+    with pytest.raises(NfedError, match="not a regular file"):
+        with RunLock(run):
+            pass
+
+
+def test_status_never_blocks_on_or_follows_a_planted_lock(tmp_path):
+    """`nfed status` tests the lock read-only: a FIFO there must not hang it, a link must not be followed."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / ".nfed.lock")
+    code = f"from nfed.runs.runlock import lock_holder; print(lock_holder({str(run)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
+
+
+def test_state_files_read_back_are_not_followed_through_links(tmp_path):
+    from nfed.common.errors import NfedError
+    from nfed.runs.runfolder import read_rounds
+    from nfed.runs.runstatus import write_status
+
+    other = tmp_path / "other"
+    other.mkdir()
+    write_status(other, "finished", round_number=7, rounds=7)
+    (other / "rounds.jsonl").write_text('{"round": 1}\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").symlink_to(other / "status.json")
+    one_line_error(invoke("status", run), "status.json is a symbolic link")
+    (run / "rounds.jsonl").symlink_to(other / "rounds.jsonl")
+    with pytest.raises(NfedError, match="rounds.jsonl is a symbolic link"):
+        read_rounds(run / "rounds.jsonl")
+
+
+def test_a_log_appended_in_place_is_not_followed_through_a_link(tmp_path):
+    """LineLog (epochs.jsonl) appends in place: a link planted at its name must not append to its target."""
+    from nfed.common.atomic import LineLog
+    from nfed.common.errors import NfedError
+
+    secret = _secret(tmp_path)
+    (tmp_path / "epochs.jsonl").symlink_to(secret)
+    with pytest.raises(NfedError, match="epochs.jsonl is a symbolic link"):
+        LineLog(tmp_path / "epochs.jsonl").write("{}\n")
+    assert secret.read_text() == SECRET
+    log = LineLog(tmp_path / "own.jsonl")          # a fresh log, and one appended to, still work
+    log.write("1\n")
+    log.close()
+    log = LineLog(tmp_path / "own.jsonl")
+    log.write("2\n")
+    log.close()
+    assert (tmp_path / "own.jsonl").read_text() == "1\n2\n"
+
+
+def test_a_run_folder_whose_client_state_is_a_link_is_refused(packs, tmp_path):
+    """--client-state keep writes RUN/client_state/: a link there would put the files outside the run folder."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "client_state").symlink_to(elsewhere, target_is_directory=True)
+    one_line_error(invoke("federate", "--data", packs, "--out", run, "--rounds", "1", "--width", "2", "--quiet",
+                          "--no-round-eval", "--client-state", "keep"), "client_state is a symbolic link")
+    assert list(elsewhere.iterdir()) == []

@@ -8,8 +8,8 @@ import click
 
 from nfed.commands.options import limited
 from nfed.common import strict_json
-from nfed.common.paths import refuse_output_over_inputs
 from nfed.common.names import printable
+from nfed.common.paths import refuse_output_over_inputs
 from nfed.common.progress import progress
 
 

@@ -136,6 +136,7 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
     from nfed.federation.config import FederationConfig, load_client_speeds
     from nfed.federation.server import federate as run_federation
     from nfed.runs.packs import find_packs
+    from nfed.runs.runfolder import check_run_folder
     from nfed.runs.runlock import RunLock
     from nfed.training.trainer import profile_config, require_memory
 
@@ -157,6 +158,7 @@ def federate(data_dir, run_dir, profile, rounds, local_epochs, eps, patience_rou
                               client_speeds=load_client_speeds(client_speeds, list(packs)), seed=seed,
                               gpus=gpu_ids, evaluate_rounds=not no_round_eval, **defences)
     with new_folder(run_dir), RunLock(run_dir):  # the plan comes from the run that holds the folder, not a refused one
+        check_run_folder(run_dir, resume, overwrite)
         click.echo(f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {server_opt}, "
                    f"up to {rounds} round(s) of {local_epochs} local epoch(s), device {env.device}, precision "
                    f"{env.precision}" + (f", deadline {deadline:g} s" if deadline else ""))

@@ -20,6 +20,7 @@ from typing import Iterator
 
 from nfed.common import strict_json
 from nfed.common.errors import OutputError
+from nfed.common.paths import open_own_file
 
 # errno values that mean "this output cannot be written here" rather than "the input is wrong".
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EISDIR,
@@ -160,13 +161,14 @@ def write_json_atomic(target: str | os.PathLike, obj, indent: int = 2) -> None:
 
 
 class LineLog:
-    """An append-only text log (e.g. epochs.jsonl) whose write failures raise OutputError naming it."""
+    """An append-only text log (e.g. epochs.jsonl) whose write failures raise OutputError naming it; written in
+    place, so a link planted at its name is refused rather than followed."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         make_folder(self.path.parent)
         try:
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = open(open_own_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
         except OSError as exc:
             raise output_error(self.path, exc) from None
 

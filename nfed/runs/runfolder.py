@@ -23,6 +23,7 @@ from nfed.common import strict_json
 from nfed.common.atomic import new_folder, write_text_atomic
 from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, one_line
 from nfed.common.names import child_path
+from nfed.common.paths import read_own_text, refuse_link
 from nfed.model.checkpoint import load_checkpoint
 from nfed.runs.runlock import RunLock
 from nfed.runs.runstatus import write_status
@@ -59,6 +60,7 @@ def latest_client_state(run_dir: Path, district: str, before_round: int) -> dict
     candidates = [(r, p) for r, p in _client_state_files(run_dir, district) if r < before_round]
     if not candidates:
         return None
+    refuse_link(candidates[-1][1])
     return load_checkpoint(candidates[-1][1]).optimizer_state
 
 
@@ -84,11 +86,12 @@ def clear_run_folder(run_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------ round history
 
 def read_rounds(path: Path) -> list[dict]:
-    """The records of RUN/rounds.jsonl (DataError naming the line when one is not JSON)."""
-    if not path.is_file():
+    """The records of RUN/rounds.jsonl (DataError naming the line when one is not JSON, or the file when it is
+    a link: a resume reads its own history, not a file elsewhere)."""
+    if not path.is_file() and not path.is_symlink():
         return []
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_own_text(path).splitlines(), start=1):
         if line.strip():
             try:
                 record = strict_json.loads(line)
@@ -130,7 +133,10 @@ def client_work(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
 
 
 def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """A resume needs a checkpoint; a fresh run needs a folder without a run's results, or `overwrite`."""
+    """A resume needs a checkpoint; a fresh run needs a folder without a run's results, or `overwrite`. What
+    the run reads back or writes into may not be a link (it would lead out of the run folder)."""
+    for name in (CHECKPOINT_NAME, CLIENT_STATE_NAME, WORK_NAME):
+        refuse_link(run_dir / name)
     if resume:
         if not (run_dir / CHECKPOINT_NAME).is_file():
             raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: nothing to resume (no checkpoint in the run "

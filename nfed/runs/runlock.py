@@ -4,7 +4,8 @@ The lock is an flock(2) on the file, so the kernel releases it when its process 
 second run into the same folder fails at once with one line naming the holder (PID, host, command, start).
 The file also holds the holder's description while it runs and is emptied on a clean release: a non-empty
 file found unlocked was left by a run that crashed or was killed, which the next run reports
-(`RunLock.stale`) before taking the folder over.
+(`RunLock.stale`) before taking the folder over. A lock file that is a link, a hard link or a special file is
+refused, never followed: opening it would truncate (and print) another file.
 """
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ import contextlib
 import datetime
 import fcntl
 import os
+import re
 import socket
 import sys
 from pathlib import Path
 
 from nfed.common.atomic import make_folder, output_error
-from nfed.common.errors import ConfigError
+from nfed.common.errors import ConfigError, NfedError
+from nfed.common.paths import open_own_file
 
 LOCK_NAME = ".nfed.lock"
+# What _describe_self writes; anything else found in the file is not repeated to the user.
+_DESCRIPTION = re.compile(r"pid \d+ on [^,]{1,255}, '[^\n]{0,300}', started [0-9T:+.-]{10,40}")
 _held: dict[Path, "RunLock"] = {}   # folders this process holds, so nested users share one lock
 
 
@@ -45,7 +50,7 @@ class RunLock:
         make_folder(self.folder)
         path = self.folder / LOCK_NAME
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = open_own_file(path, os.O_RDWR | os.O_CREAT)   # a link or a hard link here is refused
         except OSError as exc:
             raise output_error(path, exc) from None
         try:
@@ -86,8 +91,8 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
     Tests the lock with a shared, non-blocking flock released at once, so it never waits and never takes the
     folder from anyone."""
     try:
-        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
-    except OSError:
+        fd = open_own_file(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except (OSError, NfedError):   # absent, or not a lock nfed could have taken
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -99,10 +104,14 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
 
 
 def _read(fd: int) -> str:
+    """The holder's description as _describe_self wrote it; other content is never repeated (it may not be ours)."""
     try:
-        return os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
+        text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
     except OSError:
         return ""
+    if not text or (_DESCRIPTION.fullmatch(text) and text.isprintable()):
+        return text
+    return "the lock file holds something nfed did not write"
 
 
 def _describe_self() -> str:
