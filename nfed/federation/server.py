@@ -9,8 +9,9 @@ Fig. 5), test the stop rules, append the round to RUN/rounds.jsonl and checkpoin
 A late update is never averaged into a later round: each round's aggregator only sees that round's updates.
 A round with fewer responders than `min_clients` keeps the previous global weights and says so.
 
-The federated column is the global model of the round with the lowest mean validation loss (when rounds are
-evaluated; else the last round's), the server-side twin of a local run's early stopping.
+The federated column is the global model of the round the selection rule keeps (nfed.federation.selection:
+`select_by`, e.g. the highest mean validation F1; when rounds are evaluated, else the last round's), the
+server-side twin of a local run's early stopping.
 
 The run folder's layout and files are nfed.runs.runfolder's; the options nfed.federation.config's; the checks
 of a resume nfed.federation.resume's; the round record nfed.federation.round_record's.
@@ -18,7 +19,6 @@ of a resume nfed.federation.resume's; the round record nfed.federation.round_rec
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from nfed.federation.robust import build_aggregator, cap_sample_counts, register
 from nfed.federation.round_record import (add_validation, client_entry, defence_summary, round_line, round_problems,
                                          round_record)
 from nfed.federation.runners import SequentialRunner, TrainFn, select_clients
+from nfed.federation.selection import Selection, describe, finite, selection_of
 from nfed.federation.server_optim import build_server_optimizer
 from nfed.federation.stop_rules import StopRules
 from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_checkpoint, save_checkpoint
@@ -91,7 +92,7 @@ class Federation:
         self.echo = echo or (lambda text: None)
         self._initial_weights = initial_weights
         self._runner_override = runner
-        self._best = (0, math.inf)   # (round, mean validation loss) of the best round so far
+        self.selection = selection_of(fed_config)   # the kept round so far (RUN/best.h5)
         self.show_progress = show_progress
         self.recorder: RunRecorder | None = None   # keeps RUN/status.json (set by federate)
         if fed_config.min_clients > len(self.districts):
@@ -144,7 +145,7 @@ class Federation:
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, weights, config=self._checkpoint_config(),
                         metrics={"stop_reason": stop_reason, "stop_rule": stop.fired,
                                  "districts": self.districts, "rounds_digest": rounds_digest(records),
-                                 "best_round": self._best[0], "best_val_loss": self._best[1]},
+                                 "best_round": self.selection.best_round, "selection_rule": self.selection.rule},
                         round=round_number, extra=server_state(server, stop, self.config.seed))
 
     def _resume(self, server, stop: StopRules):
@@ -169,9 +170,7 @@ class Federation:
         stop.fired = checkpoint.metrics.get("stop_rule")
         if checkpoint.metrics.get("stop_rule") == "budget" and round_number < self.config.rounds:
             stop_reason = None  # a larger budget continues a run that only ran out of rounds
-        best_loss = checkpoint.metrics.get("best_val_loss")
-        self._best = (int(checkpoint.metrics.get("best_round") or 0),
-                      float(best_loss) if best_loss is not None else math.inf)
+        self._replay_selection(records, checkpoint.metrics, path)
         return checkpoint.model_state, round_number, records, stop_reason
 
     # -- one round ---------------------------------------------------------------------------------------
@@ -304,7 +303,7 @@ class Federation:
             raise TrainingError(f"no district's update was accepted in any of the {done} round(s) (see "
                                 f"{self.run_dir / ROUNDS_NAME}): the global model is the initial one")
         self.echo(f"stopped after round {done}: {stop_reason}")
-        best_round = self._best[0]
+        best_round = self.selection.best_round
         best_weights = weights
         if best_round and best_round != done:
             if (self.run_dir / BEST_NAME).is_file():
@@ -312,32 +311,57 @@ class Federation:
             else:
                 self.echo(f"{self.run_dir / BEST_NAME} is missing: the last round's model is scored instead")
                 best_round = done
-        self.echo(f"best round: {best_round or done} (lowest mean validation loss)" if best_round else
-                  f"final model: round {done}")
+        rule = describe(self.selection.rule, self.selection.window)
+        self.echo(f"best round: {best_round or done} ({rule})" if best_round else f"final model: round {done}")
         result = FederationResult(weights, records, stop_reason, run_dir=self.run_dir, best_weights=best_weights,
                                   best_round=best_round or done, stop_rule=stop.fired)
         write_json_atomic(self.run_dir / SUMMARY_NAME, {
             "rounds": done, "best_round": result.best_round, "stop_rule": stop.fired, "stop_reason": stop_reason,
-            "best_mean_val_loss": self._best[1] if best_round else None, "environment": self.env.record(),
+            **self._kept_summary(records, best_round), "environment": self.env.record(),
             "clients": client_work(records), **defence_summary(cfg, records, self.attackers)})
         return result
 
     def _record_progress(self, round_number: int, stop_reason: str | None, problems: dict | None = None) -> None:
         if self.recorder is not None:
-            self.recorder.running(round_number, best_round=self._best[0], stop_reason=stop_reason, problems=problems)
+            self.recorder.running(round_number, best_round=self.selection.best_round, stop_reason=stop_reason,
+                                  problems=problems)
 
     def _track_best(self, weights, record: dict) -> None:
-        """Keep RUN/best.h5 = the global weights of the round with the lowest mean validation loss of the
-        global model (only when rounds are evaluated: clients' own validation losses are not the global's)."""
-        loss = record.get("mean_val_loss")
-        if not self.config.evaluate_rounds or loss is None or not math.isfinite(loss):
+        """Keep RUN/best.h5 = the global weights of the round the selection rule keeps, written when the round
+        becomes the kept one (only when rounds are evaluated: clients' own validation metrics are not the
+        global's)."""
+        if not self.config.evaluate_rounds:
             return
-        if loss < self._best[1]:
-            self._best = (record["round"], float(loss))
+        if self.selection.update(record):
             save_checkpoint(self.run_dir / BEST_NAME, weights, config=self._checkpoint_config(),
-                            metrics={"mean_val_loss": float(loss), "mean_val_f1": record.get("mean_val_f1")},
+                            metrics={"mean_val_loss": record.get("mean_val_loss"),
+                                     "mean_val_f1": record.get("mean_val_f1"), "selection_rule": self.selection.rule,
+                                     "selection_value": self.selection.best_value},
                             round=record["round"])
-        record["best_round"] = self._best[0]
+        record["best_round"] = self.selection.best_round
+
+    def _replay_selection(self, records: list[dict], saved: Mapping, path: Path) -> None:
+        """The kept round so far, replayed from rounds.jsonl; it must be the round the checkpoint says best.h5
+        holds (a run started under another rule cannot continue under this one)."""
+        self.selection = Selection.replay(self.selection.rule, self.selection.window, records)
+        kept = int(saved.get("best_round") or 0)
+        if kept != self.selection.best_round:
+            was = saved.get("selection_rule", "loss")
+            raise ConfigError(f"{path}: the run kept round {kept} (--select-by {was}); --select-by "
+                              f"{self.selection.rule} would keep round {self.selection.best_round}: resume with "
+                              f"--select-by {was}")
+
+    def _kept_summary(self, records: list[dict], best_round: int) -> dict:
+        """summary.json's account of the kept round: its rule, its validation loss and F1, and the best
+        validation F1 of any round (what the report compares it with)."""
+        selection = self.selection
+        kept = next((r for r in records if r.get("round") == best_round), {}) if selection.best_round else {}
+        f1s = [(r["mean_val_f1"], r["round"]) for r in records if finite(r.get("mean_val_f1"))]
+        top = max(f1s, key=lambda pair: (pair[0], -pair[1])) if f1s else (None, None)
+        return {"selection_rule": selection.rule, "selection_window": selection.window,
+                "selection": describe(selection.rule, selection.window),
+                "best_mean_val_loss": kept.get("mean_val_loss"), "best_mean_val_f1": kept.get("mean_val_f1"),
+                "top_mean_val_f1": top[0], "top_mean_val_f1_round": top[1]}
 
     def _round(self, runner, server, weights, round_number: int):
         cfg = self.config
