@@ -62,10 +62,11 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
     Each district starts from the global weights with a fresh optimiser and stops early on its validation
     split; when fine-tuning never lowers the validation loss the global weights are kept. The learning rate
     is a tenth of the profile's unless --lr is given. The model's width, classes and lambda-rec come from the
-    checkpoint. Writes OUT/<district>/ and OUT/personalised.csv.
+    checkpoint. A run under --norm-policy fedbn / silobn gives each district its own BatchNorm of the checkpoint's
+    round (from RUN/client_state/ beside the checkpoint). Writes OUT/<district>/ and OUT/personalised.csv.
     """
     from nfed.model.checkpoint import load_checkpoint
-    from nfed.training.study import fine_tune_config, model_setup, personalised_column
+    from nfed.training.study import fine_tune_config, local_states_of, model_setup, personalised_column
     from nfed.training.trainer import checkpoint_train_config
 
     packs = _packs(data_path, out_dir, {"--model": model_path})
@@ -81,5 +82,6 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
                    f"stopped by {row['stop']}){kept}")
 
     rows = personalised_column(checkpoint.model_state, packs, out_dir, config, env=env, quiet=quiet,
-                               source=str(model_path), on_row=said)
+                               source=str(model_path), on_row=said,
+                               local_states=local_states_of(checkpoint, model_path))
     click.echo(f"wrote {out_dir / 'personalised.csv'} ({len(rows)} districts)")

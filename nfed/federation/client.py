@@ -8,7 +8,8 @@ The round set-up is a JSON-able dict (what the study's server sends to every cli
     {"round": 3, "local_epochs": 1, "config": TrainConfig.to_dict(), "epoch_seed_offset": 2,
      "keep_optimizer_state": False}
 plus, where used, "dp_clip" (DP-FedAvg: clip the update to this L2 norm), "prox_mu" (FedProx: the proximal
-weight mu) and "simulate_attack" (a simulated label-flipping attacker trains on inverted masks).
+weight mu), "norm_policy" (fedbn / silobn: the BatchNorm tensors that stay with the district, left out of the
+clipped update) and "simulate_attack" (a simulated label-flipping attacker trains on inverted masks).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from nfed.common.errors import ConfigError
 from nfed.common.validate import check_number
 from nfed.core.functions.parallel import num_workers
 from nfed.federation.attacks import ATTACK_KEY, FlippedMasks
+from nfed.federation import norm_policy
+from nfed.federation.norm_policy import NORM_POLICIES, NORM_POLICY_KEY
 from nfed.training.environment import RunEnvironment, default_environment
 
 
@@ -48,6 +51,11 @@ class ClientTask:
     setup: dict
     optimizer_state: dict | None = None
     env: RunEnvironment | None = None      # where the client runs (None: the CPU at the precision in force)
+    local_state: dict | None = None        # the district's own BatchNorm tensors (--norm-policy fedbn / silobn)
+
+    def start_weights(self, global_weights: Mapping) -> Mapping:
+        """What the client trains from: the global model with the district's own local tensors in place."""
+        return norm_policy.merge(global_weights, self.local_state) if self.local_state else global_weights
 
 
 @dataclass
@@ -94,9 +102,10 @@ def clean_metrics(metrics) -> dict:
 
 
 def make_round_setup(config, round_number: int, local_epochs: int, *,
-                     keep_optimizer_state: bool = False, prox_mu: float = 0.0) -> dict:
+                     keep_optimizer_state: bool = False, prox_mu: float = 0.0, norm_policy: str = "shared") -> dict:
     """The set-up the server sends for round `round_number` (1-based); epochs continue the seed sequence.
-    `prox_mu` > 0 makes the clients FedProx ones (the key is absent at 0, so FedAvg set-ups are unchanged)."""
+    `prox_mu` > 0 makes the clients FedProx ones (the key is absent at 0, so FedAvg set-ups are unchanged), as
+    does a norm policy other than shared (absent for shared)."""
     if local_epochs < 1:
         raise ConfigError(f"local epochs must be >= 1, got {local_epochs}")
     setup = {"round": int(round_number), "local_epochs": int(local_epochs), "config": config.to_dict(),
@@ -104,6 +113,8 @@ def make_round_setup(config, round_number: int, local_epochs: int, *,
              "keep_optimizer_state": bool(keep_optimizer_state)}
     if prox_mu > 0:
         setup[PROX_MU_KEY] = float(prox_mu)
+    if norm_policy != "shared":
+        setup[NORM_POLICY_KEY] = norm_policy
     return setup
 
 
@@ -142,6 +153,9 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
     env = env or default_environment()
     config = _config_for(setup)
     mu = check_number("prox_mu", setup.get(PROX_MU_KEY) or 0.0)   # a value from the wire: checked like the option
+    policy = setup.get(NORM_POLICY_KEY, "shared")
+    if policy not in NORM_POLICIES:
+        raise ConfigError(f"norm policy must be one of {', '.join(NORM_POLICIES)}, got {str(policy)[:40]!r}")
     model = _model_with(global_weights, config, env)
     optimizer = build_optimizer(model, config)
     if optimizer_state:
@@ -167,18 +181,21 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
     }
     keep = bool(setup.get("keep_optimizer_state"))
     weights = host_state(model)
-    if setup.get(DP_CLIP_KEY):   # DP-FedAvg: the update leaves the client clipped to this L2 norm
+    if setup.get(DP_CLIP_KEY):   # DP-FedAvg: the shared update leaves the client clipped to this L2 norm
         from nfed.federation.privacy import clip_update
 
-        weights, _ = clip_update(weights, global_weights, float(setup[DP_CLIP_KEY]))
+        shared, local = norm_policy.split(weights, policy)
+        shared, _ = clip_update(shared, norm_policy.split(global_weights, policy)[0], float(setup[DP_CLIP_KEY]))
+        weights = norm_policy.merge(shared, local)
     return ClientResult(weights=weights, num_samples=int(result.num_train_samples), metrics=metrics,
                         optimizer_state={k: np.array(to_numpy(v)) for k, v in optimizer.state_dict().items()}
                         if keep else None)
 
 
 def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
-                     split: str = "val", env: RunEnvironment | None = None) -> dict:
-    """Loss and change-class metrics of `weights` on one split of the pack (federated evaluation).
+                     split: str = "val", env: RunEnvironment | None = None, local_state: Mapping | None = None) -> dict:
+    """Loss and change-class metrics of `weights` (with the district's own `local_state` in place) on one split
+    of the pack (federated evaluation).
 
     `samples` counts the evaluated tiles, `pack_samples` all tiles of the pack (local.csv's `samples`),
     `train_samples` its training tiles and `tile` its tile size (what the F1 rests on)."""
@@ -187,7 +204,7 @@ def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_pat
 
     env = env or default_environment()
     config = _config_for(setup)
-    model = _model_with(weights, config, env)
+    model = _model_with(norm_policy.merge(weights, local_state), config, env)
     with env.active(), DistrictPack(pack_path) as pack:
         metrics = evaluate(model, pack, split=split, batch_size=config.batch_size)
         metrics["pack_samples"] = sum(int(pack.num_samples(s)) for s in ("train", "val", "test"))

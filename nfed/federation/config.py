@@ -40,6 +40,7 @@ class FederationConfig:
     gpus: tuple[int, ...] = ()
     evaluate_rounds: bool = True
     prox_mu: float = 0.0        # FedProx: clients add mu/2 ||w - w_global||^2 to their loss (0: plain FedAvg)
+    norm_policy: str = "shared"  # shared | fedbn | silobn: which BatchNorm tensors stay with each district
     # defences (nfed.federation.robust, nfed.federation.privacy, Flower's SecAgg+) and the testing-only attack
     # simulation
     aggregator: str = "fedavg"
@@ -63,6 +64,7 @@ class FederationConfig:
                             "dp_delta", "secagg_range", "attackers", "prox_mu"),
                      optional=("deadline", "server_lr", "dp_delta"))
         check_defences(self)
+        check_norm_policy(self)
         if self.client_state not in ("reset", "keep"):
             raise ConfigError(f"--client-state must be reset or keep, got {self.client_state}")
         self.gpus = tuple(check_number("gpu", g) for g in self.gpus)
@@ -99,6 +101,17 @@ def check_defences(config: FederationConfig) -> None:
         if config.simulate_attack is not None:
             raise ConfigError("--simulate-attack changes individual updates on the server, which secure "
                               "aggregation hides")
+
+
+def check_norm_policy(config: FederationConfig) -> None:
+    """One of NORM_POLICIES; secure aggregation sums whole models, so it runs with `shared` only."""
+    from nfed.federation.norm_policy import NORM_POLICIES
+
+    if config.norm_policy not in NORM_POLICIES:
+        raise ConfigError(f"--norm-policy must be one of {', '.join(NORM_POLICIES)}, got {config.norm_policy}")
+    if config.norm_policy != "shared" and config.secure_aggregation:
+        raise ConfigError(f"--norm-policy {config.norm_policy} keeps BatchNorm tensors per district, which secure "
+                          "aggregation (a sum of whole models) cannot leave out yet: use --norm-policy shared")
 
 
 # ------------------------------------------------------------------------------------------ client speeds

@@ -50,7 +50,7 @@ def run_task(task: Mapping, weights_cache: dict) -> dict:
     """Do one task; returns its answer (a results row, or a client round's sample count and metrics)."""
     from nfed.federation.client import evaluate_weights, train_round
     from nfed.model.checkpoint import load_checkpoint, save_checkpoint
-    from nfed.training.study import personalise_district, train_district
+    from nfed.training.study import local_states_of, personalise_district, train_district
     from nfed.training.trainer import TrainConfig
 
     env = RunEnvironment.from_dict(task["env"])
@@ -59,11 +59,17 @@ def run_task(task: Mapping, weights_cache: dict) -> dict:
                                       quiet=True)}
     if task["weights"] not in weights_cache:
         weights_cache.clear()
-        weights_cache[task["weights"]] = load_checkpoint(task["weights"]).model_state
-    weights = weights_cache[task["weights"]]
+        checkpoint = load_checkpoint(task["weights"])
+        local = local_states_of(checkpoint, task["weights"])
+        weights_cache[task["weights"]] = (checkpoint.model_state, local)
+    weights, local_states = weights_cache[task["weights"]]
+    if task.get("local_state"):   # the district's own BatchNorm tensors (a norm policy other than shared)
+        from nfed.federation.norm_policy import merge
+
+        weights = merge(weights, load_checkpoint(task["local_state"]).model_state)
     if task["kind"] == "personalise":
         return {"row": personalise_district(weights, task["pack"], task["out"], TrainConfig.from_dict(task["config"]),
-                                            env=env, quiet=True, source=task["weights"])}
+                                            env=env, quiet=True, source=task["weights"], local_states=local_states)}
     if task["kind"] == "evaluate":
         return {"metrics": evaluate_weights(weights, task["setup"], task["pack"], split=task["split"], env=env)}
     result = train_round(weights, task["setup"], task["pack"], env=env)
@@ -189,7 +195,8 @@ class PoolRunner:
     back as a checkpoint. Like SequentialRunner, a client whose compute time exceeds the deadline is late (nothing is
     killed: the clients are this machine's own processes), and a crashing client is failed while the round
     goes on. The first `evaluate` call for given weights and split evaluates every district of `packs` at once;
-    the others are answered from that. Optimiser states kept across rounds (--client-state keep) are not
+    the others are answered from that, except a call with a district's own BatchNorm (`local_state`, a norm policy
+    other than shared), evaluated on its own. Optimiser states kept across rounds (--client-state keep) are not
     supported here."""
 
     def __init__(self, pool: WorkerPool, work_dir: str | Path, packs: Mapping[str, str | Path]):
@@ -233,7 +240,8 @@ class PoolRunner:
             raise TrainingError("worker processes start each round's optimiser afresh (--client-state reset)")
         weights_path = self._weights_file(global_weights)
         jobs = [{"kind": "round", "pack": str(task.pack_path), "setup": dict(task.setup), "weights": str(weights_path),
-                 "result": str(self.work_dir / f"client-{index}.h5"), "env": _env_entry(task.env)}
+                 "result": str(self.work_dir / f"client-{index}.h5"), "env": _env_entry(task.env),
+                 "local_state": self._local_file(task.local_state, f"client-{index}.local.h5")}
                 for index, task in enumerate(tasks)]
         outcomes = [None] * len(tasks)
         for index, answer in self.pool.map(jobs):
@@ -245,12 +253,33 @@ class PoolRunner:
             result_path = Path(jobs[index]["result"])
             result = ClientResult(load_checkpoint(result_path).model_state, int(answer["num_samples"]), metrics)
             result_path.unlink()
+            if jobs[index]["local_state"]:
+                Path(jobs[index]["local_state"]).unlink()
             seconds = float(metrics.get("wall_time_s", 0.0))
             status = "late" if deadline is not None and seconds > deadline else "ok"
             outcomes[index] = ClientOutcome(task.district, status, seconds, seconds, result)
         return outcomes
 
-    def evaluate(self, weights, setup, pack_path, *, split: str = "val", env: RunEnvironment | None = None) -> dict:
+    def _local_file(self, local_state: Mapping | None, name: str) -> str | None:
+        """The file a worker reads a district's own local tensors from (None: it has none)."""
+        from nfed.model.checkpoint import save_checkpoint
+
+        if not local_state:
+            return None
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return str(save_checkpoint(self.work_dir / name, local_state))
+
+    def evaluate(self, weights, setup, pack_path, *, split: str = "val", env: RunEnvironment | None = None,
+                 local_state: Mapping | None = None) -> dict:
+        if local_state:
+            job = {"kind": "evaluate", "pack": str(pack_path), "setup": dict(setup), "split": split,
+                   "weights": str(self._weights_file(weights)), "env": _env_entry(env),
+                   "local_state": self._local_file(local_state, "evaluate.local.h5")}
+            answer = next(iter(self.pool.map([job])))[1]
+            Path(job["local_state"]).unlink()
+            if "error" in answer:
+                raise TrainingError(answer["error"])
+            return _row(dict(answer["metrics"]))
         if self._evaluated is None or self._evaluated[0] is not weights or self._evaluated[1] != split:
             self._evaluated = None
             weights_path = self._weights_file(weights)

@@ -46,7 +46,7 @@ class SequentialRunner:
         for task in progress(tasks, label=label, enabled=self.show_progress):
             started = time.perf_counter()
             try:
-                result = self.train_fn(global_weights, task.setup, task.pack_path,
+                result = self.train_fn(task.start_weights(global_weights), task.setup, task.pack_path,
                                        optimizer_state=task.optimizer_state, env=task.env)
             except Exception as exc:  # a crashing client is logged and skipped, the round goes on
                 outcomes.append(ClientOutcome(task.district, "failed", time.perf_counter() - started,

@@ -29,6 +29,7 @@ import numpy as np
 
 from nfed.common.atomic import new_folder, write_json_atomic
 from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, TrainingError
+from nfed.federation import norm_policy
 from nfed.federation.aggregator import relative_norm_difference, trainable, update_problem
 from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientTask, make_round_setup
 from nfed.federation.config import FederationConfig
@@ -44,9 +45,9 @@ from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_che
 from nfed.runs.packs import pack_fingerprint, shared_tile, train_counts
 from nfed.runs.results import federated_row, write_results_csv
 from nfed.runs.runfolder import (BEST_NAME, CHECKPOINT_NAME, RESULTS_NAME, ROUNDS_NAME, SUMMARY_NAME, WORK_NAME,
-                                 RunRecorder, check_run_folder, clear_run_folder, client_work, latest_client_state,
-                                 prune_client_states, read_rounds, recorded_run, rounds_digest, state_file,
-                                 write_rounds)
+                                 RunRecorder, check_run_folder, clear_run_folder, client_local_state, client_work,
+                                 latest_client_state, prune_client_states, read_rounds, recorded_run, rounds_digest,
+                                 state_file, write_rounds)
 from nfed.runs.runlock import RunLock
 from nfed.training.environment import RunEnvironment, default_environment
 
@@ -93,6 +94,7 @@ class Federation:
         self._initial_weights = initial_weights
         self._runner_override = runner
         self.selection = selection_of(fed_config)   # the kept round so far (RUN/best.h5)
+        self._local: dict[str, dict] = {}   # district -> its own BatchNorm tensors (--norm-policy fedbn / silobn)
         self.show_progress = show_progress
         self.recorder: RunRecorder | None = None   # keeps RUN/status.json (set by federate)
         if fed_config.min_clients > len(self.districts):
@@ -186,7 +188,8 @@ class Federation:
     def _tasks(self, round_number: int, selected: Sequence[str]) -> list[ClientTask]:
         keep = self.config.client_state == "keep"
         setup = make_round_setup(self.train_config, round_number, self.config.local_epochs,
-                                 keep_optimizer_state=keep, prox_mu=self.config.prox_mu)
+                                 keep_optimizer_state=keep, prox_mu=self.config.prox_mu,
+                                 norm_policy=self.config.norm_policy)
         if self.config.dp_clip > 0:
             setup[DP_CLIP_KEY] = float(self.config.dp_clip)
         tasks = []
@@ -199,7 +202,7 @@ class Federation:
                 from nfed.federation.attacks import attack_setup
 
                 task_setup = attack_setup(self.config.simulate_attack, setup)
-            tasks.append(ClientTask(district, self.packs[district], task_setup, state, env))
+            tasks.append(ClientTask(district, self.packs[district], task_setup, state, env, self._local.get(district)))
         return tasks
 
     def _attacked(self, outcomes: list[ClientOutcome], weights, round_number: int) -> list[ClientOutcome]:
@@ -216,26 +219,43 @@ class Federation:
 
     def _collect(self, runner, weights, tasks: list[ClientTask], round_number: int):
         """Run the round's clients: their outcomes and the aggregator holding their accepted updates (under
-        secure aggregation the runner returns the secure sum instead of individual updates)."""
+        secure aggregation the runner returns the secure sum instead of individual updates). The aggregator sees
+        the shared part of the updates; a district's local part (its BatchNorm under fedbn / silobn) is checked
+        here and stays out of it."""
         cfg = self.config
+        shared, local_reference = norm_policy.split(weights, cfg.norm_policy)
         if cfg.secure_aggregation:
             if not hasattr(runner, "run_secure"):
                 raise ConfigError("secure aggregation runs over Flower (nfed flower-app --secure-aggregation)")
             from nfed.federation.privacy import SecureSumAggregator
 
             outcomes, aggregate = runner.run_secure(weights, tasks, cfg.deadline)
-            return outcomes, {}, SecureSumAggregator(weights, aggregate, cfg.dp_clip, cfg.dp_noise)
+            return outcomes, {}, SecureSumAggregator(shared, aggregate, cfg.dp_clip, cfg.dp_noise)
         outcomes = self._attacked(runner.run(weights, tasks, cfg.deadline), weights, round_number)
         claims = {o.district: o.result.num_samples for o in outcomes if o.status == "ok" and o.result is not None}
         caps, reasons = cap_sample_counts(claims, self.registered, cfg.max_sample_share, self.announced)
-        aggregator = build_aggregator(cfg, weights)
+        aggregator = build_aggregator(cfg, shared)
         for outcome in outcomes:
-            if outcome.status == "ok" and not aggregator.add(outcome.result.weights, caps[outcome.district],
-                                                             outcome.district):
+            if outcome.status != "ok":
+                continue
+            update, local = outcome.result.weights, {}
+            if local_reference and isinstance(update, Mapping):
+                update, local = norm_policy.split(update, cfg.norm_policy)
+                problem = update_problem(local, local_reference)
+                if problem is not None:
+                    log.warning("rejected update from %s: %s", outcome.district, problem)
+                    outcome.status, outcome.reason = "rejected", problem
+                    continue
+            if not aggregator.add(update, caps[outcome.district], outcome.district):
                 outcome.status, outcome.reason = "rejected", aggregator.rejected[outcome.district]
         return outcomes, {d: (caps[d], why) for d, why in reasons.items()}, aggregator
 
-    def _evaluate_all(self, weights, round_number: int, split: str) -> dict[str, dict]:
+    def _evaluate_all(self, weights, round_number: int, split: str,
+                      local_states: Mapping[str, dict] | None = None) -> dict[str, dict]:
+        """Every district's scores of `weights`, each with its own local tensors (`local_states`, by default the
+        latest) in place under a norm policy other than shared."""
+        local_states = self._local if local_states is None else local_states
+        own = self.config.norm_policy != "shared"
         evaluate_fn = self.evaluate_fn
         if evaluate_fn is None:
             from nfed.federation.client import evaluate_weights as evaluate_fn
@@ -244,7 +264,8 @@ class Federation:
         results = {}
         for district in self.districts:
             try:
-                results[district] = evaluate_fn(weights, setup, self.packs[district], split=split, env=env)
+                local = {"local_state": local_states.get(district)} if own else {}
+                results[district] = evaluate_fn(weights, setup, self.packs[district], split=split, env=env, **local)
             except NfedError as exc:
                 log.warning("evaluation of %s on %s failed: %s", district, split, exc)
                 self.echo(f"  evaluation of {district} ({split}) failed: {exc}")
@@ -271,7 +292,8 @@ class Federation:
             weights, done, records, stop_reason = self._resume(server, stop)
             self.echo(f"resuming {self.run_dir} after round {done}" + (f" (stopped: {stop_reason})"
                                                                         if stop_reason else ""))
-            prune_client_states(self.run_dir, self.districts, done)
+            prune_client_states(self.run_dir, self.districts, done, self.selection.best_round)
+            self._local = self._read_local_states(weights, done + 1)
         else:
             check_run_folder(self.run_dir, resume, overwrite)
             weights, done, records, stop_reason = self._fresh_state(), 0, [], None
@@ -294,8 +316,8 @@ class Federation:
             records.append(record)
             write_rounds(self.run_dir / ROUNDS_NAME, records)
             self._save(weights, round_number, server, stop, stop_reason, records)
-            if cfg.client_state == "keep":
-                prune_client_states(self.run_dir, self.districts, round_number)
+            if cfg.client_state == "keep" or cfg.norm_policy != "shared":
+                prune_client_states(self.run_dir, self.districts, round_number, self.selection.best_round)
             self.echo(round_line(record, cfg.rounds))
             done = round_number
             self._record_progress(done, stop_reason, round_problems(record))
@@ -318,8 +340,23 @@ class Federation:
         write_json_atomic(self.run_dir / SUMMARY_NAME, {
             "rounds": done, "best_round": result.best_round, "stop_rule": stop.fired, "stop_reason": stop_reason,
             **self._kept_summary(records, best_round), "environment": self.env.record(),
-            "clients": client_work(records), **defence_summary(cfg, records, self.attackers)})
+            "clients": client_work(records), "norm_policy": cfg.norm_policy,
+            **defence_summary(cfg, records, self.attackers)})
         return result
+
+    def _read_local_states(self, weights, before_round: int) -> dict[str, dict]:
+        """district -> its own local tensors of its last round before `before_round` (RUN/client_state/), each
+        checked against the model's local names and shapes."""
+        if self.config.norm_policy == "shared":
+            return {}
+        reference = norm_policy.split(weights, self.config.norm_policy)[1]
+        states = {}
+        for district in self.districts:
+            state = client_local_state(self.run_dir, district, before_round)
+            if state is not None:
+                check_state_matches(reference, state, state_file(self.run_dir, district, before_round - 1).parent)
+                states[district] = state
+        return states
 
     def _record_progress(self, round_number: int, stop_reason: str | None, problems: dict | None = None) -> None:
         if self.recorder is not None:
@@ -367,25 +404,32 @@ class Federation:
         cfg = self.config
         started = time.perf_counter()
         selected = select_clients(self.districts, cfg.fraction, cfg.seed, round_number)
+        shared = norm_policy.split(weights, cfg.norm_policy)[0]
         outcomes, capped, aggregator = self._collect(runner, weights, self._tasks(round_number, selected),
                                                      round_number)
         clients = {}
         for outcome in outcomes:
             entry = client_entry(outcome, capped, cfg.simulate_attack if outcome.district in self.attackers else None)
             result = outcome.result
+            # a district keeps the local tensors of its accepted update (they never reach the average)
+            own = cfg.norm_policy != "shared" and entry["status"] == "ok"
+            if own:
+                self._local[outcome.district] = norm_policy.split(result.weights, cfg.norm_policy)[1]
             # a client keeps its own optimiser state whether or not it made the deadline (not when it broke)
-            if (cfg.client_state == "keep" and result is not None and result.optimizer_state
-                    and entry["status"] in ("ok", "late")):
-                save_checkpoint(state_file(self.run_dir, outcome.district, round_number), {},
-                                optimizer_state=result.optimizer_state, round=round_number)
+            kept = (result.optimizer_state if cfg.client_state == "keep" and result is not None
+                    and entry["status"] in ("ok", "late") else None)
+            if kept or own:
+                save_checkpoint(state_file(self.run_dir, outcome.district, round_number),
+                                self._local.get(outcome.district, {}), optimizer_state=kept or None,
+                                round=round_number)
             clients[outcome.district] = entry
         averaged = aggregator.finish()
         answered = aggregator.accepted
         problem = aggregator.problem
         new_weights = None
         if averaged is not None and len(answered) >= cfg.min_clients:
-            new_weights = server.step(weights, averaged)
-            problem = update_problem(new_weights, weights)
+            new_weights = server.step(shared, averaged)
+            problem = update_problem(new_weights, shared)
             if problem is not None:
                 problem = f"the server step gave unusable weights ({problem})"
                 log.warning("round %d: %s; previous global weights kept", round_number, problem)
@@ -394,8 +438,12 @@ class Federation:
         if kept_previous:
             new_weights, norm_difference = weights, None
         else:
-            norm_difference = relative_norm_difference(trainable(new_weights), trainable(weights))
+            norm_difference = relative_norm_difference(trainable(new_weights), trainable(shared))
+            # what no district shares (fedbn / silobn) keeps the global model's values: its initial ones
+            new_weights = {name: new_weights.get(name, value) for name, value in weights.items()}
         record = round_record(round_number, selected, clients, aggregator, problem, kept_previous, norm_difference)
+        record["norm_policy"] = cfg.norm_policy
+        record["shared_bytes"] = norm_policy.shared_bytes(weights, cfg.norm_policy)   # what each client sends
         refused = getattr(runner, "refused_nodes", None)   # SuperNodes a Flower run left out (none in-process)
         if refused:
             record["refused_nodes"] = {str(node): why for node, why in refused.items()}
@@ -410,8 +458,9 @@ class Federation:
         """The global model on every district's test split -> RUN/federated.csv rows, with the local work
         each district's client did over the rounds of `records`."""
         work = client_work(records)
+        local_states = self._read_local_states(weights, round_number + 1)   # the round's own, each district's
         rows = [federated_row(district, metrics, work.get(district, {"epochs_run": 0, "steps": 0}))
-                for district, metrics in self._evaluate_all(weights, round_number, "test").items()]
+                for district, metrics in self._evaluate_all(weights, round_number, "test", local_states).items()]
         write_results_csv(self.run_dir / RESULTS_NAME, rows, "federated")
         return rows
 

@@ -1,7 +1,7 @@
 """Parallel clients in worker subprocesses, with a real wall-clock deadline (`nfed federate --workers N`).
 
 Nothing crosses the process boundary as a pickle: the server writes the global weights (and a client's kept
-optimiser state) as HDF5 checkpoints and the task as JSON; the worker (`python -m nfed.federation.worker TASK.json`)
+optimiser state and own BatchNorm tensors) as HDF5 checkpoints and the task as JSON; the worker (`python -m nfed.federation.worker TASK.json`)
 writes its weights as an HDF5 checkpoint and its number of samples and metrics as JSON. A worker still
 running at the deadline is killed with its whole process group and its update is left out of the round.
 """
@@ -23,6 +23,7 @@ from nfed.common.atomic import write_json_atomic
 from nfed.common.errors import CheckpointError, ConfigError, one_line
 from nfed.common.memory import worker_count
 from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
+from nfed.federation.norm_policy import merge
 from nfed.model.checkpoint import load_checkpoint, save_checkpoint
 from nfed.training.environment import RunEnvironment
 
@@ -110,8 +111,9 @@ class WorkerRunner:
                  "result": prefix.with_suffix(".result.json"), "log": prefix.with_suffix(".log"),
                  "state": prefix.with_suffix(".state.h5")}
         state_path = None
-        if task.optimizer_state:
-            state_path = str(save_checkpoint(files["state"], {}, optimizer_state=task.optimizer_state))
+        if task.optimizer_state or task.local_state:
+            state_path = str(save_checkpoint(files["state"], task.local_state or {},
+                                             optimizer_state=task.optimizer_state or None))
         write_json_atomic(files["task"], {
             "district": task.district, "pack": str(task.pack_path), "setup": task.setup,
             "global": str(global_path), "optimizer_state": state_path,
@@ -186,7 +188,10 @@ def run_task(task_path: str | Path) -> int:
     try:
         train = _client_function(task.get("client_function", DEFAULT_CLIENT))
         global_weights = load_checkpoint(task["global"]).model_state
-        state = load_checkpoint(task["optimizer_state"]).optimizer_state if task.get("optimizer_state") else None
+        kept = load_checkpoint(task["optimizer_state"]) if task.get("optimizer_state") else None
+        state = (kept.optimizer_state or None) if kept is not None else None
+        if kept is not None and kept.model_state:   # the district's own BatchNorm tensors (a norm policy)
+            global_weights = merge(global_weights, kept.model_state)
         env = RunEnvironment.from_dict(task["env"]) if task.get("env") else None
         result = train(global_weights, task["setup"], task["pack"], optimizer_state=state, env=env)
         save_checkpoint(task["result_weights"], result.weights, optimizer_state=result.optimizer_state)

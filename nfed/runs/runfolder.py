@@ -7,7 +7,8 @@ Layout (written by nfed.federation, in-process or over Flower; read by the repor
     RUN/summary.json         how the run ended: rounds, best round, the stop rule that fired, steps per client
     RUN/status.json          running / finished / failed (with the one-line reason), last round (nfed.runs.runstatus)
     RUN/federated.csv        the best global model on every district's test split (nfed.runs.results)
-    RUN/client_state/        per-client optimiser state with --client-state keep (<district>.r<round>.h5)
+    RUN/client_state/        per-client state (<district>.r<round>.h5): optimiser state with --client-state keep,
+                             the district's own BatchNorm tensors under --norm-policy fedbn / silobn
     RUN/work/                worker task/result files (--workers), removed after each round
 """
 from __future__ import annotations
@@ -56,22 +57,35 @@ def _client_state_files(run_dir: Path, district: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_client_state(run_dir: Path, district: str, before_round: int) -> dict | None:
+def _latest_state(run_dir: Path, district: str, before_round: int):
     candidates = [(r, p) for r, p in _client_state_files(run_dir, district) if r < before_round]
     if not candidates:
         return None
     refuse_link(candidates[-1][1])
-    return load_checkpoint(candidates[-1][1]).optimizer_state
+    return load_checkpoint(candidates[-1][1])
 
 
-def prune_client_states(run_dir: Path, districts: Sequence[str], finished_round: int) -> None:
-    """Keep, per district, only the newest state of a finished round (and drop states of unfinished ones)."""
+def latest_client_state(run_dir: Path, district: str, before_round: int) -> dict | None:
+    """The district's kept optimiser state of its last round before `before_round` (--client-state keep)."""
+    state = _latest_state(run_dir, district, before_round)
+    return None if state is None else state.optimizer_state
+
+
+def client_local_state(run_dir: Path, district: str, before_round: int) -> dict | None:
+    """The district's own BatchNorm tensors (a norm policy's local part) after its last round before
+    `before_round`; None when it has none (it starts from the global model's)."""
+    state = _latest_state(run_dir, district, before_round)
+    return (state.model_state or None) if state is not None else None
+
+
+def prune_client_states(run_dir: Path, districts: Sequence[str], finished_round: int, keep_round: int = 0) -> None:
+    """Keep, per district, only the newest state of a finished round, and the newest up to `keep_round` (the best
+    round's, which scoring it needs); states of unfinished rounds are dropped."""
     for district in districts:
         files = _client_state_files(run_dir, district)
-        kept = [r for r, _ in files if r <= finished_round]
-        newest = max(kept) if kept else None
+        kept = {max((r for r, _ in files if r <= last), default=None) for last in (finished_round, keep_round)}
         for r, path in files:
-            if r != newest:
+            if r not in kept:
                 path.unlink(missing_ok=True)
 
 

@@ -2,7 +2,8 @@
 
 - local: each district trains from scratch on its own data (the study's "before FL" column);
 - personalised: the federation's global model fine-tuned on each district's own training split (the
-  study's future work); fine-tuning that never beats the global model on validation keeps it;
+  study's future work); fine-tuning that never beats the global model on validation keeps it; under a norm
+  policy other than shared each district starts from the global model with its own BatchNorm of that round;
 - centralised: one model on the pooled training splits of all districts (the upper bound every FL paper
   reports), scored on every district's test split.
 Every side stops by early stopping on validation (patience from the TrainConfig) under an epoch cap, and
@@ -17,6 +18,7 @@ from nfed.common.atomic import make_folder, new_folder, write_json_atomic
 from nfed.common.errors import ConfigError
 from nfed.common.names import child_path
 from nfed.runs.results import FILE_NAMES, test_facts, write_results_csv
+from nfed.runs.runfolder import CLIENT_STATE_NAME, client_local_state
 from nfed.runs.runlock import RunLock
 from nfed.training.environment import RunEnvironment, default_environment
 
@@ -90,11 +92,27 @@ def train_district(pack_path: str | Path, out_dir: str | Path, config, *, env: R
                                validate_start=False)
 
 
+def local_states_of(checkpoint, path: str | Path) -> tuple[Path, int] | None:
+    """Where the districts' own BatchNorm tensors of a federated checkpoint's round are: (run folder, round) when
+    the run's norm policy keeps them per district (RUN/client_state/), None when it shares everything."""
+    federation = checkpoint.config.get("federation")
+    policy = federation.get("norm_policy", "shared") if isinstance(federation, dict) else "shared"
+    if policy == "shared":
+        return None
+    run_dir = Path(path).parent
+    if not (run_dir / CLIENT_STATE_NAME).is_dir():
+        raise ConfigError(f"{path}: its run (--norm-policy {policy}) keeps each district's BatchNorm in "
+                          f"{run_dir / CLIENT_STATE_NAME}, which is not there: give the checkpoint in its run folder")
+    return run_dir, int(checkpoint.round or 0)
+
+
 def personalise_district(global_weights: Mapping, pack_path: str | Path, out_dir: str | Path, config, *,
-                         env: RunEnvironment | None = None, quiet: bool = True, source: str = "global weights") -> dict:
+                         env: RunEnvironment | None = None, quiet: bool = True, source: str = "global weights",
+                         local_states: tuple[Path, int] | None = None) -> dict:
     """Personalised column: fine-tune the global weights on one district's training split with early
     stopping (a fresh optimiser); the global weights themselves count as epoch 0, so a district whose
-    validation loss fine-tuning never lowers keeps them (best_epoch 0)."""
+    validation loss fine-tuning never lowers keeps them (best_epoch 0). `local_states` (local_states_of):
+    the district starts with its own BatchNorm tensors of that round in place."""
     from nfed.data.reader import DistrictPack
     from nfed.model.checkpoint import check_state_matches
     from nfed.training.trainer import build_model
@@ -102,7 +120,11 @@ def personalise_district(global_weights: Mapping, pack_path: str | Path, out_dir
     env = env or default_environment()
     model = build_model(config, env.device)
     check_state_matches(model.state_dict(), global_weights, source)
-    model.load_state_dict(dict(global_weights))
+    own = None
+    if local_states is not None:
+        with DistrictPack(pack_path) as pack:
+            own = client_local_state(local_states[0], pack.district, local_states[1] + 1)
+    model.load_state_dict({**global_weights, **(own or {})})
     with env.active(), DistrictPack(pack_path) as pack:
         return _train_and_save(pack, Path(out_dir), config, model, env, quiet=quiet, validate_start=True,
                                extra_config={"personalised_from": "global"})
@@ -169,11 +191,12 @@ def local_column(pack_paths: Sequence[str | Path], out_dir: str | Path, config, 
 
 def personalised_column(global_weights: Mapping, pack_paths: Sequence[str | Path], out_dir: str | Path, config, *,
                         env: RunEnvironment | None = None, quiet: bool = True, source: str = "global weights",
-                        on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+                        on_row: Callable[[dict], None] = lambda row: None,
+                        local_states: tuple[Path, int] | None = None) -> list[dict]:
     """Personalised column: the global weights fine-tuned on every district in turn; OUT/personalised.csv."""
     def rows_of(out: Path) -> list[dict]:
-        return [_said(personalise_district(global_weights, path, out, config, env=env, quiet=quiet, source=source),
-                      on_row) for path in pack_paths]
+        return [_said(personalise_district(global_weights, path, out, config, env=env, quiet=quiet, source=source,
+                                           local_states=local_states), on_row) for path in pack_paths]
     return _column(out_dir, "personalised", rows_of)
 
 
