@@ -142,3 +142,42 @@ def test_resume_continues_the_rule_from_rounds_jsonl_and_refuses_another_rule(tm
     with pytest.raises(ConfigError, match="--select-by loss"):
         federation(tmp_path, NOISY, "f1", rounds=10, name="changed", resume=True)
     assert federation(tmp_path, NOISY, "loss-ma", rounds=4, name="changed", resume=True).best_round == 4
+
+
+# -- the report says which rule kept the round, and warns when its validation F1 is far below another round's ----
+
+def kept_report(tmp_path, kept_f1, top_f1, rule="loss", window=3):
+    from report_runs import districts, make_run
+
+    from nfed.report.comparison import compare_run
+    from nfed.report.run import read_run
+    from nfed.report.text import comparison_text, table_markdown
+
+    run = make_run(tmp_path / "run", districts(), rounds=40, federation={
+        "best_round": 12, "selection_rule": rule, "selection_window": window, "best_mean_val_f1": kept_f1,
+        "top_mean_val_f1": top_f1, "top_mean_val_f1_round": 34})
+    comparison = compare_run(read_run(run))
+    return comparison.summary["warnings"], comparison_text(comparison), table_markdown(comparison)
+
+
+def test_report_warns_when_the_kept_round_is_far_below_the_best_round_by_validation_f1(tmp_path):
+    warnings, text, markdown = kept_report(tmp_path, 0.06, 0.29)
+    assert warnings == ["the federation kept round 12 (lowest mean validation loss), whose mean validation F1 0.060 "
+                        "is 0.230 below round 34's 0.290"]
+    line = ("kept round 12: lowest mean validation loss; its mean validation F1 0.060, the highest of any round "
+            "0.290 (round 34)")
+    assert line in text and line in markdown and "warning" not in text.lower().split("fairness:")[0]
+
+
+@pytest.mark.parametrize("kept_f1, top_f1", [(0.50, 0.52), (0.47, 0.52)])
+def test_report_is_quiet_when_the_kept_round_is_close_to_the_best(tmp_path, kept_f1, top_f1):
+    warnings, text, _ = kept_report(tmp_path, kept_f1, top_f1, rule="f1-ma", window=5)
+    assert warnings == []
+    assert "kept round 12: highest mean validation F1, moving average over 5 rounds" in text
+
+
+def test_report_of_a_summary_without_the_rule_says_not_recorded(tmp_path):
+    warnings, text, _ = kept_report(tmp_path, 0.1, 0.5, rule="bogus\x1b[2J")
+    assert "kept round 12: not recorded" in text and "\x1b" not in text
+    assert warnings == ["the federation kept round 12 (rule not recorded), whose mean validation F1 0.100 is 0.400 "
+                        "below round 34's 0.500"]

@@ -3,12 +3,15 @@
 Per district: local epochs/steps/stop, federated epochs/steps (summed over the rounds the client answered),
 personalised epochs/steps/stop, test tiles/pixels/change pixels; the centralised model's and the federation's
 training; and the unfairness found, one warning each: trainings that ended on their cap instead of their
-stop rule, a federation that ended on its round budget, test splits too small to carry an F1, districts scored
-on different test splits, results missing for a district, fields the files do not record.
+stop rule, a federation that ended on its round budget, a kept round whose validation F1 is far below another
+round's, test splits too small to carry an F1, districts scored on different test splits, results missing for a
+district, fields the files do not record.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from nfed.federation.selection import RULES, describe, finite
 
 if TYPE_CHECKING:
     from nfed.report.run import Run
@@ -22,6 +25,7 @@ EXPECTED_FIELDS = {"local": TRAINING_FIELDS + TEST_FIELDS, "federated": ("epochs
                    "personalised": TRAINING_FIELDS + TEST_FIELDS, "centralised": TEST_FIELDS}
 CENTRAL_FIELDS = ("epochs_run", "steps", "stop", "best_epoch", "train_samples")
 CAPPED_WORDS = {"local": "local training", "personalised": "personalised fine-tuning"}
+FAR_BELOW = 0.05   # the kept round's mean validation F1 this far (absolute) below the best round's is warned about
 
 
 def _district_row(run: Run, name: str) -> dict:
@@ -56,6 +60,19 @@ def federation_stop(run: Run) -> dict:
             "stop_rule": rule, "stop_reason": reason}
 
 
+def kept_round(run: Run) -> dict:
+    """The kept round, the rule that kept it, its mean validation F1 and the highest of any round (from
+    federated/summary.json; runs before the rule was recorded leave them None)."""
+    summary = run.federation
+    rule, window = summary.get("selection_rule"), summary.get("selection_window")
+    known = rule in RULES and isinstance(window, int) and not isinstance(window, bool) and window >= 1
+    kept, top = (summary.get(k) for k in ("best_mean_val_f1", "top_mean_val_f1"))
+    best, top_round = summary.get("best_round"), summary.get("top_mean_val_f1_round")
+    return {"round": best if isinstance(best, int) and not isinstance(best, bool) else None, "rule": describe(rule, window) if known else None,
+            "val_f1": kept if finite(kept) else None, "top_val_f1": top if finite(top) else None,
+            "top_round": top_round if isinstance(top_round, int) and not isinstance(top_round, bool) else None}
+
+
 def _not_recorded(run: Run) -> dict[str, list[str]]:
     """file -> the expected fields no record of it has."""
     missing = {}
@@ -78,7 +95,8 @@ def fairness(run: Run, districts: list[str]) -> dict:
     rows = [_district_row(run, name) for name in districts]
     central = {k: run.central.get(k) for k in CENTRAL_FIELDS} if run.central else None
     section = {
-        "run": run.label, "districts": rows, "federation": federation_stop(run), "centralised": central,
+        "run": run.label, "districts": rows, "federation": federation_stop(run), "kept": kept_round(run),
+        "centralised": central,
         "capped": {c: [n for n in districts if run.results[c].get(n, {}).get("stop") == "cap"]
                    for c in CAPPED_WORDS if c in run.results},
         "small_test_split": [row["district"] for row in rows if split_too_small(row)],
@@ -110,6 +128,12 @@ def fairness_warnings(section: dict) -> list[str]:
     if federation["stop_rule"] == "budget":
         out.append(f"the federation ended on its round budget ({federation['rounds']} rounds), not by a "
                    f"convergence rule")
+    kept = section.get("kept") or {}
+    if kept.get("val_f1") is not None and kept.get("top_val_f1") is not None \
+            and kept["top_val_f1"] - kept["val_f1"] > FAR_BELOW + 1e-9:   # exactly FAR_BELOW is not far
+        out.append(f"the federation kept round {kept['round']} ({kept['rule'] or 'rule not recorded'}), whose mean "
+                   f"validation F1 {kept['val_f1']:.3f} is {kept['top_val_f1'] - kept['val_f1']:.3f} below round "
+                   f"{kept['top_round']}'s {kept['top_val_f1']:.3f}")
     by_name = {row["district"]: row for row in section["districts"]}
     small = section["small_test_split"]
     if small:

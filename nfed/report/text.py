@@ -182,6 +182,11 @@ def fairness_header(section: dict, text: Callable[[str], str] = str) -> list[str
     lines = [f"federation: {_fmt(federation['rounds'])} rounds, best round {_fmt(federation['best_round'])}, stop "
              f"rule {text(federation['stop_rule'] or NOT_RECORDED)} "
              f"({text(federation['stop_reason'] or NOT_RECORDED)})"]
+    kept = section.get("kept") or {}
+    if kept.get("round") is not None:
+        lines.append(f"kept round {_fmt(kept['round'])}: {kept['rule'] or NOT_RECORDED}; its mean validation F1 "
+                     f"{_fmt(kept['val_f1'], 3)}, the highest of any round {_fmt(kept['top_val_f1'], 3)} (round "
+                     f"{_fmt(kept['top_round'])})")
     if central is not None:
         lines.append(f"centralised model: {_fmt(central['epochs_run'])} epochs, {_fmt(central['steps'])} steps, "
                      f"stop {text(central['stop'] or NOT_RECORDED)} (best epoch {_fmt(central['best_epoch'])}), "
