@@ -191,7 +191,8 @@ def analyse_run(run_dir: Path, packs: dict[str, Path]) -> dict:
                 kept = kept_round(rule, w, records[:end])
                 cells[f"stop {stop_by} p{patience} | keep {rule}/{w}"] = {
                     "stop_round": end, "censored": censored, "kept_round": kept,
-                    "val_f1": records[kept - 1].get("mean_val_f1"), "test_f1": mean_test_f1(run_dir, packs, kept, cache)}
+                    "val_f1": records[kept - 1].get("mean_val_f1"),
+                    "test_f1": mean_test_f1(run_dir, packs, kept, cache)}
     return {"rounds": len(records), "finished": finished, "cells": cells,
             "curve": [[r["round"], r.get("mean_val_loss"), r.get("mean_val_f1")] for r in records]}
 
