@@ -105,7 +105,7 @@ def time_rounds(packs: Mapping[str, Path], run_dir: Path, train_config, *, round
     from nfed.federation.worker import WorkerRunner
     from nfed.runs.runfolder import ROUNDS_NAME, read_rounds
 
-    config = FederationConfig(rounds=warmup + rounds, local_epochs=local_epochs, workers=workers, seed=seed)
+    config = FederationConfig(rounds=warmup + rounds, local_epochs=local_epochs, eps=0.0, workers=workers, seed=seed)
     clock = RoundClock()
     with worker_pool(jobs, len(packs)) as pool, ExitStack() as cleanup:
         if pool is not None:

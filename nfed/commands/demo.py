@@ -5,10 +5,12 @@ from pathlib import Path
 
 import click
 
-from nfed.commands.options import device_option, limited, precision_option, run_environment
+from nfed.commands.options import device_option, field_option, limited, precision_option, run_environment
 from nfed.common.errors import ConfigError
 from nfed.demo import DemoSettings, run_demo, settings_with
+from nfed.federation.config import FederationConfig
 from nfed.runs.runlock import RunLock
+from nfed.training.trainer import TrainConfig
 
 DEFAULTS = DemoSettings()
 
@@ -25,41 +27,38 @@ DEFAULTS = DemoSettings()
 @click.option("--districts", default="all", show_default=True, help="'all' or comma-separated district names")
 @click.option("--seeds", type=limited("seeds"), default=1, show_default=True,
               help="number of training seeds (model initialisation and shuffling) on the same data")
-@click.option("--seed", type=limited("seed"), default=0, show_default=True, help="first training seed")
+@field_option(FederationConfig, "seed", help="first training seed")
 @click.option("--data-seed", type=limited("seed"), default=0, show_default=True,
               help="seed of the synthetic data and split")
-@click.option("--rounds", type=limited("rounds"),
+@field_option(FederationConfig, "rounds", override=True,
               help=f"round budget of the federation (default {DEFAULTS.max_rounds}; the validation-loss rule "
                    f"normally ends it first)")
-@click.option("--patience-rounds", type=limited("patience_rounds"),
+@field_option(FederationConfig, "patience_rounds", override=True,
               help=f"federation stops when the mean validation loss has not improved for this many rounds "
                    f"(default {DEFAULTS.patience_rounds})")
-@click.option("--warmup-rounds", type=limited("warmup_rounds"),
+@field_option(FederationConfig, "warmup_rounds", override=True,
               help=f"no stop rule fires in these first rounds (default {DEFAULTS.warmup_rounds})")
-@click.option("--local-epochs", type=limited("local_epochs"),
+@field_option(FederationConfig, "local_epochs", override=True,
               help=f"epochs per client per round (default {DEFAULTS.local_epochs})")
-@click.option("--server-opt", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), help="server optimiser")
-@click.option("--prox-mu", type=limited("prox_mu"), help="FedProx weight of the federated clients (default 0: FedAvg)")
-@click.option("--epochs", type=limited("epochs"),
+@field_option(FederationConfig, "server_opt", override=True, help="server optimiser")
+@field_option(FederationConfig, "prox_mu", override=True,
+              help="FedProx weight of the federated clients (default 0: FedAvg)")
+@field_option(FederationConfig, "norm_policy", override=True)
+@field_option(TrainConfig, "epochs", override=True,
               help="epoch cap of the local, personalised and centralised training (default "
                    f"{DEFAULTS.epochs}; never below rounds x local epochs, what a client trains in the whole "
                    f"federation)")
-@click.option("--lr", type=limited("lr"), help="learning rate (demo profile's by default)")
+@field_option(TrainConfig, "lr", override=True, help="learning rate (demo profile's by default)")
 @device_option
 @precision_option
 @click.option("--jobs", type=limited("jobs"), default=0, show_default=True,
               help="districts trained at once in the local and personalised columns (0: one per CPU core)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def demo(out_dir, scale, val_tiles, test_tiles, districts, seeds, seed, data_seed, rounds, patience_rounds,
-         warmup_rounds, local_epochs, server_opt, prox_mu, epochs, lr, device, precision, jobs, quiet):
+def demo(out_dir, seeds, seed, rounds, device, precision, jobs, **settings):
     """Re-run the whole study on synthetic districts: local, federated, personalised and centralised F1."""
     env = run_environment(device, precision)
-    settings = settings_with(DEFAULTS, scale=scale, val_tiles=val_tiles, test_tiles=test_tiles, districts=districts,
-                             data_seed=data_seed, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
-                             patience_rounds=patience_rounds, warmup_rounds=warmup_rounds, local_epochs=local_epochs,
-                             server_opt=server_opt, prox_mu=prox_mu,
-                             epochs=epochs, lr=lr, device=env.device, precision=env.precision, jobs=jobs or None,
-                             quiet=quiet)
+    settings = settings_with(DEFAULTS, **settings, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
+                             device=env.device, precision=env.precision, jobs=jobs or None)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
     with RunLock(out_dir):

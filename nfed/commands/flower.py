@@ -3,14 +3,20 @@
 which relays the Fleet API alone (nfed.federation.flower_gateway)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
-from nfed.commands.federation import protocol_options
-from nfed.commands.options import limited
-from nfed.common.errors import ConfigError
+from nfed.commands.federation import CLIENT_TRAINING
+from nfed.commands.options import config_options, limited, run_folder_options, training_options
 from nfed.common.paths import refuse_output_over_inputs
+from nfed.federation.config import FederationConfig
+
+# FederationConfig fields a Flower deployment has no option for: in-process worker pools, client state kept between
+# rounds, the testing-only attack simulation, the norm policy (nfed federate only), and --deadline, which is
+# Flower's own (default 600 s, 0 waits for every node).
+IN_PROCESS_ONLY = ("workers", "gpus", "client_state", "simulate_attack", "attackers", "norm_policy", "deadline")
 
 
 @click.command("flower-app")
@@ -18,8 +24,9 @@ from nfed.common.paths import refuse_output_over_inputs
               help="folder to write the Flower app into (pass it to `flwr run`)")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
               help="run folder the ServerApp writes, on the SuperLink's machine (default: APP_DIR-run beside it)")
-@protocol_options
-@click.option("--deadline", type=limited("flower_deadline"), default=600.0, show_default=True,
+@training_options(into="train_config", only=CLIENT_TRAINING)
+@config_options(FederationConfig, into="config", exclude=IN_PROCESS_ONLY)
+@click.option("--deadline", "flower_deadline", type=limited("flower_deadline"), default=600.0, show_default=True,
               help="seconds a round waits for the SuperNodes' replies; later ones are left out (0: wait for all)")
 @click.option("--eval-deadline", type=limited("flower_deadline"), default=120.0, show_default=True,
               help="seconds an evaluation waits for the SuperNodes' replies (0: wait for all)")
@@ -31,20 +38,9 @@ from nfed.common.paths import refuse_output_over_inputs
               help="wait for this many SuperNodes before the first round (at least --min-clients)")
 @click.option("--connect-timeout", type=limited("connect_timeout"), default=300.0, show_default=True,
               help="seconds to wait for the expected SuperNodes to connect")
-@click.option("--no-round-eval", is_flag=True,
-              help="skip evaluating the global model on every validation split after each round")
-@click.option("--resume", is_flag=True, help="continue the run in --run-dir from its last finished round")
-@click.option("--overwrite", is_flag=True, help="replace a run already in --run-dir (its results are deleted)")
-@click.option("--seed", type=limited("seed"), default=0, show_default=True)
-@click.option("--secure-aggregation", is_flag=True,
-              help="Flower's SecAgg+: the ServerApp learns only the sum of the updates (needs --aggregator fedavg)")
-@click.option("--secagg-range", type=limited("secagg_range"), default=8.0, show_default=True,
-              help="secure aggregation: each update coordinate is clipped to +-this before quantisation "
-                   "(--dp-clip, when set, is used instead)")
-def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_rounds, warmup_rounds, delta, deadline,
-               fraction, min_clients, eval_deadline, district_names, districts_file, expected_nodes, connect_timeout,
-               server_opt, server_lr, server_momentum, lr, batch_size, width, no_round_eval, resume, overwrite, seed,
-               **defences):
+@run_folder_options("--run-dir")
+def flower_app(app_dir, run_dir, train_config, config, flower_deadline, eval_deadline, district_names, districts_file,
+               expected_nodes, connect_timeout, resume, overwrite):
     """Write a Flower app folder that runs `nfed federate`'s protocol on a SuperLink and one SuperNode per
     district.
 
@@ -53,31 +49,22 @@ def flower_app(app_dir, run_dir, profile, rounds, local_epochs, eps, patience_ro
     RUN/status.json as `nfed federate`. Run it with `flwr run APP_DIR CONNECTION --stream`, then check
     `nfed status RUN` (flwr run exits 0 even when the run failed).
     """
-    from nfed.federation.config import FederationConfig
     from nfed.federation.flower_app import write_flower_app
     from nfed.federation.roster import read_allow_list
-    from nfed.training.trainer import profile_config
 
-    if resume and overwrite:
-        raise ConfigError("--resume continues the run in --run-dir, --overwrite replaces it: give one of them")
     refuse_output_over_inputs(app_dir, {"--districts-file": districts_file})
     districts = read_allow_list(district_names, districts_file)
 
     app_dir = Path(app_dir)
     run_dir = run_dir if run_dir is not None else app_dir.parent / f"{app_dir.name}-run"
-    train_config = profile_config(profile, lr=lr, batch_size=batch_size, width=width, seed=seed)
-    config = FederationConfig(rounds=rounds, local_epochs=local_epochs, eps=eps, patience_rounds=patience_rounds,
-                              warmup_rounds=warmup_rounds,
-                              delta=delta, deadline=deadline if deadline > 0 else None, fraction=fraction,
-                              min_clients=min_clients, server_opt=server_opt, server_lr=server_lr,
-                              server_momentum=server_momentum, seed=seed, evaluate_rounds=not no_round_eval,
-                              **defences)
+    train_config = train_config.replace(seed=config.seed)
+    config = dataclasses.replace(config, deadline=flower_deadline or None)
     path = write_flower_app(app_dir, train_config, config, run_dir=run_dir, resume=resume, overwrite=overwrite,
                             expected_nodes=expected_nodes, connect_timeout=connect_timeout,
                             eval_deadline=eval_deadline, districts=districts)
     click.echo(f"wrote {path}: {config.aggregator}" + (" under secure aggregation" if config.secure_aggregation
-                                                      else "") + f" + {server_opt}, up to {rounds} round(s), deadline "
-               + (f"{deadline:g} s" if deadline > 0 else "none")
+                                                      else "") + f" + {config.server_opt}, up to {config.rounds} "
+               "round(s), deadline " + (f"{config.deadline:g} s" if config.deadline else "none")
                + (f", districts {', '.join(districts)}" if districts else ", any district")
                + f"; run folder {Path(run_dir).resolve()}")
     click.echo(f"run it with: flwr run {app_dir} <connection> --stream")

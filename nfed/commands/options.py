@@ -1,7 +1,13 @@
-"""Options shared by several commands, defined once: --device, --precision, checked numbers, the training set-up."""
+"""Options shared by several commands, defined once: --device, --precision, checked numbers, the training set-up,
+--resume/--overwrite, and the options of the config dataclasses, generated from their fields' declarations."""
 from __future__ import annotations
 
+import functools
+
 import click
+
+from nfed.common.errors import ConfigError
+from nfed.training.trainer import PROFILES, TrainConfig, profile_config
 
 DEVICE_HELP = "cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)"
 
@@ -72,33 +78,121 @@ def apply_options(options):
     return decorate
 
 
-# The training set-up of every command that trains W-Net-CD (train-local, train-central, personalise):
-# a profile and overrides of its values; `training_config` turns them into a TrainConfig.
-TRAINING_OPTIONS = [
-    click.option("--profile", type=click.Choice(["demo", "paper"]), default="demo", show_default=True,
-                 help="demo: small and fast on CPU; paper: the study's set-up (w 64, lr 1e-4, 50 epochs)"),
-    click.option("--epochs", type=limited("epochs"), help="maximum epochs (profile's value by default)"),
-    click.option("--patience", type=limited("patience"), help="early-stopping patience in epochs"),
-    click.option("--patience-steps", type=limited("patience_steps"),
-                 help="early stopping also waits this many optimiser steps without improvement (demo: 20)"),
-    click.option("--batch-size", type=limited("batch_size")),
-    click.option("--lr", type=limited("lr"), help="Adam learning rate"),
-    click.option("--width", type=limited("width"), help="W-Net base width w"),
-    click.option("--classes", type=click.Choice(["2", "5"]), help="2 (default) or 5 (change types)"),
-    click.option("--lambda-rec", type=limited("lambda_rec"),
-                 help="weight of the U-Decoder's reconstruction loss (0 skips it)"),
-    click.option("--seed", type=limited("seed"),
-                 help="seed of initialisation, shuffling and augmentation (default 0)"),
-    click.option("--no-augment", is_flag=True, help="train without flips/rotations"),
-]
+def _declared(cls, name: str):
+    """(field, declaration) of `cls`'s field `name`."""
+    from nfed.common.fields import declared_fields
+
+    return next((field, found) for field, found in declared_fields(cls) if field.name == name)
 
 
-def training_config(profile, *, epochs=None, patience=None, patience_steps=None, batch_size=None, lr=None,
-                    width=None, classes=None, lambda_rec=None, seed=None, no_augment=False, **_ignored):
-    """The TrainConfig of TRAINING_OPTIONS' values (None keeps the profile's value)."""
-    from nfed.training.trainer import profile_config
+def option_fields(cls, only=None, exclude=()) -> list[str]:
+    """The names of `cls`'s fields that declare a command-line option (`only` those, less `exclude`)."""
+    from nfed.common.fields import declared_fields
 
-    return profile_config(profile, epochs=epochs, patience=patience, patience_steps=patience_steps,
-                          batch_size=batch_size, lr=lr, width=width,
-                          classes=int(classes) if classes else None, lambda_rec=lambda_rec, seed=seed,
-                          augment=False if no_augment else None)
+    names = [field.name for field, found in declared_fields(cls) if found.cli]
+    unknown = set(only or ()).union(exclude) - set(names)
+    if unknown:
+        raise TypeError(f"{cls.__name__} declares no option for {', '.join(sorted(unknown))}")
+    return [name for name in names if (only is None or name in only) and name not in exclude]
+
+
+def field_option(cls, name: str, *, override: bool = False, help: str | None = None):
+    """The click option of a declared config field (nfed.common.fields.option): its name, type, range, choices,
+    default and help come from the declaration. `override`: the default is None, the value being left to
+    something else (a profile, the demo's settings); `help` replaces the declared one where the option means
+    more than the field (the demo's). The command receives the raw value: `field_value` turns it into the field's."""
+    from nfed.common.fields import value_type
+
+    field, found = _declared(cls, name)
+    attrs = {"help": found.help if help is None else help, "default": None}
+    if value_type(cls, name) is bool:   # a flag that sets the opposite of the default
+        return click.option(found.cli, name, is_flag=True, default=False, help=attrs["help"])
+    if found.choices:
+        attrs["type"] = click.Choice([str(choice) for choice in found.choices])
+    elif found.limit is not None:
+        attrs["type"] = LimitedNumber(found.limit)
+    if not override and found.parse is None and field.default is not None:
+        attrs.update(default=field.default, show_default=True)
+    return click.option(found.cli, name, **attrs)
+
+
+def field_value(cls, name: str, value, *, override: bool = False):
+    """The field's value of its option's raw `value` (None, or a flag not given: the field's default, or None
+    when `override`)."""
+    from nfed.common.fields import value_type
+
+    field, found = _declared(cls, name)
+    kind = value_type(cls, name)
+    if kind is bool:
+        return (not field.default) if value else (None if override else field.default)
+    if value is None:
+        return None if override else field.default
+    if found.parse is not None:
+        return found.parse(value)
+    return kind(value) if found.choices else value
+
+
+def config_options(cls, *, into: str, only=None, exclude=()):
+    """Decorator adding the options of `cls`'s declared fields (`only`/`exclude`: field names) to a click
+    command, which receives them as one `cls` value named `into` (fields without an option keep their
+    defaults: the command may `dataclasses.replace` them)."""
+    names = option_fields(cls, only, exclude)
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            values = {name: field_value(cls, name, kwargs.pop(name)) for name in names}
+            return command(*args, **{into: cls(**values)}, **kwargs)
+
+        return apply_options([field_option(cls, name) for name in names])(wrapper)
+    return decorate
+
+
+def run_folder_options(folder: str):
+    """Decorator adding --resume and --overwrite (of the run in the option `folder`), refusing both at once."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, resume, overwrite, **kwargs):
+            if resume and overwrite:
+                raise ConfigError(f"--resume continues the run in {folder}, --overwrite replaces it: give one of "
+                                  "them")
+            return command(*args, resume=resume, overwrite=overwrite, **kwargs)
+
+        return apply_options([
+            click.option("--resume", is_flag=True, help=f"continue the run in {folder} from its last finished round"),
+            click.option("--overwrite", is_flag=True,
+                         help=f"replace the run already in {folder} (its results are deleted)"),
+        ])(wrapper)
+    return decorate
+
+
+profile_option = click.option(
+    "--profile", type=click.Choice(sorted(PROFILES)), default="demo", show_default=True,
+    help="demo: small and fast on CPU; paper: the study's set-up (w 64, lr 1e-4, 50 epochs)")
+
+# The training set-up of every command that trains W-Net-CD (train-local, train-central, personalise): a profile
+# and overrides of its values (every TrainConfig field with an option); `training_config` makes the TrainConfig.
+TRAINING_OPTIONS = [profile_option, *(field_option(TrainConfig, name, override=True)
+                                      for name in option_fields(TrainConfig))]
+
+
+def training_config(profile, **options):
+    """The TrainConfig of a profile and the TrainConfig options among `options` (None keeps the profile's value)."""
+    return profile_config(profile, **{name: field_value(TrainConfig, name, options.get(name), override=True)
+                                      for name in option_fields(TrainConfig)})
+
+
+def training_options(*, into: str, only=None):
+    """Decorator adding --profile and the TrainConfig options `only` (profile overrides) to a click command, which
+    receives the TrainConfig as `into`."""
+    names = option_fields(TrainConfig, only)
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, profile, **kwargs):
+            options = {name: kwargs.pop(name) for name in names}
+            return command(*args, **{into: training_config(profile, **options)}, **kwargs)
+
+        return apply_options([profile_option, *(field_option(TrainConfig, name, override=True)
+                                                for name in names)])(wrapper)
+    return decorate

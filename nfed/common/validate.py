@@ -1,8 +1,8 @@
 """Numbers from users and files are finite and inside documented bounds, or fail in one line.
 
 One table of limits serves the click options (nfed.commands.options.limited) and the config dataclasses
-(`check_fields`), so `--lr inf` on the command line and `TrainConfig(lr=float("inf"))` in Python fail alike,
-naming the option or field, the value and the accepted range.
+(nfed.common.fields.check_declared, `check_fields`), so `--lr inf` on the command line and
+`TrainConfig(lr=float("inf"))` in Python fail alike, naming the option or field, the value and the accepted range.
 """
 from __future__ import annotations
 
@@ -64,46 +64,15 @@ class Limit:
 
 SEED_MAX = 2**32 - 1
 SECONDS_MAX = 1e7        # about 115 days: any longer wait is a typo
+SEED = Limit(0, SEED_MAX, integer=True)
 
-# The accepted values of every numeric option and config field, by field name (CLI option: dashes).
+# The accepted values of every numeric option and config field, by field name (CLI option: dashes). The fields
+# of the config dataclasses (TrainConfig, FederationConfig) declare their own limits (nfed.common.fields.option)
+# and join this table when their class is defined; here are the other numbers.
 LIMITS: dict[str, Limit] = {
-    # model and local training (TrainConfig)
-    "width": Limit(1, 1024, integer=True),
-    "lambda_rec": Limit(0, 1000),
-    "lr": Limit(0, 1, low_open=True),
-    "weight_decay": Limit(0, 1),
-    "batch_size": Limit(1, 65536, integer=True),
-    "epochs": Limit(1, 100000, integer=True),
-    "patience": Limit(1, 100000, integer=True),
-    "patience_steps": Limit(0, 10_000_000, integer=True),
-    "seed": Limit(0, SEED_MAX, integer=True),
-    # federation (FederationConfig, StopRules, server optimisers)
-    "rounds": Limit(1, 100000, integer=True),
-    "local_epochs": Limit(1, 10000, integer=True),
-    "eps": Limit(0, 1),
-    "patience_rounds": Limit(0, 100000, integer=True),
-    "warmup_rounds": Limit(0, 100000, integer=True),
-    "delta": Limit(0, 1e9),
-    "deadline": Limit(0, SECONDS_MAX, low_open=True),
-    "fraction": Limit(0, 1, low_open=True),
-    "min_clients": Limit(1, 100000, integer=True),
-    "workers": Limit(0, 1024, integer=True),
-    "server_lr": Limit(0, 10, low_open=True),
-    "server_momentum": Limit(0, 1, high_open=True),
+    "seed": SEED,
     "client_speed": Limit(0, 1e6, low_open=True),
     "gpu": Limit(0, 1023, integer=True),
-    # defences (nfed.federation.robust, nfed.federation.privacy, secure aggregation) and the attack simulation
-    "trim_beta": Limit(0, 0.5, high_open=True),
-    "krum_f": Limit(0, 100000, integer=True),
-    "krum_m": Limit(0, 100000, integer=True),      # 0: n - f
-    "clip_factor": Limit(0, 1e6, low_open=True),
-    "max_sample_share": Limit(0, 1, low_open=True),
-    "dp_clip": Limit(0, 1e6),                      # 0: no differential privacy
-    "dp_noise": Limit(0, 1e6),
-    "dp_delta": Limit(0, 1, low_open=True, high_open=True),
-    "secagg_range": Limit(0, 1e6, low_open=True),
-    "attackers": Limit(0, 100000, integer=True),
-    "prox_mu": Limit(0, 1000),                     # FedProx proximal weight (0: plain FedAvg clients)
     "epsilon": Limit(0, 1e6, low_open=True),
     # data
     "scale": Limit(0, 100, low_open=True),

@@ -6,3 +6,7 @@ SuperLink's one public door: flower_gateway).
 
 May import every lower layer: nfed.common, nfed.gpu, nfed.core, nfed.model, nfed.data, nfed.runs, nfed.training.
 """
+
+# FederationConfig's fields declare the ranges of the federation's numbers (LIMITS["rounds"], ["eps"], ...), which
+# the stop rules, server optimisers and clients check: they are known once any federation module is imported.
+from nfed.federation import config  # noqa: F401

@@ -10,63 +10,137 @@ from typing import Sequence
 
 from nfed.common import strict_json
 from nfed.common.errors import ConfigError
-from nfed.common.validate import check_fields, check_number
+from nfed.common.fields import check_declared, declared, option
+from nfed.common.validate import SECONDS_MAX, SEED, Limit, check_number
 
 log = logging.getLogger(__name__)
 
 SPEED_PROFILES = ("uniform", "study")
 
 
+def parse_gpus(text: str | None) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2); empty -> ()."""
+    if not text:
+        return ()
+    try:
+        gpus = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--gpus '{text}': expected comma-separated GPU ids such as 0,1,2") from None
+    return tuple(check_number("--gpus", g, "gpu") for g in gpus)
+
+
+@declared
 @dataclass
 class FederationConfig:
-    """Options of `nfed federate` that shape the protocol (the model/optimiser set-up is a TrainConfig)."""
+    """Options of `nfed federate` that shape the protocol (the model/optimiser set-up is a TrainConfig).
 
-    rounds: int = 20
-    local_epochs: int = 1
-    eps: float = 0.0
-    patience_rounds: int = 0
-    warmup_rounds: int = 0      # rounds in which no stop rule fires nor counts (see stop_rules.StopRules)
-    delta: float = 0.0
-    deadline: float | None = None
-    fraction: float = 1.0
-    min_clients: int = 1
-    workers: int = 0
-    server_opt: str = "fedavg"
-    server_lr: float | None = None
-    server_momentum: float = 0.9
-    client_state: str = "reset"
-    client_speeds: dict[str, float] | None = None
-    seed: int = 0
-    gpus: tuple[int, ...] = ()
-    evaluate_rounds: bool = True
-    prox_mu: float = 0.0        # FedProx: clients add mu/2 ||w - w_global||^2 to their loss (0: plain FedAvg)
-    norm_policy: str = "shared"  # shared | fedbn | silobn: which BatchNorm tensors stay with each district
+    Each field is declared once (nfed.common.fields.option): its command-line option, range and Flower run-config
+    key are generated from it. A Flower key added after the first Flower version must be optional_in_flower."""
+
+    rounds: int = option(20, cli="--rounds", limit=Limit(1, 100000, integer=True), help="round budget",
+                         flower_key="rounds")
+    local_epochs: int = option(1, cli="--local-epochs", limit=Limit(1, 10000, integer=True),
+                               help="epochs per client per round", flower_key="local-epochs")
+    eps: float = option(1e-3, cli="--eps", limit=Limit(0, 1), flower_key="eps",
+                        help="stop when ||w_r+1 - w_r|| / ||w_r|| < eps (0 disables)")
+    patience_rounds: int = option(0, cli="--patience-rounds", limit=Limit(0, 100000, integer=True),
+                                  flower_key="patience-rounds",
+                                  help="stop when the validation loss has not improved by --delta for this many "
+                                       "rounds (0 disables)")
+    warmup_rounds: int = option(0, cli="--warmup-rounds", limit=Limit(0, 100000, integer=True),
+                                flower_key="warmup-rounds", optional_in_flower=True,
+                                help="no stop rule fires (or counts a stale round) in these first rounds")
+    delta: float = option(0.0, cli="--delta", limit=Limit(0, 1e9), flower_key="delta",
+                          help="minimum validation-loss improvement")
+    deadline: float | None = option(None, cli="--deadline", limit=Limit(0, SECONDS_MAX, low_open=True),
+                                    flower_key="deadline",   # 0 in a Flower run config: wait for every client
+                                    help="seconds a round waits for its clients; later ones are left out of the "
+                                         "round")
+    fraction: float = option(1.0, cli="--fraction", limit=Limit(0, 1, low_open=True), flower_key="fraction",
+                             help="share of the districts sampled per round (seeded)")
+    min_clients: int = option(1, cli="--min-clients", limit=Limit(1, 100000, integer=True), flower_key="min-clients",
+                              help="a round with fewer responders keeps the previous global weights")
+    workers: int = option(0, cli="--workers", limit=Limit(0, 1024, integer=True),
+                          help="run clients in N parallel worker processes with a real deadline (0/1: in turn, in "
+                               "process)")
+    server_opt: str = option("fedavg", cli="--server-opt", choices=("fedavg", "fedavgm", "fedadam"),
+                             flower_key="server-opt",
+                             help="server optimiser (FedAvgM: server momentum; FedAdam: Adam on the server)")
+    server_lr: float | None = option(None, cli="--server-lr", limit=Limit(0, 10, low_open=True),
+                                     flower_key="server-lr",   # 0 in a Flower run config: the usual default
+                                     help="server learning rate (fedavg/fedavgm 1, fedadam 0.01)")
+    server_momentum: float = option(0.9, cli="--server-momentum", limit=Limit(0, 1, high_open=True),
+                                    flower_key="server-momentum", help="FedAvgM momentum")
+    client_state: str = option("reset", cli="--client-state", choices=("reset", "keep"),
+                               help="keep: each client keeps its Adam state between rounds (stored in "
+                                    "RUN/client_state)")
+    # district -> relative speed: federate's --client-speeds names a profile or file, read once the packs are known
+    client_speeds: dict[str, float] | None = option(None)
+    seed: int = option(0, cli="--seed", limit=SEED, flower_key="seed",
+                       help="seed of the model's initialisation, the clients' sampling and shuffling")
+    gpus: tuple[int, ...] = option((), cli="--gpus", parse=parse_gpus,
+                                   help="spread worker clients over these GPUs round-robin, e.g. 0,1,2")
+    evaluate_rounds: bool = option(True, cli="--no-round-eval", flower_key="evaluate-rounds",
+                                   help="skip evaluating the global model on every validation split after each "
+                                        "round")
+    prox_mu: float = option(0.0, cli="--prox-mu", limit=Limit(0, 1000), flower_key="prox-mu",
+                            optional_in_flower=True,
+                            help="FedProx: each client adds mu/2 ||w - w_global||^2 over the trainable weights to "
+                                 "its loss (0: plain FedAvg)")
+    norm_policy: str = option("shared", cli="--norm-policy", choices=("shared", "fedbn", "silobn"),
+                              help="which BatchNorm tensors stay with each district: none (shared), all (fedbn) "
+                                   "or the running statistics (silobn)")
     # defences (nfed.federation.robust, nfed.federation.privacy, Flower's SecAgg+) and the testing-only attack
     # simulation
-    aggregator: str = "fedavg"
-    trim_beta: float = 0.2
-    krum_f: int = 1
-    krum_m: int = 0
-    clip_factor: float = 1.0
-    max_sample_share: float = 1.0
-    dp_clip: float = 0.0
-    dp_noise: float = 0.0
-    dp_delta: float | None = None
-    secure_aggregation: bool = False
-    secagg_range: float = 8.0
-    simulate_attack: str | None = None
-    attackers: int = 0
+    aggregator: str = option("fedavg", cli="--aggregator",
+                             choices=("fedavg", "median", "trimmed-mean", "multi-krum", "clipped"),
+                             flower_key="aggregator", optional_in_flower=True,
+                             help="how updates are combined: FedAvg (streams), or robust to hostile clients (hold "
+                                  "every update)")
+    trim_beta: float = option(0.2, cli="--trim-beta", limit=Limit(0, 0.5, high_open=True), flower_key="trim-beta",
+                              optional_in_flower=True,
+                              help="trimmed-mean: share of values dropped at each end, per coordinate")
+    krum_f: int = option(1, cli="--krum-f", limit=Limit(0, 100000, integer=True), flower_key="krum-f",
+                         optional_in_flower=True, help="multi-krum: hostile clients tolerated")
+    krum_m: int = option(0, cli="--krum-m", limit=Limit(0, 100000, integer=True), flower_key="krum-m",
+                         optional_in_flower=True, help="multi-krum: updates averaged (0: n - f)")
+    clip_factor: float = option(1.0, cli="--clip-factor", limit=Limit(0, 1e6, low_open=True),
+                                flower_key="clip-factor", optional_in_flower=True,
+                                help="clipped: delta norms clipped to this multiple of the round's median delta norm")
+    max_sample_share: float = option(1.0, cli="--max-sample-share", limit=Limit(0, 1, low_open=True),
+                                     flower_key="max-sample-share", optional_in_flower=True,
+                                     help="no client weighs more than this share of a round (1: no share cap). A "
+                                          "claim above the count its pack announced when it joined, or its "
+                                          "registered count, is always capped")
+    dp_clip: float = option(0.0, cli="--dp-clip", limit=Limit(0, 1e6), flower_key="dp-clip", optional_in_flower=True,
+                            help="DP-FedAvg: each client clips its update to this L2 norm (0: no differential "
+                                 "privacy)")
+    dp_noise: float = option(0.0, cli="--dp-noise", limit=Limit(0, 1e6), flower_key="dp-noise",
+                             optional_in_flower=True,
+                             help="DP-FedAvg: Gaussian noise multiplier z (noise std z * dp-clip on the sum)")
+    dp_delta: float | None = option(None, cli="--dp-delta", limit=Limit(0, 1, low_open=True, high_open=True),
+                                    flower_key="dp-delta", optional_in_flower=True,   # 0 in a Flower run config: 1 / n
+                                    help="delta of the privacy accounting (default: 1 / the districts' training "
+                                         "samples)")
+    secure_aggregation: bool = option(False, cli="--secure-aggregation", flower_key="secure-aggregation",
+                                      optional_in_flower=True,
+                                      help="Flower's SecAgg+: the ServerApp learns only the sum of the updates (needs "
+                                           "--aggregator fedavg)")
+    secagg_range: float = option(8.0, cli="--secagg-range", limit=Limit(0, 1e6, low_open=True),
+                                 flower_key="secagg-range", optional_in_flower=True,
+                                 help="secure aggregation: each update coordinate is clipped to +-this before "
+                                      "quantisation (--dp-clip, when set, is used instead)")
+    simulate_attack: str | None = option(None, cli="--simulate-attack",
+                                         choices=("sign-flip", "noise", "scaled", "label-flip", "sample-inflation"),
+                                         help="TESTING ONLY: --attackers seeded districts send hostile updates of "
+                                              "this kind")
+    attackers: int = option(0, cli="--attackers", limit=Limit(0, 100000, integer=True),
+                            help="TESTING ONLY: number of simulated attackers")
 
     def __post_init__(self):
-        check_fields(self, ("rounds", "local_epochs", "eps", "patience_rounds", "warmup_rounds", "delta", "deadline",
-                            "fraction", "min_clients", "workers", "server_lr", "server_momentum", "seed", "trim_beta",
-                            "krum_f", "krum_m", "clip_factor", "max_sample_share", "dp_clip", "dp_noise",
-                            "dp_delta", "secagg_range", "attackers", "prox_mu"),
-                     optional=("deadline", "server_lr", "dp_delta"))
+        check_declared(self)
         check_defences(self)
         check_norm_policy(self)
-        if self.client_state not in ("reset", "keep"):
-            raise ConfigError(f"--client-state must be reset or keep, got {self.client_state}")
         self.gpus = tuple(check_number("gpu", g) for g in self.gpus)
         if self.client_speeds is not None:
             self.client_speeds = {str(k): check_number(f"speed of {k}", v, "client_speed")

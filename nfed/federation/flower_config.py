@@ -9,43 +9,21 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from nfed.common.errors import ConfigError
+from nfed.common.fields import declared_fields, value_type
 from nfed.common.validate import check_number
 from nfed.federation.config import FederationConfig
 from nfed.federation.roster import parse_allow_list
 from nfed.training.trainer import TrainConfig
 
-# Run-config keys of the federation options (TOML-friendly: no None; 0 means "unset" where noted).
-FEDERATION_KEYS = {
-    "rounds": ("rounds", int),
-    "local-epochs": ("local_epochs", int),
-    "eps": ("eps", float),
-    "patience-rounds": ("patience_rounds", int),
-    "warmup-rounds": ("warmup_rounds", int),
-    "delta": ("delta", float),
-    "deadline": ("deadline", float),          # seconds; 0: wait for every client
-    "fraction": ("fraction", float),
-    "min-clients": ("min_clients", int),
-    "server-opt": ("server_opt", str),
-    "server-lr": ("server_lr", float),        # 0: the server optimiser's usual default
-    "server-momentum": ("server_momentum", float),
-    "seed": ("seed", int),
-    "evaluate-rounds": ("evaluate_rounds", bool),
-    # defences: optional in the run config (apps written before them keep working)
-    "aggregator": ("aggregator", str),
-    "trim-beta": ("trim_beta", float),
-    "krum-f": ("krum_f", int),
-    "krum-m": ("krum_m", int),
-    "clip-factor": ("clip_factor", float),
-    "max-sample-share": ("max_sample_share", float),
-    "dp-clip": ("dp_clip", float),
-    "dp-noise": ("dp_noise", float),
-    "dp-delta": ("dp_delta", float),          # 0: 1 / the districts' training samples
-    "secure-aggregation": ("secure_aggregation", bool),
-    "secagg-range": ("secagg_range", float),
-    "prox-mu": ("prox_mu", float),            # FedProx (optional: apps written before it keep working)
-}
-OPTIONAL_KEYS = ("warmup-rounds", "aggregator", "trim-beta", "krum-f", "krum-m", "clip-factor", "max-sample-share",
-                 "dp-clip", "dp-noise", "dp-delta", "secure-aggregation", "secagg-range", "prox-mu")
+# Run-config keys of the federation options, from FederationConfig's declarations: key -> (field, type). TOML has
+# no None: a field whose default is None is written as 0, and 0 reads back as None.
+FEDERATION_KEYS = {found.flower_key: (field.name, value_type(FederationConfig, field.name))
+                   for field, found in declared_fields(FederationConfig) if found.flower_key}
+# Keys added after the first Flower version: an app folder written before them loads with the fields' defaults.
+OPTIONAL_KEYS = tuple(found.flower_key for _, found in declared_fields(FederationConfig)
+                      if found.flower_key and found.optional_in_flower)
+UNSET_AS_ZERO = tuple(field.name for field, found in declared_fields(FederationConfig)
+                      if found.flower_key and field.default is None)
 TRAIN_PREFIX = "train."
 
 
@@ -112,7 +90,7 @@ def settings_from_run_config(run_config: Mapping[str, object]) -> FlowerRunSetti
     defaults = {field.name: field.default for field in dataclasses.fields(FederationConfig)}
     options = {field_name: get(key, kind, kind(defaults[field_name] or 0) if key in OPTIONAL_KEYS else None)
                for key, (field_name, kind) in FEDERATION_KEYS.items()}
-    for name in ("deadline", "server_lr", "dp_delta"):   # 0 in TOML: unset
+    for name in UNSET_AS_ZERO:
         if options[name] <= 0:
             options[name] = None
     eval_deadline = check_number("eval-deadline", get("eval-deadline", float, options["deadline"] or 0.0),

@@ -13,19 +13,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from nfed.common import backend
-from nfed.common.errors import ConfigError
+from nfed.common.fields import from_fields
 from nfed.core.functions.parallel import num_workers
 from nfed.gpu.precision import get_precision, parse_precision, precision, set_precision
-
-
-def from_fields(cls, values: Mapping, what: str):
-    """A dataclass from a dict of its fields; ConfigError naming the keys that are not fields (a typo or a file
-    of another version is never silently dropped)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{what} has unknown key(s): {', '.join(unknown)}")
-    return cls(**dict(values))
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ from nfed.common.atomic import LineLog
 from nfed.common.errors import CheckpointError, ConfigError, TrainingError
 from nfed.common.memory import gib, memory_limit_bytes
 from nfed.common.progress import progress as progress_bar
-from nfed.common.validate import check_fields
+from nfed.common.fields import check_declared, declared, from_fields, option
+from nfed.common.validate import SEED, Limit
 from nfed.core import optim
 from nfed.core.autograd import no_grad
 from nfed.core.metrics import ConfusionMatrix
 from nfed.model.checkpoint import Checkpoint, check_state_matches, checkpoint_kind, load_checkpoint
 from nfed.model.wnet import WNetCD, parameter_count
-from nfed.training.environment import from_fields
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # Keys a checkpoint's config keeps beside TrainConfig's fields: the tile and district it was trained on, where
@@ -34,31 +34,36 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SAVED_KEYS = ("tile", "district", "personalised_from", "environment", "device")
 
 
+@declared
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (what the federation server sends to its clients)."""
+    """Everything that defines a training run (what the federation server sends to its clients). Each field is
+    declared once; the commands' options are profile overrides (nfed.commands.options.TRAINING_OPTIONS)."""
 
-    width: int = 8
-    classes: int = 2
-    lambda_rec: float = 0.1
-    lr: float = 1e-4
-    batch_size: int = 8
-    epochs: int = 50
-    patience: int = 3
-    patience_steps: int = 0   # early stopping also waits this many optimiser steps (epochs of a step or two)
-    seed: int = 0
-    augment: bool = True
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    profile: str = "custom"   # the profile it was made from (recorded in every checkpoint)
+    width: int = option(8, cli="--width", limit=Limit(1, 1024, integer=True), help="W-Net base width w")
+    classes: int = option(2, cli="--classes", choices=(2, 5), help="2 (default) or 5 (change types)")
+    lambda_rec: float = option(0.1, cli="--lambda-rec", limit=Limit(0, 1000),
+                               help="weight of the U-Decoder's reconstruction loss (0 skips it)")
+    lr: float = option(1e-4, cli="--lr", limit=Limit(0, 1, low_open=True),
+                       help="learning rate of the optimiser (the profile's by default)")
+    batch_size: int = option(8, cli="--batch-size", limit=Limit(1, 65536, integer=True),
+                             help="tiles per optimiser step")
+    epochs: int = option(50, cli="--epochs", limit=Limit(1, 100000, integer=True),
+                         help="maximum epochs (profile's value by default)")
+    patience: int = option(3, cli="--patience", limit=Limit(1, 100000, integer=True),
+                           help="early-stopping patience in epochs")
+    patience_steps: int = option(0, cli="--patience-steps", limit=Limit(0, 10_000_000, integer=True),
+                                 help="early stopping also waits this many optimiser steps without improvement "
+                                      "(demo: 20)")
+    seed: int = option(0, cli="--seed", limit=SEED, help="seed of initialisation, shuffling and augmentation "
+                                                         "(default 0)")
+    augment: bool = option(True, cli="--no-augment", help="train without flips/rotations")
+    optimizer: str = option("adam", choices=OPTIMIZERS)
+    weight_decay: float = option(0.0, limit=Limit(0, 1))
+    profile: str = option("custom", help="the profile it was made from (recorded in every checkpoint)")
 
     def __post_init__(self) -> None:
-        check_fields(self, ("width", "lambda_rec", "lr", "batch_size", "epochs", "patience", "patience_steps", "seed",
-                            "weight_decay"))
-        if self.classes not in (2, 5):
-            raise ConfigError(f"classes {self.classes}: use 2 (change / no change) or 5 (no change + 4 types)")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
+        check_declared(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
