@@ -65,6 +65,7 @@ class DemoSettings:
     eps: float = 0.0               # the norm-difference rule (0: off)
     server_opt: str = "fedavg"
     prox_mu: float = 0.0           # FedProx weight of the federated clients (0: plain FedAvg)
+    norm_policy: str = "shared"    # shared | fedbn | silobn: the BatchNorm tensors each district keeps to itself
     epochs: int = 400              # local / personalised / centralised epoch cap (never what ends a fair run)
     patience: int = 3
     lr: float | None = None
@@ -102,7 +103,7 @@ class DemoSettings:
                 "test_tiles": self.test_tiles, "districts": self.districts, "data_seed": self.data_seed,
                 "seeds": list(self.seeds), "max_rounds": self.max_rounds, "local_epochs": self.local_epochs,
                 "patience_rounds": self.patience_rounds, "warmup_rounds": self.warmup_rounds, "eps": self.eps,
-                "server_opt": self.server_opt, "prox_mu": self.prox_mu,
+                "server_opt": self.server_opt, "prox_mu": self.prox_mu, "norm_policy": self.norm_policy,
                 "epoch_cap": self.epoch_cap, "patience": self.patience, "lr": self.lr, "device": self.device,
                 "precision": self.precision, "jobs": self.district_jobs}
 
@@ -193,7 +194,8 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
 
         fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
                                patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed,
-                               warmup_rounds=settings.warmup_rounds, prox_mu=settings.prox_mu)
+                               warmup_rounds=settings.warmup_rounds, prox_mu=settings.prox_mu,
+                               norm_policy=settings.norm_policy)
         echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
              f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
         with nullcontext() if pool is None else PoolRunner(pool, run_dir / "federated" / "work", packs) as runner:

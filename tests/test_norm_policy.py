@@ -300,3 +300,20 @@ def test_personalise_starts_each_district_from_its_own_batchnorm(tiny_packs, tmp
         (tmp_path / "elsewhere").mkdir()
         (tmp_path / "elsewhere" / "best.h5").write_bytes((tmp_path / "run" / "best.h5").read_bytes())
         study.local_states_of(checkpoint, tmp_path / "elsewhere" / "best.h5")
+
+
+def test_the_demos_worker_pool_trains_and_scores_each_district_with_its_own_batchnorm(tiny_packs, tmp_path):
+    from nfed.federation.district_jobs import PoolRunner, WorkerPool
+
+    config = FederationConfig(rounds=2, norm_policy="fedbn")
+    alone = federate(tiny_packs, tmp_path / "alone", _tiny_config(), config)
+    with WorkerPool(2) as pool, PoolRunner(pool, tmp_path / "work", tiny_packs) as runner:
+        pooled = federate(tiny_packs, tmp_path / "pooled", _tiny_config(), config, runner=runner,
+                          evaluate_fn=runner.evaluate)
+    for name, value in alone.global_weights.items():
+        np.testing.assert_allclose(value, pooled.global_weights[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    for district in tiny_packs:
+        ours, theirs = (client_local_state(tmp_path / run, district, 3) for run in ("alone", "pooled"))
+        for name, value in ours.items():
+            np.testing.assert_allclose(value, theirs[name], rtol=1e-4, atol=1e-6, err_msg=f"{district} {name}")
+    assert [r["f1"] for r in alone.results] == pytest.approx([r["f1"] for r in pooled.results], rel=1e-4)
