@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from test_federation import INITIAL, PACKS, FakeTrainConfig, fake_train
+from test_federation import INITIAL, PACKS, FakeTrainConfig, fake_train, tiny_packs  # noqa: F401 (a fixture)
 
 from nfed.common.errors import ConfigError
 from nfed.federation.config import FederationConfig
@@ -108,8 +108,7 @@ def global_mean(round_number: int) -> float:
 
 
 def federation(tmp_path, records, rule, window=3, rounds=10, name="run", resume=False):
-    config = FederationConfig(rounds=rounds)
-    config.select_by, config.select_window = rule, window
+    config = FederationConfig(rounds=rounds, select_by=rule, select_window=window)
     return federate(PACKS, tmp_path / name, FakeTrainConfig(), config, resume=resume, train_fn=fake_train,
                     evaluate_fn=scripted(records), initial_weights=INITIAL)
 
@@ -142,6 +141,32 @@ def test_resume_continues_the_rule_from_rounds_jsonl_and_refuses_another_rule(tm
     with pytest.raises(ConfigError, match="--select-by loss"):
         federation(tmp_path, NOISY, "f1", rounds=10, name="changed", resume=True)
     assert federation(tmp_path, NOISY, "loss-ma", rounds=4, name="changed", resume=True).best_round == 4
+
+
+@pytest.mark.parametrize("option", [{"select_by": "median"}, {"select_window": 0}, {"select_window": 51}])
+def test_federation_config_refuses_a_bad_rule(option):
+    with pytest.raises(ConfigError, match="select"):
+        FederationConfig(**option)
+
+
+def test_federate_select_by_on_the_command_line(tiny_packs, tmp_path):
+    from click.testing import CliRunner
+
+    from nfed.cli import cli
+
+    data_dir = next(iter(tiny_packs.values())).parent
+    result = CliRunner().invoke(cli, ["federate", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                                      "--rounds", "2", "--width", "2", "--batch-size", "4", "--quiet",
+                                      "--select-by", "f1-ma", "--select-window", "2"])
+    assert result.exit_code == 0, result.output
+    assert "(highest mean validation F1, moving average over 2 rounds)" in result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["selection_rule"], summary["selection_window"]) == ("f1-ma", 2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert summary["best_round"] == kept_round("f1-ma", 2, records)
+    bad = CliRunner().invoke(cli, ["federate", "--data", str(data_dir), "--out", str(tmp_path / "r2"),
+                                   "--select-by", "median"])
+    assert bad.exit_code == 2 and "median" in bad.output
 
 
 # -- the report says which rule kept the round, and warns when its validation F1 is far below another round's ----

@@ -12,6 +12,7 @@ from nfed.common import strict_json
 from nfed.common.errors import ConfigError
 from nfed.common.fields import check_declared, declared, option
 from nfed.common.validate import SECONDS_MAX, SEED, Limit, check_number
+from nfed.federation.selection import DEFAULT_RULE, DEFAULT_WINDOW, MAX_WINDOW, RULES
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,14 @@ class FederationConfig:
                                 help="no stop rule fires (or counts a stale round) in these first rounds")
     delta: float = option(0.0, cli="--delta", limit=Limit(0, 1e9), flower_key="delta",
                           help="minimum validation-loss improvement")
+    select_by: str = option(DEFAULT_RULE, cli="--select-by", choices=RULES, flower_key="select-by",
+                            optional_in_flower=True,
+                            help="which round's global model is kept and scored (RUN/best.h5): lowest mean "
+                                 "validation loss, highest mean validation F1, or either averaged over "
+                                 "--select-window rounds (loss-ma, f1-ma)")
+    select_window: int = option(DEFAULT_WINDOW, cli="--select-window", limit=Limit(1, MAX_WINDOW, integer=True),
+                                flower_key="select-window", optional_in_flower=True,
+                                help="rounds in the moving average of --select-by loss-ma / f1-ma")
     deadline: float | None = option(None, cli="--deadline", limit=Limit(0, SECONDS_MAX, low_open=True),
                                     flower_key="deadline",   # 0 in a Flower run config: wait for every client
                                     help="seconds a round waits for its clients; later ones are left out of the "

@@ -93,7 +93,7 @@ def finite(value) -> bool:
 
 def selection_of(config) -> Selection:
     """A fresh Selection under a FederationConfig's `select_by` / `select_window`."""
-    return Selection(getattr(config, "select_by", DEFAULT_RULE), getattr(config, "select_window", DEFAULT_WINDOW))
+    return Selection(config.select_by, config.select_window)
 
 
 def kept_round(rule: str, window: int, records: Iterable[Mapping]) -> int:
