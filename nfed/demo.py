@@ -25,7 +25,8 @@ from typing import Callable
 
 from nfed.common.atomic import write_json_atomic
 
-STAGE_FOLDERS = ("local", "federated", "personalised", "central", "report")
+COLUMNS = ("local", "federated", "personalised", "central")
+STAGE_FOLDERS = COLUMNS + ("report",)
 DATA_FOLDERS = ("synth", "packs")
 DEMO_MARKER = ".nfed-demo"   # says "nfed demo made this folder": a rerun may replace its stage folders
 
@@ -162,70 +163,95 @@ def make_data(out_dir: Path, settings: DemoSettings, echo: Callable[[str], None]
 
 
 def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, seed: int, stages: _Stages,
-                echo: Callable[[str], None]) -> None:
-    """The four columns of one seed into RUN/local, federated, personalised, central (CSV tables)."""
-    from nfed.federation.config import FederationConfig
-    from nfed.federation.district_jobs import PoolRunner, make_task, run_tasks, worker_pool
-    from nfed.federation.server import federate
-    from nfed.model.checkpoint import save_checkpoint
+                echo: Callable[[str], None], columns: tuple[str, ...] = COLUMNS) -> None:
+    """The four columns of one seed into RUN/local, federated, personalised, central (CSV tables); `columns`
+    runs only some of them (a benchmark that varies the federation reuses one seed's local and central)."""
+    from nfed.federation.district_jobs import make_task, run_tasks, worker_pool
     from nfed.runs.results import study_table, write_results_csv
-    from nfed.runs.runfolder import BEST_NAME
     from nfed.training.environment import RunEnvironment
-    from nfed.training.study import fine_tune_config, train_central
+    from nfed.training.study import train_central
     from nfed.training.trainer import profile_config
 
     config = profile_config("demo", seed=seed, epochs=settings.epoch_cap, patience=settings.patience, lr=settings.lr)
     env = RunEnvironment(settings.device, settings.precision)
+    unknown = set(columns) - set(COLUMNS)
+    if unknown or ("personalised" in columns and "federated" not in columns):
+        raise ValueError(f"columns {columns}: choose from {COLUMNS} (personalised needs federated)")
     for name in STAGE_FOLDERS:
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+        if name in columns or name == "report":
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+
+    def said_local(row: dict) -> None:
+        echo(f"  {row['district']:<16} local F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
+             f"{row['steps']} steps, {row['stop']}, {row['wall_time_s']:.1f} s)")
 
     with worker_pool(settings.district_jobs, len(packs), say=False) as pool:
-        echo(f"[demo] seed {seed}: local column, every district alone (early stopping, cap {config.epochs} "
-             "epochs)")
+        if "local" in columns:
+            echo(f"[demo] seed {seed}: local column, every district alone (early stopping, cap {config.epochs} "
+                 "epochs)")
+            tasks = [make_task("local", path, run_dir / "local", config, env=env) for path in packs.values()]
+            rows = run_tasks(tasks, pool, said_local)
+            write_results_csv(study_table(run_dir, "local"), rows, "local")
+            stages.done("local")
+        if "federated" in columns:
+            result = _federated_column(run_dir, packs, settings, seed, config, env, pool, echo)
+            stages.done("federated")
+        if "personalised" in columns:
+            _personalised_column(run_dir, packs, config, env, pool, result.best_weights, result.best_round, echo,
+                                 seed)
+            stages.done("personalised")
 
-        def said_local(row: dict) -> None:
-            echo(f"  {row['district']:<16} local F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
-                 f"{row['steps']} steps, {row['stop']}, {row['wall_time_s']:.1f} s)")
+    if "central" in columns:
+        echo(f"[demo] seed {seed}: centralised column, one model on the pooled data")
+        summary, _ = train_central(list(packs.values()), study_table(run_dir, "central").parent, config, env=env,
+                                   quiet=settings.quiet)
+        echo(f"  centralised: {summary['epochs_run']} epochs, {summary['steps']} steps, {summary['stop']}")
+        stages.done("central")
 
-        tasks = [make_task("local", path, run_dir / "local", config, env=env) for path in packs.values()]
-        rows = run_tasks(tasks, pool, said_local)
-        write_results_csv(study_table(run_dir, "local"), rows, "local")
-        stages.done("local")
 
-        fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
-                               patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed,
-                               warmup_rounds=settings.warmup_rounds, prox_mu=settings.prox_mu,
-                               norm_policy=settings.norm_policy)
-        echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
-             f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
-        with nullcontext() if pool is None else PoolRunner(pool, run_dir / "federated" / "work", packs) as runner:
-            pooled = {} if runner is None else {"runner": runner, "evaluate_fn": runner.evaluate}
-            result = federate(packs, run_dir / "federated", config, fed, echo=echo,
-                              show_progress=not settings.quiet, overwrite=True, env=env, **pooled)
-        shutil.rmtree(run_dir / "federated" / "work", ignore_errors=True)
-        stages.done("federated")
+def _federated_column(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, seed: int, config, env, pool,
+                      echo: Callable[[str], None]):
+    """RUN/federated: the federation under the demo's protocol (its FederationResult)."""
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.district_jobs import PoolRunner
+    from nfed.federation.server import federate
 
-        echo(f"[demo] seed {seed}: personalised column, the round-{result.best_round} global model fine-tuned "
-             f"per district")
+    fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
+                           patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed,
+                           warmup_rounds=settings.warmup_rounds, prox_mu=settings.prox_mu,
+                           norm_policy=settings.norm_policy)
+    echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
+         f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
+    with nullcontext() if pool is None else PoolRunner(pool, run_dir / "federated" / "work", packs) as runner:
+        pooled = {} if runner is None else {"runner": runner, "evaluate_fn": runner.evaluate}
+        result = federate(packs, run_dir / "federated", config, fed, echo=echo,
+                          show_progress=not settings.quiet, overwrite=True, env=env, **pooled)
+    shutil.rmtree(run_dir / "federated" / "work", ignore_errors=True)
+    return result
 
-        def said_personalised(row: dict) -> None:
-            echo(f"  {row['district']:<16} personalised F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
-                 f"best epoch {row['best_epoch']})")
 
-        start = run_dir / "federated" / BEST_NAME
-        if not start.is_file():   # no round was evaluated: the run's final weights are its best
-            save_checkpoint(start, result.best_weights)
-        tasks = [make_task("personalise", path, run_dir / "personalised", fine_tune_config(config), weights=start,
-                           env=env) for path in packs.values()]
-        rows = run_tasks(tasks, pool, said_personalised)
-        write_results_csv(study_table(run_dir, "personalised"), rows, "personalised")
-        stages.done("personalised")
+def _personalised_column(run_dir: Path, packs: dict[str, Path], config, env, pool, best_weights, best_round: int,
+                         echo: Callable[[str], None], seed: int) -> None:
+    """RUN/personalised: the kept round's global model fine-tuned per district."""
+    from nfed.federation.district_jobs import make_task, run_tasks
+    from nfed.model.checkpoint import save_checkpoint
+    from nfed.runs.results import study_table, write_results_csv
+    from nfed.runs.runfolder import BEST_NAME
+    from nfed.training.study import fine_tune_config
 
-    echo(f"[demo] seed {seed}: centralised column, one model on the pooled data")
-    summary, _ = train_central(list(packs.values()), study_table(run_dir, "central").parent, config, env=env,
-                               quiet=settings.quiet)
-    echo(f"  centralised: {summary['epochs_run']} epochs, {summary['steps']} steps, {summary['stop']}")
-    stages.done("central")
+    echo(f"[demo] seed {seed}: personalised column, the round-{best_round} global model fine-tuned per district")
+
+    def said_personalised(row: dict) -> None:
+        echo(f"  {row['district']:<16} personalised F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
+             f"best epoch {row['best_epoch']})")
+
+    start = run_dir / "federated" / BEST_NAME
+    if not start.is_file():   # no round was evaluated: the run's final weights are its best
+        save_checkpoint(start, best_weights)
+    tasks = [make_task("personalise", path, run_dir / "personalised", fine_tune_config(config), weights=start,
+                       env=env) for path in packs.values()]
+    rows = run_tasks(tasks, pool, said_personalised)
+    write_results_csv(study_table(run_dir, "personalised"), rows, "personalised")
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,

@@ -60,3 +60,12 @@ def test_several_seeds_get_their_own_runs_and_one_aggregated_report(tmp_path):
     local = [list(csv.DictReader((out / f"seed-{s}" / "local" / "local.csv").open())) for s in (0, 1)]
     assert [r["test_tiles"] for r in local[0]] == [r["test_tiles"] for r in local[1]]
     assert [r["f1"] for r in local[0]] != [r["f1"] for r in local[1]]
+
+
+def test_run_columns_refuses_unknown_columns_and_personalised_without_federated(tmp_path):
+    from nfed.demo import DemoSettings, _Stages, run_columns
+
+    for columns in (("local", "nonsense"), ("personalised",)):
+        with pytest.raises(ValueError, match="choose from"):
+            run_columns(tmp_path, {}, DemoSettings(), 0, _Stages(lambda text: None), lambda text: None,
+                        columns=columns)
