@@ -66,6 +66,7 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
     tiles, pixels, change pixels) and how training ended (epochs, optimiser steps, stop: early-stop when
     the patience ran out, cap when --epochs was reached first, i.e. possibly not converged).
     """
+    from nfed.common.progress import Countdown
     from nfed.runs.packs import find_packs
     from nfed.training.study import local_column
 
@@ -81,11 +82,15 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
         packs = [data_path]
     refuse_output_over_inputs(out_dir, {"--data": packs})
 
+    countdown = Countdown(len(packs))
+
     def said(summary: dict) -> None:
         click.echo(f"{summary['district']}: f1 {summary['f1']:.4f} precision {summary['precision']:.4f} "
                    f"recall {summary['recall']:.4f} iou {summary['iou']:.4f} "
                    f"({summary['epochs_run']} epochs, {summary['steps']} steps, stopped by {summary['stop']}, "
                    f"{summary['wall_time_s']:.1f}s) -> {out_dir / summary['district']}")
+        if train_all:
+            click.echo(f"  {countdown.step()}")
 
     rows = local_column(packs, out_dir, config, env=env, quiet=quiet, table=train_all, on_row=said)
     if train_all:

@@ -2,6 +2,7 @@
 fine-tuned per district). The local column is `nfed train-local`, the federated one `nfed federate`."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -42,14 +43,17 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
     Early stopping on the pooled validation splits. Writes OUT/best.h5, OUT/epochs.jsonl, OUT/summary.json
     (epochs, optimiser steps, why it stopped) and OUT/central.csv: the model on each district's test split.
     """
+    from nfed.common.progress import duration
     from nfed.training.study import central_column
 
     config, env = training_setup(device, precision, **options)
+    start = time.monotonic()
     summary, rows = central_column(_packs(data_path, out_dir), out_dir, config, env=env, quiet=quiet)
     for row in rows:
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['test_tiles']} test tiles)")
     click.echo(f"centralised model: {summary['epochs_run']} epochs, {summary['steps']} steps, stopped by "
-               f"{summary['stop']} (best epoch {summary['best_epoch']}) -> {out_dir / 'central.csv'}")
+               f"{summary['stop']} (best epoch {summary['best_epoch']}) in {duration(time.monotonic() - start)} "
+               f"-> {out_dir / 'central.csv'}")
 
 
 @click.command("personalise")
@@ -65,6 +69,7 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
     checkpoint. A run under --norm-policy fedbn / silobn gives each district its own BatchNorm of the checkpoint's
     round (from RUN/client_state/ beside the checkpoint). Writes OUT/<district>/ and OUT/personalised.csv.
     """
+    from nfed.common.progress import Countdown
     from nfed.model.checkpoint import load_checkpoint
     from nfed.training.study import fine_tune_config, local_states_of, model_setup, personalised_column
     from nfed.training.trainer import checkpoint_train_config
@@ -76,10 +81,12 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
     if options.get("lr") is None:
         config = fine_tune_config(config)
 
+    countdown = Countdown(len(packs))
+
     def said(row: dict) -> None:
         kept = " (global weights kept)" if row["best_epoch"] == 0 else ""
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
-                   f"stopped by {row['stop']}){kept}")
+                   f"stopped by {row['stop']}){kept}; {countdown.step()}")
 
     rows = personalised_column(checkpoint.model_state, packs, out_dir, config, env=env, quiet=quiet,
                                source=str(model_path), on_row=said,

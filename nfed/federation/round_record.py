@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from nfed.common.progress import rounds_left
 from nfed.federation.client import ClientOutcome, clean_metrics
 
 
@@ -94,8 +95,9 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def round_line(record: dict, budget: int) -> str:
-    """The line the server echoes after a round."""
+def round_line(record: dict, budget: int, records: Sequence[Mapping] = (), stop=None) -> str:
+    """The line the server echoes after a round; with the run's `records` (this one last) and its StopRules, the
+    time the rounds took and what is left (time_left) unless this round ended the run."""
     clients = record["clients"]
     answered = record["answered"]
     times = [clients[d].get("simulated_seconds", clients[d]["seconds"]) for d in answered]
@@ -130,5 +132,14 @@ def round_line(record: dict, budget: int) -> str:
     if record["norm_difference"] is not None:
         parts.append(f"norm diff {record['norm_difference']:.4g}")
     parts.append(f"{record['seconds']:.1f} s")
+    if records and not record.get("stop"):
+        parts.append(time_left(records, budget, stop))
     return "; ".join(parts)
 
+
+def time_left(records: Sequence[Mapping], budget: int, stop=None) -> str:
+    """What the rounds took and what is left (nfed.common.progress.rounds_left), with the stop rule's state."""
+    seconds = [r["seconds"] for r in records if isinstance(r.get("seconds"), (int, float))]
+    rule = {} if stop is None else {"patience": stop.patience_rounds, "stale": stop.rounds_since_best,
+                                    "warmup": stop.warmup_rounds}
+    return rounds_left(seconds, int(records[-1]["round"]), budget, **rule)

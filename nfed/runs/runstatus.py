@@ -90,3 +90,39 @@ def status_line(status: dict) -> str:
         shown = ", ".join(f"{k} ({v})" for k, v in list(problems.items())[:3])
         line += f"; round {status['round']} left out {len(problems)}: {shown}" + (" ..." if len(problems) > 3 else "")
     return line + f" (updated {status.get('updated', '?')})"
+
+
+def round_view(status: dict, records: list) -> str:
+    """`nfed status --follow`'s line for the last round: answered and late districts, mean validation F1, time
+    per round and what is left (an upper bound: the round budget). `records`: RUN/rounds.jsonl as it stands;
+    fields that are missing or not of their type are left out, so a hostile or older file cannot stop the view."""
+    from nfed.common.progress import rounds_left
+
+    line = f"{status['state']}: round {status['round']}/{status.get('rounds', '?')}"
+    last = records[-1] if records and isinstance(records[-1], dict) else {}
+    answered, selected, late = (last.get(key) for key in ("answered", "selected", "late"))
+    if isinstance(answered, list) and isinstance(selected, list):
+        line += f", {len(answered)}/{len(selected)} answered"
+    if isinstance(late, list) and late:
+        line += f", late: {', '.join(str(d)[:MAX_NAME] for d in late[:5])}" + (" ..." if len(late) > 5 else "")
+    f1 = last.get("mean_val_f1")
+    if _number(f1):
+        line += f", mean val F1 {f1:.4f}"
+    seconds = [r["seconds"] for r in records if isinstance(r, dict) and _number(r.get("seconds"))]
+    budget = status.get("rounds")
+    if seconds and status["state"] == "running" and _number(budget):
+        line += f", {sum(seconds[-5:]) / len(seconds[-5:]):.1f} s a round; "
+        line += rounds_left(seconds, status["round"], int(budget))
+    problems = status.get("round_problems")
+    if isinstance(problems, dict) and problems:
+        line += f"; left out {len(problems)}: " + ", ".join(f"{k} ({v})" for k, v in list(problems.items())[:3])
+    if status["state"] == "failed" and status.get("reason"):
+        line += f"; {status['reason']}"
+    elif status.get("stop_reason"):
+        line += f"; {status['stop_reason']}"
+    return line
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and abs(value) != float("inf")
