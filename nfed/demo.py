@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from nfed.common.atomic import write_json_atomic
+from nfed.common.progress import Countdown, duration
 
 COLUMNS = ("local", "federated", "personalised", "central")
 STAGE_FOLDERS = COLUMNS + ("report",)
@@ -139,7 +140,7 @@ class _Stages:
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now
         self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 2)
-        self.echo(f"[demo] {name} done in {elapsed:.1f} s")
+        self.echo(f"[demo] {name} done in {elapsed:.1f} s ({duration(self.total)} elapsed)")
 
     @property
     def total(self) -> float:
@@ -181,9 +182,11 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
         if name in columns or name == "report":
             shutil.rmtree(run_dir / name, ignore_errors=True)
 
+    countdown = Countdown(len(packs))
+
     def said_local(row: dict) -> None:
         echo(f"  {row['district']:<16} local F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
-             f"{row['steps']} steps, {row['stop']}, {row['wall_time_s']:.1f} s)")
+             f"{row['steps']} steps, {row['stop']}, {row['wall_time_s']:.1f} s); {countdown.step()}")
 
     with worker_pool(settings.district_jobs, len(packs), say=False) as pool:
         if "local" in columns:
@@ -241,9 +244,11 @@ def _personalised_column(run_dir: Path, packs: dict[str, Path], config, env, poo
 
     echo(f"[demo] seed {seed}: personalised column, the round-{best_round} global model fine-tuned per district")
 
+    countdown = Countdown(len(packs))
+
     def said_personalised(row: dict) -> None:
         echo(f"  {row['district']:<16} personalised F1 {row['f1']:.4f} ({row['epochs_run']} epochs, "
-             f"best epoch {row['best_epoch']})")
+             f"best epoch {row['best_epoch']}); {countdown.step()}")
 
     start = run_dir / "federated" / BEST_NAME
     if not start.is_file():   # no round was evaluated: the run's final weights are its best

@@ -318,7 +318,7 @@ class Federation:
             self._save(weights, round_number, server, stop, stop_reason, records)
             if cfg.client_state == "keep" or cfg.norm_policy != "shared":
                 prune_client_states(self.run_dir, self.districts, round_number, self.selection.best_round)
-            self.echo(round_line(record, cfg.rounds))
+            self.echo(round_line(record, cfg.rounds, records, stop))
             done = round_number
             self._record_progress(done, stop_reason, round_problems(record))
         if records and not any(record["answered"] for record in records):
