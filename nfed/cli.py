@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("nfed.commands.export", "export"),
     "federate": ("nfed.commands.federation", "federate"),
     "report": ("nfed.commands.federation", "report"),
+    "matrix": ("nfed.commands.matrix", "matrix"),
     "demo": ("nfed.commands.demo", "demo"),
     "bench": ("nfed.commands.bench", "bench"),
     "flower-app": ("nfed.commands.flower", "flower_app"),

@@ -12,6 +12,7 @@ from nfed.common.atomic import write_json_atomic, write_text_atomic
 from nfed.report.comparison import Comparison, study_comparison
 from nfed.report.figures import draw_figures
 from nfed.report.html import report_html
+from nfed.report.matrix import matrix_line, matrix_summary
 from nfed.report.run import read_columns, read_run
 from nfed.report.text import comparison_text, table_csv, table_markdown
 
@@ -21,11 +22,16 @@ HTML_NAME = "report.html"
 def write_report(comparison: Comparison, out_dir: str | Path, *, figures: bool = True,
                  demo: dict | None = None) -> Comparison:
     """REPORT/table.csv, table.md, the figures, report.html and summary.json (the summary with the rows).
-    `demo`: settings and stage_seconds for report.html (`nfed demo` passes its own; else RUN/demo.json)."""
+    `demo`: settings and stage_seconds for report.html (`nfed demo` passes its own; else RUN/demo.json).
+    Runs with a cross-district matrix (RUN/matrix.csv) add its numbers: summary.json's "matrix", a line of
+    table.md and a section of report.html."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    matrix = matrix_summary(comparison.runs)
+    if matrix is not None:
+        comparison.summary["matrix"] = matrix
     write_text_atomic(out_dir / "table.csv", table_csv(comparison))
-    write_text_atomic(out_dir / "table.md", table_markdown(comparison))
+    write_text_atomic(out_dir / "table.md", _with_matrix_line(table_markdown(comparison), comparison))
     if figures:
         comparison.summary["figures"] = [str(p) for p in draw_figures(comparison, out_dir)]
     write_text_atomic(out_dir / HTML_NAME, report_html(comparison, demo))
@@ -51,5 +57,13 @@ def make_study_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, fi
 
 
 def table_text(comparison: Comparison) -> str:
-    """The table, headline, goals and fairness section as plain text for the terminal."""
-    return comparison_text(comparison)
+    """The table, headline, goals and fairness section (and the matrix's line) as plain text for the terminal."""
+    return _with_matrix_line(comparison_text(comparison), comparison)
+
+
+def _with_matrix_line(text: str, comparison: Comparison) -> str:
+    """`text` with the cross-district matrix's line after a blank line, when the runs have a matrix."""
+    matrix = comparison.summary.get("matrix")
+    if matrix is None:
+        return text
+    return text.rstrip("\n") + f"\n\n{matrix_line(matrix)}" + ("\n" if text.endswith("\n") else "")

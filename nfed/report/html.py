@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from nfed.report.comparison import Comparison
+from nfed.report.matrix import matrix_line, matrix_summary, study_matrix
 from nfed.report.run import Run, read_json_object
 from nfed.report.text import cell_text, fairness_cells, fairness_header, goal_verdict, headline_lines, table_columns
 
@@ -56,6 +57,14 @@ th[aria-sort=descending] button::after { content: " \\2193"; color: #1b1f23; }
 figure { margin: 10px 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figcaption { color: #57606a; }
+table.heatmap td { min-width: 2.6em; }
+table.heatmap thead th { writing-mode: vertical-rl; transform: rotate(180deg); text-align: left; }
+table.heatmap thead th:first-child { writing-mode: horizontal-tb; transform: none; }
+td.diag { outline: 2px solid #1b1f23; outline-offset: -2px; font-weight: bold; }
+.hm0 { background: #f7fbff; } .hm1 { background: #e3eef9; } .hm2 { background: #cfe1f2; }
+.hm3 { background: #b5d4e9; } .hm4 { background: #93c3df; } .hm5 { background: #6daed5; }
+.hm6 { background: #4b97c9; color: #fff; } .hm7 { background: #2f7ebc; color: #fff; }
+.hm8 { background: #1864aa; color: #fff; } .hm9 { background: #0a4a90; color: #fff; }
 """
 
 # Sorts every table.sortable by the clicked column: by data-sort when the cell has it, else by its text;
@@ -126,9 +135,9 @@ def _td(text, sort: str | None = None, css_class: str | None = None) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]], *, sortable: bool = False, text: bool = False,
-           table_id: str | None = None) -> str:
+           heatmap: bool = False, table_id: str | None = None) -> str:
     """A table of _td cells; a sortable table gets a button in each header cell."""
-    classes = " ".join(c for c, on in (("sortable", sortable), ("text", text)) if on)
+    classes = " ".join(c for c, on in (("sortable", sortable), ("text", text), ("heatmap", heatmap)) if on)
     head = "".join(f"<th scope=\"col\"><button type=\"button\">{_e(h)}</button></th>" if sortable
                    else f"<th scope=\"col\">{_e(h)}</th>" for h in header)
     body = "\n".join("<tr>" + "".join(row) + "</tr>" for row in rows)
@@ -194,6 +203,36 @@ def figures_html(comparison: Comparison) -> str:
         parts.append(f"<figure><img src=\"data:image/png;base64,{data}\" width=\"{width}\" height=\"{height}\" "
                      f"alt=\"{_e(caption)}\"><figcaption>{_e(path.name)}: {_e(caption)}</figcaption></figure>")
     return "<div class=\"figures\">\n" + "\n".join(parts) + "\n</div>"
+
+
+def _heat_class(value: float | None) -> str:
+    """The cell's colour class: F1 in tenths (hm0 light .. hm9 dark), none for a blank cell."""
+    return "" if value is None else f"hm{min(9, max(0, int(value * 10 + 1e-9)))}"
+
+
+def matrix_html(comparison: Comparison) -> str:
+    """The cross-district matrix as a heatmap table (colour by F1 in tenths, the diagonal framed), and its means."""
+    matrix, seeds = study_matrix(comparison.runs)
+    if matrix is None:
+        return ""
+    summary = matrix_summary(comparison.runs)
+    rows = [[_td(name)] + [_td("-" if value is None else f"{value:.2f}", None,
+                               " ".join(c for c in (_heat_class(value), "diag" if district == name else "") if c))
+                           for district, value in zip(matrix.districts, row)]
+            for name, row in matrix.rows.items()]
+    legend = _table([f"{k / 10:.1f}" for k in range(10)], [[_td("", None, f"hm{k}") for k in range(10)]])
+    notes = [f"Rows: each district's local model (named by its district) and the federation's kept global model; "
+             f"columns: the district whose test split it is scored on; cells: F1 of the change class pooled over "
+             f"the split's tiles, blank (-) where a model or pack is missing. Framed: a local model on its own "
+             f"district (in-district). Under --norm-policy fedbn / silobn the global model is scored on each "
+             f"district with that district's own BatchNorm of the kept round, as the district would use it.",
+             f"In-district: mean of {summary['in_district_cells']} diagonal cells; out-of-district: mean of "
+             f"{summary['out_of_district_cells']} other cells of the local models."
+             + (f" Cells: the mean over the {seeds} seeds that have a matrix (nfed matrix / nfed demo)."
+                if len(comparison.runs) > 1 else "")]
+    return (_list([matrix_line(summary)]) + "".join(f"<p class=\"note\">{_e(n)}</p>" for n in notes)
+            + _table(["model / district"] + matrix.districts, rows, heatmap=True, table_id="matrix-table")
+            + "<p class=\"note\">Colour: F1 in tenths.</p>" + legend)
 
 
 def _run_folder(run: Run) -> Path:
@@ -268,6 +307,9 @@ def report_html(comparison: Comparison, demo: dict | None = None) -> str:
                 ("districts", "Per district", f"<p class=\"note\">{_e(how_to_read)}</p>" + district_table(comparison))]
     if comparison.seeds:
         sections.append(("seeds", "Each seed", per_seed_table(comparison)))
+    matrix = matrix_html(comparison)
+    if matrix:
+        sections.append(("matrix", "Cross-district matrix", matrix))
     sections += [("figures", "Figures", figures_html(comparison)),
                  ("fairness", "Fairness", fairness_html(comparison)),
                  ("settings", "Settings and stage times", demo_html(demo, source))]

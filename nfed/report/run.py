@@ -14,6 +14,7 @@ from pathlib import Path
 from nfed.common.errors import DataError
 from nfed.runs.results import FILE_NAMES, read_results, study_table
 from nfed.runs.runfolder import ROUNDS_NAME, SUMMARY_NAME, read_rounds
+from nfed.training.matrix import MATRIX_NAME, DistrictMatrix, read_matrix
 
 COLUMNS = ("local", "federated", "personalised", "centralised")
 # The results table (nfed.runs.results) behind each column: the kind of table it is.
@@ -35,7 +36,8 @@ def read_json_object(path: Path) -> dict:
 @dataclass
 class Run:
     """One seed's results: column -> district -> record, the federation's rounds and summary.json, the
-    centralised model's summary.json, and the file each column came from."""
+    centralised model's summary.json, the file each column came from, and the cross-district matrix (RUN/matrix.csv)
+    when the run has one."""
 
     label: str
     results: dict[str, dict[str, dict]]
@@ -43,6 +45,7 @@ class Run:
     rounds: list[dict] = field(default_factory=list)
     federation: dict = field(default_factory=dict)
     central: dict = field(default_factory=dict)
+    matrix: DistrictMatrix | None = None
 
 
 def _results_file(path: Path, name: str) -> Path:
@@ -62,11 +65,13 @@ def read_columns(local: str | Path, federated: str | Path, personalised: str | P
 
 
 def read_run(run_dir: str | Path, label: str | None = None) -> Run:
-    """A Run from a study run folder; personalised/ and central/ are read when present."""
+    """A Run from a study run folder; personalised/, central/ and matrix.csv are read when present."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run folder not found")
     folders = {c: study_table(run_dir, kind).parent for c, kind in TABLE_KINDS.items()}
     optional = {c: folders[c] for c in ("personalised", "centralised")}
-    return read_columns(folders["local"], folders["federated"],
-                        **{c: p for c, p in optional.items() if p.exists()}, label=label or run_dir.name)
+    run = read_columns(folders["local"], folders["federated"],
+                       **{c: p for c, p in optional.items() if p.exists()}, label=label or run_dir.name)
+    run.matrix = read_matrix(run_dir / MATRIX_NAME) if (run_dir / MATRIX_NAME).is_file() else None
+    return run
