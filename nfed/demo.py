@@ -11,8 +11,12 @@ The synthetic data holds a fixed number of validation and test tiles per distric
 every district's F1 rests on the same number of pixels. Several seeds (`seeds` > 1) vary model
 initialisation and shuffling on the same data; each seed's run lives in OUT/seed-<k>/.
 
+After the columns each run gets its cross-district matrix (nfed.training.matrix: every local model and the
+global model on every district's test split, RUN/matrix.csv and matrix.json) unless `matrix` is off.
+
 Output layout: OUT/synth, OUT/packs, then per run (OUT itself for one seed) local/, federated/,
-personalised/, central/, report/, and OUT/demo.json with settings, stage times and the headline numbers.
+personalised/, central/, matrix.csv, matrix.json, report/, and OUT/demo.json with settings, stage times and the
+headline numbers.
 """
 from __future__ import annotations
 
@@ -68,12 +72,15 @@ class DemoSettings:
     server_opt: str = "fedavg"
     prox_mu: float = 0.0           # FedProx weight of the federated clients (0: plain FedAvg)
     norm_policy: str = "shared"    # shared | fedbn | silobn: the BatchNorm tensors each district keeps to itself
+    compress: str = "none"         # none | fp16 | int8 | int8-ef: how the clients send their updates
+    broadcast: str = "fp32"        # fp32 | fp16: how the server sends the global model
     epochs: int = 400              # local / personalised / centralised epoch cap (never what ends a fair run)
     patience: int = 3
     lr: float | None = None
     device: str = "cpu"
     precision: str = "fp32"        # GPU GEMM precision (nfed.gpu.precision); no effect on the CPU
     jobs: int = 0                  # districts trained at once (local, personalised columns); 0: one per CPU
+    matrix: bool = True            # the cross-district matrix of each run after its columns (RUN/matrix.csv)
     quiet: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -106,8 +113,9 @@ class DemoSettings:
                 "seeds": list(self.seeds), "max_rounds": self.max_rounds, "local_epochs": self.local_epochs,
                 "patience_rounds": self.patience_rounds, "warmup_rounds": self.warmup_rounds, "eps": self.eps,
                 "server_opt": self.server_opt, "prox_mu": self.prox_mu, "norm_policy": self.norm_policy,
+                "compress": self.compress, "broadcast": self.broadcast,
                 "epoch_cap": self.epoch_cap, "patience": self.patience, "lr": self.lr, "device": self.device,
-                "precision": self.precision, "jobs": self.district_jobs}
+                "precision": self.precision, "jobs": self.district_jobs, "matrix": self.matrix}
 
     @property
     def district_jobs(self) -> int:
@@ -170,6 +178,7 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
     from nfed.federation.district_jobs import make_task, run_tasks, worker_pool
     from nfed.runs.results import study_table, write_results_csv
     from nfed.training.environment import RunEnvironment
+    from nfed.training.matrix import remove_matrix
     from nfed.training.study import train_central
     from nfed.training.trainer import profile_config
 
@@ -181,6 +190,8 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
     for name in STAGE_FOLDERS:
         if name in columns or name == "report":
             shutil.rmtree(run_dir / name, ignore_errors=True)
+    if {"local", "federated"} & set(columns):
+        remove_matrix(run_dir)   # its models are retrained
 
     countdown = Countdown(len(packs))
 
@@ -222,7 +233,8 @@ def _federated_column(run_dir: Path, packs: dict[str, Path], settings: DemoSetti
     fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
                            patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed,
                            warmup_rounds=settings.warmup_rounds, prox_mu=settings.prox_mu,
-                           norm_policy=settings.norm_policy)
+                           norm_policy=settings.norm_policy, compress=settings.compress,
+                           broadcast=settings.broadcast)
     echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
          f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
     with nullcontext() if pool is None else PoolRunner(pool, run_dir / "federated" / "work", packs) as runner:
@@ -259,6 +271,17 @@ def _personalised_column(run_dir: Path, packs: dict[str, Path], config, env, poo
     write_results_csv(study_table(run_dir, "personalised"), rows, "personalised")
 
 
+def _matrix(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, echo: Callable[[str], None]) -> None:
+    """RUN/matrix.csv and matrix.json: every local model and the global model on every district's test split."""
+    from nfed.report.matrix import matrix_line
+    from nfed.training.environment import RunEnvironment
+    from nfed.training.matrix import run_matrix
+
+    echo(f"[demo] cross-district matrix: {len(packs)} local models and the global model on every test split")
+    _, summary = run_matrix(run_dir, packs, env=RunEnvironment(settings.device, settings.precision))
+    echo(f"  {matrix_line({**summary, 'seeds': 1})}")
+
+
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
              echo: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> dict:
     """Run the whole study; returns what OUT/demo.json holds (settings, stage times, report summary).
@@ -280,6 +303,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
     for seed in settings.seeds:
         run_dir = out_dir if len(settings.seeds) == 1 else out_dir / f"seed-{seed}"
         run_columns(run_dir, packs, settings, seed, stages, echo)
+        if settings.matrix:
+            _matrix(run_dir, packs, settings, echo)
+            stages.done("matrix")
         run_dirs.append(run_dir)
         if len(settings.seeds) > 1:
             make_study_report([run_dir], run_dir / "report", demo=_page_facts(settings, stages))

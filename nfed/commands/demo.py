@@ -44,6 +44,8 @@ DEFAULTS = DemoSettings()
 @field_option(FederationConfig, "prox_mu", override=True,
               help="FedProx weight of the federated clients (default 0: FedAvg)")
 @field_option(FederationConfig, "norm_policy", override=True)
+@field_option(FederationConfig, "compress", override=True)
+@field_option(FederationConfig, "broadcast", override=True)
 @field_option(TrainConfig, "epochs", override=True,
               help="epoch cap of the local, personalised and centralised training (default "
                    f"{DEFAULTS.epochs}; never below rounds x local epochs, what a client trains in the whole "
@@ -53,6 +55,8 @@ DEFAULTS = DemoSettings()
 @precision_option
 @click.option("--jobs", type=limited("jobs"), default=0, show_default=True,
               help="districts trained at once in the local and personalised columns (0: one per CPU core)")
+@click.option("--matrix/--no-matrix", default=DEFAULTS.matrix, show_default=True,
+              help="score every local model and the global model on every district's test split (RUN/matrix.csv)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def demo(out_dir, seeds, seed, rounds, device, precision, jobs, **settings):
     """Re-run the whole study on synthetic districts: local, federated, personalised and centralised F1."""

@@ -9,7 +9,8 @@ The round set-up is a JSON-able dict (what the study's server sends to every cli
      "keep_optimizer_state": False}
 plus, where used, "dp_clip" (DP-FedAvg: clip the update to this L2 norm), "prox_mu" (FedProx: the proximal
 weight mu), "norm_policy" (fedbn / silobn: the BatchNorm tensors that stay with the district, left out of the
-clipped update) and "simulate_attack" (a simulated label-flipping attacker trains on inverted masks).
+clipped update), "compress" (fp16 / int8 / int8-ef: the shared update leaves as a compressed delta,
+nfed.federation.compression) and "simulate_attack" (a simulated label-flipping attacker trains on inverted masks).
 """
 from __future__ import annotations
 
@@ -26,20 +27,26 @@ from nfed.common.backend import to_numpy
 from nfed.common.errors import ConfigError
 from nfed.common.validate import check_number
 from nfed.core.functions.parallel import num_workers
-from nfed.federation.attacks import ATTACK_KEY, FlippedMasks
 from nfed.federation import norm_policy
+from nfed.federation.attacks import ATTACK_KEY, FlippedMasks
+from nfed.federation.compression import COMPRESS_KEY, COMPRESS_MODES, compress_update, received
 from nfed.federation.norm_policy import NORM_POLICIES, NORM_POLICY_KEY
 from nfed.training.environment import RunEnvironment, default_environment
 
 
 @dataclass
 class ClientResult:
-    """What a client sends back: its weights by name, its number of training samples, its metrics."""
+    """What a client sends back: its weights by name, its number of training samples, its metrics. With a
+    compressed update (`update`: nfed.federation.compression's payload of the shared tensors' delta) `weights`
+    holds only what stays with the district; `residual` is int8-ef's error feedback, kept as client state."""
 
     weights: dict[str, np.ndarray]
     num_samples: int
     metrics: dict = field(default_factory=dict)
     optimizer_state: dict[str, np.ndarray] | None = None
+    update: dict | None = None
+    residual: dict[str, np.ndarray] | None = None
+    bytes_up: int | None = None             # what the update weighed on the wire (set where it was received)
 
 
 @dataclass
@@ -52,6 +59,7 @@ class ClientTask:
     optimizer_state: dict | None = None
     env: RunEnvironment | None = None      # where the client runs (None: the CPU at the precision in force)
     local_state: dict | None = None        # the district's own BatchNorm tensors (--norm-policy fedbn / silobn)
+    residual: dict | None = None           # int8-ef's error feedback of the district's last round
 
     def start_weights(self, global_weights: Mapping) -> Mapping:
         """What the client trains from: the global model with the district's own local tensors in place."""
@@ -101,11 +109,11 @@ def clean_metrics(metrics) -> dict:
     return clean
 
 
-def make_round_setup(config, round_number: int, local_epochs: int, *,
-                     keep_optimizer_state: bool = False, prox_mu: float = 0.0, norm_policy: str = "shared") -> dict:
+def make_round_setup(config, round_number: int, local_epochs: int, *, keep_optimizer_state: bool = False,
+                     prox_mu: float = 0.0, norm_policy: str = "shared", compress: str = "none") -> dict:
     """The set-up the server sends for round `round_number` (1-based); epochs continue the seed sequence.
     `prox_mu` > 0 makes the clients FedProx ones (the key is absent at 0, so FedAvg set-ups are unchanged), as
-    does a norm policy other than shared (absent for shared)."""
+    does a norm policy other than shared (absent for shared) and a compression other than none."""
     if local_epochs < 1:
         raise ConfigError(f"local epochs must be >= 1, got {local_epochs}")
     setup = {"round": int(round_number), "local_epochs": int(local_epochs), "config": config.to_dict(),
@@ -115,6 +123,8 @@ def make_round_setup(config, round_number: int, local_epochs: int, *,
         setup[PROX_MU_KEY] = float(prox_mu)
     if norm_policy != "shared":
         setup[NORM_POLICY_KEY] = norm_policy
+    if compress != "none":
+        setup[COMPRESS_KEY] = compress
     return setup
 
 
@@ -139,12 +149,15 @@ def host_state(model) -> dict[str, np.ndarray]:
 
 def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
                 optimizer_state: Mapping[str, np.ndarray] | None = None,
-                env: RunEnvironment | None = None) -> ClientResult:
-    """Train `setup["local_epochs"]` epochs on the pack's train split, starting from the global weights, in
-    the client's environment `env` (its device and precision; None: the CPU at the precision in force).
+                env: RunEnvironment | None = None, residual: Mapping[str, np.ndarray] | None = None) -> ClientResult:
+    """Train `setup["local_epochs"]` epochs on the pack's train split, starting from the global weights (float16
+    ones of a float16 broadcast are widened first), in the client's environment `env` (its device and precision;
+    None: the CPU at the precision in force).
 
     The local optimiser starts fresh unless `optimizer_state` (kept by the client from its previous round)
-    is given. Early stopping is off: every client does the same amount of work per round.
+    is given. Early stopping is off: every client does the same amount of work per round. Under `compress`
+    the shared tensors leave as a compressed delta from the received weights (int8-ef adds `residual`, the
+    error feedback of the client's previous round, and returns the new one).
     """
     from nfed.data.reader import DistrictPack
     from nfed.training.trainer import build_optimizer, fit
@@ -156,6 +169,10 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
     policy = setup.get(NORM_POLICY_KEY, "shared")
     if policy not in NORM_POLICIES:
         raise ConfigError(f"norm policy must be one of {', '.join(NORM_POLICIES)}, got {str(policy)[:40]!r}")
+    compress = setup.get(COMPRESS_KEY, "none")
+    if compress not in COMPRESS_MODES:
+        raise ConfigError(f"compression must be one of {', '.join(COMPRESS_MODES)}, got {str(compress)[:40]!r}")
+    global_weights = received(global_weights)
     model = _model_with(global_weights, config, env)
     optimizer = build_optimizer(model, config)
     if optimizer_state:
@@ -187,9 +204,14 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
         shared, local = norm_policy.split(weights, policy)
         shared, _ = clip_update(shared, norm_policy.split(global_weights, policy)[0], float(setup[DP_CLIP_KEY]))
         weights = norm_policy.merge(shared, local)
+    update = new_residual = None
+    if compress != "none":   # the shared part leaves as a compressed delta; the local part stays
+        shared, weights = norm_policy.split(weights, policy)
+        update, new_residual = compress_update(shared, norm_policy.split(global_weights, policy)[0], compress,
+                                               residual)
     return ClientResult(weights=weights, num_samples=int(result.num_train_samples), metrics=metrics,
                         optimizer_state={k: np.array(to_numpy(v)) for k, v in optimizer.state_dict().items()}
-                        if keep else None)
+                        if keep else None, update=update, residual=new_residual)
 
 
 def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,

@@ -99,6 +99,15 @@ class FederationConfig:
     norm_policy: str = option("shared", cli="--norm-policy", choices=("shared", "fedbn", "silobn"),
                               help="which BatchNorm tensors stay with each district: none (shared), all (fedbn) "
                                    "or the running statistics (silobn)")
+    compress: str = option("none", cli="--compress", choices=("none", "fp16", "int8", "int8-ef"),
+                           flower_key="compress", optional_in_flower=True,
+                           help="how clients send their update: weights (none), or the difference to the global model "
+                                "in float16, int8 with a scale per block, or int8 with error feedback (int8-ef: the "
+                                "rounding left out is sent later; kept in RUN/client_state)")
+    broadcast: str = option("fp32", cli="--broadcast", choices=("fp32", "fp16"), flower_key="broadcast",
+                            optional_in_flower=True,
+                            help="how the server sends the global model: float32, or float16 (BatchNorm statistics "
+                                 "and small tensors stay float32; the server keeps its float32 model)")
     # defences (nfed.federation.robust, nfed.federation.privacy, Flower's SecAgg+) and the testing-only attack
     # simulation
     aggregator: str = option("fedavg", cli="--aggregator",
@@ -184,6 +193,9 @@ def check_defences(config: FederationConfig) -> None:
         if config.simulate_attack is not None:
             raise ConfigError("--simulate-attack changes individual updates on the server, which secure "
                               "aggregation hides")
+        if config.compress != "none" or config.broadcast != "fp32":
+            raise ConfigError("secure aggregation quantises each update itself and sends the global model in "
+                              "float32: use --compress none --broadcast fp32 (DP-FedAvg combines with both)")
 
 
 def check_norm_policy(config: FederationConfig) -> None:

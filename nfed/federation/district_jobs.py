@@ -63,18 +63,24 @@ def run_task(task: Mapping, weights_cache: dict) -> dict:
         local = local_states_of(checkpoint, task["weights"])
         weights_cache[task["weights"]] = (checkpoint.model_state, local)
     weights, local_states = weights_cache[task["weights"]]
-    if task.get("local_state"):   # the district's own BatchNorm tensors (a norm policy other than shared)
+    residual = None
+    if task.get("local_state"):   # the district's own BatchNorm tensors (a norm policy), its int8-ef residual
         from nfed.federation.norm_policy import merge
+        from nfed.federation.worker import update_of
 
-        weights = merge(weights, load_checkpoint(task["local_state"]).model_state)
+        state = load_checkpoint(task["local_state"])
+        weights = merge(weights, state.model_state)
+        residual = update_of({}, state.extra)[1]
     if task["kind"] == "personalise":
         return {"row": personalise_district(weights, task["pack"], task["out"], TrainConfig.from_dict(task["config"]),
                                             env=env, quiet=True, source=task["weights"], local_states=local_states)}
     if task["kind"] == "evaluate":
         return {"metrics": evaluate_weights(weights, task["setup"], task["pack"], split=task["split"], env=env)}
-    result = train_round(weights, task["setup"], task["pack"], env=env)
-    save_checkpoint(task["result"], result.weights)
-    return {"num_samples": int(result.num_samples), "metrics": result.metrics}
+    from nfed.federation.worker import result_extra, result_manifest
+
+    result = train_round(weights, task["setup"], task["pack"], env=env, residual=residual)
+    save_checkpoint(task["result"], result.weights, extra=result_extra(result))
+    return {"num_samples": int(result.num_samples), "metrics": result.metrics, **result_manifest(result)}
 
 
 def worker_pool(jobs: int, districts: int, *, say: bool = True):
@@ -234,6 +240,7 @@ class PoolRunner:
 
     def run(self, global_weights, tasks, deadline: float | None):
         from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
+        from nfed.federation.worker import update_of
         from nfed.model.checkpoint import load_checkpoint
 
         if any(task.optimizer_state is not None for task in tasks):
@@ -241,7 +248,7 @@ class PoolRunner:
         weights_path = self._weights_file(global_weights)
         jobs = [{"kind": "round", "pack": str(task.pack_path), "setup": dict(task.setup), "weights": str(weights_path),
                  "result": str(self.work_dir / f"client-{index}.h5"), "env": _env_entry(task.env),
-                 "local_state": self._local_file(task.local_state, f"client-{index}.local.h5")}
+                 "local_state": self._local_file(task.local_state, f"client-{index}.local.h5", task.residual)}
                 for index, task in enumerate(tasks)]
         outcomes = [None] * len(tasks)
         for index, answer in self.pool.map(jobs):
@@ -251,7 +258,9 @@ class PoolRunner:
                 continue
             metrics = clean_metrics(answer.get("metrics"))
             result_path = Path(jobs[index]["result"])
-            result = ClientResult(load_checkpoint(result_path).model_state, int(answer["num_samples"]), metrics)
+            checkpoint = load_checkpoint(result_path)
+            result = ClientResult(checkpoint.model_state, int(answer["num_samples"]), metrics, None,
+                                  *update_of(answer, checkpoint.extra))
             result_path.unlink()
             if jobs[index]["local_state"]:
                 Path(jobs[index]["local_state"]).unlink()
@@ -260,14 +269,15 @@ class PoolRunner:
             outcomes[index] = ClientOutcome(task.district, status, seconds, seconds, result)
         return outcomes
 
-    def _local_file(self, local_state: Mapping | None, name: str) -> str | None:
-        """The file a worker reads a district's own local tensors from (None: it has none)."""
+    def _local_file(self, local_state: Mapping | None, name: str, residual: Mapping | None = None) -> str | None:
+        """The file a worker reads a district's own local tensors and int8-ef residual from (None: it has none)."""
         from nfed.model.checkpoint import save_checkpoint
+        from nfed.runs.runfolder import residual_extra
 
-        if not local_state:
+        if not local_state and not residual:
             return None
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        return str(save_checkpoint(self.work_dir / name, local_state))
+        return str(save_checkpoint(self.work_dir / name, local_state or {}, extra=residual_extra(residual)))
 
     def evaluate(self, weights, setup, pack_path, *, split: str = "val", env: RunEnvironment | None = None,
                  local_state: Mapping | None = None) -> dict:

@@ -33,9 +33,10 @@ from nfed.common.backend import ENV_DEVICE
 from nfed.common.errors import ConfigError, one_line
 from nfed.common.names import printable
 from nfed.federation.client import evaluate_weights, train_round
+from nfed.federation.compression import received
 from nfed.federation.flower_config import settings_from_run_config
 from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, from_json_record, json_record,
-                                             record_to_weights, weights_to_record)
+                                             record_to_weights, update_to_record, weights_to_record)
 from nfed.federation.flower_transport import FlowerClients, round_plan
 from nfed.federation.roster import AnnouncedCounts, Roster
 from nfed.federation.server import federate
@@ -47,6 +48,7 @@ from nfed.training.environment import RunEnvironment
 log = logging.getLogger(__name__)
 
 CLIENT_ERROR_CODE = 7001
+RESIDUAL_STATE = "nfed.residual"   # int8-ef's error feedback, in the node's context state for the run
 
 
 
@@ -97,7 +99,7 @@ def client_train(message: Message, context: Context) -> Message:
         except Exception as exc:
             return _error_reply(message, exc)
     try:
-        weights = record_to_weights(message.content[WEIGHTS_RECORD])
+        weights = received(record_to_weights(message.content[WEIGHTS_RECORD]))
         setup = from_json_record(message.content[SETUP_RECORD], "setup")
         pack, env = node_pack(context), node_environment(context)
         extra = {}
@@ -105,11 +107,16 @@ def client_train(message: Message, context: Context) -> Message:
             evaluation = from_json_record(message.content[SETUP_RECORD], "evaluate")
             extra["evaluation"] = evaluate_weights(weights, evaluation["setup"], pack, split=evaluation["split"],
                                                    env=env)
-        result = train_round(weights, setup, pack, env=env)
+        kept = context.state.array_records.get(RESIDUAL_STATE)
+        result = train_round(weights, setup, pack, env=env,
+                             residual=record_to_weights(kept) if kept is not None and len(kept) else None)
         district = pack_district(pack)
     except Exception as exc:
         return _error_reply(message, exc)
-    content = RecordDict({WEIGHTS_RECORD: weights_to_record(result.weights),
+    if result.residual is not None:   # kept by the node for its next round of this run
+        context.state[RESIDUAL_STATE] = weights_to_record(result.residual)
+    sent = update_to_record(result.update) if result.update is not None else weights_to_record(result.weights)
+    content = RecordDict({WEIGHTS_RECORD: sent,
                           RESULT_RECORD: json_record(district=district, num_samples=int(result.num_samples),
                                                       metrics=result.metrics, **extra)})
     return Message(content, reply_to=message)
@@ -119,7 +126,7 @@ def client_train(message: Message, context: Context) -> Message:
 def client_evaluate(message: Message, context: Context) -> Message:
     """Loss and change metrics of the sent weights on one split of this node's pack."""
     try:
-        weights = record_to_weights(message.content[WEIGHTS_RECORD])
+        weights = received(record_to_weights(message.content[WEIGHTS_RECORD]))
         setup = from_json_record(message.content[SETUP_RECORD], "setup")
         split = from_json_record(message.content[SETUP_RECORD], "split")
         metrics = evaluate_weights(weights, setup, node_pack(context), split=split, env=node_environment(context))
@@ -152,6 +159,7 @@ def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], No
         roster = Roster(settings.districts, echo=echo)
         clients = FlowerClients(grid, roster, timeout=fed.deadline, eval_timeout=settings.eval_deadline, echo=echo)
         clients.secagg_range = fed.secagg_range
+        clients.broadcast = fed.broadcast
         districts = clients.connect(max(settings.expected_nodes, fed.min_clients), settings.connect_timeout)
         # Under secure aggregation no training may travel ahead of its round: a prefetched reply is a plain update.
         clients.plan = None if fed.secure_aggregation else round_plan(districts, settings.train_config, fed)

@@ -3,7 +3,9 @@ server applies to what comes back.
 
 Weights travel as an ArrayRecord: one flat NumPy array per dtype and a manifest of parameter names and
 shapes (Flower serialises arrays with np.save(allow_pickle=False) and cuts them into 5 MB chunks); the
-set-up and metrics as JSON text, at most MAX_TEXT_BYTES per record.
+set-up and metrics as JSON text, at most MAX_TEXT_BYTES per record. A compressed update
+(nfed.federation.compression) travels the same way: its arrays packed like weights, its manifest as JSON under
+DELTA_KEY.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from nfed.common.backend import to_numpy
 from nfed.common.errors import ConfigError, DataError
 from nfed.common.validate import Limit, check_number
 from nfed.federation.client import clean_metrics
+from nfed.federation.compression import manifest_text
 from nfed.federation.roster import valid_district_name
 
 WEIGHTS_RECORD = "weights"
@@ -25,6 +28,7 @@ SETUP_RECORD = "setup"
 RESULT_RECORD = "result"
 DESCRIBE = "describe"
 MANIFEST_KEY = "manifest"
+DELTA_KEY = "delta-manifest"      # present in a weights record that carries a compressed update
 PACKED_PREFIX = "packed."
 NUMERIC_KINDS = "biuf"
 MAX_TEXT_BYTES = 1 << 20          # set-up, metrics and descriptions are small JSON texts
@@ -94,6 +98,28 @@ def record_to_weights(record: ArrayRecord, max_bytes: int | None = None) -> dict
     except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
         raise DataError(f"unreadable weights record ({str(exc)[:200]})") from None
     return weights
+
+
+def update_to_record(payload: Mapping) -> ArrayRecord:
+    """A compressed update as an ArrayRecord: its arrays packed like weights, its manifest as JSON text."""
+    record = weights_to_record(payload["arrays"])
+    record[DELTA_KEY] = Array(np.frombuffer(manifest_text(payload["manifest"]), dtype=np.uint8))
+    return record
+
+
+def is_update_record(record) -> bool:
+    return isinstance(record, ArrayRecord) and DELTA_KEY in record
+
+
+def record_to_update(record: ArrayRecord, max_bytes: int | None = None) -> dict:
+    """The compressed update of `update_to_record` as nfed.federation.compression's payload (its contents are
+    checked when it is decoded against the global model; DataError here when the record cannot be read)."""
+    arrays = record_to_weights(record, max_bytes)
+    try:
+        manifest = strict_json.loads(record[DELTA_KEY].numpy().tobytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"unreadable compressed update manifest ({str(exc)[:200]})") from None
+    return {"manifest": manifest, "arrays": arrays}
 
 
 def json_record(**values) -> ConfigRecord:

@@ -18,10 +18,11 @@ from flwr.serverapp import Grid
 
 from nfed.common.errors import DataError, one_line
 from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, make_round_setup
+from nfed.federation.compression import broadcast
 from nfed.federation.flower_exchange import POLL_SECONDS, TTL_SLACK_SECONDS, Reply, describe_nodes, exchange
 from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, WEIGHTS_SLACK_BYTES,
-                                             evaluation_metrics, from_json_record, json_record, record_bytes,
-                                             record_to_weights, weights_to_record)
+                                             evaluation_metrics, from_json_record, is_update_record, json_record,
+                                             record_bytes, record_to_update, record_to_weights, weights_to_record)
 from nfed.federation.roster import Roster
 from nfed.federation.runners import select_clients
 
@@ -72,6 +73,8 @@ class FlowerClients:
         self._max_bytes: int | None = None
         self._evaluated: tuple | None = None
         self.secagg_range = 8.0   # secure aggregation: coordinates clipped to +-this before quantisation
+        self.broadcast = "fp32"   # how the global model travels to the nodes (--broadcast)
+        self.bytes_down = None    # bytes of the last weights record sent
         self._prefetched: tuple | None = None           # (weights, district -> Prefetched)
         self.first_seen: dict[int, int] = {}            # node id -> the poll that first listed it
         self._polls = 0
@@ -150,9 +153,15 @@ class FlowerClients:
         return Message(content, dst_node_id=int(node_id), message_type=message_type, group_id=str(round_number),
                        ttl=ttl)
 
+    encodes_broadcast = True   # the Federation hands over its float32 model; `broadcast` is applied here
+
     def _weights_record(self, weights) -> ArrayRecord:
-        record = weights_to_record(weights)
-        self._max_bytes = record_bytes(record) + WEIGHTS_SLACK_BYTES
+        """The global model as it travels (float16 under --broadcast fp16, training and evaluation alike); a
+        reply may be as large as the float32 model."""
+        record = weights_to_record(broadcast(weights, self.broadcast))
+        self.bytes_down = record_bytes(record)
+        self._max_bytes = sum(int(v.size) * max(int(v.dtype.itemsize), 4) for v in weights.values()) \
+            + WEIGHTS_SLACK_BYTES
         return record
 
     # -- runner interface of nfed.federation.server
@@ -241,14 +250,15 @@ class FlowerClients:
         if reply.error is not None:
             return ClientOutcome(district, "failed", reply.seconds, reason=str(reply.error)[:500])
         try:
-            weights, num_samples, metrics = self._read_train_reply(district, reply.message)
+            result = self._read_train_reply(district, reply.message)
         except Exception as exc:  # whatever a node sends, it can only fail itself, never the round
             reason = self._drop(district, node_id, f"bad reply: {one_line(exc)[:300]}")
             return ClientOutcome(district, "failed", reply.seconds, reason=reason)
-        return ClientOutcome(district, "ok", reply.seconds, result=ClientResult(weights, num_samples, metrics))
+        return ClientOutcome(district, "ok", reply.seconds, result=result)
 
-    def _read_train_reply(self, district: str, message: Message):
-        """Weights, sample count and metrics of a train reply that keeps to the protocol (DataError if not)."""
+    def _read_train_reply(self, district: str, message: Message) -> ClientResult:
+        """Weights (or compressed update), sample count and metrics of a train reply that keeps to the protocol
+        (DataError if not; a compressed update's contents are checked when the server decodes it)."""
         content = message.content
         result = content[RESULT_RECORD]
         answered_for = from_json_record(result, "district")
@@ -262,8 +272,12 @@ class FlowerClients:
             raise DataError(f"it claims {str(num_samples)[:20]} training samples"
                             + (f" but described {described}" if described is not None else ""))
         metrics = clean_metrics(from_json_record(result, "metrics"))
-        weights = record_to_weights(content[WEIGHTS_RECORD], self._max_bytes)
-        return weights, num_samples, metrics
+        record = content[WEIGHTS_RECORD]
+        if is_update_record(record):
+            return ClientResult({}, num_samples, metrics, update=record_to_update(record, self._max_bytes),
+                                bytes_up=record_bytes(record))
+        return ClientResult(record_to_weights(record, self._max_bytes), num_samples, metrics,
+                            bytes_up=record_bytes(record))
 
     # -- evaluation function of nfed.federation.server
     def evaluate(self, weights, setup, pack_label, *, split: str = "val", env=None) -> dict:
@@ -330,6 +344,7 @@ def round_plan(districts: Sequence[str], train_config, fed_config) -> Callable[[
     def plan(round_number: int) -> dict[str, dict]:
         if round_number > fed_config.rounds:
             return {}
-        setup = make_round_setup(train_config, round_number, fed_config.local_epochs, prox_mu=fed_config.prox_mu)
+        setup = make_round_setup(train_config, round_number, fed_config.local_epochs, prox_mu=fed_config.prox_mu,
+                                 compress=fed_config.compress)
         return {d: setup for d in select_clients(districts, fed_config.fraction, fed_config.seed, round_number)}
     return plan

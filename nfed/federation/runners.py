@@ -46,8 +46,9 @@ class SequentialRunner:
         for task in progress(tasks, label=label, enabled=self.show_progress):
             started = time.perf_counter()
             try:
+                feedback = {"residual": task.residual} if task.residual is not None else {}   # int8-ef
                 result = self.train_fn(task.start_weights(global_weights), task.setup, task.pack_path,
-                                       optimizer_state=task.optimizer_state, env=task.env)
+                                       optimizer_state=task.optimizer_state, env=task.env, **feedback)
             except Exception as exc:  # a crashing client is logged and skipped, the round goes on
                 outcomes.append(ClientOutcome(task.district, "failed", time.perf_counter() - started,
                                               reason=one_line(exc)))

@@ -29,7 +29,7 @@ import numpy as np
 
 from nfed.common.atomic import new_folder, write_json_atomic
 from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, TrainingError
-from nfed.federation import norm_policy
+from nfed.federation import compression, norm_policy
 from nfed.federation.aggregator import relative_norm_difference, trainable, update_problem
 from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientTask, make_round_setup
 from nfed.federation.config import FederationConfig
@@ -45,9 +45,9 @@ from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_che
 from nfed.runs.packs import pack_fingerprint, shared_tile, train_counts
 from nfed.runs.results import federated_row, write_results_csv
 from nfed.runs.runfolder import (BEST_NAME, CHECKPOINT_NAME, RESULTS_NAME, ROUNDS_NAME, SUMMARY_NAME, WORK_NAME,
-                                 RunRecorder, check_run_folder, clear_run_folder, client_local_state, client_work,
-                                 latest_client_state, prune_client_states, read_rounds, recorded_run, rounds_digest,
-                                 state_file, write_rounds)
+                                 RunRecorder, check_run_folder, clear_run_folder, client_local_state, client_residual,
+                                 client_work, latest_client_state, prune_client_states, read_rounds, recorded_run,
+                                 residual_extra, rounds_digest, state_file, write_rounds)
 from nfed.runs.runlock import RunLock
 from nfed.training.environment import RunEnvironment, default_environment
 
@@ -187,9 +187,10 @@ class Federation:
 
     def _tasks(self, round_number: int, selected: Sequence[str]) -> list[ClientTask]:
         keep = self.config.client_state == "keep"
+        feedback = self.config.compress == "int8-ef"
         setup = make_round_setup(self.train_config, round_number, self.config.local_epochs,
                                  keep_optimizer_state=keep, prox_mu=self.config.prox_mu,
-                                 norm_policy=self.config.norm_policy)
+                                 norm_policy=self.config.norm_policy, compress=self.config.compress)
         if self.config.dp_clip > 0:
             setup[DP_CLIP_KEY] = float(self.config.dp_clip)
         tasks = []
@@ -202,8 +203,34 @@ class Federation:
                 from nfed.federation.attacks import attack_setup
 
                 task_setup = attack_setup(self.config.simulate_attack, setup)
-            tasks.append(ClientTask(district, self.packs[district], task_setup, state, env, self._local.get(district)))
+            residual = client_residual(self.run_dir, district, round_number) if feedback else None
+            tasks.append(ClientTask(district, self.packs[district], task_setup, state, env, self._local.get(district),
+                                    residual))
         return tasks
+
+    def _decoded(self, outcomes: list[ClientOutcome], shared) -> list[ClientOutcome]:
+        """The outcomes with each compressed update turned back into weights (the server's float32 global model +
+        the decoded delta) and what each update weighed on the wire; a malformed one is rejected in one line."""
+        plain = norm_policy.shared_bytes(shared, "shared")
+        for outcome in outcomes:
+            result = outcome.result
+            if result is None:
+                continue
+            if result.update is None:
+                result.bytes_up = result.bytes_up or plain
+                continue
+            payload, result.update = result.update, None
+            result.bytes_up = result.bytes_up or compression.payload_bytes(payload)
+            try:
+                delta = compression.decode(payload, shared, plain + compression.MANIFEST_SLACK_BYTES)
+            except DataError as exc:
+                if outcome.status == "ok":
+                    log.warning("rejected update from %s: %s", outcome.district, exc)
+                    outcome.status, outcome.reason = "rejected", str(exc)
+                result.weights = {}
+                continue
+            result.weights = norm_policy.merge(compression.apply_delta(shared, delta), result.weights)
+        return outcomes
 
     def _attacked(self, outcomes: list[ClientOutcome], weights, round_number: int) -> list[ClientOutcome]:
         """The outcomes with the simulated attackers' results turned hostile (--simulate-attack)."""
@@ -231,7 +258,9 @@ class Federation:
 
             outcomes, aggregate = runner.run_secure(weights, tasks, cfg.deadline)
             return outcomes, {}, SecureSumAggregator(shared, aggregate, cfg.dp_clip, cfg.dp_noise)
-        outcomes = self._attacked(runner.run(weights, tasks, cfg.deadline), weights, round_number)
+        # a transport that encodes the broadcast itself (Flower) gets the float32 model
+        sent = weights if getattr(runner, "encodes_broadcast", False) else compression.broadcast(weights, cfg.broadcast)
+        outcomes = self._attacked(self._decoded(runner.run(sent, tasks, cfg.deadline), shared), weights, round_number)
         claims = {o.district: o.result.num_samples for o in outcomes if o.status == "ok" and o.result is not None}
         caps, reasons = cap_sample_counts(claims, self.registered, cfg.max_sample_share, self.announced)
         aggregator = build_aggregator(cfg, shared)
@@ -316,7 +345,7 @@ class Federation:
             records.append(record)
             write_rounds(self.run_dir / ROUNDS_NAME, records)
             self._save(weights, round_number, server, stop, stop_reason, records)
-            if cfg.client_state == "keep" or cfg.norm_policy != "shared":
+            if cfg.client_state == "keep" or cfg.norm_policy != "shared" or cfg.compress == "int8-ef":
                 prune_client_states(self.run_dir, self.districts, round_number, self.selection.best_round)
             self.echo(round_line(record, cfg.rounds, records, stop))
             done = round_number
@@ -341,6 +370,7 @@ class Federation:
             "rounds": done, "best_round": result.best_round, "stop_rule": stop.fired, "stop_reason": stop_reason,
             **self._kept_summary(records, best_round), "environment": self.env.record(),
             "clients": client_work(records), "norm_policy": cfg.norm_policy,
+            "traffic": compression.traffic_summary(records, cfg.compress, cfg.broadcast),
             **defence_summary(cfg, records, self.attackers)})
         return result
 
@@ -405,8 +435,10 @@ class Federation:
         started = time.perf_counter()
         selected = select_clients(self.districts, cfg.fraction, cfg.seed, round_number)
         shared = norm_policy.split(weights, cfg.norm_policy)[0]
-        outcomes, capped, aggregator = self._collect(runner, weights, self._tasks(round_number, selected),
-                                                     round_number)
+        tasks = self._tasks(round_number, selected)
+        residuals = {task.district: task.residual for task in tasks}
+        outcomes, capped, aggregator = self._collect(runner, weights, tasks, round_number)
+        down = getattr(runner, "bytes_down", None) or compression.broadcast_bytes(shared, cfg.broadcast)
         clients = {}
         for outcome in outcomes:
             entry = client_entry(outcome, capped, cfg.simulate_attack if outcome.district in self.attackers else None)
@@ -418,10 +450,16 @@ class Federation:
             # a client keeps its own optimiser state whether or not it made the deadline (not when it broke)
             kept = (result.optimizer_state if cfg.client_state == "keep" and result is not None
                     and entry["status"] in ("ok", "late") else None)
-            if kept or own:
+            # int8-ef: the residual of an update the round took, else the one the client had
+            residual = (result.residual if entry["status"] == "ok" and result is not None
+                        else residuals.get(outcome.district)) if cfg.compress == "int8-ef" else None
+            if kept or own or residual:
                 save_checkpoint(state_file(self.run_dir, outcome.district, round_number),
                                 self._local.get(outcome.district, {}), optimizer_state=kept or None,
-                                round=round_number)
+                                round=round_number, extra=residual_extra(residual))
+            entry["bytes_down"] = down
+            if result is not None and result.bytes_up:
+                entry["bytes_up"] = int(result.bytes_up)
             clients[outcome.district] = entry
         averaged = aggregator.finish()
         answered = aggregator.accepted
@@ -444,6 +482,9 @@ class Federation:
         record = round_record(round_number, selected, clients, aggregator, problem, kept_previous, norm_difference)
         record["norm_policy"] = cfg.norm_policy
         record["shared_bytes"] = norm_policy.shared_bytes(weights, cfg.norm_policy)   # what each client sends
+        record.update(compress=cfg.compress, broadcast=cfg.broadcast,
+                      bytes_up=sum(e.get("bytes_up", 0) for e in clients.values()),
+                      bytes_down=sum(e.get("bytes_down", 0) for e in clients.values()))
         refused = getattr(runner, "refused_nodes", None)   # SuperNodes a Flower run left out (none in-process)
         if refused:
             record["refused_nodes"] = {str(node): why for node, why in refused.items()}

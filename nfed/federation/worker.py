@@ -1,8 +1,9 @@
 """Parallel clients in worker subprocesses, with a real wall-clock deadline (`nfed federate --workers N`).
 
 Nothing crosses the process boundary as a pickle: the server writes the global weights (and a client's kept
-optimiser state and own BatchNorm tensors) as HDF5 checkpoints and the task as JSON; the worker (`python -m nfed.federation.worker TASK.json`)
-writes its weights as an HDF5 checkpoint and its number of samples and metrics as JSON. A worker still
+optimiser state, own BatchNorm tensors and error-feedback residual) as HDF5 checkpoints and the task as JSON; the
+worker (`python -m nfed.federation.worker TASK.json`) writes its weights (and a compressed update's arrays, its
+residual) as an HDF5 checkpoint and its number of samples, metrics (and the update's manifest) as JSON. A worker still
 running at the deadline is killed with its whole process group and its update is left out of the round.
 """
 from __future__ import annotations
@@ -25,10 +26,12 @@ from nfed.common.memory import worker_count
 from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
 from nfed.federation.norm_policy import merge
 from nfed.model.checkpoint import load_checkpoint, save_checkpoint
+from nfed.runs.runfolder import RESIDUAL_PREFIX, residual_extra
 from nfed.training.environment import RunEnvironment
 
 DEFAULT_CLIENT = "nfed.federation.client:train_round"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+UPDATE_PREFIX = "update."   # a compressed update's arrays in a worker's result checkpoint
 
 
 def _client_function(spec: str):
@@ -111,9 +114,10 @@ class WorkerRunner:
                  "result": prefix.with_suffix(".result.json"), "log": prefix.with_suffix(".log"),
                  "state": prefix.with_suffix(".state.h5")}
         state_path = None
-        if task.optimizer_state or task.local_state:
+        if task.optimizer_state or task.local_state or task.residual:
             state_path = str(save_checkpoint(files["state"], task.local_state or {},
-                                             optimizer_state=task.optimizer_state or None))
+                                             optimizer_state=task.optimizer_state or None,
+                                             extra=residual_extra(task.residual)))
         write_json_atomic(files["task"], {
             "district": task.district, "pack": str(task.pack_path), "setup": task.setup,
             "global": str(global_path), "optimizer_state": state_path,
@@ -147,8 +151,29 @@ class WorkerRunner:
         except CheckpointError as exc:
             return ClientOutcome(task.district, "failed", seconds, reason=str(exc))
         result = ClientResult(checkpoint.model_state, num_samples, clean_metrics(answer.get("metrics")),
-                              checkpoint.optimizer_state or None)
+                              checkpoint.optimizer_state or None, *update_of(answer, checkpoint.extra))
         return ClientOutcome(task.district, "ok", seconds, None, result)
+
+
+def result_extra(result: ClientResult) -> dict:
+    """A client result's compressed update arrays and residual, as its result checkpoint's extra arrays."""
+    arrays = result.update["arrays"] if result.update is not None else {}
+    return {**{UPDATE_PREFIX + k: v for k, v in arrays.items()}, **residual_extra(result.residual)}
+
+
+def result_manifest(result: ClientResult) -> dict:
+    """The entry of a worker's JSON answer that carries a compressed update's manifest (none without one)."""
+    return {"update_manifest": result.update["manifest"]} if result.update is not None else {}
+
+
+def update_of(answer: dict, extra: dict) -> tuple:
+    """(compressed update, residual) of a worker's result files: the payload's arrays and the residual are the
+    result checkpoint's extra arrays, the manifest is in its JSON (the server decodes and checks the payload)."""
+    residual = {k[len(RESIDUAL_PREFIX):]: v for k, v in extra.items() if k.startswith(RESIDUAL_PREFIX)} or None
+    if "update_manifest" not in answer:
+        return None, residual
+    arrays = {k[len(UPDATE_PREFIX):]: v for k, v in extra.items() if k.startswith(UPDATE_PREFIX)}
+    return {"manifest": answer["update_manifest"], "arrays": arrays}, residual
 
 
 def _kill(process: subprocess.Popen) -> None:
@@ -193,9 +218,13 @@ def run_task(task_path: str | Path) -> int:
         if kept is not None and kept.model_state:   # the district's own BatchNorm tensors (a norm policy)
             global_weights = merge(global_weights, kept.model_state)
         env = RunEnvironment.from_dict(task["env"]) if task.get("env") else None
-        result = train(global_weights, task["setup"], task["pack"], optimizer_state=state, env=env)
-        save_checkpoint(task["result_weights"], result.weights, optimizer_state=result.optimizer_state)
-        write_json_atomic(task["result_json"], {"num_samples": int(result.num_samples), "metrics": result.metrics})
+        _, residual = update_of({}, kept.extra) if kept is not None else (None, None)
+        feedback = {"residual": residual} if residual is not None else {}   # int8-ef
+        result = train(global_weights, task["setup"], task["pack"], optimizer_state=state, env=env, **feedback)
+        save_checkpoint(task["result_weights"], result.weights, optimizer_state=result.optimizer_state,
+                        extra=result_extra(result))
+        write_json_atomic(task["result_json"], {"num_samples": int(result.num_samples), "metrics": result.metrics,
+                                                **result_manifest(result)})
         return 0
     except Exception as exc:  # reported to the server as this client's one-line failure
         write_json_atomic(task["result_json"], {"error": one_line(exc)})

@@ -78,6 +78,24 @@ def client_local_state(run_dir: Path, district: str, before_round: int) -> dict 
     return (state.model_state or None) if state is not None else None
 
 
+RESIDUAL_PREFIX = "residual."   # int8-ef's error feedback beside a client state's optimiser state
+
+
+def residual_extra(residual: Mapping[str, object] | None) -> dict:
+    """A client's error-feedback residual as a state checkpoint's extra arrays."""
+    return {RESIDUAL_PREFIX + name: value for name, value in (residual or {}).items()}
+
+
+def client_residual(run_dir: Path, district: str, before_round: int) -> dict | None:
+    """The district's error-feedback residual (--compress int8-ef) after its last round before `before_round`;
+    None when it has none (it starts from zero)."""
+    state = _latest_state(run_dir, district, before_round)
+    if state is None:
+        return None
+    residual = {k[len(RESIDUAL_PREFIX):]: v for k, v in (state.extra or {}).items() if k.startswith(RESIDUAL_PREFIX)}
+    return residual or None
+
+
 def prune_client_states(run_dir: Path, districts: Sequence[str], finished_round: int, keep_round: int = 0) -> None:
     """Keep, per district, only the newest state of a finished round, and the newest up to `keep_round` (the best
     round's, which scoring it needs); states of unfinished rounds are dropped."""
