@@ -227,3 +227,19 @@ def test_flower_with_compression_equals_the_in_process_federation(tmp_path):
         for entry in record["clients"].values():
             assert entry["bytes_up"] < 0.4 * plain and entry["bytes_down"] < 0.6 * plain
     assert any(grid.contexts[node].state.array_records.get("nfed.residual") for node in grid.contexts)
+
+
+def test_the_report_says_what_a_paper_size_round_costs_at_20_mbit():
+    from nfed.federation.compression import traffic_summary
+    from nfed.report.text import traffic_line
+
+    model = 1000
+    records = [{"shared_bytes": model, "clients": {d: {"bytes_up": up, "bytes_down": 500} for d in "ab"}}
+               for up in (250, 250)]
+    traffic = traffic_summary(records, "int8", "fp16")
+    assert traffic["upload_ratio"] == 0.25 and traffic["download_ratio"] == 0.5
+    # 67.341 M values x 4 bytes x 8 bits x (0.25 + 0.5) / 20 Mbit/s
+    assert traffic["paper_round_seconds_20mbit"] == pytest.approx(67_341_000 * 32 * 0.75 / 20e6, abs=0.1)
+    line = traffic_line(traffic)
+    assert "--compress int8" in line and "20 Mbit/s takes 81 s per district" in line
+    assert "takes" not in traffic_line(traffic_summary([], "none", "fp32"))

@@ -160,6 +160,8 @@ def compare_run(run: Run) -> Comparison:
     summary["fairness"] = [section]
     if run.federation.get("privacy"):   # a DP-FedAvg federation: the privacy it spent
         summary["privacy"] = run.federation["privacy"]
+    if run.federation.get("traffic"):   # the bytes on the wire and a paper-size round's time at 20 Mbit/s
+        summary["traffic"] = run.federation["traffic"]
     if run.federation.get("environment"):   # where the federation's server computed (device, precision)
         summary["environment"] = run.federation["environment"]
     summary["warnings"] = list(section["warnings"])

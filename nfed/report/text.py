@@ -149,7 +149,22 @@ def headline_lines(comparison: Comparison, text: Callable[[str], str] = str) -> 
                      f"{privacy.get('noise_multiplier')}): privacy spent "
                      + (f"epsilon {spent:.3g} at delta {privacy.get('delta', 0):.2g}" if spent is not None
                         else "unbounded (no noise)") + f" after {privacy.get('releases')} round(s)")
+    if s.get("traffic"):
+        lines.append(text(traffic_line(s["traffic"])))
     return lines
+
+
+def traffic_line(traffic: dict) -> str:
+    """The federation's bytes on the wire and what a round of the study's model (w 64) would take at 20 Mbit/s at
+    the measured ratios (summary.json's traffic)."""
+    up, down = (float(traffic.get(key) or 0) / 1e6 for key in ("bytes_up", "bytes_down"))
+    line = (f"bytes on the wire (--compress {traffic.get('compress')}, --broadcast {traffic.get('broadcast')}): up "
+            f"{_fmt(up, 1)} MB, down {_fmt(down, 1)} MB")
+    if traffic.get("paper_round_seconds_20mbit") is not None:
+        line += (f"; {_fmt(traffic.get('upload_ratio'), 3)} / {_fmt(traffic.get('download_ratio'), 3)} of float32 up / "
+                 f"down: a paper-size round (w 64, 67.3 M values) at 20 Mbit/s takes "
+                 f"{_fmt(traffic['paper_round_seconds_20mbit'], 0)} s per district")
+    return line
 
 
 def goal_verdict(goal: dict) -> str:
