@@ -7,7 +7,9 @@ The server checks the returned arrays are bit-identical and reports, per repeat,
 weights message against an empty message and against the reference layout (one Array per parameter name,
 the plain ArrayRecord way) in the same run (the SuperNode's 3 s polling and the ClientApp
 process start are in both, so the difference is the cost of moving the bytes), plus peak memory (max RSS)
-of the ServerApp and the ClientApp process.
+of the ServerApp and the ClientApp process. The same round trip compressed (issue 26): the model broadcast in
+float16 (--broadcast fp16) and an update sent back as an int8 delta (--compress int8), decoded and checked by the
+server, with the bytes each way.
 
     .venv/bin/python bench/bench_flower_transfer.py --width 64 --repeats 2      # the study's 67.3M params
     .venv/bin/python bench/bench_flower_transfer.py --width 8 --repeats 1       # quick look
@@ -31,8 +33,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from nfed.federation.compression import broadcast, decode, encode, received
 from nfed.federation.flower_exchange import exchange
-from nfed.federation.flower_messages import record_to_weights, weights_to_record
+from nfed.federation.flower_messages import (record_bytes, record_to_update, record_to_weights, update_to_record,
+                                             weights_to_record)
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_BYTES = 5 * 1024 * 1024
@@ -52,6 +56,11 @@ def echo(message: Message, context: Context) -> Message:
     content = RecordDict()
     if "weights" in message.content:
         content["weights"] = weights_to_record(record_to_weights(message.content["weights"]))
+    if "compressed" in message.content:   # a float16 broadcast in, an int8 delta (a small update) back
+        start = received(record_to_weights(message.content["compressed"]))
+        rng = np.random.default_rng(1)
+        delta = {name: (rng.standard_normal(v.shape) * 1e-3).astype(np.float32) for name, v in start.items()}
+        content["compressed"] = update_to_record(encode(delta, "int8"))
     if "per_name" in message.content:  # the reference layout: one Array per parameter name
         content["per_name"] = _per_name_record(_from_per_name(message.content["per_name"]))
     content["info"] = ConfigRecord({"client_seconds": time.perf_counter() - started,
@@ -111,7 +120,13 @@ def bench_main(grid: Grid, context: Context) -> None:
         reply, per_name_seconds = _round_trip(grid, node, RecordDict({"per_name": per_name}), f"per-name-{repeat}")
         back = _from_per_name(reply.content["per_name"])
         identical = identical and all(np.array_equal(back[k], v) for k, v in weights.items())
+        down = weights_to_record(broadcast(weights, "fp16"))
+        reply, compressed_seconds = _round_trip(grid, node, RecordDict({"compressed": down}), f"compressed-{repeat}")
+        decode(record_to_update(reply.content["compressed"]), weights)   # checked like a client's update
         rows.append({"repeat": repeat, "empty_round_trip_s": round(empty_seconds, 3),
+                     "compressed_round_trip_s": round(compressed_seconds, 3),
+                     "compressed_bytes_down": record_bytes(down),
+                     "compressed_bytes_up": record_bytes(reply.content["compressed"]),
                      "weights_round_trip_s": round(weights_seconds, 3),
                      "transfer_s": round(weights_seconds - empty_seconds, 3),
                      "per_name_round_trip_s": round(per_name_seconds, 3),
@@ -126,7 +141,8 @@ def bench_main(grid: Grid, context: Context) -> None:
                "server_max_rss_mb": round(_max_rss_mb(), 1), "repeats": rows,
                "best_weights_round_trip_s": min(r["weights_round_trip_s"] for r in rows),
                "best_transfer_s": min(r["transfer_s"] for r in rows),
-               "best_per_name_round_trip_s": min(r["per_name_round_trip_s"] for r in rows)}
+               "best_per_name_round_trip_s": min(r["per_name_round_trip_s"] for r in rows),
+               "best_compressed_round_trip_s": min(r["compressed_round_trip_s"] for r in rows)}
     summary["megabytes_per_s_both_ways"] = round(2 * summary["megabytes"] / max(summary["best_transfer_s"], 1e-9), 1)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "repeats"}), flush=True)
@@ -201,7 +217,9 @@ def main(argv=None) -> int:
           f"{summary['best_per_name_round_trip_s']:.1f} s (x{summary['best_per_name_round_trip_s'] / summary['best_weights_round_trip_s']:.2f}); peak RSS "
           f"{summary['server_max_rss_mb']:.0f} MB (ServerApp), {max(r['client_max_rss_mb'] for r in summary['repeats']):.0f} MB "
           f"(ClientApp), {summary['superlink_peak_rss_mb']} MB (SuperLink), {summary['supernode_peak_rss_mb']} MB "
-          f"(SuperNode)")
+          f"(SuperNode); fp16 down + int8 up: {summary['best_compressed_round_trip_s']:.1f} s for "
+          f"{(summary['repeats'][0]['compressed_bytes_down'] + summary['repeats'][0]['compressed_bytes_up']) / 1e6:.1f}"
+          f" MB")
     return 0
 
 
