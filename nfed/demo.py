@@ -11,6 +11,9 @@ The synthetic data holds a fixed number of validation and test tiles per distric
 every district's F1 rests on the same number of pixels. Several seeds (`seeds` > 1) vary model
 initialisation and shuffling on the same data; each seed's run lives in OUT/seed-<k>/.
 
+Districts held out (`hold_out`) never train in the federation but are scored: RUN/federated/heldout.csv gives each
+one's F1 under its local model, the global model, and the global model after AdaBN on its training tiles.
+
 After the columns each run gets its cross-district matrix (nfed.training.matrix: every local model and the
 global model on every district's test split, RUN/matrix.csv and matrix.json) unless `matrix` is off.
 
@@ -74,6 +77,7 @@ class DemoSettings:
     norm_policy: str = "shared"    # shared | fedbn | silobn: the BatchNorm tensors each district keeps to itself
     compress: str = "none"         # none | fp16 | int8 | int8-ef: how the clients send their updates
     broadcast: str = "fp32"        # fp32 | fp16: how the server sends the global model
+    hold_out: tuple[str, ...] = ()  # districts kept out of the federation's training, scored before and after AdaBN
     epochs: int = 400              # local / personalised / centralised epoch cap (never what ends a fair run)
     patience: int = 3
     lr: float | None = None
@@ -87,6 +91,7 @@ class DemoSettings:
     def __post_init__(self):
         from nfed.common.errors import ConfigError
 
+        self.hold_out = tuple(self.hold_out)
         if not self.seeds:
             raise ConfigError("--seeds must be >= 1")
         if any(seed < 0 for seed in self.seeds) or self.data_seed < 0:
@@ -113,7 +118,7 @@ class DemoSettings:
                 "seeds": list(self.seeds), "max_rounds": self.max_rounds, "local_epochs": self.local_epochs,
                 "patience_rounds": self.patience_rounds, "warmup_rounds": self.warmup_rounds, "eps": self.eps,
                 "server_opt": self.server_opt, "prox_mu": self.prox_mu, "norm_policy": self.norm_policy,
-                "compress": self.compress, "broadcast": self.broadcast,
+                "compress": self.compress, "broadcast": self.broadcast, "hold_out": list(self.hold_out),
                 "epoch_cap": self.epoch_cap, "patience": self.patience, "lr": self.lr, "device": self.device,
                 "precision": self.precision, "jobs": self.district_jobs, "matrix": self.matrix}
 
@@ -209,6 +214,7 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
             stages.done("local")
         if "federated" in columns:
             result = _federated_column(run_dir, packs, settings, seed, config, env, pool, echo)
+            _held_out_local(run_dir)
             stages.done("federated")
         if "personalised" in columns:
             _personalised_column(run_dir, packs, config, env, pool, result.best_weights, result.best_round, echo,
@@ -234,7 +240,7 @@ def _federated_column(run_dir: Path, packs: dict[str, Path], settings: DemoSetti
                            patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed,
                            warmup_rounds=settings.warmup_rounds, prox_mu=settings.prox_mu,
                            norm_policy=settings.norm_policy, compress=settings.compress,
-                           broadcast=settings.broadcast)
+                           broadcast=settings.broadcast, hold_out=settings.hold_out)
     echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
          f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
     with nullcontext() if pool is None else PoolRunner(pool, run_dir / "federated" / "work", packs) as runner:
@@ -243,6 +249,16 @@ def _federated_column(run_dir: Path, packs: dict[str, Path], settings: DemoSetti
                           show_progress=not settings.quiet, overwrite=True, env=env, **pooled)
     shutil.rmtree(run_dir / "federated" / "work", ignore_errors=True)
     return result
+
+
+def _held_out_local(run_dir: Path) -> None:
+    """RUN/federated/heldout.csv's local column from the run's local models (when the run has both)."""
+    from nfed.federation.heldout import add_local_f1
+    from nfed.runs.results import read_results, study_table
+
+    local = study_table(run_dir, "local")
+    if local.is_file():
+        add_local_f1(run_dir / "federated", {d: row["f1"] for d, row in read_results(local).items()})
 
 
 def _personalised_column(run_dir: Path, packs: dict[str, Path], config, env, pool, best_weights, best_round: int,
@@ -289,6 +305,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
     One seed: the run's folders and report/ are in OUT itself. Several: each seed's in OUT/seed-<k>/, and
     OUT/report/ aggregates them (mean and 95 % interval per column, paired tests over districts)."""
     from nfed.common.memory import worker_count
+    from nfed.federation.config import training_districts
     from nfed.report.build import make_study_report, table_text
 
     settings = settings or DemoSettings()
@@ -298,6 +315,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *,
     stages = _Stages(echo)
     packs = make_data(out_dir, settings, echo)
     stages.done("data")
+    training_districts(list(packs), settings.hold_out)   # a name that is no district fails before any training
     settings = replace(settings, jobs=worker_count(settings.district_jobs, len(packs), say=settings.jobs > 0))
     run_dirs = []
     for seed in settings.seeds:

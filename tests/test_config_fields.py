@@ -25,7 +25,7 @@ CONFIGS = (FederationConfig, TrainConfig)
 # Keys of the first Flower app version: an app written then has them all; every key added later is optional.
 FIRST_FLOWER_KEYS = {"rounds", "local-epochs", "eps", "patience-rounds", "delta", "deadline", "fraction",
                      "min-clients", "server-opt", "server-lr", "server-momentum", "seed", "evaluate-rounds"}
-FEDERATE_ONLY = {"workers", "gpus", "client_state", "simulate_attack", "attackers"}
+FEDERATE_ONLY = {"workers", "gpus", "client_state", "simulate_attack", "attackers", "hold_out"}
 FLOWER_ONLY = {"secure_aggregation", "secagg_range"}
 
 

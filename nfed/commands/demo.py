@@ -46,6 +46,7 @@ DEFAULTS = DemoSettings()
 @field_option(FederationConfig, "norm_policy", override=True)
 @field_option(FederationConfig, "compress", override=True)
 @field_option(FederationConfig, "broadcast", override=True)
+@field_option(FederationConfig, "hold_out", override=True)
 @field_option(TrainConfig, "epochs", override=True,
               help="epoch cap of the local, personalised and centralised training (default "
                    f"{DEFAULTS.epochs}; never below rounds x local epochs, what a client trains in the whole "

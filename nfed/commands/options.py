@@ -111,6 +111,8 @@ def field_option(cls, name: str, *, override: bool = False, help: str | None = N
         attrs["type"] = click.Choice([str(choice) for choice in found.choices])
     elif found.limit is not None:
         attrs["type"] = LimitedNumber(found.limit)
+    if found.multiple:   # repeatable; not given: ()
+        return click.option(found.cli, name, multiple=True, **{**attrs, "default": field.default})
     if not override and found.parse is None and field.default is not None:
         attrs.update(default=field.default, show_default=True)
     return click.option(found.cli, name, **attrs)
@@ -125,6 +127,9 @@ def field_value(cls, name: str, value, *, override: bool = False):
     kind = value_type(cls, name)
     if kind is bool:
         return (not field.default) if value else (None if override else field.default)
+    if found.multiple:
+        one = found.parse or (lambda item: item)
+        return tuple(one(item) for item in value) if value else (None if override else field.default)
     if value is None:
         return None if override else field.default
     if found.parse is not None:

@@ -24,9 +24,10 @@ class Declaration:
     """What a config field declares beside its default.
 
     `cli`: the command-line option (None: none; a bool field's option is a flag that sets the opposite of its
-    default); `choices`: the accepted values; `parse`: turns the option's text into the value; `flower_key`: the
-    field's key in a Flower app's run config, `optional_in_flower` for every key added after the first Flower
-    version (an app folder written before it still loads, with the default).
+    default); `choices`: the accepted values; `parse`: turns the option's text into the value; `multiple`: a tuple
+    field whose option may be given several times (limit, choices and parse then apply to each value);
+    `flower_key`: the field's key in a Flower app's run config, `optional_in_flower` for every key added after the
+    first Flower version (an app folder written before it still loads, with the default).
     """
 
     help: str = ""
@@ -34,16 +35,17 @@ class Declaration:
     cli: str | None = None
     choices: tuple = ()
     parse: Callable[[str], Any] | None = None
+    multiple: bool = False
     flower_key: str | None = None
     optional_in_flower: bool = False
 
 
 def option(default=dataclasses.MISSING, *, help: str = "", limit: Limit | None = None, cli: str | None = None,
-           choices: tuple = (), parse: Callable[[str], Any] | None = None, flower_key: str | None = None,
-           optional_in_flower: bool = False):
+           choices: tuple = (), parse: Callable[[str], Any] | None = None, multiple: bool = False,
+           flower_key: str | None = None, optional_in_flower: bool = False):
     """A dataclass field with its Declaration in the metadata."""
     declaration = Declaration(help=help, limit=limit, cli=cli, choices=tuple(choices), parse=parse,
-                              flower_key=flower_key, optional_in_flower=optional_in_flower)
+                              multiple=multiple, flower_key=flower_key, optional_in_flower=optional_in_flower)
     return dataclasses.field(default=default, metadata={METADATA_KEY: declaration})
 
 
@@ -78,17 +80,28 @@ def declared(cls):
 
 
 def check_declared(obj) -> None:
-    """Check (and normalise in place) every declared field of `obj` that has a limit or choices; a field whose
-    default is None may be None."""
+    """Check (and normalise in place) every declared field of `obj` that has a limit or choices (each value of a
+    `multiple` one, held as a tuple); a field whose default is None may be None."""
     for field, found in declared_fields(type(obj)):
         value = getattr(obj, field.name)
         if value is None and field.default is None:
             continue
-        if found.limit is not None:
-            setattr(obj, field.name, found.limit.check(field.name, value))
-        elif found.choices and value not in found.choices:
-            shown = ", ".join(str(choice) for choice in found.choices)
-            raise ConfigError(f"{found.cli or field.name} must be one of {shown}, got {value}")
+        if found.multiple:
+            if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+                raise ConfigError(f"{found.cli or field.name} holds a list of values, got {value!r}")
+            setattr(obj, field.name, tuple(_checked(field, found, item) for item in value))
+        else:
+            setattr(obj, field.name, _checked(field, found, value))
+
+
+def _checked(field: dataclasses.Field, found: Declaration, value):
+    """`value` checked against the declaration's limit or choices."""
+    if found.limit is not None:
+        return found.limit.check(field.name, value)
+    if found.choices and value not in found.choices:
+        shown = ", ".join(str(choice) for choice in found.choices)
+        raise ConfigError(f"{found.cli or field.name} must be one of {shown}, got {value}")
+    return value
 
 
 def from_fields(cls, values: Mapping, what: str):

@@ -215,9 +215,11 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
 
 
 def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
-                     split: str = "val", env: RunEnvironment | None = None, local_state: Mapping | None = None) -> dict:
+                     split: str = "val", env: RunEnvironment | None = None, local_state: Mapping | None = None,
+                     adapt_on: str | None = None) -> dict:
     """Loss and change-class metrics of `weights` (with the district's own `local_state` in place) on one split
-    of the pack (federated evaluation).
+    of the pack (federated evaluation); `adapt_on`: a split whose tiles first re-estimate the BatchNorm statistics
+    (AdaBN, nfed.training.adapt: a district that never trained).
 
     `samples` counts the evaluated tiles, `pack_samples` all tiles of the pack (local.csv's `samples`),
     `train_samples` its training tiles and `tile` its tile size (what the F1 rests on)."""
@@ -228,6 +230,10 @@ def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_pat
     config = _config_for(setup)
     model = _model_with(norm_policy.merge(weights, local_state), config, env)
     with env.active(), DistrictPack(pack_path) as pack:
+        if adapt_on is not None:
+            from nfed.training.adapt import adapt_batchnorm
+
+            adapt_batchnorm(model, pack, adapt_on, config.batch_size)
         metrics = evaluate(model, pack, split=split, batch_size=config.batch_size)
         metrics["pack_samples"] = sum(int(pack.num_samples(s)) for s in ("train", "val", "test"))
         metrics["train_samples"] = int(pack.num_samples("train"))

@@ -11,6 +11,7 @@ from typing import Sequence
 from nfed.common import strict_json
 from nfed.common.errors import ConfigError
 from nfed.common.fields import check_declared, declared, option
+from nfed.common.names import check_name
 from nfed.common.validate import SECONDS_MAX, SEED, Limit, check_number
 from nfed.federation.selection import DEFAULT_RULE, DEFAULT_WINDOW, MAX_WINDOW, RULES
 
@@ -99,6 +100,10 @@ class FederationConfig:
     norm_policy: str = option("shared", cli="--norm-policy", choices=("shared", "fedbn", "silobn"),
                               help="which BatchNorm tensors stay with each district: none (shared), all (fedbn) "
                                    "or the running statistics (silobn)")
+    hold_out: tuple[str, ...] = option((), cli="--hold-out", multiple=True,
+                                       help="district kept out of training (never selected or averaged, not in the "
+                                            "stop rules' validation mean) but scored, before and after AdaBN on its "
+                                            "own training tiles (RUN/heldout.csv); repeatable")
     compress: str = option("none", cli="--compress", choices=("none", "fp16", "int8", "int8-ef"),
                            flower_key="compress", optional_in_flower=True,
                            help="how clients send their update: weights (none), or the difference to the global model "
@@ -159,6 +164,9 @@ class FederationConfig:
         check_declared(self)
         check_defences(self)
         check_norm_policy(self)
+        self.hold_out = tuple(check_name(name, "--hold-out", error=ConfigError) for name in self.hold_out)
+        if len(set(self.hold_out)) != len(self.hold_out):
+            raise ConfigError(f"--hold-out names a district twice: {', '.join(self.hold_out)}")
         self.gpus = tuple(check_number("gpu", g) for g in self.gpus)
         if self.client_speeds is not None:
             self.client_speeds = {str(k): check_number(f"speed of {k}", v, "client_speed")
@@ -207,6 +215,18 @@ def check_norm_policy(config: FederationConfig) -> None:
     if config.norm_policy != "shared" and config.secure_aggregation:
         raise ConfigError(f"--norm-policy {config.norm_policy} keeps BatchNorm tensors per district, which secure "
                           "aggregation (a sum of whole models) cannot leave out yet: use --norm-policy shared")
+
+
+def training_districts(districts: Sequence[str], hold_out: Sequence[str]) -> list[str]:
+    """The districts that train: all but the held-out ones, each of which must be one of `districts`
+    (ConfigError), with at least one left to train."""
+    unknown = [name for name in hold_out if name not in districts]
+    if unknown:
+        raise ConfigError(f"--hold-out {', '.join(unknown)}: no such district among the {len(districts)} packs")
+    training = [name for name in districts if name not in hold_out]
+    if not training:
+        raise ConfigError("--hold-out holds out every district: at least one must train")
+    return training
 
 
 # ------------------------------------------------------------------------------------------ client speeds

@@ -15,7 +15,7 @@ RESUME_FIELDS = ("local_epochs", "fraction", "min_clients", "server_opt", "serve
                  "client_state", "seed", "eps", "patience_rounds", "warmup_rounds", "delta", "aggregator", "trim_beta",
                  "krum_f", "krum_m", "clip_factor", "max_sample_share", "dp_clip", "dp_noise", "dp_delta",
                  "secure_aggregation", "secagg_range", "simulate_attack", "attackers", "prox_mu",
-                 "norm_policy", "compress", "broadcast")
+                 "norm_policy", "compress", "broadcast", "hold_out")
 
 
 def check_settings(saved_config: Mapping, fed_config, train_config, path: Path) -> None:

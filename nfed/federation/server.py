@@ -32,7 +32,8 @@ from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedErro
 from nfed.federation import compression, norm_policy
 from nfed.federation.aggregator import relative_norm_difference, trainable, update_problem
 from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientTask, make_round_setup
-from nfed.federation.config import FederationConfig
+from nfed.federation.config import FederationConfig, training_districts
+from nfed.federation.heldout import held_out_rows, write_heldout
 from nfed.federation.resume import check_data, check_history, check_settings, restore_server_state, server_state
 from nfed.federation.robust import build_aggregator, cap_sample_counts, registered_samples
 from nfed.federation.round_record import (add_validation, client_entry, defence_summary, round_line, round_problems,
@@ -79,17 +80,21 @@ class Federation:
                  initial_weights: Mapping | None = None, runner=None,
                  echo: Callable[[str], None] | None = None, show_progress: bool = False,
                  data_fingerprint: Mapping[str, str | None] | None = None, tile: int | None = None,
-                 train_samples: Mapping[str, int] | None = None, env: RunEnvironment | None = None):
+                 train_samples: Mapping[str, int] | None = None, env: RunEnvironment | None = None,
+                 adapt_fn: Callable | None = None):
         if not packs:
             raise DataError("no district packs to federate")
         self.packs = dict(packs)
-        self.districts = list(self.packs)
+        self.districts = list(self.packs)   # every district is scored
+        self.training = training_districts(self.districts, fed_config.hold_out)   # those that are selected
+        self.held_out = list(fed_config.hold_out)
         self.run_dir = Path(run_dir)
         self.train_config = train_config
         self.config = fed_config
         self.env = env or default_environment()   # the server's; clients on --gpus get one GPU each
         self.train_fn = train_fn
         self.evaluate_fn = evaluate_fn
+        self.adapt_fn = adapt_fn   # scores a held-out district after AdaBN (default: evaluate_weights' adapt_on)
         self.echo = echo or (lambda text: None)
         self._initial_weights = initial_weights
         self._runner_override = runner
@@ -97,9 +102,9 @@ class Federation:
         self._local: dict[str, dict] = {}   # district -> its own BatchNorm tensors (--norm-policy fedbn / silobn)
         self.show_progress = show_progress
         self.recorder: RunRecorder | None = None   # keeps RUN/status.json (set by federate)
-        if fed_config.min_clients > len(self.districts):
-            raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.districts)} "
-                              f"district(s) available")
+        if fed_config.min_clients > len(self.training):
+            raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.training)} "
+                              f"district(s) available" + (" to train" if self.held_out else ""))
         self._fingerprint = dict(data_fingerprint) if data_fingerprint is not None else None
         self._tile = tile if tile is not None else shared_tile(self.packs.values())
         self.registered = registered_samples()
@@ -109,14 +114,16 @@ class Federation:
         if fed_config.simulate_attack is not None:
             from nfed.federation.attacks import choose_attackers
 
-            self.attackers = choose_attackers(self.districts, fed_config.attackers, fed_config.seed)
+            self.attackers = choose_attackers(self.training, fed_config.attackers, fed_config.seed)
         self.privacy = None
         if fed_config.dp_clip > 0:
             from nfed.federation.privacy import PrivacyLedger
 
-            rate = len(select_clients(self.districts, fed_config.fraction, fed_config.seed, 1)) / len(self.districts)
-            counted = dict(self.announced) if set(self.announced) == set(self.districts) else None
-            self.privacy = PrivacyLedger(fed_config, self.packs, rate, counted)
+            rate = len(select_clients(self.training, fed_config.fraction, fed_config.seed, 1)) / len(self.training)
+            training = {d: self.packs[d] for d in self.training}
+            counted = ({d: self.announced[d] for d in self.training} if set(self.announced) == set(self.districts)
+                       else None)
+            self.privacy = PrivacyLedger(fed_config, training, rate, counted)
 
     def data_fingerprint(self) -> dict[str, str | None]:
         """district -> sha256 of its pack (what a resume must find again), computed once."""
@@ -280,18 +287,18 @@ class Federation:
         return outcomes, {d: (caps[d], why) for d, why in reasons.items()}, aggregator
 
     def _evaluate_all(self, weights, round_number: int, split: str,
-                      local_states: Mapping[str, dict] | None = None) -> dict[str, dict]:
-        """Every district's scores of `weights`, each with its own local tensors (`local_states`, by default the
-        latest) in place under a norm policy other than shared."""
+                      local_states: Mapping[str, dict] | None = None,
+                      districts: Sequence[str] | None = None) -> dict[str, dict]:
+        """Every district's (or `districts'`) scores of `weights`, each with its own local tensors (`local_states`,
+        by default the latest) in place under a norm policy other than shared."""
         local_states = self._local if local_states is None else local_states
         own = self.config.norm_policy != "shared"
         evaluate_fn = self.evaluate_fn
         if evaluate_fn is None:
             from nfed.federation.client import evaluate_weights as evaluate_fn
-        setup = make_round_setup(self.train_config, max(1, round_number), self.config.local_epochs)
-        env = self.env.on(f"cuda:{self.config.gpus[0]}" if self.config.gpus else None)
+        setup, env = self._evaluation_setup(round_number)
         results = {}
-        for district in self.districts:
+        for district in self.districts if districts is None else districts:
             try:
                 local = {"local_state": local_states.get(district)} if own else {}
                 results[district] = evaluate_fn(weights, setup, self.packs[district], split=split, env=env, **local)
@@ -299,6 +306,11 @@ class Federation:
                 log.warning("evaluation of %s on %s failed: %s", district, split, exc)
                 self.echo(f"  evaluation of {district} ({split}) failed: {exc}")
         return results
+
+    def _evaluation_setup(self, round_number: int):
+        """(set-up, environment) of the server's evaluations: the round's set-up, on the first --gpus GPU."""
+        setup = make_round_setup(self.train_config, max(1, round_number), self.config.local_epochs)
+        return setup, self.env.on(f"cuda:{self.config.gpus[0]}" if self.config.gpus else None)
 
     def run(self, *, resume: bool = False, overwrite: bool = False) -> FederationResult:
         """Run (or resume) the rounds in the run folder, holding its lock. A folder with a run's results is
@@ -369,7 +381,7 @@ class Federation:
         write_json_atomic(self.run_dir / SUMMARY_NAME, {
             "rounds": done, "best_round": result.best_round, "stop_rule": stop.fired, "stop_reason": stop_reason,
             **self._kept_summary(records, best_round), "environment": self.env.record(),
-            "clients": client_work(records), "norm_policy": cfg.norm_policy,
+            "clients": client_work(records), "norm_policy": cfg.norm_policy, "hold_out": self.held_out,
             "traffic": compression.traffic_summary(records, cfg.compress, cfg.broadcast),
             **defence_summary(cfg, records, self.attackers)})
         return result
@@ -433,7 +445,7 @@ class Federation:
     def _round(self, runner, server, weights, round_number: int):
         cfg = self.config
         started = time.perf_counter()
-        selected = select_clients(self.districts, cfg.fraction, cfg.seed, round_number)
+        selected = select_clients(self.training, cfg.fraction, cfg.seed, round_number)
         shared = norm_policy.split(weights, cfg.norm_policy)[0]
         tasks = self._tasks(round_number, selected)
         residuals = {task.district: task.residual for task in tasks}
@@ -490,7 +502,9 @@ class Federation:
             record["refused_nodes"] = {str(node): why for node, why in refused.items()}
         if self.privacy is not None:
             record["privacy"] = self.privacy.record(released=averaged is not None)
-        add_validation(record, self._evaluate_all(new_weights, round_number, "val") if cfg.evaluate_rounds else {})
+        # held-out districts are not validated: the stop and selection rules see the training districts only
+        add_validation(record, self._evaluate_all(new_weights, round_number, "val", districts=self.training)
+                       if cfg.evaluate_rounds else {})
         record["seconds"] = round(time.perf_counter() - started, 3)
         return new_weights, record
 
@@ -500,10 +514,40 @@ class Federation:
         each district's client did over the rounds of `records`."""
         work = client_work(records)
         local_states = self._read_local_states(weights, round_number + 1)   # the round's own, each district's
+        scores = self._evaluate_all(weights, round_number, "test", local_states)
         rows = [federated_row(district, metrics, work.get(district, {"epochs_run": 0, "steps": 0}))
-                for district, metrics in self._evaluate_all(weights, round_number, "test", local_states).items()]
+                for district, metrics in scores.items()]
         write_results_csv(self.run_dir / RESULTS_NAME, rows, "federated")
+        if self.held_out:
+            self.score_held_out(weights, round_number, scores)
         return rows
+
+    def score_held_out(self, weights, round_number: int, scores: Mapping[str, Mapping]) -> list[dict]:
+        """RUN/heldout.csv: each held-out district's test F1 under the global model (`scores`, as scored for
+        federated.csv) and after AdaBN on its own training tiles; no district trained it, so it has no BatchNorm
+        of its own under fedbn / silobn (the global model's initial ones, re-estimated by the adaptation)."""
+        adapt_fn = self.adapt_fn
+        if adapt_fn is None:
+            from nfed.federation.client import evaluate_weights as adapt_fn
+        setup, env = self._evaluation_setup(round_number)
+        adapted = {}
+        for district in self.held_out:
+            try:
+                adapted[district] = adapt_fn(weights, setup, self.packs[district], split="test", env=env,
+                                             adapt_on="train")
+            except NfedError as exc:
+                log.warning("adapting to %s failed: %s", district, exc)
+                self.echo(f"  adapting to {district} failed: {exc}")
+        rows = held_out_rows(self.held_out, scores, adapted)
+        write_heldout(self.run_dir, rows)
+        for row in rows:
+            self.echo(f"  held out {row['district']}: global F1 {_shown(row['global_f1'])}, after AdaBN on its "
+                      f"training tiles {_shown(row['adapted_f1'])}")
+        return rows
+
+
+def _shown(f1: float | None) -> str:
+    return "-" if f1 is None else f"{f1:.4f}"
 
 
 

@@ -11,6 +11,7 @@ from typing import Sequence
 from nfed.common.atomic import write_json_atomic, write_text_atomic
 from nfed.report.comparison import Comparison, study_comparison
 from nfed.report.figures import draw_figures
+from nfed.report.heldout import heldout_line, heldout_summary
 from nfed.report.html import report_html
 from nfed.report.matrix import matrix_line, matrix_summary
 from nfed.report.run import read_columns, read_run
@@ -24,12 +25,16 @@ def write_report(comparison: Comparison, out_dir: str | Path, *, figures: bool =
     """REPORT/table.csv, table.md, the figures, report.html and summary.json (the summary with the rows).
     `demo`: settings and stage_seconds for report.html (`nfed demo` passes its own; else RUN/demo.json).
     Runs with a cross-district matrix (RUN/matrix.csv) add its numbers: summary.json's "matrix", a line of
-    table.md and a section of report.html."""
+    table.md and a section of report.html; so do runs with held-out districts (RUN/federated/heldout.csv:
+    summary.json's "held_out")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     matrix = matrix_summary(comparison.runs)
     if matrix is not None:
         comparison.summary["matrix"] = matrix
+    heldout = heldout_summary(comparison.runs)
+    if heldout is not None:
+        comparison.summary["held_out"] = heldout
     write_text_atomic(out_dir / "table.csv", table_csv(comparison))
     write_text_atomic(out_dir / "table.md", _with_matrix_line(table_markdown(comparison), comparison))
     if figures:
@@ -57,13 +62,16 @@ def make_study_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, fi
 
 
 def table_text(comparison: Comparison) -> str:
-    """The table, headline, goals and fairness section (and the matrix's line) as plain text for the terminal."""
+    """The table, headline, goals and fairness section (and the matrix's and held-out districts' lines) as plain
+    text for the terminal."""
     return _with_matrix_line(comparison_text(comparison), comparison)
 
 
 def _with_matrix_line(text: str, comparison: Comparison) -> str:
-    """`text` with the cross-district matrix's line after a blank line, when the runs have a matrix."""
-    matrix = comparison.summary.get("matrix")
-    if matrix is None:
+    """`text` with the cross-district matrix's line and the held-out districts' after a blank line, when the runs
+    have them."""
+    matrix, heldout = comparison.summary.get("matrix"), comparison.summary.get("held_out")
+    lines = ([matrix_line(matrix)] if matrix is not None else []) + ([heldout_line(heldout)] if heldout else [])
+    if not lines:
         return text
-    return text.rstrip("\n") + f"\n\n{matrix_line(matrix)}" + ("\n" if text.endswith("\n") else "")
+    return text.rstrip("\n") + "\n\n" + "\n".join(lines) + ("\n" if text.endswith("\n") else "")

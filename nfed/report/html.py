@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from nfed.report.comparison import Comparison
+from nfed.report.heldout import heldout_line, heldout_pairs, heldout_summary
 from nfed.report.matrix import matrix_line, matrix_summary, study_matrix
 from nfed.report.run import Run, read_json_object
 from nfed.report.text import cell_text, fairness_cells, fairness_header, goal_verdict, headline_lines, table_columns
@@ -235,6 +236,28 @@ def matrix_html(comparison: Comparison) -> str:
             + "<p class=\"note\">Colour: F1 in tenths.</p>" + legend)
 
 
+def heldout_html(comparison: Comparison) -> str:
+    """Districts that never trained: each held-out district's test F1 under its own local model, the global model
+    and the global model after AdaBN, per seed, with the summary line."""
+    pairs = heldout_pairs(comparison.runs)
+    if not pairs:
+        return ""
+
+    def cell(value):
+        return _td("-" if value is None else f"{value:.4f}", _sort_key(value))
+
+    rows = [[_td(label), _td(row["district"]), cell(row["local_f1"]), cell(row["global_f1"]),
+             cell(row["adapted_f1"]),
+             cell(None if row["adapted_f1"] is None or row["global_f1"] is None
+                  else row["adapted_f1"] - row["global_f1"])] for label, row in pairs]
+    note = ("Held out with --hold-out: never selected, never averaged, not in the stop rules' validation mean. "
+            "Global: the federation's kept model; adapted: the same model with its BatchNorm statistics "
+            "re-estimated on the district's own training tiles (AdaBN, no labels); local: the district's own model.")
+    return (_list([heldout_line(heldout_summary(comparison.runs))]) + f"<p class=\"note\">{_e(note)}</p>"
+            + _table(["run", "district", "local F1", "global F1", "adapted F1", "gain"], rows, sortable=True,
+                     table_id="heldout-table"))
+
+
 def _run_folder(run: Run) -> Path:
     """The study run folder that holds the run's results (RUN/local/local.csv)."""
     return run.sources["local"].parent.parent
@@ -310,6 +333,9 @@ def report_html(comparison: Comparison, demo: dict | None = None) -> str:
     matrix = matrix_html(comparison)
     if matrix:
         sections.append(("matrix", "Cross-district matrix", matrix))
+    heldout = heldout_html(comparison)
+    if heldout:
+        sections.append(("heldout", "Districts that never trained", heldout))
     sections += [("figures", "Figures", figures_html(comparison)),
                  ("fairness", "Fairness", fairness_html(comparison)),
                  ("settings", "Settings and stage times", demo_html(demo, source))]

@@ -2,8 +2,8 @@
 centralised model's summary, as one Run per seed.
 
 Inputs: one study run folder per seed (what `nfed demo --out RUN` writes): RUN/local/local.csv,
-RUN/federated/{federated.csv, rounds.jsonl, summary.json}, and when present RUN/personalised/personalised.csv
-and RUN/central/{central.csv, summary.json}.
+RUN/federated/{federated.csv, rounds.jsonl, summary.json}, and when present RUN/personalised/personalised.csv,
+RUN/central/{central.csv, summary.json} and RUN/federated/heldout.csv (districts held out of training).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nfed.common.errors import DataError
+from nfed.federation.heldout import HELDOUT_NAME, read_heldout
 from nfed.runs.results import FILE_NAMES, read_results, study_table
 from nfed.runs.runfolder import ROUNDS_NAME, SUMMARY_NAME, read_rounds
 from nfed.training.matrix import MATRIX_NAME, DistrictMatrix, read_matrix
@@ -36,8 +37,8 @@ def read_json_object(path: Path) -> dict:
 @dataclass
 class Run:
     """One seed's results: column -> district -> record, the federation's rounds and summary.json, the
-    centralised model's summary.json, the file each column came from, and the cross-district matrix (RUN/matrix.csv)
-    when the run has one."""
+    centralised model's summary.json, the file each column came from, the cross-district matrix (RUN/matrix.csv)
+    and the held-out districts' scores (heldout.csv rows) when the run has them."""
 
     label: str
     results: dict[str, dict[str, dict]]
@@ -46,6 +47,7 @@ class Run:
     federation: dict = field(default_factory=dict)
     central: dict = field(default_factory=dict)
     matrix: DistrictMatrix | None = None
+    heldout: list[dict] | None = None
 
 
 def _results_file(path: Path, name: str) -> Path:
@@ -60,8 +62,9 @@ def read_columns(local: str | Path, federated: str | Path, personalised: str | P
     results = {c: read_results(path) for c, path in sources.items()}
     federated_dir = sources["federated"].parent
     central = read_json_object(sources["centralised"].parent / SUMMARY_NAME) if "centralised" in sources else {}
+    heldout = read_heldout(federated_dir / HELDOUT_NAME) if (federated_dir / HELDOUT_NAME).is_file() else None
     return Run(label, results, sources, rounds=read_rounds(federated_dir / ROUNDS_NAME),
-               federation=read_json_object(federated_dir / SUMMARY_NAME), central=central)
+               federation=read_json_object(federated_dir / SUMMARY_NAME), central=central, heldout=heldout)
 
 
 def read_run(run_dir: str | Path, label: str | None = None) -> Run:
