@@ -30,7 +30,11 @@ def test_reduced_demo_writes_the_whole_study(tmp_path):
     assert all(0.0 <= float(r["f1_federated"]) <= 1.0 for r in rows)
     summary = json.loads((out / "demo.json").read_text())
     assert summary["summary"]["districts"] == 4 and summary["total_seconds"] > 0
-    assert set(summary["stage_seconds"]) == {"data", "local", "federated", "personalised", "central", "report"}
+    assert set(summary["stage_seconds"]) == {"data", "local", "federated", "personalised", "central", "matrix",
+                                             "report"}
+    with (out / "matrix.csv").open() as handle:   # 4 local models and the global one on the 4 test splits
+        assert [len(row) for row in csv.reader(handle)] == [5] * 6
+    assert "Cross-district matrix" in (out / "report" / "report.html").read_text()
     assert summary["settings"]["epoch_cap"] == 3 * 3   # never below rounds x local epochs (3 by default)
     assert "mean F1 local -> federated" in result.output and "total wall time" in result.output
     # a rerun writes the same layout again (idempotent)
