@@ -2,6 +2,7 @@
 
     python bench/bench_noniid.py --out DIR [--seeds 0 1 2] [--policies shared fedbn silobn] [--prox-mu 0 0.01]
     python bench/bench_noniid.py --out DIR --test      # 3 districts, tiny scale: checks the script in a minute
+    python bench/bench_noniid.py --out DIR --hold-out-grid [--policies shared]   # + districts that never trained
 
 Every cell of the grid runs under `nfed demo`'s fair protocol (nfed.demo.DemoSettings) on the same synthetic
 data. Per seed the local and centralised columns do not depend on the federation, so they are trained once (in
@@ -10,11 +11,18 @@ personalised columns. A finished cell (its report/summary.json exists) is not ru
 stopped and continued. DIR/noniid.json and DIR/noniid.md hold, per cell: mean F1 of the four columns with 95 %
 t-intervals over seeds, rounds to the stop rule, bytes each client sends per round, the best and worst district
 (federated F1, seed means), and the districts whose federated F1 >= local - 0.01.
+
+--hold-out-grid adds, per seed and policy (FedAvg), a cell with 5 districts held out together (seeded by the seed,
+the same for every policy; `nfed demo --hold-out`): it trains only its federation, reusing the seed's local column,
+and its heldout.csv gives each held-out district's test F1 under the global model before and after AdaBN on its own
+training tiles, beside its local model; noniid.json's "held_out" and a second table in noniid.md hold the means
+over seeds and the adaptation's gain with its 95 % interval (the issue's goal: >= +0.05).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import time
@@ -29,19 +37,28 @@ from nfed.runs.packs import find_packs
 from nfed.runs.runfolder import ROUNDS_NAME, SUMMARY_NAME, read_rounds
 
 COLUMNS = ("local", "federated", "personalised", "centralised")   # the report's names
-REUSED = ("local", "central")   # folders trained once per seed, copied into every other cell   # trained once per seed, copied into every other cell
+REUSED = ("local", "central")   # folders trained once per seed, copied into every other cell
+HOLD_OUT = 5                    # districts held out together in a --hold-out-grid cell
 
 
-def cell_name(policy: str, mu: float) -> str:
-    return f"{policy}-mu{mu:g}"
+def cell_name(policy: str, mu: float, held_out: int = 0) -> str:
+    return f"{policy}-mu{mu:g}" + (f"-holdout{held_out}" if held_out else "")
+
+
+def held_out_districts(districts: list[str], seed: int, count: int = HOLD_OUT) -> tuple[str, ...]:
+    """`count` districts chosen by the seed (at most all but one), in the packs' order."""
+    chosen = set(random.Random(f"hold-out {seed}").sample(districts, min(count, len(districts) - 1)))
+    return tuple(d for d in districts if d in chosen)
 
 
 def run_cell(out: Path, packs: dict, settings: DemoSettings, seed: int, policy: str, mu: float, base: Path | None,
-             echo) -> Path:
-    """One seed of one grid cell into OUT/seed-<k>/<cell>/ (skipped when already finished)."""
-    run_dir = out / f"seed-{seed}" / cell_name(policy, mu)
+             echo, hold_out: tuple[str, ...] = ()) -> Path:
+    """One seed of one grid cell into OUT/seed-<k>/<cell>/ (skipped when already finished); with `hold_out` only
+    its federation is trained (the held-out districts' local models come from `base`)."""
+    name = cell_name(policy, mu, len(hold_out))
+    run_dir = out / f"seed-{seed}" / name
     if (run_dir / "report" / "summary.json").is_file():
-        echo(f"[noniid] seed {seed} {cell_name(policy, mu)}: finished before, kept")
+        echo(f"[noniid] seed {seed} {name}: finished before, kept")
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     columns = ("local", "federated", "personalised", "central")
@@ -49,14 +66,32 @@ def run_cell(out: Path, packs: dict, settings: DemoSettings, seed: int, policy: 
         for column in REUSED:
             shutil.rmtree(run_dir / column, ignore_errors=True)
             shutil.copytree(base / column, run_dir / column)
-        columns = ("federated", "personalised")
+        columns = ("federated",) if hold_out else ("federated", "personalised")
     started = time.perf_counter()
-    cell = replace(settings, norm_policy=policy, prox_mu=mu, seeds=(seed,))
+    cell = replace(settings, norm_policy=policy, prox_mu=mu, seeds=(seed,), hold_out=tuple(hold_out))
     run_columns(run_dir, packs, cell, seed, _Stages(echo), echo, columns=columns)
     make_study_report([run_dir], run_dir / "report", figures=False)
     write_json_atomic(run_dir / "cell.json", {"policy": policy, "prox_mu": mu, "seed": seed, "columns": columns,
+                                              "hold_out": list(hold_out),
                                               "wall_seconds": round(time.perf_counter() - started, 1)})
     return run_dir
+
+
+def holdout_facts(run_dirs: list[Path]) -> dict:
+    """What noniid.md's held-out table shows of one policy over its seeds: mean F1 (95 % interval over district and
+    seed) of the held-out districts' local, global and adapted models, and the adaptation's gain (adapted - global)
+    as the report's summary.json gives it."""
+    from nfed.report.heldout import heldout_summary
+    from nfed.report.run import read_run
+
+    runs = [read_run(d, f"{d.parent.name}/{d.name}") for d in run_dirs]
+    rows = [row for run in runs for row in run.heldout or ()]
+    summary = heldout_summary(runs) or {}
+    return {"seeds": len(run_dirs), "held_out": {d.parent.name: json.loads((d / "cell.json").read_text())["hold_out"]
+                                                  for d in run_dirs if (d / "cell.json").is_file()},
+            **{f"f1_{k}": mean_interval([row[f"{k}_f1"] for row in rows]) for k in ("local", "global", "adapted")},
+            "gain": {"mean": summary.get("gain"), "low": summary.get("gain_low"), "high": summary.get("gain_high")},
+            **{k: summary.get(k) for k in ("improved", "pairs", "goal_gain", "goal_met")}}
 
 
 def cell_facts(run_dirs: list[Path]) -> dict:
@@ -116,6 +151,18 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def holdout_table(results: dict) -> str:
+    lines = ["| cell | seeds | held-out local | global | global + AdaBN | gain (95 % CI) | up |",
+             "|---|---|---|---|---|---|---|"]
+    for name, facts in results.items():
+        gain = facts["gain"]
+        shown = "–" if gain["mean"] is None else f"{gain['mean']:+.3f}" + (
+            "" if gain["low"] is None else f" [{gain['low']:+.3f}, {gain['high']:+.3f}]")
+        lines.append(f"| {name} | {facts['seeds']} | {_cell(facts['f1_local'])} | {_cell(facts['f1_global'])} | "
+                     f"{_cell(facts['f1_adapted'])} | {shown} | {facts['improved']}/{facts['pairs']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -123,6 +170,9 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", nargs="+", default=["shared", "fedbn", "silobn"],
                         choices=["shared", "fedbn", "silobn"])
     parser.add_argument("--prox-mu", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--hold-out-grid", action="store_true",
+                        help=f"add a cell per seed and policy with {HOLD_OUT} districts held out together (AdaBN "
+                             "before/after vs local)")
     parser.add_argument("--test", action="store_true", help="3 districts at a tiny scale (checks the script)")
     args = parser.parse_args(argv)
     settings = DemoSettings(quiet=True)
@@ -141,16 +191,22 @@ def main(argv=None) -> int:
 
     packs = find_packs(out / "packs") if (out / "packs").is_dir() else make_data(out, settings, echo)
     runs: dict[str, list[Path]] = {cell_name(p, m): [] for p, m in grid}
+    held: dict[str, list[Path]] = {}
     for seed in args.seeds:
         base = None
-        for policy, mu in grid:
-            run_dir = run_cell(out, packs, settings, seed, policy, mu, base, echo)
+        hold_out = held_out_districts(list(packs), seed) if args.hold_out_grid else ()
+        cells = [(p, m, ()) for p, m in grid] + [(p, 0.0, hold_out) for p in args.policies if hold_out]
+        for policy, mu, held_out in cells:
+            run_dir = run_cell(out, packs, settings, seed, policy, mu, base, echo, held_out)
             base = base or run_dir
-            runs[cell_name(policy, mu)].append(run_dir)
+            (held if held_out else runs).setdefault(cell_name(policy, mu, len(held_out)), []).append(run_dir)
             results = {name: cell_facts(dirs) for name, dirs in runs.items() if dirs}
-            write_json_atomic(out / "noniid.json", {"settings": settings.to_dict(), "cells": results})
-            write_text_atomic(out / "noniid.md", table(results))
-    print(table(results))
+            held_results = {name: holdout_facts(dirs) for name, dirs in held.items()}
+            write_json_atomic(out / "noniid.json", {"settings": settings.to_dict(), "cells": results,
+                                                    **({"held_out": held_results} if held_results else {})})
+            write_text_atomic(out / "noniid.md", table(results) + (f"\n{holdout_table(held_results)}"
+                                                                   if held_results else ""))
+    print(table(results) + (f"\n{holdout_table(held_results)}" if held_results else ""))
     return 0
 
 

@@ -191,3 +191,23 @@ def test_the_demos_federated_column_writes_heldout_csv_with_the_local_models_f1(
     assert row["global_f1"] is not None and row["adapted_f1"] is not None
     records = read_rounds(tmp_path / "federated" / "rounds.jsonl")
     assert all(DISTRICTS[1] not in r["selected"] for r in records)
+
+
+@pytest.mark.slow
+def test_the_noniid_bench_holds_districts_out_together(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_noniid", Path(__file__).parent.parent / "bench" /
+                                                  "bench_noniid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "grid"
+    assert bench.main(["--out", str(out), "--test", "--seeds", "0", "--policies", "shared", "--hold-out-grid"]) == 0
+    cell = out / "seed-0" / "shared-mu0-holdout2"   # 3 districts at --test: all but one held out
+    facts = json.loads((cell / "cell.json").read_text())
+    assert facts["columns"] == ["federated"] and len(facts["hold_out"]) == 2
+    rows = read_heldout(cell / "federated" / HELDOUT_NAME)
+    assert [r["district"] for r in rows] == facts["hold_out"] and all(r["local_f1"] is not None for r in rows)
+    held = json.loads((out / "noniid.json").read_text())["held_out"]["shared-mu0-holdout2"]
+    assert held["pairs"] == 2 and held["held_out"] == {"seed-0": facts["hold_out"]}
+    assert "| shared-mu0-holdout2 | 1 |" in (out / "noniid.md").read_text()
