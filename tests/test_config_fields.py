@@ -144,7 +144,7 @@ def test_limits_are_the_declared_ones():
 
 @pytest.mark.parametrize("name, only, missing", [
     ("federate", set(), FLOWER_ONLY),
-    ("flower-app", set(), FEDERATE_ONLY | {"norm_policy"}),
+    ("flower-app", set(), FEDERATE_ONLY),
 ])
 def test_federation_options_are_the_declared_fields(name, only, missing):
     """Each declared option of FederationConfig is on federate / flower-app with the declared type, range,

@@ -14,10 +14,9 @@ from nfed.common.paths import refuse_output_over_inputs
 from nfed.federation.config import FederationConfig
 
 # FederationConfig fields a Flower deployment has no option for: in-process worker pools, client state kept between
-# rounds, the testing-only attack simulation, the norm policy and held-out districts (nfed federate and demo only),
-# and --deadline, which is Flower's own (default 600 s, 0 waits for every node).
-IN_PROCESS_ONLY = ("workers", "gpus", "client_state", "simulate_attack", "attackers", "norm_policy", "hold_out",
-                   "deadline")
+# rounds, the testing-only attack simulation, held-out districts (nfed federate and demo only), and --deadline,
+# which is Flower's own (default 600 s, 0 waits for every node).
+IN_PROCESS_ONLY = ("workers", "gpus", "client_state", "simulate_attack", "attackers", "hold_out", "deadline")
 
 
 @click.command("flower-app")

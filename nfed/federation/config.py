@@ -98,6 +98,7 @@ class FederationConfig:
                             help="FedProx: each client adds mu/2 ||w - w_global||^2 over the trainable weights to "
                                  "its loss (0: plain FedAvg)")
     norm_policy: str = option("shared", cli="--norm-policy", choices=("shared", "fedbn", "silobn"),
+                              flower_key="norm-policy", optional_in_flower=True,
                               help="which BatchNorm tensors stay with each district: none (shared), all (fedbn) "
                                    "or the running statistics (silobn)")
     hold_out: tuple[str, ...] = option((), cli="--hold-out", multiple=True,
@@ -207,14 +208,11 @@ def check_defences(config: FederationConfig) -> None:
 
 
 def check_norm_policy(config: FederationConfig) -> None:
-    """One of NORM_POLICIES; secure aggregation sums whole models, so it runs with `shared` only."""
+    """One of NORM_POLICIES (secure aggregation then sums the shared tensors alone: nfed.federation.secagg)."""
     from nfed.federation.norm_policy import NORM_POLICIES
 
     if config.norm_policy not in NORM_POLICIES:
         raise ConfigError(f"--norm-policy must be one of {', '.join(NORM_POLICIES)}, got {config.norm_policy}")
-    if config.norm_policy != "shared" and config.secure_aggregation:
-        raise ConfigError(f"--norm-policy {config.norm_policy} keeps BatchNorm tensors per district, which secure "
-                          "aggregation (a sum of whole models) cannot leave out yet: use --norm-policy shared")
 
 
 def training_districts(districts: Sequence[str], hold_out: Sequence[str]) -> list[str]:

@@ -16,6 +16,13 @@ Messages (flwr Message API, one SuperLink, one SuperNode per district):
             to do first); node -> server: weights, samples, metrics (+ that evaluation's metrics)
 - evaluate: server -> node: global weights + set-up + split; node -> server: loss and change metrics
 A node reads only the HDF5 pack named in its node config (`pack="/data/Gangnam-gu.h5"`): the data never leaves it.
+
+Under --norm-policy fedbn / silobn the weights both ways are the shared tensors only: a node keeps its district's own
+BatchNorm tensors of every round it trained in its Flower context state and puts in place those of its last round
+up to the one it trains from or evaluates (the model's initial ones before its first), as the in-process server
+does with RUN/client_state. The context state lives for one `flwr run`: a resumed run starts every district's
+BatchNorm afresh (in process a resume is exact), and a node keeps the BatchNorm of a round whose update the server
+left out (late or rejected), where the in-process server keeps the district's previous one.
 """
 from __future__ import annotations
 
@@ -33,11 +40,13 @@ from nfed.common.backend import ENV_DEVICE
 from nfed.common.errors import ConfigError, one_line
 from nfed.common.names import printable
 from nfed.federation.client import evaluate_weights, train_round
+from nfed.federation import norm_policy
 from nfed.federation.compression import received
 from nfed.federation.flower_config import settings_from_run_config
 from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, from_json_record, json_record,
                                              record_to_weights, update_to_record, weights_to_record)
 from nfed.federation.flower_transport import FlowerClients, round_plan
+from nfed.federation.norm_policy import NORM_POLICY_KEY
 from nfed.federation.roster import AnnouncedCounts, Roster
 from nfed.federation.server import federate
 from nfed.gpu.precision import parse_precision
@@ -49,6 +58,7 @@ log = logging.getLogger(__name__)
 
 CLIENT_ERROR_CODE = 7001
 RESIDUAL_STATE = "nfed.residual"   # int8-ef's error feedback, in the node's context state for the run
+LOCAL_STATE = "nfed.local."        # + round: the district's own tensors after that round (fedbn / silobn)
 
 
 
@@ -74,6 +84,35 @@ def node_environment(context: Context) -> RunEnvironment:
 def _error_reply(message: Message, exc: BaseException) -> Message:
     log.error("nfed client failed: %s", one_line(exc))
     return Message(Error(code=CLIENT_ERROR_CODE, reason=one_line(exc)), reply_to=message)
+
+
+def with_own_tensors(weights: Mapping, setup: Mapping, context: Context, up_to_round: int) -> Mapping:
+    """The received shared weights with the district's own tensors in place under the set-up's norm policy: those
+    of its last round <= `up_to_round` kept in the context state, else the model's initial ones."""
+    policy = setup.get(NORM_POLICY_KEY, "shared")
+    if policy == "shared":
+        return weights
+    kept = {int(key[len(LOCAL_STATE):]): key for key in context.state.array_records
+            if key.startswith(LOCAL_STATE) and key[len(LOCAL_STATE):].isdigit()}
+    rounds = [r for r in kept if r <= up_to_round]
+    if rounds:
+        own = record_to_weights(context.state.array_records[kept[max(rounds)]])
+    else:
+        from nfed.federation.client import host_state
+        from nfed.training.trainer import TrainConfig, build_model
+
+        own = norm_policy.split(host_state(build_model(TrainConfig.from_dict(dict(setup["config"])), "cpu")),
+                                policy)[1]
+    return norm_policy.merge(norm_policy.split(weights, policy)[0], own)
+
+
+def keep_own_tensors(result, setup: Mapping, context: Context) -> None:
+    """Keep the district's own tensors of a trained round in the context state; `result.weights` is left with the
+    shared ones alone (what the node sends)."""
+    policy = setup.get(NORM_POLICY_KEY, "shared")
+    if policy != "shared":
+        result.weights, own = norm_policy.split(result.weights, policy)
+        context.state[f"{LOCAL_STATE}{int(setup['round'])}"] = weights_to_record(own)
 
 
 @client_app.query()
@@ -105,11 +144,12 @@ def client_train(message: Message, context: Context) -> Message:
         extra = {}
         if "evaluate" in message.content[SETUP_RECORD]:
             evaluation = from_json_record(message.content[SETUP_RECORD], "evaluate")
-            extra["evaluation"] = evaluate_weights(weights, evaluation["setup"], pack, split=evaluation["split"],
-                                                   env=env)
+            own = with_own_tensors(weights, evaluation["setup"], context, int(evaluation["setup"]["round"]))
+            extra["evaluation"] = evaluate_weights(own, evaluation["setup"], pack, split=evaluation["split"], env=env)
         kept = context.state.array_records.get(RESIDUAL_STATE)
-        result = train_round(weights, setup, pack, env=env,
-                             residual=record_to_weights(kept) if kept is not None and len(kept) else None)
+        result = train_round(with_own_tensors(weights, setup, context, int(setup["round"]) - 1), setup, pack,
+                             env=env, residual=record_to_weights(kept) if kept is not None and len(kept) else None)
+        keep_own_tensors(result, setup, context)
         district = pack_district(pack)
     except Exception as exc:
         return _error_reply(message, exc)
@@ -129,7 +169,8 @@ def client_evaluate(message: Message, context: Context) -> Message:
         weights = received(record_to_weights(message.content[WEIGHTS_RECORD]))
         setup = from_json_record(message.content[SETUP_RECORD], "setup")
         split = from_json_record(message.content[SETUP_RECORD], "split")
-        metrics = evaluate_weights(weights, setup, node_pack(context), split=split, env=node_environment(context))
+        metrics = evaluate_weights(with_own_tensors(weights, setup, context, int(setup["round"])), setup,
+                                   node_pack(context), split=split, env=node_environment(context))
     except Exception as exc:
         return _error_reply(message, exc)
     return Message(RecordDict({RESULT_RECORD: json_record(metrics=metrics)}), reply_to=message)
@@ -160,6 +201,10 @@ def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], No
         clients = FlowerClients(grid, roster, timeout=fed.deadline, eval_timeout=settings.eval_deadline, echo=echo)
         clients.secagg_range = fed.secagg_range
         clients.broadcast = fed.broadcast
+        clients.norm_policy = fed.norm_policy
+        if settings.resume and fed.norm_policy != "shared":
+            echo(f"note: --norm-policy {fed.norm_policy} over Flower: each district's BatchNorm lived in its node's "
+                 "state for the previous run and starts afresh now (the shared weights resume exactly)")
         districts = clients.connect(max(settings.expected_nodes, fed.min_clients), settings.connect_timeout)
         # Under secure aggregation no training may travel ahead of its round: a prefetched reply is a plain update.
         clients.plan = None if fed.secure_aggregation else round_plan(districts, settings.train_config, fed)

@@ -51,9 +51,6 @@ def run_config_for(train_config, fed_config, *, run_dir: Path, resume: bool = Fa
     federation = fed_config.to_dict()
     if federation.get("client_state", "reset") != "reset":
         raise ConfigError("over Flower each round starts the clients' optimisers afresh (--client-state reset)")
-    if federation.get("norm_policy", "shared") != "shared":
-        raise ConfigError(f"--norm-policy {federation['norm_policy']} runs in-process (nfed federate, demo) only: "
-                          "over Flower every tensor is still sent (--norm-policy shared)")
     if federation.get("simulate_attack") is not None:
         raise ConfigError("--simulate-attack is a testing switch of nfed federate, not of a Flower deployment")
     if districts and fed_config.min_clients > len(districts):

@@ -5,6 +5,9 @@ Flower's cost is per message (the SuperNode polls every 3 s and starts a ClientA
 round's validation travels with the next round's training: one message per node and round instead of two.
 A node that did not answer a round's training is not asked to evaluate it, and evaluation has its own
 (shorter) deadline; a node the SuperLink reports unavailable is recorded as such, with the time it took.
+
+Under --norm-policy fedbn / silobn only the shared tensors travel, both ways: each node keeps its district's own
+BatchNorm in its Flower context state (nfed.federation.flower), so the server neither sends nor holds it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from nfed.common.errors import DataError, one_line
+from nfed.federation import norm_policy
 from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, make_round_setup
 from nfed.federation.compression import broadcast
 from nfed.federation.flower_exchange import POLL_SECONDS, TTL_SLACK_SECONDS, Reply, describe_nodes, exchange
@@ -74,6 +78,7 @@ class FlowerClients:
         self._evaluated: tuple | None = None
         self.secagg_range = 8.0   # secure aggregation: coordinates clipped to +-this before quantisation
         self.broadcast = "fp32"   # how the global model travels to the nodes (--broadcast)
+        self.norm_policy = "shared"   # fedbn / silobn: the nodes keep their own BatchNorm, only the rest travels
         self.bytes_down = None    # bytes of the last weights record sent
         self._prefetched: tuple | None = None           # (weights, district -> Prefetched)
         self.first_seen: dict[int, int] = {}            # node id -> the poll that first listed it
@@ -155,9 +160,15 @@ class FlowerClients:
 
     encodes_broadcast = True   # the Federation hands over its float32 model; `broadcast` is applied here
 
+    @property
+    def keeps_local_state(self) -> bool:
+        """True when each node keeps its district's own tensors (fedbn / silobn): the Federation holds none."""
+        return self.norm_policy != "shared"
+
     def _weights_record(self, weights) -> ArrayRecord:
-        """The global model as it travels (float16 under --broadcast fp16, training and evaluation alike); a
-        reply may be as large as the float32 model."""
+        """The global model's shared tensors as they travel (float16 under --broadcast fp16, training and
+        evaluation alike); a reply may be as large as their float32 values."""
+        weights = norm_policy.split(weights, self.norm_policy)[0]
         record = weights_to_record(broadcast(weights, self.broadcast))
         self.bytes_down = record_bytes(record)
         self._max_bytes = sum(int(v.size) * max(int(v.dtype.itemsize), 4) for v in weights.values()) \
@@ -230,7 +241,8 @@ class FlowerClients:
                   + (f", deadline {timeout:g} s per stage" if timeout else ""))
         aggregate = SecureAggregate(None, problem="no SuperNode to aggregate")
         if running:
-            secured, aggregate = secure_round(self.grid, nodes, global_weights, running, timeout=timeout,
+            shared = norm_policy.split(global_weights, self.norm_policy)[0]   # the nodes keep the rest
+            secured, aggregate = secure_round(self.grid, nodes, shared, running, timeout=timeout,
                                               bound=dp_clip or self.secagg_range, expected_weight=expected,
                                               echo=self.echo)
             outcomes.update({outcome.district: outcome for outcome in secured})
@@ -280,7 +292,9 @@ class FlowerClients:
                             bytes_up=record_bytes(record))
 
     # -- evaluation function of nfed.federation.server
-    def evaluate(self, weights, setup, pack_label, *, split: str = "val", env=None) -> dict:
+    def evaluate(self, weights, setup, pack_label, *, split: str = "val", env=None, local_state=None) -> dict:
+        """A district's scores of `weights` (its node puts its own BatchNorm in place: `local_state` is the
+        in-process runners', never sent)."""
         district = self._district_of(pack_label)
         if self._evaluated is None or self._evaluated[0] is not weights or self._evaluated[1] != split:
             self._evaluated = (weights, split, *self._evaluate_all(weights, setup, split))
@@ -305,6 +319,8 @@ class FlowerClients:
         district -> (node, reply), district -> why it was not asked, district -> the time it was given."""
         self.refresh()
         round_number = int(setup.get("round", 0))
+        if self.keeps_local_state:   # the node merges its own BatchNorm under the run's policy
+            setup = {**setup, norm_policy.NORM_POLICY_KEY: self.norm_policy}
         planned = (self.plan(round_number + 1) or {}) if self.plan is not None and split == "val" else {}
         record = self._weights_record(weights)
         messages, nodes, skipped, timeouts, prefetched = {}, {}, {}, {}, {}
@@ -345,6 +361,6 @@ def round_plan(districts: Sequence[str], train_config, fed_config) -> Callable[[
         if round_number > fed_config.rounds:
             return {}
         setup = make_round_setup(train_config, round_number, fed_config.local_epochs, prox_mu=fed_config.prox_mu,
-                                 compress=fed_config.compress)
+                                 norm_policy=fed_config.norm_policy, compress=fed_config.compress)
         return {d: setup for d in select_clients(districts, fed_config.fraction, fed_config.seed, round_number)}
     return plan

@@ -15,6 +15,9 @@ the aggregate Flower reconstructs: the weighted mean delta sum_i n_i d_i / sum_i
 error (2 range / 2^22 per coordinate and client). `AuditingGrid` counts what the replies carry into the round
 record (`aggregation.individual_array_bytes` is 0 when no reply held an update in clear).
 
+Under --norm-policy fedbn / silobn the vector holds the shared tensors alone: each node trains from them with its own
+BatchNorm kept in its context state (nfed.federation.flower), so the sum never includes a district's BatchNorm.
+
 Trade-offs: the server cannot clip, cap or robustly combine what it cannot see, so secure aggregation runs
 with --aggregator fedavg, the clients clip (--dp-clip) and weigh themselves; a claimed sample count other
 than the node's description discards the round's aggregate. Flower's masks come from NumPy's Mersenne Twister
@@ -101,7 +104,11 @@ def secure_train(message: Message, context: Context, pack_of: Callable, env_of: 
         bound = float(fitins.config[RANGE_KEY])
         global_vector = bytes_to_ndarray(fitins.parameters.tensors[0])
         global_weights = unflatten(global_vector, manifest, {name: np.float32 for name, _ in manifest})
-        result = train_round(global_weights, setup, pack_of(ctx), env=env_of(ctx))
+        from nfed.federation.flower import keep_own_tensors, with_own_tensors
+
+        result = train_round(with_own_tensors(global_weights, setup, ctx, int(setup["round"]) - 1), setup,
+                             pack_of(ctx), env=env_of(ctx))
+        keep_own_tensors(result, setup, ctx)
         delta = flatten(result.weights, manifest) - global_vector.astype(np.float64)
         metrics = dict(result.metrics, secagg_clipped=int(np.count_nonzero(np.abs(delta) > bound)))
         weight = 1 if setup.get(DP_CLIP_KEY) else int(result.num_samples)   # DP-FedAvg: every client weighs 1
