@@ -42,7 +42,7 @@ from nfed.training.trainer import profile_config
 
 PATIENCES = (3, 5, 10)
 RECORD_PATIENCE = max(PATIENCES)
-TODAY = ("loss", 1, 3)            # rule, window, patience of the code before issue 30
+TODAY = "stop loss p3 | keep loss/1 warm-up 0"   # the rule before issue 30
 LEVIR_DISTRICTS = 3
 
 
@@ -140,7 +140,7 @@ def stop_round(records: list[dict], patience: int, rule: str | None = None, wind
     from nfed.federation.stop_rules import StopRules
 
     stop = StopRules(max_rounds=BUDGET, patience_rounds=patience, warmup_rounds=WARMUP)
-    selection = Selection(rule, window) if rule else None
+    selection = Selection(rule, window, WARMUP) if rule else None
     for record in records:
         number = record["round"]
         if selection is None:
@@ -186,13 +186,14 @@ def analyse_run(run_dir: Path, packs: dict[str, Path]) -> dict:
             censored = end is None   # the recorded run (or the recording so far) ended first
             end = end or records[-1]["round"]
             for rule, w in RULES:
-                if stop_by != "loss" and stop_by != f"{rule}/{w}":
-                    continue   # a selection-rule stop goes with its own rule
-                kept = kept_round(rule, w, records[:end])
-                cells[f"stop {stop_by} p{patience} | keep {rule}/{w}"] = {
-                    "stop_round": end, "censored": censored, "kept_round": kept,
-                    "val_f1": records[kept - 1].get("mean_val_f1"),
-                    "test_f1": mean_test_f1(run_dir, packs, kept, cache)}
+                for warmup in (0, WARMUP):
+                    if stop_by != "loss" and (stop_by != f"{rule}/{w}" or not warmup):
+                        continue   # a selection-rule stop goes with its own rule (after the warm-up)
+                    kept = kept_round(rule, w, records[:end], warmup) or end   # none kept: the last round
+                    cells[f"stop {stop_by} p{patience} | keep {rule}/{w} warm-up {warmup}"] = {
+                        "stop_round": end, "censored": censored, "kept_round": kept,
+                        "val_f1": records[kept - 1].get("mean_val_f1"),
+                        "test_f1": mean_test_f1(run_dir, packs, kept, cache)}
     return {"rounds": len(records), "finished": finished, "cells": cells,
             "curve": [[r["round"], r.get("mean_val_loss"), r.get("mean_val_f1")] for r in records]}
 
@@ -207,7 +208,7 @@ def analyse(out: Path) -> None:
             continue
         packs = find_packs(out / f"{data}-data" / "packs")
         found[data] = {path.parent.parent.name: analyse_run(path.parent.parent, packs) for path in runs}
-    today = f"stop loss p{TODAY[2]} | keep {TODAY[0]}/{TODAY[1]}"
+    today = TODAY
     lines = ["| data | stop rule, patience | kept by | stop rounds | kept rounds | test F1 per seed | mean | "
              "paired diff vs today, mean [95 % t] |", "|---|---|---|---|---|---|---:|---|"]
     summary = {}

@@ -45,10 +45,25 @@ def test_moving_average_ignores_one_lucky_round():
     assert kept_round("f1-ma", 1, NOISY) == kept_round("f1", 1, NOISY)
 
 
+# Real tiles with much change (LEVIR-CD, seed 1 of the bench): round 1's model marks everything as change and
+# scores F1 0.33, then the F1 dips to the plateau and climbs back to 0.32 only by round 12.
+ALL_CHANGE_FIRST = curve([0.69, 0.62, 0.58, 0.57, 0.56, 0.55, 0.55, 0.54, 0.53, 0.52, 0.51, 0.50, 0.50, 0.49],
+                         [0.33, 0.21, 0.18, 0.20, 0.22, 0.24, 0.25, 0.27, 0.28, 0.29, 0.30, 0.32, 0.31, 0.31])
+
+
+def test_warm_up_and_full_windows_keep_the_all_change_round_from_winning():
+    assert kept_round("f1", 1, ALL_CHANGE_FIRST) == 1
+    assert kept_round("f1", 1, ALL_CHANGE_FIRST, warmup=10) == 12
+    # a window of 3 is first full at round 3 ((0.33 + 0.21 + 0.18) / 3 = 0.24): the climb wins, not round 1
+    assert kept_round("f1-ma", 3, ALL_CHANGE_FIRST) == 14
+    assert kept_round("f1-ma", 3, ALL_CHANGE_FIRST[:2]) == 0   # no full window yet: nothing kept
+    assert kept_round("loss", 1, ALL_CHANGE_FIRST, warmup=20) == 0
+
+
 def test_online_updates_say_when_a_round_becomes_the_kept_one():
     selection = Selection("f1-ma", 3)
     became = [r["round"] for r in NOISY if selection.update(r)]
-    assert became == [1, 2, 4, 5, 9]
+    assert became == [3, 4, 5, 9]   # full windows only
     assert selection.best_round == 9
     assert selection.best_value == pytest.approx((0.40 + 0.48 + 0.50) / 3)
 
@@ -59,7 +74,7 @@ def test_rounds_without_a_finite_metric_are_skipped_and_ties_keep_the_earlier_ro
                {"round": 5}, {"round": 6, "mean_val_f1": True},
                {"round": 7, "mean_val_f1": 0.9, "global_val": {}}]   # not the global model's own score
     assert kept_round("f1", 1, records) == 1
-    assert kept_round("f1-ma", 2, records) == 1
+    assert kept_round("f1-ma", 2, records) == 4   # rounds 1 and 4 make the first full window
     assert kept_round("loss", 1, records) == 0
 
 
@@ -107,8 +122,8 @@ def global_mean(round_number: int) -> float:
     return 3.1 * (1 - 0.5 ** round_number)
 
 
-def federation(tmp_path, records, rule, window=3, rounds=10, name="run", resume=False):
-    config = FederationConfig(rounds=rounds, select_by=rule, select_window=window)
+def federation(tmp_path, records, rule, window=3, rounds=10, name="run", resume=False, warmup=0):
+    config = FederationConfig(rounds=rounds, select_by=rule, select_window=window, warmup_rounds=warmup, eps=0.0)
     return federate(PACKS, tmp_path / name, FakeTrainConfig(), config, resume=resume, train_fn=fake_train,
                     evaluate_fn=scripted(records), initial_weights=INITIAL)
 
@@ -128,6 +143,15 @@ def test_server_keeps_and_scores_the_round_of_its_rule(tmp_path, rule, kept):
     assert summary["best_mean_val_loss"] == pytest.approx(PLATEAU[kept - 1]["mean_val_loss"])
     assert (summary["top_mean_val_f1"], summary["top_mean_val_f1_round"]) == (pytest.approx(0.43), 10)
     assert [r["best_round"] for r in result.rounds][-1] == kept
+
+
+def test_no_round_of_the_warm_up_is_kept(tmp_path):
+    assert federation(tmp_path, ALL_CHANGE_FIRST, "f1", rounds=14, warmup=10).best_round == 12
+    short = federation(tmp_path, ALL_CHANGE_FIRST, "f1", rounds=5, warmup=10, name="short")   # nothing kept
+    assert short.best_round == 5 and not (tmp_path / "short" / "best.h5").exists()
+    assert json.loads((tmp_path / "short" / "summary.json").read_text())["best_mean_val_f1"] is None
+    resumed = federation(tmp_path, ALL_CHANGE_FIRST, "f1", rounds=14, warmup=10, name="short", resume=True)
+    assert resumed.best_round == 12
 
 
 def test_resume_continues_the_rule_from_rounds_jsonl_and_refuses_another_rule(tmp_path):

@@ -3,10 +3,14 @@
 Rules, on the mean over districts of the global model's validation metrics of each evaluated round:
 - `loss`: the lowest mean validation loss (the rule before issue 30);
 - `f1`: the highest mean validation F1;
-- `loss-ma` / `f1-ma`: the same on a trailing moving average over the last `window` evaluated rounds (fewer at
-  the start of the run). The round kept is the LAST round of the best window, i.e. the round just finished when
-  the window becomes the best: its weights are in hand then, so best.h5 is written at that moment like the plain
+- `loss-ma` / `f1-ma`: the same on a trailing moving average over the last `window` evaluated rounds (full
+  windows only: the first window-1 rounds are never kept, or the first round, alone in its window, could win on
+  its own luck). The round kept is the LAST round of the best window, i.e. the round just finished when the
+  window becomes the best: its weights are in hand then, so best.h5 is written at that moment like the plain
   rules (no past round's weights need keeping), and a resume replays the rule from rounds.jsonl alone.
+No round of the first `warmup` rounds is kept (their values still fill a moving average's window): a model that
+marks every pixel as change scores a fair F1 in round 1 on tiles with much change (LEVIR-CD: 0.33), the F1 twin
+of the loss's all-background plateau. When no round can be kept, the federation scores its last round.
 On small validation splits the loss is flat while F1 climbs (the all-background plateau) and both are noisy:
 F1 follows what the table reports, and the moving average keeps one lucky round from deciding.
 A round without a finite value of the rule's metric, or whose global model was not evaluated (an empty
@@ -51,6 +55,7 @@ class Selection:
 
     rule: str = "loss"
     window: int = 3
+    warmup: int = 0
     best_round: int = 0
     best_value: float = math.nan   # the rule's value (the metric or its moving average) at the kept round
     _recent: deque = field(default_factory=deque, repr=False)
@@ -70,6 +75,8 @@ class Selection:
         if not finite(value) or record.get("global_val") == {}:   # {}: the means are the clients' own, not the global's
             return False
         self._recent.append(float(value))
+        if len(self._recent) < self._recent.maxlen or int(record["round"]) <= self.warmup:
+            return False
         score = sum(self._recent) / len(self._recent)
         lower = self.metric == "mean_val_loss"
         if self.best_round and not (score < self.best_value if lower else score > self.best_value):
@@ -78,9 +85,9 @@ class Selection:
         return True
 
     @classmethod
-    def replay(cls, rule: str, window: int, records: Iterable[Mapping]) -> "Selection":
+    def replay(cls, rule: str, window: int, records: Iterable[Mapping], warmup: int = 0) -> "Selection":
         """The state after `records` (rounds.jsonl in order): what a resumed run continues from."""
-        selection = cls(rule, window)
+        selection = cls(rule, window, warmup)
         for record in records:
             selection.update(record)
         return selection
@@ -92,10 +99,10 @@ def finite(value) -> bool:
 
 
 def selection_of(config) -> Selection:
-    """A fresh Selection under a FederationConfig's `select_by` / `select_window`."""
-    return Selection(config.select_by, config.select_window)
+    """A fresh Selection under a FederationConfig's `select_by` / `select_window`, after its warm-up rounds."""
+    return Selection(config.select_by, config.select_window, config.warmup_rounds)
 
 
-def kept_round(rule: str, window: int, records: Iterable[Mapping]) -> int:
-    """The round `rule` keeps among `records` (0 when none has the rule's metric)."""
-    return Selection.replay(rule, window, records).best_round
+def kept_round(rule: str, window: int, records: Iterable[Mapping], warmup: int = 0) -> int:
+    """The round `rule` keeps among `records` (0 when none can be kept)."""
+    return Selection.replay(rule, window, records, warmup).best_round

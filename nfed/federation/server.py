@@ -255,10 +255,9 @@ class Federation:
         """Run the round's clients: their outcomes and the aggregator holding their accepted updates (under
         secure aggregation the runner returns the secure sum instead of individual updates). The aggregator sees
         the shared part of the updates; a district's local part (its BatchNorm under fedbn / silobn) is checked
-        here and stays out of it, and must not come at all from a transport whose nodes keep it (Flower)."""
+        here and stays out of it."""
         cfg = self.config
         shared, local_reference = norm_policy.split(weights, cfg.norm_policy)
-        at_nodes = getattr(runner, "keeps_local_state", False)
         if cfg.secure_aggregation:
             if not hasattr(runner, "run_secure"):
                 raise ConfigError("secure aggregation runs over Flower (nfed flower-app --secure-aggregation)")
@@ -278,8 +277,7 @@ class Federation:
             update, local = outcome.result.weights, {}
             if local_reference and isinstance(update, Mapping):
                 update, local = norm_policy.split(update, cfg.norm_policy)
-                problem = (update_problem(local, local_reference) if not at_nodes else
-                           f"it sent {len(local)} tensor(s) that stay with the district" if local else None)
+                problem = update_problem(local, local_reference)
                 if problem is not None:
                     log.warning("rejected update from %s: %s", outcome.district, problem)
                     outcome.status, outcome.reason = "rejected", problem
@@ -424,7 +422,7 @@ class Federation:
     def _replay_selection(self, records: list[dict], saved: Mapping, path: Path) -> None:
         """The kept round so far, replayed from rounds.jsonl; it must be the round the checkpoint says best.h5
         holds (a run started under another rule cannot continue under this one)."""
-        self.selection = Selection.replay(self.selection.rule, self.selection.window, records)
+        self.selection = Selection.replay(self.selection.rule, self.selection.window, records, self.selection.warmup)
         kept = int(saved.get("best_round") or 0)
         if kept != self.selection.best_round:
             was = saved.get("selection_rule", "loss")
@@ -457,10 +455,8 @@ class Federation:
         for outcome in outcomes:
             entry = client_entry(outcome, capped, cfg.simulate_attack if outcome.district in self.attackers else None)
             result = outcome.result
-            # a district keeps the local tensors of its accepted update (they never reach the average); over Flower
-            # its node keeps them
-            own = cfg.norm_policy != "shared" and entry["status"] == "ok" and not getattr(runner, "keeps_local_state",
-                                                                                           False)
+            # a district keeps the local tensors of its accepted update (they never reach the average)
+            own = cfg.norm_policy != "shared" and entry["status"] == "ok"
             if own:
                 self._local[outcome.district] = norm_policy.split(result.weights, cfg.norm_policy)[1]
             # a client keeps its own optimiser state whether or not it made the deadline (not when it broke)
