@@ -34,6 +34,7 @@ from nfed.demo import DemoSettings, _Stages, make_data, run_columns
 from nfed.report.build import make_study_report
 from nfed.report.stats import mean_interval
 from nfed.runs.packs import find_packs
+from nfed.runs.results import study_table
 from nfed.runs.runfolder import ROUNDS_NAME, SUMMARY_NAME, read_rounds
 
 COLUMNS = ("local", "federated", "personalised", "centralised")   # the report's names
@@ -67,6 +68,8 @@ def run_cell(out: Path, packs: dict, settings: DemoSettings, seed: int, policy: 
             shutil.rmtree(run_dir / column, ignore_errors=True)
             shutil.copytree(base / column, run_dir / column)
         columns = ("federated",) if hold_out else ("federated", "personalised")
+    else:   # the seed's base cell: a local or centralised column finished by an interrupted call is kept
+        columns = tuple(c for c in columns if c not in REUSED or not study_table(run_dir, c).is_file())
     started = time.perf_counter()
     cell = replace(settings, norm_policy=policy, prox_mu=mu, seeds=(seed,), hold_out=tuple(hold_out))
     run_columns(run_dir, packs, cell, seed, _Stages(echo), echo, columns=columns)
