@@ -3,8 +3,9 @@
 Columns, each trained to convergence by its own stop rule (the protocol of ARCHITECTURE.md):
 - local: every district alone, early stopping (patience 3) under an epoch cap that is at least the number
   of epochs a client can train in the whole federation, so the cap is never what ends a fair run;
-- federated: FedAvg rounds of one local epoch until the validation-loss rule (patience 3 rounds) or the
-  norm-difference rule fires; the best round's global model is scored;
+- federated: the protocol `nfed federate` runs by default (FederationConfig's defaults, not a copy): FedAvg rounds
+  of 3 local epochs until the validation-loss rule or the norm-difference rule fires after the warm-up; the round
+  the selection rule keeps (`select_by`) is scored;
 - personalised: the federated model fine-tuned on each district's own data, early stopping;
 - centralised: one model on the pooled training data of all districts, early stopping.
 The synthetic data holds a fixed number of validation and test tiles per district (whatever the scale), so
@@ -55,6 +56,15 @@ def claim_demo_folder(out_dir: Path) -> None:
                       + ", ".join(DATA_FOLDERS + STAGE_FOLDERS) + " and seed-*/\n")
 
 
+def _federation_default(name: str):
+    """The default of a FederationConfig field: the demo runs the protocol nfed federate runs by default."""
+    from dataclasses import fields
+
+    from nfed.federation.config import FederationConfig
+
+    return next(f.default for f in fields(FederationConfig) if f.name == name)
+
+
 @dataclass
 class DemoSettings:
     """What `nfed demo` runs. Sized so that one seed with all four columns fits in 15 minutes on a 2-core CPU
@@ -67,11 +77,14 @@ class DemoSettings:
     districts: str = "all"
     data_seed: int = 0             # synthetic data and split
     seeds: tuple[int, ...] = (0,)  # model initialisation and shuffling
-    max_rounds: int = 100          # safety budget of the federation (a stop rule should fire first)
-    local_epochs: int = 3          # a client's epochs per round (the study sends epochs with the set-up)
-    patience_rounds: int = 3       # the validation-loss rule of the federation
-    warmup_rounds: int = 10        # no stop rule fires or counts before this round (the early loss plateau)
-    eps: float = 0.0               # the norm-difference rule (0: off)
+    # the federation's protocol: nfed federate's defaults (one declaration, nfed.federation.config)
+    max_rounds: int = _federation_default("rounds")                # safety budget (a stop rule should fire first)
+    local_epochs: int = _federation_default("local_epochs")        # a client's epochs per round
+    patience_rounds: int = _federation_default("patience_rounds")  # the validation-loss rule
+    warmup_rounds: int = _federation_default("warmup_rounds")      # no rule fires, counts or keeps a round before
+    eps: float = _federation_default("eps")                        # the norm-difference rule
+    select_by: str = _federation_default("select_by")              # which round's global model is kept and scored
+    select_window: int = _federation_default("select_window")
     server_opt: str = "fedavg"
     prox_mu: float = 0.0           # FedProx weight of the federated clients (0: plain FedAvg)
     norm_policy: str = "shared"    # shared | fedbn | silobn: the BatchNorm tensors each district keeps to itself
@@ -117,6 +130,7 @@ class DemoSettings:
                 "test_tiles": self.test_tiles, "districts": self.districts, "data_seed": self.data_seed,
                 "seeds": list(self.seeds), "max_rounds": self.max_rounds, "local_epochs": self.local_epochs,
                 "patience_rounds": self.patience_rounds, "warmup_rounds": self.warmup_rounds, "eps": self.eps,
+                "select_by": self.select_by, "select_window": self.select_window,
                 "server_opt": self.server_opt, "prox_mu": self.prox_mu, "norm_policy": self.norm_policy,
                 "compress": self.compress, "broadcast": self.broadcast, "hold_out": list(self.hold_out),
                 "epoch_cap": self.epoch_cap, "patience": self.patience, "lr": self.lr, "device": self.device,
@@ -234,15 +248,18 @@ def _federated_column(run_dir: Path, packs: dict[str, Path], settings: DemoSetti
     """RUN/federated: the federation under the demo's protocol (its FederationResult)."""
     from nfed.federation.config import FederationConfig
     from nfed.federation.district_jobs import PoolRunner
+    from nfed.federation.selection import describe
     from nfed.federation.server import federate
 
     fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
                            patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed,
-                           warmup_rounds=settings.warmup_rounds, prox_mu=settings.prox_mu,
+                           warmup_rounds=settings.warmup_rounds, select_by=settings.select_by,
+                           select_window=settings.select_window, prox_mu=settings.prox_mu,
                            norm_policy=settings.norm_policy, compress=settings.compress,
                            broadcast=settings.broadcast, hold_out=settings.hold_out)
     echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
-         f"until the validation loss stalls for {fed.patience_rounds} rounds (budget {fed.rounds})")
+         f"until the validation loss stalls for {fed.patience_rounds} rounds after {fed.warmup_rounds} (budget "
+         f"{fed.rounds}); kept: the round of the {describe(fed.select_by, fed.select_window)}")
     with nullcontext() if pool is None else PoolRunner(pool, run_dir / "federated" / "work", packs) as runner:
         pooled = {} if runner is None else {"runner": runner, "evaluate_fn": runner.evaluate}
         result = federate(packs, run_dir / "federated", config, fed, echo=echo,

@@ -55,11 +55,13 @@ def fake_evaluate(weights, setup, pack_path, *, split="val", env=None):
 
 
 PACKS = {name: Path(f"/nonexistent/{name}.h5") for name in TARGETS}
+# the protocol these tests were written for (the defaults before issue 30): no warm-up, no loss rule, loss kept
+OLD_PROTOCOL = {"warmup_rounds": 0, "patience_rounds": 0, "select_by": "loss", "local_epochs": 1}
 INITIAL = {"w": np.zeros(3, np.float32), "bn.running_var": np.ones(2, np.float32)}
 
 
 def _run(tmp_path, name="run", train=fake_train, resume=False, **options):
-    config = FederationConfig(**{"rounds": 2, **options})
+    config = FederationConfig(**{"rounds": 2, **OLD_PROTOCOL, **options})
     return federate(PACKS, tmp_path / name, FakeTrainConfig(), config, resume=resume, train_fn=train,
                     evaluate_fn=fake_evaluate, initial_weights=INITIAL)
 
@@ -236,7 +238,7 @@ def _tiny_config():
 
 def test_tiny_federation_end_to_end_and_resume_is_exact(tiny_packs, tmp_path):
     lines = []
-    config = FederationConfig(rounds=2, server_opt="fedavgm", client_state="keep")
+    config = FederationConfig(rounds=2, server_opt="fedavgm", client_state="keep", local_epochs=1)
     full = federate(tiny_packs, tmp_path / "full", _tiny_config(), config, echo=lines.append)
     assert [r["answered"] for r in full.rounds] == [list(tiny_packs)] * 2
     assert all(r["norm_difference"] > 0 for r in full.rounds)
@@ -255,7 +257,8 @@ def test_tiny_federation_end_to_end_and_resume_is_exact(tiny_packs, tmp_path):
 
     # killed after round 1, resumed: the same weights bit for bit
     federate(tiny_packs, tmp_path / "split", _tiny_config(), FederationConfig(
-        rounds=1, server_opt="fedavgm", client_state="keep", evaluate_rounds=False), evaluate_test=False)
+        rounds=1, server_opt="fedavgm", client_state="keep", evaluate_rounds=False, local_epochs=1),
+        evaluate_test=False)
     resumed = federate(tiny_packs, tmp_path / "split", _tiny_config(), config, resume=True)
     assert full.global_weights.keys() == resumed.global_weights.keys()
     for name, value in full.global_weights.items():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_federation import PACKS, SAMPLES, TARGETS, FakeTrainConfig
+from test_federation import OLD_PROTOCOL, PACKS, SAMPLES, TARGETS, FakeTrainConfig
 
 from nfed.common.errors import ConfigError
 from nfed.federation.client import ClientResult
@@ -45,7 +45,7 @@ class Clients:
 
 
 def _run(tmp_path, clients, name="run", resume=False, **options):
-    config = FederationConfig(**{"rounds": 1, **options})
+    config = FederationConfig(**{"rounds": 1, **OLD_PROTOCOL, **options})
     return federate(PACKS, tmp_path / name, FakeTrainConfig(), config, resume=resume, train_fn=clients.train,
                     evaluate_fn=clients.evaluate, initial_weights=INITIAL)
 

@@ -123,7 +123,8 @@ def global_mean(round_number: int) -> float:
 
 
 def federation(tmp_path, records, rule, window=3, rounds=10, name="run", resume=False, warmup=0):
-    config = FederationConfig(rounds=rounds, select_by=rule, select_window=window, warmup_rounds=warmup, eps=0.0)
+    config = FederationConfig(rounds=rounds, select_by=rule, select_window=window, warmup_rounds=warmup, eps=0.0,
+                              patience_rounds=0)
     return federate(PACKS, tmp_path / name, FakeTrainConfig(), config, resume=resume, train_fn=fake_train,
                     evaluate_fn=scripted(records), initial_weights=INITIAL)
 
@@ -148,7 +149,7 @@ def test_server_keeps_and_scores_the_round_of_its_rule(tmp_path, rule, kept):
 def test_no_round_of_the_warm_up_is_kept(tmp_path):
     assert federation(tmp_path, ALL_CHANGE_FIRST, "f1", rounds=14, warmup=10).best_round == 12
     short = federation(tmp_path, ALL_CHANGE_FIRST, "f1", rounds=5, warmup=10, name="short")   # nothing kept
-    assert short.best_round == 5 and not (tmp_path / "short" / "best.h5").exists()
+    assert short.best_round == 5 and load_checkpoint(tmp_path / "short" / "best.h5").round == 5   # the last round
     assert json.loads((tmp_path / "short" / "summary.json").read_text())["best_mean_val_f1"] is None
     resumed = federation(tmp_path, ALL_CHANGE_FIRST, "f1", rounds=14, warmup=10, name="short", resume=True)
     assert resumed.best_round == 12
@@ -181,7 +182,7 @@ def test_federate_select_by_on_the_command_line(tiny_packs, tmp_path):
     data_dir = next(iter(tiny_packs.values())).parent
     result = CliRunner().invoke(cli, ["federate", "--data", str(data_dir), "--out", str(tmp_path / "run"),
                                       "--rounds", "2", "--width", "2", "--batch-size", "4", "--quiet",
-                                      "--select-by", "f1-ma", "--select-window", "2"])
+                                      "--select-by", "f1-ma", "--select-window", "2", "--warmup-rounds", "0"])
     assert result.exit_code == 0, result.output
     assert "(highest mean validation F1, moving average over 2 rounds)" in result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -230,3 +231,17 @@ def test_report_of_a_summary_without_the_rule_says_not_recorded(tmp_path):
     assert "kept round 12: not recorded" in text and "\x1b" not in text
     assert warnings == ["the federation kept round 12 (rule not recorded), whose mean validation F1 0.100 is 0.400 "
                         "below round 34's 0.500"]
+
+
+def test_the_demo_runs_the_protocol_federate_runs_by_default():
+    """One declaration (FederationConfig): nfed federate, flower-app and demo share the budget, warm-up, loss rule
+    and selection rule, so the README's workflow converges as the demo does."""
+    from nfed.demo import DemoSettings
+
+    demo, federate_defaults = DemoSettings(), FederationConfig()
+    assert (demo.max_rounds, demo.local_epochs, demo.patience_rounds, demo.warmup_rounds, demo.eps, demo.select_by,
+            demo.select_window) == (federate_defaults.rounds, federate_defaults.local_epochs,
+                                    federate_defaults.patience_rounds, federate_defaults.warmup_rounds,
+                                    federate_defaults.eps, federate_defaults.select_by, federate_defaults.select_window)
+    assert federate_defaults.warmup_rounds > 0 and federate_defaults.patience_rounds > 0
+    assert {"select_by", "select_window"} <= set(demo.to_dict())

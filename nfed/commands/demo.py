@@ -38,6 +38,10 @@ DEFAULTS = DemoSettings()
                    f"(default {DEFAULTS.patience_rounds})")
 @field_option(FederationConfig, "warmup_rounds", override=True,
               help=f"no stop rule fires in these first rounds (default {DEFAULTS.warmup_rounds})")
+@field_option(FederationConfig, "select_by", override=True,
+              help=f"which round's global model is kept and scored (default {DEFAULTS.select_by})")
+@field_option(FederationConfig, "select_window", override=True,
+              help=f"rounds in the moving average of --select-by loss-ma / f1-ma (default {DEFAULTS.select_window})")
 @field_option(FederationConfig, "local_epochs", override=True,
               help=f"epochs per client per round (default {DEFAULTS.local_epochs})")
 @field_option(FederationConfig, "server_opt", override=True, help="server optimiser")

@@ -13,7 +13,7 @@ from nfed.common.errors import ConfigError
 from nfed.common.fields import check_declared, declared, option
 from nfed.common.names import check_name
 from nfed.common.validate import SECONDS_MAX, SEED, Limit, check_number
-from nfed.federation.selection import DEFAULT_RULE, DEFAULT_WINDOW, MAX_WINDOW, RULES
+from nfed.federation.selection import MAX_WINDOW, RULES
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +39,27 @@ class FederationConfig:
     Each field is declared once (nfed.common.fields.option): its command-line option, range and Flower run-config
     key are generated from it. A Flower key added after the first Flower version must be optional_in_flower."""
 
-    rounds: int = option(20, cli="--rounds", limit=Limit(1, 100000, integer=True), help="round budget",
-                         flower_key="rounds")
-    local_epochs: int = option(1, cli="--local-epochs", limit=Limit(1, 10000, integer=True),
+    rounds: int = option(100, cli="--rounds", limit=Limit(1, 100000, integer=True), flower_key="rounds",
+                         help="round budget (a safety net: the validation-loss rule should end the run first)")
+    local_epochs: int = option(3, cli="--local-epochs", limit=Limit(1, 10000, integer=True),
                                help="epochs per client per round", flower_key="local-epochs")
     eps: float = option(1e-3, cli="--eps", limit=Limit(0, 1), flower_key="eps",
                         help="stop when ||w_r+1 - w_r|| / ||w_r|| < eps (0 disables)")
-    patience_rounds: int = option(0, cli="--patience-rounds", limit=Limit(0, 100000, integer=True),
+    patience_rounds: int = option(10, cli="--patience-rounds", limit=Limit(0, 100000, integer=True),
                                   flower_key="patience-rounds",
                                   help="stop when the validation loss has not improved by --delta for this many "
                                        "rounds (0 disables)")
-    warmup_rounds: int = option(0, cli="--warmup-rounds", limit=Limit(0, 100000, integer=True),
+    warmup_rounds: int = option(10, cli="--warmup-rounds", limit=Limit(0, 100000, integer=True),
                                 flower_key="warmup-rounds", optional_in_flower=True,
                                 help="no stop rule fires (or counts a stale round) in these first rounds")
     delta: float = option(0.0, cli="--delta", limit=Limit(0, 1e9), flower_key="delta",
                           help="minimum validation-loss improvement")
-    select_by: str = option(DEFAULT_RULE, cli="--select-by", choices=RULES, flower_key="select-by",
+    select_by: str = option("f1", cli="--select-by", choices=RULES, flower_key="select-by",
                             optional_in_flower=True,
                             help="which round's global model is kept and scored (RUN/best.h5): lowest mean "
                                  "validation loss, highest mean validation F1, or either averaged over "
                                  "--select-window rounds (loss-ma, f1-ma)")
-    select_window: int = option(DEFAULT_WINDOW, cli="--select-window", limit=Limit(1, MAX_WINDOW, integer=True),
+    select_window: int = option(3, cli="--select-window", limit=Limit(1, MAX_WINDOW, integer=True),
                                 flower_key="select-window", optional_in_flower=True,
                                 help="rounds in the moving average of --select-by loss-ma / f1-ma")
     deadline: float | None = option(None, cli="--deadline", limit=Limit(0, SECONDS_MAX, low_open=True),

@@ -29,7 +29,6 @@ from nfed.common.errors import ConfigError
 RULES = ("loss", "f1", "loss-ma", "f1-ma")
 METRICS = {"loss": "mean_val_loss", "f1": "mean_val_f1"}
 MAX_WINDOW = 50
-DEFAULT_RULE, DEFAULT_WINDOW = "loss", 3
 
 
 def check_rule(rule: str, window: int) -> None:
@@ -51,10 +50,11 @@ def describe(rule: str, window: int) -> str:
 
 @dataclass
 class Selection:
-    """The kept round so far under `rule`; `update` says whether the round just seen became the kept one."""
+    """The kept round so far under `rule`; `update` says whether the round just seen became the kept one
+    (FederationConfig declares the defaults of rule, window and warm-up)."""
 
-    rule: str = "loss"
-    window: int = 3
+    rule: str
+    window: int
     warmup: int = 0
     best_round: int = 0
     best_value: float = math.nan   # the rule's value (the metric or its moving average) at the kept round

@@ -376,6 +376,8 @@ class Federation:
                 best_round = done
         rule = describe(self.selection.rule, self.selection.window)
         self.echo(f"best round: {best_round or done} ({rule})" if best_round else f"final model: round {done}")
+        if not best_round and done and cfg.evaluate_rounds:   # nothing kept (a run inside its warm-up): the last round
+            save_checkpoint(self.run_dir / BEST_NAME, weights, config=self._checkpoint_config(), round=done)
         result = FederationResult(weights, records, stop_reason, run_dir=self.run_dir, best_weights=best_weights,
                                   best_round=best_round or done, stop_rule=stop.fired)
         write_json_atomic(self.run_dir / SUMMARY_NAME, {
