@@ -51,7 +51,8 @@ class FederationConfig:
                                        "rounds (0 disables)")
     warmup_rounds: int = option(10, cli="--warmup-rounds", limit=Limit(0, 100000, integer=True),
                                 flower_key="warmup-rounds", optional_in_flower=True,
-                                help="no stop rule fires (or counts a stale round) in these first rounds")
+                                help="no stop rule fires (or counts a stale round) and no round is kept in these "
+                                     "first rounds")
     delta: float = option(0.0, cli="--delta", limit=Limit(0, 1e9), flower_key="delta",
                           help="minimum validation-loss improvement")
     select_by: str = option("f1", cli="--select-by", choices=RULES, flower_key="select-by",
