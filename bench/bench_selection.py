@@ -28,10 +28,11 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from nfed.common.atomic import write_json_atomic, write_text_atomic
-from nfed.demo import DemoSettings, make_data
+from nfed.demo import DemoSettings, federation_config, make_data
 from nfed.federation.config import FederationConfig
 from nfed.federation.selection import kept_round
 from nfed.federation.server import Federation
@@ -81,10 +82,8 @@ def levir_packs(out: Path, levir: Path) -> dict[str, Path]:
 
 
 def federation_settings(settings: DemoSettings, seed: int, patience: int) -> FederationConfig:
-    """nfed demo's federation (nfed.demo.run_columns) at another stop patience."""
-    return FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
-                            patience_rounds=patience, server_opt=settings.server_opt, seed=seed,
-                            warmup_rounds=settings.warmup_rounds, prox_mu=settings.prox_mu)
+    """nfed demo's federation (nfed.demo.federation_config) at another stop patience."""
+    return replace(federation_config(settings, seed), patience_rounds=patience)
 
 
 def record(out: Path, data: str, seeds: list[int], levir: Path | None) -> None:

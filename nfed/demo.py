@@ -243,20 +243,26 @@ def run_columns(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, s
         stages.done("central")
 
 
+def federation_config(settings: DemoSettings, seed: int):
+    """The FederationConfig of one seed's federated column (also what benchmarks of the demo's protocol run)."""
+    from nfed.federation.config import FederationConfig
+
+    return FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
+                            patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed,
+                            warmup_rounds=settings.warmup_rounds, select_by=settings.select_by,
+                            select_window=settings.select_window, prox_mu=settings.prox_mu,
+                            norm_policy=settings.norm_policy, compress=settings.compress,
+                            broadcast=settings.broadcast, hold_out=settings.hold_out)
+
+
 def _federated_column(run_dir: Path, packs: dict[str, Path], settings: DemoSettings, seed: int, config, env, pool,
                       echo: Callable[[str], None]):
     """RUN/federated: the federation under the demo's protocol (its FederationResult)."""
-    from nfed.federation.config import FederationConfig
     from nfed.federation.district_jobs import PoolRunner
     from nfed.federation.selection import describe
     from nfed.federation.server import federate
 
-    fed = FederationConfig(rounds=settings.max_rounds, local_epochs=settings.local_epochs, eps=settings.eps,
-                           patience_rounds=settings.patience_rounds, server_opt=settings.server_opt, seed=seed,
-                           warmup_rounds=settings.warmup_rounds, select_by=settings.select_by,
-                           select_window=settings.select_window, prox_mu=settings.prox_mu,
-                           norm_policy=settings.norm_policy, compress=settings.compress,
-                           broadcast=settings.broadcast, hold_out=settings.hold_out)
+    fed = federation_config(settings, seed)
     echo(f"[demo] seed {seed}: federated column, {fed.server_opt} rounds of {fed.local_epochs} local epoch(s) "
          f"until the validation loss stalls for {fed.patience_rounds} rounds after {fed.warmup_rounds} (budget "
          f"{fed.rounds}); kept: the round of the {describe(fed.select_by, fed.select_window)}")
