@@ -148,6 +148,8 @@ def test_server_keeps_and_scores_the_round_of_its_rule(tmp_path, rule, kept):
 
 def test_no_round_of_the_warm_up_is_kept(tmp_path):
     assert federation(tmp_path, ALL_CHANGE_FIRST, "f1", rounds=14, warmup=10).best_round == 12
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())   # round 1's 0.33 is no rival to round 12
+    assert (summary["top_mean_val_f1"], summary["top_mean_val_f1_round"]) == (pytest.approx(0.32), 12)
     short = federation(tmp_path, ALL_CHANGE_FIRST, "f1", rounds=5, warmup=10, name="short")   # nothing kept
     assert short.best_round == 5 and load_checkpoint(tmp_path / "short" / "best.h5").round == 5   # the last round
     assert json.loads((tmp_path / "short" / "summary.json").read_text())["best_mean_val_f1"] is None

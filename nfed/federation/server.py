@@ -39,7 +39,7 @@ from nfed.federation.robust import build_aggregator, cap_sample_counts, register
 from nfed.federation.round_record import (add_validation, client_entry, defence_summary, round_line, round_problems,
                                          round_record)
 from nfed.federation.runners import SequentialRunner, TrainFn, select_clients
-from nfed.federation.selection import Selection, describe, finite, selection_of
+from nfed.federation.selection import Selection, describe, selection_of
 from nfed.federation.server_optim import build_server_optimizer
 from nfed.federation.stop_rules import StopRules
 from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_checkpoint, save_checkpoint
@@ -434,15 +434,15 @@ class Federation:
 
     def _kept_summary(self, records: list[dict], best_round: int) -> dict:
         """summary.json's account of the kept round: its rule, its validation loss and F1, and the best
-        validation F1 of any round (what the report compares it with)."""
+        validation F1 of any round after the warm-up (what the report compares it with)."""
         selection = self.selection
         kept = next((r for r in records if r.get("round") == best_round), {}) if selection.best_round else {}
-        f1s = [(r["mean_val_f1"], r["round"]) for r in records if finite(r.get("mean_val_f1"))]
-        top = max(f1s, key=lambda pair: (pair[0], -pair[1])) if f1s else (None, None)
+        top = Selection.replay("f1", 1, records, selection.warmup)   # the best F1 of the rounds that could be kept
         return {"selection_rule": selection.rule, "selection_window": selection.window,
                 "selection": describe(selection.rule, selection.window),
                 "best_mean_val_loss": kept.get("mean_val_loss"), "best_mean_val_f1": kept.get("mean_val_f1"),
-                "top_mean_val_f1": top[0], "top_mean_val_f1_round": top[1]}
+                "top_mean_val_f1": top.best_value if top.best_round else None,
+                "top_mean_val_f1_round": top.best_round or None}
 
     def _round(self, runner, server, weights, round_number: int):
         cfg = self.config
