@@ -9,6 +9,7 @@ DELTA_KEY.
 """
 from __future__ import annotations
 
+import io
 import json
 from typing import Mapping
 
@@ -61,8 +62,39 @@ def weights_to_record(weights: Mapping[str, object]) -> ArrayRecord:
     record = ArrayRecord()
     record[MANIFEST_KEY] = Array(np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8))
     for dtype, arrays in groups.items():
-        record[PACKED_PREFIX + dtype] = Array(np.concatenate(arrays) if arrays else np.zeros(0, dtype))
+        record[PACKED_PREFIX + dtype] = _packed_array(np.dtype(dtype), arrays)
     return record
+
+
+def _packed_array(dtype: np.dtype, arrays: list[np.ndarray]) -> Array:
+    """One flat Array of `arrays`, the bytes np.save writes, without np.concatenate's and np.save's copies of
+    the model: the .npy header, then each array's memory written straight into the buffer once."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False,
+                                                  "shape": (int(sum(a.size for a in arrays)),)})
+    for array in arrays:
+        buffer.write(np.ascontiguousarray(array).view(np.uint8).data)
+    return Array(dtype=str(dtype), shape=(int(sum(a.size for a in arrays)),), stype="numpy.ndarray",
+                 data=buffer.getvalue())
+
+
+def _unpacked(array: Array) -> np.ndarray:
+    """A packed Array as a read-only NumPy view of its received bytes (Flower's Array.numpy() copies them with
+    np.load); anything but a flat C-order .npy of a numeric dtype is refused. Nothing is unpickled."""
+    data = array.data
+    if not isinstance(data, bytes) or array.stype != "numpy.ndarray":
+        raise ValueError("a packed array is not .npy bytes")
+    header = io.BytesIO(data[:65536 + 16])
+    version = np.lib.format.read_magic(header)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(header)   # refuses object dtypes (they would need pickle)
+    if fortran_order or len(shape) != 1 or dtype.kind not in NUMERIC_KINDS:
+        raise ValueError(f"a packed array is {dtype} of shape {shape}, not a flat numeric array")
+    offset = header.tell()
+    if len(data) - offset != shape[0] * dtype.itemsize:
+        raise ValueError(f"a packed array holds {len(data) - offset} bytes, its header says {shape[0]} values")
+    return np.frombuffer(data, dtype=dtype, count=shape[0], offset=offset)
 
 
 def record_bytes(record) -> int:
@@ -74,9 +106,11 @@ def record_bytes(record) -> int:
     raise DataError(f"unexpected record of type {type(record).__name__}")
 
 
-def record_to_weights(record: ArrayRecord, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+def record_to_weights(record: ArrayRecord, max_bytes: int | None = None, copy: bool = True
+                      ) -> dict[str, np.ndarray]:
     """name -> NumPy array from `weights_to_record`'s packing (DataError when the record is inconsistent or,
-    with `max_bytes`, larger than that: a reply cannot be bigger than the model it carries)."""
+    with `max_bytes`, larger than that: a reply cannot be bigger than the model it carries). With copy=False
+    the arrays are read-only views of the received bytes (the server only reads a reply: no copy of the model)."""
     if not isinstance(record, ArrayRecord):
         raise DataError(f"unreadable weights record (a {type(record).__name__}, not an ArrayRecord)")
     if max_bytes is not None and record_bytes(record) > max_bytes:
@@ -85,7 +119,7 @@ def record_to_weights(record: ArrayRecord, max_bytes: int | None = None) -> dict
         manifest = strict_json.loads(record[MANIFEST_KEY].numpy().tobytes().decode("utf-8"))
         if not isinstance(manifest, list):
             raise ValueError("the manifest is not a list")
-        packed = {key[len(PACKED_PREFIX):]: record[key].numpy() for key in record if key.startswith(PACKED_PREFIX)}
+        packed = {key[len(PACKED_PREFIX):]: _unpacked(record[key]) for key in record if key.startswith(PACKED_PREFIX)}
         weights = {}
         for entry in manifest:
             dtype = np.dtype(entry["dtype"])
@@ -94,8 +128,9 @@ def record_to_weights(record: ArrayRecord, max_bytes: int | None = None) -> dict
             offset = int(entry["offset"])
             if dtype.kind not in NUMERIC_KINDS or flat.dtype != dtype or offset < 0 or offset + size > flat.size:
                 raise ValueError(f"entry '{entry['name']}' does not fit its packed {flat.dtype} array")
-            weights[str(entry["name"])] = flat[offset:offset + size].reshape(entry["shape"]).copy()
-    except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
+            view = flat[offset:offset + size].reshape(entry["shape"])
+            weights[str(entry["name"])] = view.copy() if copy else view
+    except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError, EOFError) as exc:
         raise DataError(f"unreadable weights record ({str(exc)[:200]})") from None
     return weights
 
@@ -111,10 +146,10 @@ def is_update_record(record) -> bool:
     return isinstance(record, ArrayRecord) and DELTA_KEY in record
 
 
-def record_to_update(record: ArrayRecord, max_bytes: int | None = None) -> dict:
+def record_to_update(record: ArrayRecord, max_bytes: int | None = None, copy: bool = True) -> dict:
     """The compressed update of `update_to_record` as nfed.federation.compression's payload (its contents are
     checked when it is decoded against the global model; DataError here when the record cannot be read)."""
-    arrays = record_to_weights(record, max_bytes)
+    arrays = record_to_weights(record, max_bytes, copy)
     try:
         manifest = strict_json.loads(record[DELTA_KEY].numpy().tobytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
