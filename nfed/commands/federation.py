@@ -8,7 +8,6 @@ import click
 
 from nfed.commands.options import (config_options, device_option, precision_option, run_environment,
                                    run_folder_options, training_options)
-from nfed.common.atomic import new_folder
 from nfed.common.errors import ConfigError
 from nfed.common.paths import refuse_output_over_inputs
 from nfed.federation.config import FederationConfig
@@ -44,8 +43,6 @@ def federate(data_dir, run_dir, train_config, config, client_speeds, resume, ove
     from nfed.federation.config import load_client_speeds
     from nfed.federation.server import federate as run_federation
     from nfed.runs.packs import find_packs
-    from nfed.runs.runfolder import check_run_folder
-    from nfed.runs.runlock import RunLock
     from nfed.training.trainer import require_memory
 
     env = run_environment(f"cuda:{config.gpus[0]}" if config.gpus and device is None else device, precision)
@@ -55,13 +52,12 @@ def federate(data_dir, run_dir, train_config, config, client_speeds, resume, ove
     speeds_file = client_speeds if client_speeds and Path(client_speeds).exists() else None
     refuse_output_over_inputs(run_dir, {"--data": list(packs.values()), "--client-speeds": speeds_file})
     config = dataclasses.replace(config, client_speeds=load_client_speeds(client_speeds, list(packs)))
-    with new_folder(run_dir), RunLock(run_dir):  # the plan comes from the run that holds the folder, not a refused one
-        check_run_folder(run_dir, resume, overwrite)
-        click.echo(f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {config.server_opt}, "
-                   f"up to {config.rounds} round(s) of {config.local_epochs} local epoch(s), device {env.device}, "
-                   f"precision {env.precision}" + (f", deadline {config.deadline:g} s" if config.deadline else ""))
-        result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite,
-                                echo=click.echo, show_progress=not quiet, env=env)
+    # said by the run once it holds and checked the folder (a refused run says nothing of it)
+    plan = (f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {config.server_opt}, up to "
+            f"{config.rounds} round(s) of {config.local_epochs} local epoch(s), device {env.device}, precision "
+            f"{env.precision}" + (f", deadline {config.deadline:g} s" if config.deadline else ""))
+    result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite, echo=click.echo,
+                            plan=plan, show_progress=not quiet, env=env)
     f1 = [row["f1"] for row in result.results]
     click.echo(f"wrote {run_dir / 'federated.csv'}: mean test F1 {sum(f1) / max(len(f1), 1):.4f} over "
                f"{len(f1)} district(s); global weights in {run_dir / 'global.h5'}")

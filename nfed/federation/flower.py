@@ -196,7 +196,8 @@ def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], No
     failed with the reason if anything stops the run."""
     settings = settings_from_run_config(run_config)
     fed = settings.federation_config
-    with recorded_run(settings.run_dir, resume=settings.resume, overwrite=settings.overwrite, rounds=fed.rounds):
+    with recorded_run(settings.run_dir, resume=settings.resume, overwrite=settings.overwrite, rounds=fed.rounds,
+                      echo=echo) as held:
         roster = Roster(settings.districts, echo=echo)
         clients = FlowerClients(grid, roster, timeout=fed.deadline, eval_timeout=settings.eval_deadline, echo=echo)
         clients.secagg_range = fed.secagg_range
@@ -211,7 +212,7 @@ def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], No
         echo(f"federating {len(districts)} district(s) over Flower into {settings.run_dir}"
              + (" (resuming)" if settings.resume else ""))
         result = federate(clients.pack_labels(), settings.run_dir, settings.train_config, fed,
-                          resume=settings.resume, overwrite=settings.overwrite, echo=echo, runner=clients,
+                          resume=settings.resume, overwrite=settings.overwrite, echo=echo, held=held, runner=clients,
                           evaluate_fn=clients.evaluate, data_fingerprint=clients.data_fingerprint(),
                           tile=clients.tile(),
                           train_samples=AnnouncedCounts(roster))

@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from nfed.common.atomic import new_folder, write_json_atomic
+from nfed.common.atomic import write_json_atomic
 from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, TrainingError
 from nfed.federation import compression, norm_policy
 from nfed.federation.aggregator import relative_norm_difference, trainable, update_problem
@@ -46,10 +47,9 @@ from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_che
 from nfed.runs.packs import pack_fingerprint, shared_tile, train_counts
 from nfed.runs.results import federated_row, write_results_csv
 from nfed.runs.runfolder import (BEST_NAME, CHECKPOINT_NAME, RESULTS_NAME, ROUNDS_NAME, SUMMARY_NAME, WORK_NAME,
-                                 RunRecorder, check_run_folder, clear_run_folder, client_local_state, client_residual,
+                                 RunRecorder, clear_run_folder, client_local_state, client_residual,
                                  client_work, latest_client_state, prune_client_states, read_rounds, recorded_run,
                                  residual_extra, rounds_digest, state_file, write_rounds)
-from nfed.runs.runlock import RunLock
 from nfed.training.environment import RunEnvironment, default_environment
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ class Federation:
         self.selection = selection_of(fed_config)   # the kept round so far (RUN/best.h5)
         self._local: dict[str, dict] = {}   # district -> its own BatchNorm tensors (--norm-policy fedbn / silobn)
         self.show_progress = show_progress
-        self.recorder: RunRecorder | None = None   # keeps RUN/status.json (set by federate)
+        self.recorder = None   # told each round's progress (default: the held run's RunRecorder, RUN/status.json)
+        self._progress: RunRecorder | None = None
         if fed_config.min_clients > len(self.training):
             raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.training)} "
                               f"district(s) available" + (" to train" if self.held_out else ""))
@@ -312,20 +313,23 @@ class Federation:
         setup = make_round_setup(self.train_config, max(1, round_number), self.config.local_epochs)
         return setup, self.env.on(f"cuda:{self.config.gpus[0]}" if self.config.gpus else None)
 
-    def run(self, *, resume: bool = False, overwrite: bool = False) -> FederationResult:
-        """Run (or resume) the rounds in the run folder, holding its lock. A folder with a run's results is
-        only replaced with `overwrite`."""
-        if resume:
-            check_run_folder(self.run_dir, resume, overwrite)
-        with new_folder(self.run_dir), RunLock(self.run_dir) as lock:
-            if lock.stale:
-                self.echo(f"note: the previous run in {self.run_dir} did not end cleanly ({lock.stale}); "
-                          "its lock was stale")
-            shutil.rmtree(self.run_dir / WORK_NAME, ignore_errors=True)   # a killed run's worker files
-            return self._run(resume, overwrite)
+    def run(self, *, resume: bool = False, overwrite: bool = False, held: RunRecorder | None = None
+            ) -> FederationResult:
+        """Run (or resume) the rounds in the run folder, held for the run: by the caller, who hands in the `held`
+        run (federate), else here (recorded_run: the lock, the folder checked once, RUN/status.json). A folder
+        with a run's results is only replaced with `overwrite`."""
+        if held is not None:
+            return self._run(resume, held)
+        with recorded_run(self.run_dir, resume=resume, overwrite=overwrite, rounds=self.config.rounds,
+                          echo=self.echo) as held:
+            result = self._run(resume, held)
+            held.finished(result)
+        return result
 
-    def _run(self, resume: bool, overwrite: bool) -> FederationResult:
+    def _run(self, resume: bool, held: RunRecorder) -> FederationResult:
         cfg = self.config
+        self._progress = self.recorder or held
+        shutil.rmtree(self.run_dir / WORK_NAME, ignore_errors=True)   # a killed run's worker files
         server = build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum)
         stop = StopRules(max_rounds=cfg.rounds, eps=cfg.eps, patience_rounds=cfg.patience_rounds, delta=cfg.delta,
                          warmup_rounds=cfg.warmup_rounds)
@@ -336,7 +340,6 @@ class Federation:
             prune_client_states(self.run_dir, self.districts, done, self.selection.best_round)
             self._local = self._read_local_states(weights, done + 1)
         else:
-            check_run_folder(self.run_dir, resume, overwrite)
             weights, done, records, stop_reason = self._fresh_state(), 0, [], None
             clear_run_folder(self.run_dir)
             self._save(weights, 0, server, stop, None, records)
@@ -403,8 +406,8 @@ class Federation:
         return states
 
     def _record_progress(self, round_number: int, stop_reason: str | None, problems: dict | None = None) -> None:
-        if self.recorder is not None:
-            self.recorder.running(round_number, best_round=self.selection.best_round, stop_reason=stop_reason,
+        if self._progress is not None:
+            self._progress.running(round_number, best_round=self.selection.best_round, stop_reason=stop_reason,
                                   problems=problems)
 
     def _track_best(self, weights, record: dict) -> None:
@@ -555,12 +558,22 @@ def _shown(f1: float | None) -> str:
 
 def federate(packs: Mapping[str, Path], run_dir: str | Path, train_config, fed_config: FederationConfig, *,
              resume: bool = False, overwrite: bool = False, echo: Callable[[str], None] | None = None,
-             evaluate_test: bool = True, **hooks) -> FederationResult:
-    """Run (or resume) a whole federation, then evaluate the global model on every test split."""
-    with recorded_run(run_dir, resume=resume, overwrite=overwrite, rounds=fed_config.rounds) as recorder:
+             evaluate_test: bool = True, held: RunRecorder | None = None, plan: str | None = None,
+             **hooks) -> FederationResult:
+    """Run (or resume) a whole federation, then evaluate the global model on every test split.
+
+    The run folder is held (locked, checked, its status kept) once, here, unless the caller holds it already and
+    hands in the `held` run (recorded_run; Flower's ServerApp while its nodes connect). `plan`: the line said once
+    the folder is held and checked, so a refused run says nothing of what it would have done."""
+    echo = echo or (lambda text: None)
+    if held is not None and Path(held.run_dir).resolve() != Path(run_dir).resolve():
+        raise ValueError(f"the held run folder {held.run_dir} is not {run_dir}: the run holds its own folder")
+    with nullcontext(held) if held is not None else recorded_run(run_dir, resume=resume, overwrite=overwrite,
+                                                                  rounds=fed_config.rounds, echo=echo) as recorder:
+        if plan:
+            echo(plan)
         federation = Federation(packs, run_dir, train_config, fed_config, echo=echo, **hooks)
-        federation.recorder = recorder
-        result = federation.run(resume=resume, overwrite=overwrite)
+        result = federation.run(resume=resume, held=recorder)
         if evaluate_test:
             result.results = federation.evaluate_test(result.best_weights, result.best_round, result.rounds)
         recorder.finished(result)

@@ -18,15 +18,15 @@ import hashlib
 import re
 import shutil
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from nfed.common import strict_json
-from nfed.common.atomic import new_folder, write_text_atomic
+from nfed.common.atomic import write_text_atomic
 from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, one_line
 from nfed.common.names import child_path
 from nfed.common.paths import read_own_text, refuse_link
 from nfed.model.checkpoint import load_checkpoint
-from nfed.runs.runlock import RunLock
+from nfed.runs.runlock import held_folder
 from nfed.runs.runstatus import write_status
 
 CHECKPOINT_NAME = "global.h5"
@@ -222,24 +222,22 @@ class RunRecorder:
                      stop_reason=self.stop_reason, best_round=self.best_round, problems=self.problems)
 
 
-_recording: dict[Path, RunRecorder] = {}   # run folders this process records, so nested users share one
-
-
 @contextlib.contextmanager
-def recorded_run(run_dir: str | Path, *, resume: bool, overwrite: bool, rounds: int):
-    """Hold the run folder (lock), check it may be written, and keep RUN/status.json for the run inside:
-    running now, failed with the one-line reason if the block raises. Nested calls share the outer record.
+def recorded_run(run_dir: str | Path, *, resume: bool, overwrite: bool, rounds: int,
+                 echo: Callable[[str], None] | None = None) -> Iterator[RunRecorder]:
+    """Hold the run folder (lock), check once that it may be written, and keep RUN/status.json for the run inside:
+    running now, failed with the one-line reason if the block raises. The one owner of a run's folder: the
+    recorder it yields is handed on to whatever else writes the run (nfed.federation.server.federate's `held`).
 
-    The folder checks come first, so a refused run never touches another run's status; a run that fails
-    after them leaves its status (failed, and why) for `nfed status`."""
+    The folder checks come first, so a refused run never touches another run's status; a run that fails after
+    them leaves its status (failed, and why) for `nfed status`. A stale lock (a run that did not end cleanly)
+    is taken over and said with `echo`."""
     run_dir = Path(run_dir)
-    with new_folder(run_dir), RunLock(run_dir):
-        key = run_dir.resolve()
-        if key in _recording:
-            yield _recording[key]
-            return
+    with held_folder(run_dir) as lock:
         check_run_folder(run_dir, resume, overwrite)
-        recorder = _recording[key] = RunRecorder(run_dir, rounds, finished_rounds(run_dir) if resume else 0)
+        if lock.stale and echo is not None:
+            echo(f"note: the previous run in {run_dir} did not end cleanly ({lock.stale}); its lock was stale")
+        recorder = RunRecorder(run_dir, rounds, finished_rounds(run_dir) if resume else 0)
         try:
             recorder.running(recorder.round)
             yield recorder
@@ -247,8 +245,6 @@ def recorded_run(run_dir: str | Path, *, resume: bool, overwrite: bool, rounds: 
             with contextlib.suppress(Exception):   # the original error matters more than a failed status write
                 recorder.failed(exc)
             raise
-        finally:
-            _recording.pop(key, None)
 
 
 def finished_rounds(run_dir: Path) -> int:

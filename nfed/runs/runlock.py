@@ -17,15 +17,15 @@ import re
 import socket
 import sys
 from pathlib import Path
+from typing import Iterator
 
-from nfed.common.atomic import make_folder, output_error
+from nfed.common.atomic import make_folder, new_folder, output_error
 from nfed.common.errors import ConfigError, NfedError
 from nfed.common.paths import open_own_file
 
 LOCK_NAME = ".nfed.lock"
 # What _describe_self writes; anything else found in the file is not repeated to the user.
 _DESCRIPTION = re.compile(r"pid \d+ on [^,]{1,255}, '[^\n]{0,300}', started [0-9T:+.-]{10,40}")
-_held: dict[Path, "RunLock"] = {}   # folders this process holds, so nested users share one lock
 
 
 class RunFolderBusy(ConfigError):
@@ -33,20 +33,15 @@ class RunFolderBusy(ConfigError):
 
 
 class RunLock:
-    """`with RunLock(folder): ...` holds the folder exclusively; re-entrant within one process."""
+    """`with RunLock(folder): ...` holds the folder exclusively. Not re-entrant: whoever holds a folder hands the
+    held run on (nfed.runs.runfolder.recorded_run), so a second hold, even in this process, is refused."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.stale: str | None = None   # description of a previous holder that ended without releasing
         self._fd: int | None = None
-        self._outer: RunLock | None = None
 
     def __enter__(self) -> "RunLock":
-        key = self.folder.resolve()
-        if key in _held:
-            self._outer = _held[key]
-            self.stale = self._outer.stale
-            return self
         make_folder(self.folder)
         path = self.folder / LOCK_NAME
         try:
@@ -70,19 +65,22 @@ class RunLock:
             os.close(fd)
             raise output_error(path, exc) from None
         self._fd = fd
-        _held[key] = self
         return self
 
     def __exit__(self, *exc) -> bool:
-        if self._outer is not None:
-            return False
-        _held.pop(self.folder.resolve(), None)
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)   # a clean release leaves an empty lock file
             os.close(self._fd)              # closing releases the flock
             self._fd = None
         return False
+
+
+@contextlib.contextmanager
+def held_folder(folder: str | os.PathLike) -> Iterator[RunLock]:
+    """Make the output folder (removed again if the block fails and leaves it empty) and hold it for the block."""
+    with new_folder(folder), RunLock(folder) as lock:
+        yield lock
 
 
 def lock_holder(folder: str | os.PathLike) -> str | None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from nfed.common.atomic import make_folder, new_folder, write_json_atomic
+from nfed.common.atomic import make_folder, write_json_atomic
 from nfed.common.errors import ConfigError
 from nfed.common.names import child_path
 from nfed.runs.results import FILE_NAMES, test_facts, write_results_csv
 from nfed.runs.runfolder import CLIENT_STATE_NAME, client_local_state
-from nfed.runs.runlock import RunLock
+from nfed.runs.runlock import held_folder
 from nfed.training.environment import RunEnvironment, default_environment
 
 METRIC_KEYS = ("precision", "recall", "f1", "iou", "oa", "kappa")
@@ -170,10 +170,10 @@ def train_central(pack_paths: Sequence[str | Path], out_dir: str | Path, config,
 # ------------------------------------------------------------------------------------------ whole columns
 
 def _column(out_dir: str | Path, kind: str | None, rows_of: Callable[[Path], list[dict]]) -> list[dict]:
-    """Run a column in the run folder OUT, held (RunLock) while it is written; `kind`: the results table
+    """Run a column in the run folder OUT, held while it is written; `kind`: the results table
     written as OUT/<kind>.csv (None: none)."""
     out_dir = Path(out_dir)
-    with new_folder(out_dir), RunLock(out_dir):
+    with held_folder(out_dir):
         rows = rows_of(out_dir)
         if kind is not None:
             write_results_csv(out_dir / FILE_NAMES[kind], rows, kind)
@@ -204,7 +204,7 @@ def central_column(pack_paths: Sequence[str | Path], out_dir: str | Path, config
                    env: RunEnvironment | None = None, quiet: bool = True) -> tuple[dict, list[dict]]:
     """Centralised column (train_central) in the run folder OUT, held while it is written."""
     out_dir = Path(out_dir)
-    with new_folder(out_dir), RunLock(out_dir):
+    with held_folder(out_dir):
         return train_central(pack_paths, out_dir, config, env=env, quiet=quiet)
 
 

@@ -1,0 +1,112 @@
+"""The seams between layers (issue 27): one owner of the run folder."""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import pytest
+from click.testing import CliRunner
+from test_federation import INITIAL, PACKS, FakeTrainConfig, fake_evaluate, fake_train
+from test_flower import make_tiny_packs
+
+from nfed.federation.config import FederationConfig
+from nfed.federation.server import federate
+from nfed.runs import runfolder, runlock
+from nfed.runs.runfolder import recorded_run
+from nfed.runs.runlock import RunFolderBusy, RunLock
+from nfed.runs.runstatus import read_status
+
+HOOKS = dict(train_fn=fake_train, evaluate_fn=fake_evaluate, initial_weights=INITIAL, evaluate_test=False)
+
+
+def counting_holds(call):
+    """How often `call()` takes a run folder's lock and checks the folder (whatever module calls them)."""
+    watched = {RunLock.__enter__.__code__: "lock", runfolder.check_run_folder.__code__: "check"}
+    counts = Counter()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in watched:
+            counts[watched[frame.f_code]] += 1
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return dict(counts)
+
+
+# ------------------------------------------------------------------------------------------ one owner of the folder
+
+def test_federate_locks_and_checks_its_folder_once_fresh_and_resumed(tmp_path):
+    run = tmp_path / "run"
+    assert counting_holds(lambda: federate(PACKS, run, FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0),
+                                           **HOOKS)) == {"lock": 1, "check": 1}
+    assert counting_holds(lambda: federate(PACKS, run, FakeTrainConfig(), FederationConfig(rounds=2, eps=0.0),
+                                           resume=True, **HOOKS)) == {"lock": 1, "check": 1}
+    assert read_status(run)["state"] == "finished"
+
+
+def test_the_federate_command_hands_in_its_plan_and_holds_the_folder_once(tmp_path):
+    from nfed.cli import cli
+
+    packs = make_tiny_packs(tmp_path / "packs", counts=((2, 1, 1),) * 2, districts=("Jung-gu", "Jongno-gu"))
+    args = ["federate", "--data", str(tmp_path / "packs"), "--out", str(tmp_path / "run"), "--rounds", "1",
+            "--width", "2", "--batch-size", "2", "--no-round-eval", "--quiet", "--device", "cpu"]
+    results = []
+    counts = counting_holds(lambda: results.append(CliRunner().invoke(cli, args)))
+    assert results[0].exit_code == 0, results[0].output
+    assert counts == {"lock": 1, "check": 1}
+    assert results[0].output.startswith(f"federating {len(packs)} district(s)"), results[0].output
+    refused = CliRunner().invoke(cli, args)   # the folder holds a run: refused before the plan is said
+    assert refused.exit_code == 1 and "federating" not in refused.output
+    assert refused.output.count("\n") == 1 and "holds a federated run" in refused.output, refused.output
+
+
+def test_a_plan_is_said_only_by_a_run_that_holds_and_checked_its_folder(tmp_path):
+    lines = []
+    federate(PACKS, tmp_path / "run", FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0), echo=lines.append,
+             plan="the plan", **HOOKS)
+    assert lines[0] == "the plan" and lines.count("the plan") == 1
+    lines.clear()
+    with pytest.raises(Exception, match="holds a federated run"):
+        federate(PACKS, tmp_path / "run", FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0), echo=lines.append,
+                 plan="the plan", **HOOKS)
+    assert lines == []
+
+
+def test_a_caller_that_holds_the_folder_hands_it_in(tmp_path):
+    """Flower's ServerApp holds the run folder while its nodes connect and hands the held run to federate."""
+    run = tmp_path / "run"
+
+    def serve():
+        with recorded_run(run, resume=False, overwrite=False, rounds=1) as held:
+            assert read_status(run)["state"] == "running"
+            federate(PACKS, run, FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0), held=held, **HOOKS)
+
+    assert counting_holds(serve) == {"lock": 1, "check": 1}
+    assert read_status(run)["state"] == "finished"
+    with recorded_run(tmp_path / "other", resume=False, overwrite=False, rounds=1) as held:
+        with pytest.raises(ValueError, match="holds"):
+            federate(PACKS, run, FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0), held=held, **HOOKS)
+
+
+def test_a_second_hold_of_a_held_folder_is_refused_not_shared(tmp_path):
+    """No re-entrancy: whoever holds a folder hands it on; a second hold in the same process is a bug, refused."""
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunFolderBusy, match="in use by another nfed run"):
+            with RunLock(tmp_path / "run"):
+                pass
+        with pytest.raises(RunFolderBusy):
+            federate(PACKS, tmp_path / "run", FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0), **HOOKS)
+    assert not hasattr(runlock, "_held") and not hasattr(runfolder, "_recording")
+    federate(PACKS, tmp_path / "run", FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0), **HOOKS)   # released
+
+
+def test_a_stale_lock_is_reported_once_by_the_owner(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runlock.LOCK_NAME).write_text("pid 123 on host, 'nfed federate', started 2024-01-01T00:00:00+00:00")
+    lines = []
+    federate(PACKS, run, FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0), echo=lines.append, **HOOKS)
+    assert sum("did not end cleanly (pid 123 on host" in line for line in lines) == 1, lines
