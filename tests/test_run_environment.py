@@ -9,6 +9,7 @@ import pytest
 from test_federation import INITIAL, PACKS, FakeTrainConfig, fake_evaluate, fake_train
 from test_training import synthetic_pack
 
+from nfed.common.backend import CPU
 from nfed.common.errors import CheckpointError, ConfigError
 from nfed.core.functions.parallel import ENV_THREADS, num_workers
 from nfed.federation.client import evaluate_weights, host_state, make_round_setup, train_round
@@ -23,7 +24,7 @@ from nfed.training.trainer import TrainConfig, build_model, model_from_checkpoin
 def test_environment_round_trip_and_checks():
     env = RunEnvironment("cpu", "TF32")
     assert env.precision == "tf32" and RunEnvironment.from_dict(env.to_dict()) == env
-    assert env.on("cuda:1") == RunEnvironment("cuda:1", "tf32") and env.on(None) is env
+    assert env.device is CPU and env.to_dict() == {"device": "cpu", "precision": "tf32"}   # on GPU i: test_seams.py
     with pytest.raises(ConfigError, match="bad precision 'fp8'"):
         RunEnvironment("cpu", "fp8")
     with pytest.raises(ConfigError, match="unknown key.*threads"):

@@ -1,20 +1,26 @@
-"""The seams between layers (issue 27): one owner of the run folder."""
+"""The seams between layers (issue 27): one owner of the run folder, the device parsed once, named interfaces."""
 from __future__ import annotations
 
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
+import click
 import pytest
 from click.testing import CliRunner
 from test_federation import INITIAL, PACKS, FakeTrainConfig, fake_evaluate, fake_train
 from test_flower import make_tiny_packs
 
+from nfed.common import backend
+from nfed.common.errors import DeviceError
 from nfed.federation.config import FederationConfig
 from nfed.federation.server import federate
+from nfed.gpu.precision import get_precision
 from nfed.runs import runfolder, runlock
 from nfed.runs.runfolder import recorded_run
 from nfed.runs.runlock import RunFolderBusy, RunLock
 from nfed.runs.runstatus import read_status
+from nfed.training.environment import RunEnvironment
 
 HOOKS = dict(train_fn=fake_train, evaluate_fn=fake_evaluate, initial_weights=INITIAL, evaluate_test=False)
 
@@ -110,3 +116,53 @@ def test_a_stale_lock_is_reported_once_by_the_owner(tmp_path):
     lines = []
     federate(PACKS, run, FakeTrainConfig(), FederationConfig(rounds=1, eps=0.0), echo=lines.append, **HOOKS)
     assert sum("did not end cleanly (pid 123 on host" in line for line in lines) == 1, lines
+
+
+# ------------------------------------------------------------------------------------------ the device parsed once
+
+def test_the_environment_holds_a_parsed_device():
+    env = RunEnvironment.from_options("CPU", "tf32")
+    assert env.device is backend.CPU and isinstance(env.device, backend.Device)
+    assert env.to_dict() == {"device": "cpu", "precision": "tf32"} and RunEnvironment.from_dict(env.to_dict()) == env
+    with pytest.raises(DeviceError, match="bad device 'tpu'"):
+        RunEnvironment("tpu")
+
+
+@pytest.mark.skipif(backend.cupy_available(), reason="needs a machine without a usable GPU")
+def test_the_same_environment_on_a_gpu_is_checked_here():
+    with pytest.raises(DeviceError, match="cuda:1"):
+        RunEnvironment("cpu", "bf16").on_gpu(1)
+
+
+@pytest.mark.gpu
+def test_the_same_environment_on_gpu_i():
+    env = RunEnvironment("cpu", "bf16")
+    assert env.on_gpu(0) == RunEnvironment(backend.Device("cuda", 0), "bf16")
+    with pytest.raises(DeviceError, match=f"only {backend.gpu_count()} GPU"):
+        env.on_gpu(backend.gpu_count())
+
+
+def test_precision_travels_in_the_environment_not_in_a_process_setting():
+    from nfed.commands.options import precision_option, run_environment
+
+    seen = []
+
+    @click.command()
+    @precision_option
+    def command(precision):
+        seen.append(run_environment("cpu", precision))
+
+    before = get_precision()
+    other = "bf16" if before != "bf16" else "tf32"
+    assert CliRunner().invoke(command, ["--precision", other]).exit_code == 0
+    assert seen[0].precision == other and get_precision() == before
+
+
+def test_a_flower_node_checks_its_device():
+    pytest.importorskip("flwr")
+    from nfed.federation.flower import node_environment
+
+    assert node_environment(SimpleNamespace(node_config={"device": "cpu", "precision": "bf16"})) == \
+        RunEnvironment("cpu", "bf16")
+    with pytest.raises(DeviceError, match="bad device 'tpu:0'"):
+        node_environment(SimpleNamespace(node_config={"device": "tpu:0"}))

@@ -67,7 +67,7 @@ def demo(out_dir, seeds, seed, rounds, device, precision, jobs, **settings):
     """Re-run the whole study on synthetic districts: local, federated, personalised and centralised F1."""
     env = run_environment(device, precision)
     settings = settings_with(DEFAULTS, **settings, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
-                             device=env.device, precision=env.precision, jobs=jobs or None)
+                             device=str(env.device), precision=env.precision, jobs=jobs or None)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
     with RunLock(out_dir):

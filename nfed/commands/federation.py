@@ -45,7 +45,9 @@ def federate(data_dir, run_dir, train_config, config, client_speeds, resume, ove
     from nfed.runs.packs import find_packs
     from nfed.training.trainer import require_memory
 
-    env = run_environment(f"cuda:{config.gpus[0]}" if config.gpus and device is None else device, precision)
+    env = run_environment(device, precision)
+    if config.gpus and device is None:
+        env = env.on_gpu(config.gpus[0])
     train_config = train_config.replace(seed=config.seed)
     require_memory(train_config, env.device)
     packs = find_packs(data_dir)

@@ -10,7 +10,7 @@ import click
 from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, limited, precision_option,
                                    run_environment, training_setup)
 from nfed.commands.predict_outputs import describe_regions, output_options
-from nfed.common import backend, strict_json
+from nfed.common import strict_json
 from nfed.common.errors import ConfigError
 from nfed.common.paths import refuse_output_over_inputs
 from nfed.training.study import METRIC_KEYS
@@ -149,8 +149,10 @@ def predict(model_path, past, current, pairs, out_path, batch_size, outputs, dev
         jobs = [(a, b, out_path / mask_name(a)) for a, b in find_pairs(pairs)]
         refuse_output_over_inputs(out_path, {"--model": model_path, "--pairs": [p for job in jobs for p in job[:2]]})
     start = time.perf_counter()
-    summaries = predict_pairs(model_path, jobs, device=backend.parse_device(device), batch_size=batch_size,
-                              outputs=outputs, show_progress=not quiet)
+    env = run_environment(device, precision)
+    with env.active():
+        summaries = predict_pairs(model_path, jobs, device=env.device, batch_size=batch_size, outputs=outputs,
+                                  show_progress=not quiet)
     summary_csv = write_change_summary(summaries, out_path, single=pairs is None)
     if pairs is None:
         summary = summaries[0]

@@ -14,13 +14,12 @@ DEVICE_HELP = "cpu, cuda or cuda:N (default: $NFED_DEVICE, else cpu)"
 device_option = click.option("--device", default=None, help=DEVICE_HELP)
 
 
-def _apply_precision(ctx, param, value):
-    """Set the process-wide GEMM precision (worker processes get it with their tasks: run_environment)."""
-    from nfed.gpu import precision
+def _parse_precision(ctx, param, value):
+    """The precision mode of --precision (not given: $NFED_PRECISION, else fp32); it travels in the command's
+    RunEnvironment (run_environment), never as a process-wide setting."""
+    from nfed.gpu.precision import parse_precision
 
-    mode = precision.parse_precision(value)
-    precision.set_precision(mode)
-    return mode
+    return parse_precision(value)
 
 
 def run_environment(device, precision):
@@ -42,7 +41,7 @@ def training_setup(device, precision, **options):
 
 
 precision_option = click.option(
-    "--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None, callback=_apply_precision,
+    "--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None, callback=_parse_precision,
     help="GPU GEMM precision: fp32 (default, matches the CPU), tf32 (tensor cores) or bf16 (bf16 inputs, "
          "fp32 master weights and accumulation); default $NFED_PRECISION, else fp32. No effect on CPU.")
 

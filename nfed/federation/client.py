@@ -194,7 +194,7 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
         "epochs": int(result.epochs_run),
         "steps": int(result.steps),
         "wall_time_s": time.perf_counter() - started,
-        "device": env.device, "precision": env.precision, "cpu_threads": num_workers(),   # where it computed
+        "device": str(env.device), "precision": env.precision, "cpu_threads": num_workers(),   # where it computed
     }
     keep = bool(setup.get("keep_optimizer_state"))
     weights = host_state(model)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -36,7 +35,6 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from nfed.common.backend import ENV_DEVICE
 from nfed.common.errors import ConfigError, one_line
 from nfed.common.names import printable
 from nfed.federation.client import evaluate_weights, train_round
@@ -77,8 +75,8 @@ def node_environment(context: Context) -> RunEnvironment:
     """Where this node computes (never the server's): node config `device`, else $NFED_DEVICE, else cpu; node
     config `precision`, else $NFED_PRECISION, else fp32."""
     config = context.node_config
-    return RunEnvironment(str(config.get("device") or os.environ.get(ENV_DEVICE) or "cpu"),
-                          str(config.get("precision") or "") or parse_precision(None))
+    return RunEnvironment.from_options(str(config.get("device") or "") or None,
+                                       parse_precision(str(config.get("precision") or "") or None))
 
 
 def _error_reply(message: Message, exc: BaseException) -> Message:

@@ -92,6 +92,7 @@ class Federation:
         self.train_config = train_config
         self.config = fed_config
         self.env = env or default_environment()   # the server's; clients on --gpus get one GPU each
+        self._gpu_envs = tuple(self.env.on_gpu(gpu) for gpu in fed_config.gpus)   # each parsed and checked once
         self.train_fn = train_fn
         self.evaluate_fn = evaluate_fn
         self.adapt_fn = adapt_fn   # scores a held-out district after AdaBN (default: evaluate_weights' adapt_on)
@@ -202,9 +203,8 @@ class Federation:
         if self.config.dp_clip > 0:
             setup[DP_CLIP_KEY] = float(self.config.dp_clip)
         tasks = []
-        gpus = self.config.gpus
         for index, district in enumerate(selected):
-            env = self.env.on(f"cuda:{gpus[index % len(gpus)]}" if gpus else None)
+            env = self._gpu_envs[index % len(self._gpu_envs)] if self._gpu_envs else self.env
             state = latest_client_state(self.run_dir, district, round_number) if keep else None
             task_setup = setup
             if district in self.attackers:
@@ -311,7 +311,7 @@ class Federation:
     def _evaluation_setup(self, round_number: int):
         """(set-up, environment) of the server's evaluations: the round's set-up, on the first --gpus GPU."""
         setup = make_round_setup(self.train_config, max(1, round_number), self.config.local_epochs)
-        return setup, self.env.on(f"cuda:{self.config.gpus[0]}" if self.config.gpus else None)
+        return setup, self._gpu_envs[0] if self._gpu_envs else self.env
 
     def run(self, *, resume: bool = False, overwrite: bool = False, held: RunRecorder | None = None
             ) -> FederationResult:

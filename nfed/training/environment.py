@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
-from nfed.common import backend
+from nfed.common.backend import CPU, Device, parse_device
 from nfed.common.fields import from_fields
 from nfed.core.functions.parallel import num_workers
 from nfed.gpu.precision import get_precision, parse_precision, precision, set_precision
@@ -20,20 +20,21 @@ from nfed.gpu.precision import get_precision, parse_precision, precision, set_pr
 
 @dataclass(frozen=True)
 class RunEnvironment:
-    """`device`: cpu, cuda or cuda:N; `precision`: the GPU GEMM precision (fp32, tf32, bf16; no effect on CPU)."""
+    """`device`: the Device it computes on (a string is parsed and checked usable here, once: everything after
+    passes the value); `precision`: the GPU GEMM precision (fp32, tf32, bf16; no effect on CPU)."""
 
-    device: str = "cpu"
+    device: Device = CPU
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "device", str(self.device))
+        object.__setattr__(self, "device", parse_device(self.device))
         object.__setattr__(self, "precision", parse_precision(self.precision))
 
     @classmethod
     def from_options(cls, device: str | None = None, precision: str | None = None) -> "RunEnvironment":
         """The environment of --device / --precision: None takes $NFED_DEVICE (else cpu) and the precision in
         force (--precision's, else $NFED_PRECISION, else fp32); the device must be usable here (DeviceError)."""
-        return cls(str(backend.parse_device(device)), precision or get_precision())
+        return cls(parse_device(device), precision or get_precision())
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "RunEnvironment":
@@ -41,16 +42,17 @@ class RunEnvironment:
         return from_fields(cls, values, "run environment")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values, for a worker task or a run's record (from_dict parses the device again where it runs)."""
+        return {"device": str(self.device), "precision": self.precision}
 
     def record(self) -> dict:
         """What a run's outputs say about where it computed: this environment and the CPU threads nfed's ops
         used in this process (set by $NFED_NUM_THREADS and the worker pools, else every usable CPU)."""
         return {**self.to_dict(), "cpu_threads": num_workers()}
 
-    def on(self, device: str | None) -> "RunEnvironment":
-        """The same environment on another device (None: this one's)."""
-        return self if device is None else dataclasses.replace(self, device=str(device))
+    def on_gpu(self, index: int) -> "RunEnvironment":
+        """The same environment on GPU `index` (a client of --gpus), checked usable here."""
+        return dataclasses.replace(self, device=parse_device(f"cuda:{int(index)}"))
 
     def apply(self) -> None:
         """Make this environment's precision the process's (the GEMMs read it process-wide)."""
@@ -65,4 +67,4 @@ class RunEnvironment:
 
 def default_environment() -> RunEnvironment:
     """What a call without an environment runs on: the CPU, at the precision in force."""
-    return RunEnvironment("cpu", get_precision())
+    return RunEnvironment(CPU, get_precision())
