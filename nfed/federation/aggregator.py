@@ -134,9 +134,16 @@ class FedAvgAggregator:
             _accumulate(self._sum[name], value, float(num_samples))
 
     def _average(self) -> dict[str, object]:
-        """The new global weights from the running sums (FedAvg: the sample-weighted mean, reference dtypes)."""
+        """The new global weights from the running sums (FedAvg: the sample-weighted mean, reference dtypes); each
+        float64 sum is divided in place and let go as its average is made, so the sums and the average are never
+        held whole together (the server's peak memory, issue 26)."""
         total = float(self.total_samples)
-        return {name: (summed / total).astype(self.reference[name].dtype) for name, summed in self._sum.items()}
+        average = {}
+        for name in list(self._sum):
+            summed = self._sum.pop(name)
+            summed /= total
+            average[name] = summed.astype(self.reference[name].dtype)
+        return average
 
     unusable = "the average is unusable"
 
@@ -164,7 +171,9 @@ def _accumulate(total, value, weight: float) -> None:
             return
         except backend.Unsupported:  # dtypes the kernel does not take
             pass
-    total += value.astype(array_module(value).float64) * weight
+    product = value.astype(array_module(value).float64)   # one float64 temporary of the tensor, not two
+    product *= weight
+    total += product
 
 
 def fedavg(updates, reference: Mapping[str, object] | None = None) -> dict[str, object] | None:

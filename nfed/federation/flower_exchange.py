@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
@@ -53,25 +53,33 @@ class Reply:
 
 
 def exchange(grid: Grid, messages: Mapping[str, Message], timeout: float | None,
-             poll_seconds: float = POLL_SECONDS, timeouts: Mapping[str, float | None] | None = None
-             ) -> dict[str, Reply]:
+             poll_seconds: float = POLL_SECONDS, timeouts: Mapping[str, float | None] | None = None,
+             on_reply: Callable[[str, Reply], object] | None = None) -> dict[str, Reply]:
     """Push `messages` (key -> message) and collect replies until all arrived or their time ran out.
 
     Returns a Reply for every key: `timeout` seconds (per key: `timeouts`) is how long a key is waited for;
     later replies are never read (each round asks only for the ids of its own messages, so a late update
     cannot slip into a later round). The SuperLink itself answers for a node that stopped sending heartbeats.
+    With `on_reply`, each reply that arrives goes to on_reply(key, reply) at once, in message order within a
+    poll, and what it returns is kept instead: a caller that folds a large reply in need not hold them all.
     """
     keys = list(messages)
+    order = {key: index for index, key in enumerate(keys)}
     limits = {key: (timeouts or {}).get(key, timeout) for key in keys}
     started = time.monotonic()
     message_ids = list(grid.push_messages([messages[key] for key in keys]))
     replies = {key: Reply(None, 0.0, pushed=False) for key, message_id in zip(keys, message_ids) if not message_id}
     pending = {message_id: key for key, message_id in zip(keys, message_ids) if message_id}
     while pending:
-        for reply in grid.pull_messages(list(pending)):
+        pulled = sorted(grid.pull_messages(list(pending)), reverse=True,
+                        key=lambda reply: order.get(pending.get(reply.metadata.reply_to_message_id), -1))
+        while pulled:   # popped one by one, so a reply handed to on_reply is not held by this list as well
+            reply = pulled.pop()
             key = pending.pop(reply.metadata.reply_to_message_id, None)
             if key is not None:
                 replies[key] = Reply(reply, time.monotonic() - started)
+                if on_reply is not None:
+                    replies[key] = on_reply(key, replies[key])
         elapsed = time.monotonic() - started
         for message_id, key in list(pending.items()):
             if limits[key] is not None and elapsed >= limits[key]:

@@ -38,11 +38,13 @@ PACK_PREFIX = "flower:"           # the Federation's "pack" of a district served
 
 @dataclass
 class Prefetched:
-    """A train message that travelled with the previous round's evaluation, and its reply."""
+    """A train message that travelled with the previous round's evaluation, and its reply; when the server
+    streams, the outcome read from it on arrival (its update already folded into `stream`, its weights dropped)."""
 
     node_id: int
     setup: dict
     reply: Reply
+    outcome: ClientOutcome | None = None
 
 
 class FlowerClients:
@@ -61,7 +63,15 @@ class FlowerClients:
     with round r+1's training in one message per node (Flower's cost is per message: a ClientApp process and
     the SuperNode's polling); `run` then finds those replies ready. Nothing changes in the arithmetic: the
     node evaluates the weights it received before it trains from them.
+
+    `run_streaming` is `run` with the server's RoundStream (nfed.federation.streaming): each train reply is read,
+    folded into the round's aggregator and its weights dropped as it arrives, and so are the replies that come
+    with the previous round's evaluation (into the next round's stream, `open_stream`), so the ServerApp never
+    holds more than one reply's weights. A stream opened early is used only if every update folded into it was
+    sent with its round's real set-up; else it is dropped and those districts are asked again.
     """
+
+    streams = True   # nfed.federation.server may hand `run_streaming` a RoundStream
 
     def __init__(self, grid: Grid, roster: Roster, *, timeout: float | None, eval_timeout: float | None,
                  echo: Callable[[str], None] = print, plan: Callable[[int], Mapping[str, dict]] | None = None,
@@ -80,7 +90,8 @@ class FlowerClients:
         self.broadcast = "fp32"   # how the global model travels to the nodes (--broadcast)
         self.norm_policy = "shared"   # fedbn / silobn: the nodes keep their own BatchNorm, only the rest travels
         self.bytes_down = None    # bytes of the last weights record sent
-        self._prefetched: tuple | None = None           # (weights, district -> Prefetched)
+        self._prefetched: tuple | None = None           # (weights, district -> Prefetched, next round's stream)
+        self.open_stream: Callable | None = None        # (weights, round) -> the server's RoundStream, or None
         self.first_seen: dict[int, int] = {}            # node id -> the poll that first listed it
         self._polls = 0
 
@@ -177,18 +188,35 @@ class FlowerClients:
 
     # -- runner interface of nfed.federation.server
     def run(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None) -> list[ClientOutcome]:
+        return self._run(global_weights, tasks, deadline, None)[0]
+
+    def run_streaming(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None, stream):
+        """`run` folding each ok outcome into `stream` as it arrives: (outcomes without their shared weights,
+        the stream that holds their sum: `stream`, or the one opened with the previous round's evaluation)."""
+        return self._run(global_weights, tasks, deadline, stream)
+
+    def _run(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None, stream):
         timeout = deadline if deadline is not None else self.timeout
         self.refresh()
         self.silent, self._evaluated = {}, None
-        prefetched = self._take_prefetched(global_weights)
+        prefetched, early = self._take_prefetched(global_weights)
+        if stream is not None and early is not None and self._early_usable(early, prefetched, tasks, stream):
+            stream = early
+        elif early is not None:   # its sum cannot be used: every update folded into it is asked for again
+            prefetched = {d: ready for d, ready in prefetched.items() if d not in early.folded}
         outcomes: dict[str, ClientOutcome] = {}
         messages, nodes = {}, {}
         record, used = None, 0
         for task in tasks:
             district = task.district
             ready = prefetched.get(district)
-            if ready is not None and ready.setup == dict(task.setup) and ready.node_id not in self.roster.refused:
-                outcome = self._train_outcome(district, ready.node_id, ready.reply, timeout)
+            read = ready is not None and ready.outcome is not None
+            if ready is not None and ready.setup == dict(task.setup) and (
+                    ready.node_id not in self.roster.refused or (read and ready.outcome.status != "ok")):
+                outcome = ready.outcome if read else self._train_outcome(district, ready.node_id, ready.reply,
+                                                                         timeout)
+                if stream is not None and not read:
+                    stream.add(outcome)
                 serving = self.roster.node_of(district)
                 if outcome.status == "ok" or serving is None or serving.node_id == ready.node_id:
                     outcomes[district] = outcome
@@ -210,10 +238,24 @@ class FlowerClients:
         if messages or not used:
             self.echo(f"sending round {round_number} to {len(messages)} SuperNode(s)"
                       + (f", deadline {timeout:g} s" if timeout else ""))
-        replies = exchange(self.grid, messages, timeout) if messages else {}
+        def arrived(district: str, reply: Reply):
+            return stream.add(self._train_outcome(district, nodes[district], reply, timeout))
+
+        replies = exchange(self.grid, messages, timeout, on_reply=arrived if stream is not None else None) \
+            if messages else {}
         for district in messages:
-            outcomes[district] = self._train_outcome(district, nodes[district], replies[district], timeout)
-        return [outcomes[task.district] for task in tasks]
+            reply = replies[district]
+            outcomes[district] = reply if isinstance(reply, ClientOutcome) else \
+                self._train_outcome(district, nodes[district], reply, timeout)
+        return [outcomes[task.district] for task in tasks], stream
+
+    def _early_usable(self, early, prefetched: Mapping[str, Prefetched], tasks: Sequence[ClientTask], stream) -> bool:
+        """True when the stream opened with the previous round's evaluation holds only updates this round asked
+        for: same round and model, each folded district a task of this round with the set-up it was sent."""
+        setups = {task.district: dict(task.setup) for task in tasks}
+        return early.round_number == stream.round_number and early.weights is stream.weights and all(
+            district in setups and prefetched[district].setup == setups[district]
+            and prefetched[district].node_id not in self.roster.refused for district in early.folded)
 
     def run_secure(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None):
         """One round under Flower's SecAgg+ (nfed.federation.secagg): outcomes and the revealed aggregate, never one
@@ -248,9 +290,10 @@ class FlowerClients:
             outcomes.update({outcome.district: outcome for outcome in secured})
         return [outcomes[task.district] for task in tasks], aggregate
 
-    def _take_prefetched(self, weights) -> dict[str, Prefetched]:
+    def _take_prefetched(self, weights) -> tuple[dict[str, Prefetched], object]:
+        """(district -> Prefetched, the stream their updates were folded into) for a round from `weights`."""
         prefetched, self._prefetched = self._prefetched, None
-        return prefetched[1] if prefetched is not None and prefetched[0] is weights else {}
+        return prefetched[1:] if prefetched is not None and prefetched[0] is weights else ({}, None)
 
     def _train_outcome(self, district: str, node_id: int, reply: Reply, timeout: float | None) -> ClientOutcome:
         silence = reply.silence(node_id, timeout)
@@ -284,11 +327,11 @@ class FlowerClients:
             raise DataError(f"it claims {str(num_samples)[:20]} training samples"
                             + (f" but described {described}" if described is not None else ""))
         metrics = clean_metrics(from_json_record(result, "metrics"))
-        record = content[WEIGHTS_RECORD]
+        record = content[WEIGHTS_RECORD]   # read in place: the server only reads a reply (no copy of the model)
         if is_update_record(record):
-            return ClientResult({}, num_samples, metrics, update=record_to_update(record, self._max_bytes),
-                                bytes_up=record_bytes(record))
-        return ClientResult(record_to_weights(record, self._max_bytes), num_samples, metrics,
+            return ClientResult({}, num_samples, metrics, bytes_up=record_bytes(record),
+                                update=record_to_update(record, self._max_bytes, copy=False))
+        return ClientResult(record_to_weights(record, self._max_bytes, copy=False), num_samples, metrics,
                             bytes_up=record_bytes(record))
 
     # -- evaluation function of nfed.federation.server
@@ -343,14 +386,35 @@ class FlowerClients:
                 timeouts[district] = self.eval_timeout
                 messages[district] = self._message(node.node_id, MessageType.EVALUATE, record, setup, round_number,
                                                    self.eval_timeout, split=split)
+        early = self.open_stream(weights, round_number + 1) if planned and self.open_stream is not None else None
         if planned:
             self.echo(f"evaluating round {round_number} together with round {round_number + 1}'s training")
-        replies = exchange(self.grid, messages, self.eval_timeout, timeouts=timeouts) if messages else {}
+
+        def arrived(district: str, reply: Reply) -> Reply:
+            """The training that came with an evaluation, folded into the next round's stream now (not when its
+            evaluation is malformed: the node is left out when it is read); only the result record is kept."""
+            if district in planned and reply.error is None and self._readable_evaluation(reply):
+                outcome = early.add(self._train_outcome(district, nodes[district], reply, self.timeout))
+                prefetched[district] = Prefetched(nodes[district], dict(planned[district]), reply, outcome)
+                if WEIGHTS_RECORD in reply.message.content:
+                    del reply.message.content[WEIGHTS_RECORD]
+            return reply
+
+        replies = exchange(self.grid, messages, self.eval_timeout, timeouts=timeouts,
+                           on_reply=arrived if early is not None else None) if messages else {}
         for district in planned:
-            if district in replies:
+            if district in replies and district not in prefetched:
                 prefetched[district] = Prefetched(nodes[district], dict(planned[district]), replies[district])
-        self._prefetched = (weights, prefetched) if prefetched else None
+        self._prefetched = (weights, prefetched, early) if prefetched else None
         return {d: (nodes[d], replies[d]) for d in messages}, skipped, timeouts
+
+    @staticmethod
+    def _readable_evaluation(reply: Reply) -> bool:
+        try:
+            evaluation_metrics(from_json_record(reply.message.content[RESULT_RECORD], "evaluation"))
+        except Exception:  # noqa: BLE001 - read again (and the node left out) when the Federation asks for it
+            return False
+        return True
 
 
 def round_plan(districts: Sequence[str], train_config, fed_config) -> Callable[[int], dict[str, dict]]:

@@ -43,6 +43,7 @@ from nfed.federation.runners import SequentialRunner, TrainFn, select_clients
 from nfed.federation.selection import Selection, describe, selection_of
 from nfed.federation.server_optim import build_server_optimizer
 from nfed.federation.stop_rules import StopRules
+from nfed.federation.streaming import RoundStream, holds_replies
 from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_checkpoint, save_checkpoint
 from nfed.runs.packs import pack_fingerprint, shared_tile, train_counts
 from nfed.runs.results import federated_row, write_results_csv
@@ -258,7 +259,7 @@ class Federation:
         the shared part of the updates; a district's local part (its BatchNorm under fedbn / silobn) is checked
         here and stays out of it."""
         cfg = self.config
-        shared, local_reference = norm_policy.split(weights, cfg.norm_policy)
+        shared = norm_policy.split(weights, cfg.norm_policy)[0]
         if cfg.secure_aggregation:
             if not hasattr(runner, "run_secure"):
                 raise ConfigError("secure aggregation runs over Flower (nfed flower-app --secure-aggregation)")
@@ -268,10 +269,41 @@ class Federation:
             return outcomes, {}, SecureSumAggregator(shared, aggregate, cfg.dp_clip, cfg.dp_noise)
         # a transport that encodes the broadcast itself (Flower) gets the float32 model
         sent = weights if getattr(runner, "encodes_broadcast", False) else compression.broadcast(weights, cfg.broadcast)
+        stream = self._stream(runner, weights, round_number)
+        if stream is not None:   # each reply is folded in as it arrives (nfed.federation.streaming)
+            outcomes, stream = runner.run_streaming(sent, tasks, cfg.deadline, stream)
+            return outcomes, stream.capped, stream.aggregator
         outcomes = self._attacked(self._decoded(runner.run(sent, tasks, cfg.deadline), shared), weights, round_number)
-        claims = {o.district: o.result.num_samples for o in outcomes if o.status == "ok" and o.result is not None}
-        caps, reasons = cap_sample_counts(claims, self.registered, cfg.max_sample_share, self.announced)
         aggregator = build_aggregator(cfg, shared)
+        return outcomes, self._accept(runner, weights, outcomes, aggregator, cfg.max_sample_share), aggregator
+
+    def _stream(self, runner, weights, round_number: int) -> RoundStream | None:
+        """The round's RoundStream when the runner streams and the aggregation allows it (None: hold every reply;
+        said once). The runner may open the next round's early, for replies that come with an evaluation."""
+        if not getattr(runner, "streams", False):
+            return None
+        shared = norm_policy.split(weights, self.config.norm_policy)[0]
+        aggregator = build_aggregator(self.config, shared)
+        held = holds_replies(self.config, aggregator)
+        if held is not None:
+            if not getattr(self, "_said_held", False):
+                self.echo(f"the server holds each round's replies until its last: {held}")
+                self._said_held = True
+            return None
+        runner.open_stream = lambda later, number: self._stream(runner, later, number)
+
+        def fold(outcome: ClientOutcome) -> dict:
+            [outcome] = self._attacked(self._decoded([outcome], shared), weights, round_number)
+            return self._accept(runner, weights, [outcome], aggregator, 1.0)   # the announced cap needs no other claim
+        return RoundStream(round_number, weights, aggregator, fold)
+
+    def _accept(self, runner, weights, outcomes: list[ClientOutcome], aggregator, max_share: float) -> dict:
+        """Cap the ok outcomes' claimed sample counts and add their updates to `aggregator` (an update it refuses,
+        or whose local tensors do not fit, is marked rejected): district -> (weight, why) of each capped claim."""
+        cfg = self.config
+        local_reference = norm_policy.split(weights, cfg.norm_policy)[1]
+        claims = {o.district: o.result.num_samples for o in outcomes if o.status == "ok" and o.result is not None}
+        caps, reasons = cap_sample_counts(claims, self.registered, max_share, self.announced)
         for outcome in outcomes:
             if outcome.status != "ok":
                 continue
@@ -285,7 +317,7 @@ class Federation:
                     continue
             if not aggregator.add(update, caps[outcome.district], outcome.district):
                 outcome.status, outcome.reason = "rejected", aggregator.rejected[outcome.district]
-        return outcomes, {d: (caps[d], why) for d, why in reasons.items()}, aggregator
+        return {d: (caps[d], why) for d, why in reasons.items()}
 
     def _evaluate_all(self, weights, round_number: int, split: str,
                       local_states: Mapping[str, dict] | None = None,
