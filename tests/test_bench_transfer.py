@@ -58,3 +58,19 @@ def test_malformed_packed_bytes_are_refused(spoil):
     record["packed.<f4"] = Array(dtype="float32", shape=(8,), stype="numpy.ndarray", data=data)
     with pytest.raises(DataError, match="unreadable weights record"):
         record_to_weights(record)
+
+
+def test_nfed_bench_transfer_times_serialisation_and_a_plain_http_copy(tmp_path):
+    """The command's JSON: both packings' MB/s and the loopback HTTP round trip of the same bytes (127.0.0.1 only)."""
+    from nfed.cli import cli
+
+    out = tmp_path / "transfer.json"
+    result = CliRunner().invoke(cli, ["bench", "transfer", "--width", "4", "--repeat", "1", "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown == json.loads(out.read_text())
+    assert shown["width"] == 4 and shown["megabytes"] > 0 and shown["chunks_each_way"] >= 1
+    for key in ("encode_mb_per_s", "decode_mb_per_s", "decode_views_mb_per_s", "old_encode_mb_per_s",
+                "old_decode_mb_per_s", "http_mb_per_s_both_ways"):
+        assert shown[key] > 0, key
+    assert len(shown["load_average"]) == 3

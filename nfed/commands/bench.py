@@ -12,6 +12,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "round": ("nfed.commands.bench_round", "round_"),
     "kernels": ("nfed.commands.bench_gpu", "kernels"),
     "aggregate": ("nfed.commands.bench_gpu", "aggregate"),
+    "transfer": ("nfed.commands.bench_transfer", "transfer"),
 }
 
 
