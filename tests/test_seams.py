@@ -166,3 +166,38 @@ def test_a_flower_node_checks_its_device():
         RunEnvironment("cpu", "bf16")
     with pytest.raises(DeviceError, match="bad device 'tpu:0'"):
         node_environment(SimpleNamespace(node_config={"device": "tpu:0"}))
+
+
+# ------------------------------------------------------------------------------------------ named interfaces
+
+def test_every_aggregator_is_an_aggregator_and_refuses_alike():
+    import numpy as np
+
+    from nfed.federation.aggregator import Aggregator
+    from nfed.federation.privacy import DPFedAvgAggregator, SecureAggregate, SecureSumAggregator
+    from nfed.federation.robust import build_aggregator
+
+    reference = {"w": np.zeros(3, np.float32)}
+    aggregators = [build_aggregator(FederationConfig(aggregator=name), reference)
+                   for name in ("fedavg", "median", "trimmed-mean", "multi-krum", "clipped")]
+    aggregators += [DPFedAvgAggregator(reference, 1.0, 0.0),
+                    SecureSumAggregator(reference, SecureAggregate(None, 0.0, []))]
+    for aggregator in aggregators:
+        assert isinstance(aggregator, Aggregator), type(aggregator)
+        assert (aggregator.total_samples, aggregator.rejected, aggregator.problem) == (0, {}, None)
+    for aggregator in aggregators[:-1]:
+        assert not aggregator.add({"w": np.full(3, np.nan, np.float32)}, 4, "Jung-gu")
+        assert "NaN" in aggregator.rejected["Jung-gu"] and aggregator.accepted == []
+
+
+def test_runners_are_named_by_what_they_can_do(tmp_path):
+    from nfed.federation.district_jobs import PoolRunner
+    from nfed.federation.runners import NodeRunner, Runner, SecureRunner, SequentialRunner
+    from nfed.federation.worker import WorkerRunner
+
+    for runner in (SequentialRunner(fake_train), WorkerRunner(2, tmp_path), PoolRunner(None, tmp_path, PACKS)):
+        assert isinstance(runner, Runner) and not isinstance(runner, (SecureRunner, NodeRunner))
+    with pytest.raises(Exception, match="secure aggregation runs over Flower"):
+        federate(PACKS, tmp_path / "run", FakeTrainConfig(),
+                 FederationConfig(rounds=1, eps=0.0, secure_aggregation=True), runner=SequentialRunner(fake_train),
+                 **HOOKS)

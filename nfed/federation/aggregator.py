@@ -94,7 +94,50 @@ def accept_update(aggregator, weights: Mapping[str, object], num_samples, client
     return True
 
 
-class FedAvgAggregator:
+class Aggregator:
+    """The interface a round is aggregated through, whatever the rule (FedAvg, the robust rules, DP-FedAvg, a
+    secure sum): `add` validates one client's update against `reference` and takes it in (`_take`), or refuses it
+    (False; why in `rejected`); `finish` gives the aggregate in the reference's dtypes, or None (why in `problem`
+    when it was unusable). `accepted`, `total_samples` and `notes` go into the round record."""
+
+    name = "aggregator"
+    unusable = "the aggregate is unusable"
+
+    def __init__(self, reference: Mapping[str, object]):
+        self.reference = reference
+        self.total_samples = 0
+        self.accepted: list[str] = []
+        self.rejected: dict[str, str] = {}
+        self.problem: str | None = None   # why `finish` had no usable aggregate
+        self.notes: dict = {}             # what the round record tells about the aggregation (robust ones)
+
+    def add(self, weights: Mapping[str, object], num_samples: int, client: str = "client") -> bool:
+        """Take one update in; False (reason logged and kept in `rejected`) when it cannot be aggregated."""
+        if not accept_update(self, weights, num_samples, client):
+            return False
+        self._take(weights, int(num_samples), client)
+        self.total_samples += int(num_samples)
+        self.accepted.append(client)
+        return True
+
+    def _take(self, weights: Mapping[str, object], num_samples: int, client: str) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, object] | None:
+        raise NotImplementedError
+
+    def _usable(self, aggregate: dict[str, object]) -> dict[str, object] | None:
+        """`aggregate`, or None with `problem` said when it cannot be the new global weights (finite updates can
+        still sum past the dtype's range)."""
+        problem = update_problem(aggregate, self.reference)
+        if problem is None:
+            return aggregate
+        self.problem = f"{self.unusable} ({problem})"
+        log.warning("%s", self.problem)
+        return None
+
+
+class FedAvgAggregator(Aggregator):
     """One round of federated averaging, weighted by each client's number of training samples.
 
     `add` validates and folds an update into a running weighted sum (so memory stays that of one model),
@@ -102,27 +145,17 @@ class FedAvgAggregator:
     """
 
     name = "fedavg"
+    unusable = "the average is unusable"
 
     def __init__(self, reference: Mapping[str, object]):
-        self.reference = reference
+        super().__init__(reference)
         self._sum: dict[str, object] | None = None
-        self.total_samples = 0
-        self.accepted: list[str] = []
-        self.rejected: dict[str, str] = {}
-        self.problem: str | None = None   # why `finish` had no usable average
-        self.notes: dict = {}              # what the round record tells about the aggregation (robust ones)
 
-    def add(self, weights: Mapping[str, object], num_samples: int, client: str = "client") -> bool:
-        """Fold one update in; False (reason logged and kept in `rejected`) when it cannot be averaged."""
-        if not accept_update(self, weights, num_samples, client):
-            return False
+    def _take(self, weights: Mapping[str, object], num_samples: int, client: str) -> None:
         if self._sum is None:   # float64 running sums on the device of the update's arrays
             self._sum = {name: array_module(value).zeros(value.shape, dtype=np.float64)
                          for name, value in self._sum_like(weights).items()}
         self._fold(weights, num_samples, client)
-        self.total_samples += int(num_samples)
-        self.accepted.append(client)
-        return True
 
     def _sum_like(self, weights: Mapping[str, object]) -> Mapping[str, object]:
         """The arrays whose shapes and devices the running sums take (FedAvg: the first update's)."""
@@ -145,20 +178,13 @@ class FedAvgAggregator:
             average[name] = summed.astype(self.reference[name].dtype)
         return average
 
-    unusable = "the average is unusable"
-
     def finish(self) -> dict[str, object] | None:
         """The aggregate (reference dtypes), or None when every update was rejected or the result is unusable."""
         if self._sum is None:
             return None
         aggregate = self._average()
         self._sum = None
-        problem = update_problem(aggregate, self.reference)
-        if problem is not None:   # finite updates can still sum past the dtype's range
-            self.problem = f"{self.unusable} ({problem})"
-            log.warning("%s", self.problem)
-            return None
-        return aggregate
+        return self._usable(aggregate)
 
 
 def _accumulate(total, value, weight: float) -> None:

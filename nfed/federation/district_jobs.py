@@ -123,7 +123,8 @@ def _row(row: dict) -> dict:
 
 
 class WorkerPool:
-    """`count` worker processes, started once and reused for every `map` until `close`."""
+    """`count` worker processes, started once and reused for every `map` until `close`: any district job (a local
+    or personalised training, a client's round or evaluation through PoolRunner), one JSON line each way."""
 
     def __init__(self, count: int):
         threads = str(max(1, usable_cpus() // count))
@@ -193,8 +194,10 @@ class WorkerPool:
 
 
 class PoolRunner:
-    """A federation runner and evaluation function (nfed.federation.server's `runner=` and `evaluate_fn=`) whose
-    clients train and evaluate on a WorkerPool.
+    """A federation Runner and evaluation function (nfed.federation.server's `runner=` and `evaluate_fn=`) whose
+    clients train and evaluate on a WorkerPool: long-lived processes started once and shared with the study's
+    other columns (the demo), unlike worker.WorkerRunner's fresh process per client and round killed at a real
+    deadline.
 
     Each global model is written once (WORK/global-N.h5): a round's validation and the next round's training
     read the same file, which stays until other weights come or the runner closes; every client's weights come

@@ -27,7 +27,7 @@ import numpy as np
 
 from nfed.common.backend import array_module
 from nfed.common.errors import ConfigError, NfedError
-from nfed.federation.aggregator import FedAvgAggregator, is_statistic, update_problem
+from nfed.federation.aggregator import Aggregator, FedAvgAggregator, is_statistic
 
 log = logging.getLogger(__name__)
 
@@ -226,23 +226,23 @@ class SecureAggregate:
     problem: str | None = None
 
 
-class SecureSumAggregator:
+class SecureSumAggregator(Aggregator):
     """The round's aggregator when the runner summed the updates under secure aggregation: the server only
     adds the revealed mean delta to the global weights, or, with DP-FedAvg (clients clipped, weights 1),
     noise to the revealed sum first."""
 
     name = "secure-fedavg"
+    unusable = "the secure aggregate is unusable"
 
     def __init__(self, reference: Mapping[str, object], aggregate: SecureAggregate, dp_clip: float = 0.0,
                  dp_noise: float = 0.0, rng=None):
-        self.reference = reference
+        super().__init__(reference)   # the updates were added by the runner's secure sum, not here
         self.aggregate = aggregate
         self.dp_clip, self.dp_noise = float(dp_clip), float(dp_noise)
         self.rng = rng if rng is not None else np.random.default_rng()
         self.accepted = list(aggregate.clients) if aggregate.mean_delta is not None else []
-        self.rejected: dict[str, str] = {}
         self.problem = aggregate.problem
-        self.notes: dict = dict(aggregate.notes)
+        self.notes = dict(aggregate.notes)
         if self.dp_clip > 0:
             self.notes.update(clip=self.dp_clip, noise_std=self.dp_noise * self.dp_clip)
 
@@ -257,8 +257,4 @@ class SecureSumAggregator:
         else:
             new = {name: (ref.astype(np.float64) + np.asarray(mean[name], dtype=np.float64)).astype(ref.dtype)
                    for name, ref in self.reference.items()}
-        problem = update_problem(new, self.reference)
-        if problem is not None:
-            self.problem = f"the secure aggregate is unusable ({problem})"
-            return None
-        return new
+        return self._usable(new)

@@ -25,7 +25,7 @@ import numpy as np
 
 from nfed.common.backend import array_module
 from nfed.common.errors import ConfigError
-from nfed.federation.aggregator import FedAvgAggregator, accept_update, sample_count_problem, update_problem
+from nfed.federation.aggregator import Aggregator, FedAvgAggregator, sample_count_problem
 
 log = logging.getLogger(__name__)
 
@@ -33,29 +33,23 @@ AGGREGATORS = ("fedavg", "median", "trimmed-mean", "multi-krum", "clipped")
 CHUNK = 1 << 20   # coordinates per slice: bounds the float64 temporaries to n x 8 MB
 
 
-class BufferedAggregator:
+class BufferedAggregator(Aggregator):
     """Keeps every accepted update; `finish` turns their deltas into the round's delta (`_combine`)."""
 
     name = "buffered"
 
     def __init__(self, reference: Mapping[str, object]):
-        self.reference = reference
+        super().__init__(reference)
         self._updates: list[Mapping[str, object]] = []
         self._counts: list[int] = []
-        self.total_samples = 0
-        self.accepted: list[str] = []
-        self.rejected: dict[str, str] = {}
-        self.problem: str | None = None
-        self.notes: dict = {}
 
-    def add(self, weights: Mapping[str, object], num_samples: int, client: str = "client") -> bool:
-        if not accept_update(self, weights, num_samples, client):
-            return False
+    @property
+    def unusable(self) -> str:
+        return f"the {self.name} aggregate is unusable"
+
+    def _take(self, weights: Mapping[str, object], num_samples: int, client: str) -> None:
         self._updates.append(weights)
-        self._counts.append(int(num_samples))
-        self.total_samples += int(num_samples)
-        self.accepted.append(client)
-        return True
+        self._counts.append(num_samples)
 
     def finish(self) -> dict[str, object] | None:
         if not self._updates:
@@ -66,12 +60,7 @@ class BufferedAggregator:
         for name, ref in self.reference.items():
             xp = array_module(ref)
             new[name] = (ref.astype(xp.float64) + delta[name]).astype(ref.dtype)
-        problem = update_problem(new, self.reference)
-        if problem is not None:
-            self.problem = f"the {self.name} aggregate is unusable ({problem})"
-            log.warning("%s", self.problem)
-            return None
-        return new
+        return self._usable(new)
 
     # -- helpers for subclasses
     def _slices(self) -> Iterator[tuple[str, slice, object]]:

@@ -1,10 +1,14 @@
-"""Who takes part in a round and how the in-process runner runs them (the worker and Flower runners are in
-nfed.federation.worker and nfed.federation.flower_transport)."""
+"""Who takes part in a round, the interface a round's clients are run through (Runner), and the in-process runner.
+
+The runners: SequentialRunner (here: in turn, in this process, simulated speeds), nfed.federation.worker's
+WorkerRunner (a fresh subprocess per client and round, killed at a real deadline: `nfed federate --workers`),
+nfed.federation.district_jobs' PoolRunner (a pool of long-lived worker processes shared with the study's other
+columns: the demo) and nfed.federation.flower_transport's FlowerClients (one SuperNode per district)."""
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -13,6 +17,30 @@ from nfed.common.progress import progress
 from nfed.federation.client import ClientOutcome, ClientResult, ClientTask, clean_metrics
 
 TrainFn = Callable[..., ClientResult]
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Runs a round's client tasks from the global weights: one outcome per task (ok, late or failed), the
+    deadline applied as the transport can (simulated, killed, or not waited for)."""
+
+    def run(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None) -> list[ClientOutcome]: ...
+
+
+@runtime_checkable
+class SecureRunner(Runner, Protocol):
+    """A runner whose transport sums the updates so that the server sees only the sum (Flower's SecAgg+): the
+    outcomes and the revealed aggregate (nfed.federation.privacy.SecureAggregate)."""
+
+    def run_secure(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None): ...
+
+
+@runtime_checkable
+class NodeRunner(Runner, Protocol):
+    """A runner over nodes that can be refused before any task reaches them (Flower's SuperNodes)."""
+
+    @property
+    def refused_nodes(self) -> Mapping[object, str]: ...   # node -> why it was left out of the last round
 
 
 def select_clients(districts: Sequence[str], fraction: float, seed: int, round_number: int) -> list[str]:

@@ -32,18 +32,22 @@ from nfed.common.atomic import write_json_atomic
 from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, TrainingError
 from nfed.federation import compression, norm_policy
 from nfed.federation.aggregator import relative_norm_difference, trainable, update_problem
-from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientTask, make_round_setup
+from nfed.federation.attacks import choose_attackers
+from nfed.federation.client import (DP_CLIP_KEY, ClientOutcome, ClientTask, evaluate_weights, host_state,
+                                   make_round_setup)
 from nfed.federation.config import FederationConfig, training_districts
 from nfed.federation.heldout import held_out_rows, write_heldout
+from nfed.federation.privacy import PrivacyLedger
 from nfed.federation.resume import check_data, check_history, check_settings, restore_server_state, server_state
 from nfed.federation.robust import build_aggregator, cap_sample_counts, registered_samples
 from nfed.federation.round_record import (add_validation, client_entry, defence_summary, round_line, round_problems,
                                          round_record)
-from nfed.federation.runners import SequentialRunner, TrainFn, select_clients
+from nfed.federation.runners import NodeRunner, Runner, SecureRunner, SequentialRunner, TrainFn, select_clients
 from nfed.federation.selection import Selection, describe, selection_of
 from nfed.federation.server_optim import build_server_optimizer
 from nfed.federation.stop_rules import StopRules
 from nfed.federation.streaming import RoundStream, holds_replies
+from nfed.federation.worker import WorkerRunner
 from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_checkpoint, save_checkpoint
 from nfed.runs.packs import pack_fingerprint, shared_tile, train_counts
 from nfed.runs.results import federated_row, write_results_csv
@@ -52,6 +56,7 @@ from nfed.runs.runfolder import (BEST_NAME, CHECKPOINT_NAME, RESULTS_NAME, ROUND
                                  client_work, latest_client_state, prune_client_states, read_rounds, recorded_run,
                                  residual_extra, rounds_digest, state_file, write_rounds)
 from nfed.training.environment import RunEnvironment, default_environment
+from nfed.training.trainer import build_model
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ class Federation:
 
     def __init__(self, packs: Mapping[str, Path], run_dir: str | Path, train_config, fed_config: FederationConfig,
                  *, train_fn: TrainFn | None = None, evaluate_fn: Callable | None = None,
-                 initial_weights: Mapping | None = None, runner=None,
+                 initial_weights: Mapping | None = None, runner: Runner | None = None,
                  echo: Callable[[str], None] | None = None, show_progress: bool = False,
                  data_fingerprint: Mapping[str, str | None] | None = None, tile: int | None = None,
                  train_samples: Mapping[str, int] | None = None, env: RunEnvironment | None = None,
@@ -115,13 +120,9 @@ class Federation:
         self.announced = train_samples if train_samples is not None else train_counts(self.packs)   # may be live
         self.attackers: list[str] = []
         if fed_config.simulate_attack is not None:
-            from nfed.federation.attacks import choose_attackers
-
             self.attackers = choose_attackers(self.training, fed_config.attackers, fed_config.seed)
         self.privacy = None
         if fed_config.dp_clip > 0:
-            from nfed.federation.privacy import PrivacyLedger
-
             rate = len(select_clients(self.training, fed_config.fraction, fed_config.seed, 1)) / len(self.training)
             training = {d: self.packs[d] for d in self.training}
             counted = ({d: self.announced[d] for d in self.training} if set(self.announced) == set(self.districts)
@@ -139,9 +140,6 @@ class Federation:
         if self._initial_weights is not None:
             weights = {k: np.array(v) for k, v in self._initial_weights.items()}
         else:
-            from nfed.federation.client import host_state
-            from nfed.training.trainer import build_model
-
             weights = host_state(build_model(self.train_config, "cpu"))
         return weights
 
@@ -186,12 +184,10 @@ class Federation:
         return checkpoint.model_state, round_number, records, stop_reason
 
     # -- one round ---------------------------------------------------------------------------------------
-    def _runner(self):
+    def _runner(self) -> Runner:
         if self._runner_override is not None:
             return self._runner_override
         if self.config.workers and self.config.workers > 1:
-            from nfed.federation.worker import WorkerRunner
-
             return WorkerRunner(self.config.workers, self.run_dir / WORK_NAME, gpus=self.config.gpus)
         return SequentialRunner(self.train_fn, self.config.client_speeds, show_progress=self.show_progress)
 
@@ -261,7 +257,7 @@ class Federation:
         cfg = self.config
         shared = norm_policy.split(weights, cfg.norm_policy)[0]
         if cfg.secure_aggregation:
-            if not hasattr(runner, "run_secure"):
+            if not isinstance(runner, SecureRunner):
                 raise ConfigError("secure aggregation runs over Flower (nfed flower-app --secure-aggregation)")
             from nfed.federation.privacy import SecureSumAggregator
 
@@ -328,7 +324,7 @@ class Federation:
         own = self.config.norm_policy != "shared"
         evaluate_fn = self.evaluate_fn
         if evaluate_fn is None:
-            from nfed.federation.client import evaluate_weights as evaluate_fn
+            evaluate_fn = evaluate_weights
         setup, env = self._evaluation_setup(round_number)
         results = {}
         for district in self.districts if districts is None else districts:
@@ -534,7 +530,7 @@ class Federation:
         record.update(compress=cfg.compress, broadcast=cfg.broadcast,
                       bytes_up=sum(e.get("bytes_up", 0) for e in clients.values()),
                       bytes_down=sum(e.get("bytes_down", 0) for e in clients.values()))
-        refused = getattr(runner, "refused_nodes", None)   # SuperNodes a Flower run left out (none in-process)
+        refused = runner.refused_nodes if isinstance(runner, NodeRunner) else None   # SuperNodes left out (Flower)
         if refused:
             record["refused_nodes"] = {str(node): why for node, why in refused.items()}
         if self.privacy is not None:
@@ -565,7 +561,7 @@ class Federation:
         of its own under fedbn / silobn (the global model's initial ones, re-estimated by the adaptation)."""
         adapt_fn = self.adapt_fn
         if adapt_fn is None:
-            from nfed.federation.client import evaluate_weights as adapt_fn
+            adapt_fn = evaluate_weights
         setup, env = self._evaluation_setup(round_number)
         adapted = {}
         for district in self.held_out:

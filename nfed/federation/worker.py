@@ -42,8 +42,10 @@ def _client_function(spec: str):
 
 
 class WorkerRunner:
-    """Runs up to `workers` clients at a time as subprocesses (no more than a round's clients or the memory
-    holds: worker_count, said once); kills those still running at the deadline.
+    """The Runner of `nfed federate --workers N`: a fresh subprocess per client and round (up to `workers` at a
+    time, no more than a round's clients or the memory holds: worker_count, said once), killed with its process
+    group when still running at the real wall-clock deadline. Unlike district_jobs.PoolRunner (long-lived pool
+    processes, a simulated deadline) nothing outlives the round, and a client may hang or crash its process.
 
     `gpus` assigns the clients round-robin to cuda:<id> (already done per task by the federation);
     `client_function` names the client's train function as "module:function" (tests use a hanging one).
