@@ -253,7 +253,7 @@ class Federation:
         """Run the round's clients: their outcomes and the aggregator holding their accepted updates (under
         secure aggregation the runner returns the secure sum instead of individual updates). The aggregator sees
         the shared part of the updates; a district's local part (its BatchNorm under fedbn / silobn) is checked
-        here and stays out of it."""
+        here and stays out of it, and must not come at all from a transport whose nodes keep it (Flower)."""
         cfg = self.config
         shared = norm_policy.split(weights, cfg.norm_policy)[0]
         if cfg.secure_aggregation:
@@ -298,6 +298,7 @@ class Federation:
         or whose local tensors do not fit, is marked rejected): district -> (weight, why) of each capped claim."""
         cfg = self.config
         local_reference = norm_policy.split(weights, cfg.norm_policy)[1]
+        at_nodes = getattr(runner, "keeps_local_state", False)
         claims = {o.district: o.result.num_samples for o in outcomes if o.status == "ok" and o.result is not None}
         caps, reasons = cap_sample_counts(claims, self.registered, max_share, self.announced)
         for outcome in outcomes:
@@ -306,7 +307,8 @@ class Federation:
             update, local = outcome.result.weights, {}
             if local_reference and isinstance(update, Mapping):
                 update, local = norm_policy.split(update, cfg.norm_policy)
-                problem = update_problem(local, local_reference)
+                problem = (update_problem(local, local_reference) if not at_nodes else
+                           f"it sent {len(local)} tensor(s) that stay with the district" if local else None)
                 if problem is not None:
                     log.warning("rejected update from %s: %s", outcome.district, problem)
                     outcome.status, outcome.reason = "rejected", problem
@@ -488,8 +490,10 @@ class Federation:
         for outcome in outcomes:
             entry = client_entry(outcome, capped, cfg.simulate_attack if outcome.district in self.attackers else None)
             result = outcome.result
-            # a district keeps the local tensors of its accepted update (they never reach the average)
-            own = cfg.norm_policy != "shared" and entry["status"] == "ok"
+            # a district keeps the local tensors of its accepted update (they never reach the average); over Flower
+            # its node keeps them
+            own = cfg.norm_policy != "shared" and entry["status"] == "ok" and not getattr(runner, "keeps_local_state",
+                                                                                           False)
             if own:
                 self._local[outcome.district] = norm_policy.split(result.weights, cfg.norm_policy)[1]
             # a client keeps its own optimiser state whether or not it made the deadline (not when it broke)
