@@ -39,7 +39,7 @@ class FederationConfig:
     Each field is declared once (nfed.common.fields.option): its command-line option, range and Flower run-config
     key are generated from it. A Flower key added after the first Flower version must be optional_in_flower."""
 
-    rounds: int = option(100, cli="--rounds", limit=Limit(1, 100000, integer=True), flower_key="rounds",
+    rounds: int = option(200, cli="--rounds", limit=Limit(1, 100000, integer=True), flower_key="rounds",
                          help="round budget (a safety net: the validation-loss rule should end the run first)")
     local_epochs: int = option(3, cli="--local-epochs", limit=Limit(1, 10000, integer=True),
                                help="epochs per client per round", flower_key="local-epochs")
