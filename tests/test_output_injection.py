@@ -135,7 +135,7 @@ def test_federate_workers_share_the_cpus_among_the_clients_that_run(tmp_path, mo
     monkeypatch.setattr(worker.WorkerRunner, "_launch", launch)
     runner = worker.WorkerRunner(16, tmp_path / "work")
     with pytest.raises(Stop):
-        runner.run({}, [SimpleNamespace(setup={"round": 1}, district="Gangnam-gu")], None)
+        runner.run({}, [SimpleNamespace(setup=SimpleNamespace(round=1), district="Gangnam-gu")], None)
     assert seen == ["16"]   # one client: it gets every CPU, not 1/16 of them
 
 

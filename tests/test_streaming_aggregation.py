@@ -49,7 +49,7 @@ def _grid(arrival=None, spoil=None):
 def _round(tmp_path: Path, *, streams: bool = True, arrival=None, spoil=None, **options):
     """One round's collection through Federation._collect: (outcomes, new weights, echoed lines, clients)."""
     import nfed.federation.flower_exchange as flower_exchange
-    from nfed.federation.client import ClientTask
+    from nfed.federation.client import ClientTask, make_round_setup
     from nfed.federation.config import FederationConfig
     from nfed.federation.flower_transport import FlowerClients
     from nfed.federation.roster import Roster
@@ -67,7 +67,8 @@ def _round(tmp_path: Path, *, streams: bool = True, arrival=None, spoil=None, **
                             FederationConfig(rounds=1, **options), initial_weights=GLOBAL, runner=clients,
                             echo=lines.append, tile=32, train_samples=SAMPLES,
                             data_fingerprint={district: None for district in SAMPLES})
-    tasks = [ClientTask(district, federation.packs[district], {"round": 1}) for district in SAMPLES]
+    setup = make_round_setup(profile_config("demo", width=4), 1, 1)
+    tasks = [ClientTask(district, federation.packs[district], setup) for district in SAMPLES]
     outcomes, _, aggregator = federation._collect(clients, GLOBAL, tasks, 1)
     return outcomes, aggregator.finish(), lines, clients
 

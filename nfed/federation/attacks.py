@@ -40,9 +40,9 @@ def choose_attackers(districts: Sequence[str], count: int, seed: int) -> list[st
     return [name for index, name in enumerate(districts) if index in chosen]
 
 
-def attack_setup(kind: str, setup: Mapping) -> dict:
-    """An attacker's round set-up: label-flip asks its client to train on inverted masks."""
-    return {**setup, ATTACK_KEY: kind} if kind == "label-flip" else dict(setup)
+def attack_setup(kind: str, setup):
+    """An attacker's round set-up (a RoundSetup): label-flip asks its client to train on inverted masks."""
+    return setup.replace(simulate_attack=kind) if kind == "label-flip" else setup
 
 
 def attack_result(kind: str, result, global_weights: Mapping[str, np.ndarray], rng: np.random.Generator):

@@ -4,13 +4,7 @@
 weights, number of training samples, metrics) with no process or file assumptions beyond reading the pack,
 so the in-process simulation, the worker subprocesses and the Flower client all call the same code.
 
-The round set-up is a JSON-able dict (what the study's server sends to every client):
-    {"round": 3, "local_epochs": 1, "config": TrainConfig.to_dict(), "epoch_seed_offset": 2,
-     "keep_optimizer_state": False}
-plus, where used, "dp_clip" (DP-FedAvg: clip the update to this L2 norm), "prox_mu" (FedProx: the proximal
-weight mu), "norm_policy" (fedbn / silobn: the BatchNorm tensors that stay with the district, left out of the
-clipped update), "compress" (fp16 / int8 / int8-ef: the shared update leaves as a compressed delta,
-nfed.federation.compression) and "simulate_attack" (a simulated label-flipping attacker trains on inverted masks).
+The round set-up is a nfed.federation.round_setup.RoundSetup (a dict only on the wire).
 """
 from __future__ import annotations
 
@@ -24,13 +18,12 @@ from typing import Mapping
 import numpy as np
 
 from nfed.common.backend import to_numpy
-from nfed.common.errors import ConfigError
-from nfed.common.validate import check_number
 from nfed.core.functions.parallel import num_workers
 from nfed.federation import norm_policy
-from nfed.federation.attacks import ATTACK_KEY, FlippedMasks
-from nfed.federation.compression import COMPRESS_KEY, COMPRESS_MODES, compress_update, received
-from nfed.federation.norm_policy import NORM_POLICIES, NORM_POLICY_KEY
+from nfed.federation.attacks import FlippedMasks
+from nfed.federation.compression import compress_update, received
+# DP_CLIP_KEY, PROX_MU_KEY and make_round_setup are re-exported where callers of earlier versions found them
+from nfed.federation.round_setup import DP_CLIP_KEY, PROX_MU_KEY, RoundSetup, make_round_setup  # noqa: F401
 from nfed.training.environment import RunEnvironment, default_environment
 
 
@@ -55,7 +48,7 @@ class ClientTask:
 
     district: str
     pack_path: Path
-    setup: dict
+    setup: RoundSetup
     optimizer_state: dict | None = None
     env: RunEnvironment | None = None      # where the client runs (None: the CPU at the precision in force)
     local_state: dict | None = None        # the district's own BatchNorm tensors (--norm-policy fedbn / silobn)
@@ -77,9 +70,6 @@ class ClientOutcome:
     result: ClientResult | None = None
     reason: str = ""
 
-
-DP_CLIP_KEY = "dp_clip"
-PROX_MU_KEY = "prox_mu"
 
 # Entries of a round record that a client's metrics must not overwrite.
 RESERVED_ENTRIES = ("status", "seconds", "simulated_seconds", "reason", "num_samples", "weight", "capped",
@@ -109,31 +99,6 @@ def clean_metrics(metrics) -> dict:
     return clean
 
 
-def make_round_setup(config, round_number: int, local_epochs: int, *, keep_optimizer_state: bool = False,
-                     prox_mu: float = 0.0, norm_policy: str = "shared", compress: str = "none") -> dict:
-    """The set-up the server sends for round `round_number` (1-based); epochs continue the seed sequence.
-    `prox_mu` > 0 makes the clients FedProx ones (the key is absent at 0, so FedAvg set-ups are unchanged), as
-    does a norm policy other than shared (absent for shared) and a compression other than none."""
-    if local_epochs < 1:
-        raise ConfigError(f"local epochs must be >= 1, got {local_epochs}")
-    setup = {"round": int(round_number), "local_epochs": int(local_epochs), "config": config.to_dict(),
-             "epoch_seed_offset": int((round_number - 1) * local_epochs),
-             "keep_optimizer_state": bool(keep_optimizer_state)}
-    if prox_mu > 0:
-        setup[PROX_MU_KEY] = float(prox_mu)
-    if norm_policy != "shared":
-        setup[NORM_POLICY_KEY] = norm_policy
-    if compress != "none":
-        setup[COMPRESS_KEY] = compress
-    return setup
-
-
-def _config_for(setup: Mapping):
-    from nfed.training.trainer import TrainConfig
-
-    return TrainConfig.from_dict(dict(setup["config"]))
-
-
 def _model_with(weights: Mapping, config, env: RunEnvironment):
     from nfed.training.trainer import build_model
 
@@ -147,10 +112,10 @@ def host_state(model) -> dict[str, np.ndarray]:
     return {name: np.array(to_numpy(value)) for name, value in model.state_dict().items()}
 
 
-def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
+def train_round(global_weights: Mapping[str, np.ndarray], setup: RoundSetup | Mapping, pack_path: str | Path, *,
                 optimizer_state: Mapping[str, np.ndarray] | None = None,
                 env: RunEnvironment | None = None, residual: Mapping[str, np.ndarray] | None = None) -> ClientResult:
-    """Train `setup["local_epochs"]` epochs on the pack's train split, starting from the global weights (float16
+    """Train `setup.local_epochs` epochs on the pack's train split, starting from the global weights (float16
     ones of a float16 broadcast are widened first), in the client's environment `env` (its device and precision;
     None: the CPU at the precision in force).
 
@@ -164,27 +129,22 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
 
     started = time.perf_counter()
     env = env or default_environment()
-    config = _config_for(setup)
-    mu = check_number("prox_mu", setup.get(PROX_MU_KEY) or 0.0)   # a value from the wire: checked like the option
-    policy = setup.get(NORM_POLICY_KEY, "shared")
-    if policy not in NORM_POLICIES:
-        raise ConfigError(f"norm policy must be one of {', '.join(NORM_POLICIES)}, got {str(policy)[:40]!r}")
-    compress = setup.get(COMPRESS_KEY, "none")
-    if compress not in COMPRESS_MODES:
-        raise ConfigError(f"compression must be one of {', '.join(COMPRESS_MODES)}, got {str(compress)[:40]!r}")
+    setup = RoundSetup.from_dict(setup)   # a dict (a set-up from the wire) is checked key by key
+    config, policy = setup.config, setup.norm_policy
     global_weights = received(global_weights)
     model = _model_with(global_weights, config, env)
     optimizer = build_optimizer(model, config)
     if optimizer_state:
         optimizer.load_state_dict(dict(optimizer_state))
     # FedProx pulls the trainable weights (not the BatchNorm statistics) towards the global ones, held on the device
-    proximal = (mu, {name: p.data.copy() for name, p in model.named_parameters()}) if mu > 0 else None
+    proximal = (setup.prox_mu, {name: p.data.copy() for name, p in model.named_parameters()}) \
+        if setup.prox_mu > 0 else None
     with env.active(), DistrictPack(pack_path) as pack:
         source = pack
-        if setup.get(ATTACK_KEY) == "label-flip":   # a simulated attacker (nfed federate --simulate-attack)
+        if setup.simulate_attack == "label-flip":   # a simulated attacker (nfed federate --simulate-attack)
             source = FlippedMasks(pack)
-        result = fit(model, optimizer, source, config, epochs=int(setup["local_epochs"]), early_stopping=False,
-                     progress=False, epoch_seed_offset=int(setup.get("epoch_seed_offset", 0)),
+        result = fit(model, optimizer, source, config, epochs=setup.local_epochs, early_stopping=False,
+                     progress=False, epoch_seed_offset=setup.epoch_seed_offset,
                      validate_last_only=True, proximal=proximal)
     last = result.history[-1] if result.history else {}
     metrics = {
@@ -196,25 +156,25 @@ def train_round(global_weights: Mapping[str, np.ndarray], setup: Mapping, pack_p
         "wall_time_s": time.perf_counter() - started,
         "device": str(env.device), "precision": env.precision, "cpu_threads": num_workers(),   # where it computed
     }
-    keep = bool(setup.get("keep_optimizer_state"))
+    keep = setup.keep_optimizer_state
     weights = host_state(model)
-    if setup.get(DP_CLIP_KEY):   # DP-FedAvg: the shared update leaves the client clipped to this L2 norm
+    if setup.dp_clip:   # DP-FedAvg: the shared update leaves the client clipped to this L2 norm
         from nfed.federation.privacy import clip_update
 
         shared, local = norm_policy.split(weights, policy)
-        shared, _ = clip_update(shared, norm_policy.split(global_weights, policy)[0], float(setup[DP_CLIP_KEY]))
+        shared, _ = clip_update(shared, norm_policy.split(global_weights, policy)[0], setup.dp_clip)
         weights = norm_policy.merge(shared, local)
     update = new_residual = None
-    if compress != "none":   # the shared part leaves as a compressed delta; the local part stays
+    if setup.compress != "none":   # the shared part leaves as a compressed delta; the local part stays
         shared, weights = norm_policy.split(weights, policy)
-        update, new_residual = compress_update(shared, norm_policy.split(global_weights, policy)[0], compress,
+        update, new_residual = compress_update(shared, norm_policy.split(global_weights, policy)[0], setup.compress,
                                                residual)
     return ClientResult(weights=weights, num_samples=int(result.num_train_samples), metrics=metrics,
                         optimizer_state={k: np.array(to_numpy(v)) for k, v in optimizer.state_dict().items()}
                         if keep else None, update=update, residual=new_residual)
 
 
-def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_path: str | Path, *,
+def evaluate_weights(weights: Mapping[str, np.ndarray], setup: RoundSetup | Mapping, pack_path: str | Path, *,
                      split: str = "val", env: RunEnvironment | None = None, local_state: Mapping | None = None,
                      adapt_on: str | None = None) -> dict:
     """Loss and change-class metrics of `weights` (with the district's own `local_state` in place) on one split
@@ -227,7 +187,7 @@ def evaluate_weights(weights: Mapping[str, np.ndarray], setup: Mapping, pack_pat
     from nfed.training.trainer import evaluate
 
     env = env or default_environment()
-    config = _config_for(setup)
+    config = RoundSetup.from_dict(setup).config
     model = _model_with(norm_policy.merge(weights, local_state), config, env)
     with env.active(), DistrictPack(pack_path) as pack:
         if adapt_on is not None:

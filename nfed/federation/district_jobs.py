@@ -49,6 +49,7 @@ def _env_entry(env: RunEnvironment | None) -> dict:
 def run_task(task: Mapping, weights_cache: dict) -> dict:
     """Do one task; returns its answer (a results row, or a client round's sample count and metrics)."""
     from nfed.federation.client import evaluate_weights, train_round
+    from nfed.federation.round_setup import RoundSetup
     from nfed.model.checkpoint import load_checkpoint, save_checkpoint
     from nfed.training.study import local_states_of, personalise_district, train_district
     from nfed.training.trainer import TrainConfig
@@ -75,10 +76,10 @@ def run_task(task: Mapping, weights_cache: dict) -> dict:
         return {"row": personalise_district(weights, task["pack"], task["out"], TrainConfig.from_dict(task["config"]),
                                             env=env, quiet=True, source=task["weights"], local_states=local_states)}
     if task["kind"] == "evaluate":
-        return {"metrics": evaluate_weights(weights, task["setup"], task["pack"], split=task["split"], env=env)}
+        return {"metrics": evaluate_weights(weights, RoundSetup.from_dict(task["setup"]), task["pack"], split=task["split"], env=env)}
     from nfed.federation.worker import result_extra, result_manifest
 
-    result = train_round(weights, task["setup"], task["pack"], env=env, residual=residual)
+    result = train_round(weights, RoundSetup.from_dict(task["setup"]), task["pack"], env=env, residual=residual)
     save_checkpoint(task["result"], result.weights, extra=result_extra(result))
     return {"num_samples": int(result.num_samples), "metrics": result.metrics, **result_manifest(result)}
 
@@ -249,7 +250,7 @@ class PoolRunner:
         if any(task.optimizer_state is not None for task in tasks):
             raise TrainingError("worker processes start each round's optimiser afresh (--client-state reset)")
         weights_path = self._weights_file(global_weights)
-        jobs = [{"kind": "round", "pack": str(task.pack_path), "setup": dict(task.setup), "weights": str(weights_path),
+        jobs = [{"kind": "round", "pack": str(task.pack_path), "setup": task.setup.to_dict(), "weights": str(weights_path),
                  "result": str(self.work_dir / f"client-{index}.h5"), "env": _env_entry(task.env),
                  "local_state": self._local_file(task.local_state, f"client-{index}.local.h5", task.residual)}
                 for index, task in enumerate(tasks)]
@@ -285,7 +286,7 @@ class PoolRunner:
     def evaluate(self, weights, setup, pack_path, *, split: str = "val", env: RunEnvironment | None = None,
                  local_state: Mapping | None = None) -> dict:
         if local_state:
-            job = {"kind": "evaluate", "pack": str(pack_path), "setup": dict(setup), "split": split,
+            job = {"kind": "evaluate", "pack": str(pack_path), "setup": setup.to_dict(), "split": split,
                    "weights": str(self._weights_file(weights)), "env": _env_entry(env),
                    "local_state": self._local_file(local_state, "evaluate.local.h5")}
             answer = next(iter(self.pool.map([job])))[1]
@@ -296,7 +297,7 @@ class PoolRunner:
         if self._evaluated is None or self._evaluated[0] is not weights or self._evaluated[1] != split:
             self._evaluated = None
             weights_path = self._weights_file(weights)
-            jobs = [{"kind": "evaluate", "pack": pack, "setup": dict(setup), "weights": str(weights_path),
+            jobs = [{"kind": "evaluate", "pack": pack, "setup": setup.to_dict(), "weights": str(weights_path),
                      "split": split, "env": _env_entry(env)} for pack in self.packs]
             answers = {}
             for index, answer in self.pool.map(jobs):

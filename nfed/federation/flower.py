@@ -44,8 +44,8 @@ from nfed.federation.flower_config import settings_from_run_config
 from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, from_json_record, json_record,
                                              record_to_weights, update_to_record, weights_to_record)
 from nfed.federation.flower_transport import FlowerClients, round_plan
-from nfed.federation.norm_policy import NORM_POLICY_KEY
 from nfed.federation.roster import AnnouncedCounts, Roster
+from nfed.federation.round_setup import RoundSetup
 from nfed.federation.server import federate
 from nfed.gpu.precision import parse_precision
 from nfed.runs.packs import describe_pack, pack_district
@@ -84,10 +84,10 @@ def _error_reply(message: Message, exc: BaseException) -> Message:
     return Message(Error(code=CLIENT_ERROR_CODE, reason=one_line(exc)), reply_to=message)
 
 
-def with_own_tensors(weights: Mapping, setup: Mapping, context: Context, up_to_round: int) -> Mapping:
+def with_own_tensors(weights: Mapping, setup: RoundSetup, context: Context, up_to_round: int) -> Mapping:
     """The received shared weights with the district's own tensors in place under the set-up's norm policy: those
     of its last round <= `up_to_round` kept in the context state, else the model's initial ones."""
-    policy = setup.get(NORM_POLICY_KEY, "shared")
+    policy = setup.norm_policy
     if policy == "shared":
         return weights
     kept = {int(key[len(LOCAL_STATE):]): key for key in context.state.array_records
@@ -97,20 +97,20 @@ def with_own_tensors(weights: Mapping, setup: Mapping, context: Context, up_to_r
         own = record_to_weights(context.state.array_records[kept[max(rounds)]])
     else:
         from nfed.federation.client import host_state
-        from nfed.training.trainer import TrainConfig, build_model
+        from nfed.training.trainer import build_model
 
-        own = norm_policy.split(host_state(build_model(TrainConfig.from_dict(dict(setup["config"])), "cpu")),
+        own = norm_policy.split(host_state(build_model(setup.config, "cpu")),
                                 policy)[1]
     return norm_policy.merge(norm_policy.split(weights, policy)[0], own)
 
 
-def keep_own_tensors(result, setup: Mapping, context: Context) -> None:
+def keep_own_tensors(result, setup: RoundSetup, context: Context) -> None:
     """Keep the district's own tensors of a trained round in the context state; `result.weights` is left with the
     shared ones alone (what the node sends)."""
-    policy = setup.get(NORM_POLICY_KEY, "shared")
+    policy = setup.norm_policy
     if policy != "shared":
         result.weights, own = norm_policy.split(result.weights, policy)
-        context.state[f"{LOCAL_STATE}{int(setup['round'])}"] = weights_to_record(own)
+        context.state[f"{LOCAL_STATE}{setup.round}"] = weights_to_record(own)
 
 
 @client_app.query()
@@ -137,15 +137,16 @@ def client_train(message: Message, context: Context) -> Message:
             return _error_reply(message, exc)
     try:
         weights = received(record_to_weights(message.content[WEIGHTS_RECORD]))
-        setup = from_json_record(message.content[SETUP_RECORD], "setup")
+        setup = RoundSetup.from_dict(from_json_record(message.content[SETUP_RECORD], "setup"))
         pack, env = node_pack(context), node_environment(context)
         extra = {}
         if "evaluate" in message.content[SETUP_RECORD]:
             evaluation = from_json_record(message.content[SETUP_RECORD], "evaluate")
-            own = with_own_tensors(weights, evaluation["setup"], context, int(evaluation["setup"]["round"]))
-            extra["evaluation"] = evaluate_weights(own, evaluation["setup"], pack, split=evaluation["split"], env=env)
+            evaluated = RoundSetup.from_dict(evaluation["setup"])
+            own = with_own_tensors(weights, evaluated, context, evaluated.round)
+            extra["evaluation"] = evaluate_weights(own, evaluated, pack, split=evaluation["split"], env=env)
         kept = context.state.array_records.get(RESIDUAL_STATE)
-        result = train_round(with_own_tensors(weights, setup, context, int(setup["round"]) - 1), setup, pack,
+        result = train_round(with_own_tensors(weights, setup, context, setup.round - 1), setup, pack,
                              env=env, residual=record_to_weights(kept) if kept is not None and len(kept) else None)
         keep_own_tensors(result, setup, context)
         district = pack_district(pack)
@@ -165,9 +166,9 @@ def client_evaluate(message: Message, context: Context) -> Message:
     """Loss and change metrics of the sent weights on one split of this node's pack."""
     try:
         weights = received(record_to_weights(message.content[WEIGHTS_RECORD]))
-        setup = from_json_record(message.content[SETUP_RECORD], "setup")
+        setup = RoundSetup.from_dict(from_json_record(message.content[SETUP_RECORD], "setup"))
         split = from_json_record(message.content[SETUP_RECORD], "split")
-        metrics = evaluate_weights(with_own_tensors(weights, setup, context, int(setup["round"])), setup,
+        metrics = evaluate_weights(with_own_tensors(weights, setup, context, setup.round), setup,
                                    node_pack(context), split=split, env=node_environment(context))
     except Exception as exc:
         return _error_reply(message, exc)

@@ -21,7 +21,8 @@ from flwr.serverapp import Grid
 
 from nfed.common.errors import DataError, one_line
 from nfed.federation import norm_policy
-from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, make_round_setup
+from nfed.federation.client import ClientOutcome, ClientResult, ClientTask, clean_metrics
+from nfed.federation.round_setup import RoundSetup, make_round_setup
 from nfed.federation.compression import broadcast
 from nfed.federation.flower_exchange import POLL_SECONDS, TTL_SLACK_SECONDS, Reply, describe_nodes, exchange
 from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, WEIGHTS_SLACK_BYTES,
@@ -42,7 +43,7 @@ class Prefetched:
     streams, the outcome read from it on arrival (its update already folded into `stream`, its weights dropped)."""
 
     node_id: int
-    setup: dict
+    setup: RoundSetup
     reply: Reply
     outcome: ClientOutcome | None = None
 
@@ -162,9 +163,9 @@ class FlowerClients:
         self.roster.drop(district, node_id, reason)
         return reason
 
-    def _message(self, node_id: int, message_type: str, weights_record: ArrayRecord, setup: Mapping,
+    def _message(self, node_id: int, message_type: str, weights_record: ArrayRecord, setup: RoundSetup,
                  round_number: int, timeout: float | None, **extra) -> Message:
-        content = RecordDict({WEIGHTS_RECORD: weights_record, SETUP_RECORD: json_record(setup=dict(setup), **extra)})
+        content = RecordDict({WEIGHTS_RECORD: weights_record, SETUP_RECORD: json_record(setup=setup.to_dict(), **extra)})
         ttl = timeout + TTL_SLACK_SECONDS if timeout else None   # a message nobody waits for is not delivered
         return Message(content, dst_node_id=int(node_id), message_type=message_type, group_id=str(round_number),
                        ttl=ttl)
@@ -211,7 +212,7 @@ class FlowerClients:
             district = task.district
             ready = prefetched.get(district)
             read = ready is not None and ready.outcome is not None
-            if ready is not None and ready.setup == dict(task.setup) and (
+            if ready is not None and ready.setup == task.setup and (
                     ready.node_id not in self.roster.refused or (read and ready.outcome.status != "ok")):
                 outcome = ready.outcome if read else self._train_outcome(district, ready.node_id, ready.reply,
                                                                          timeout)
@@ -230,8 +231,8 @@ class FlowerClients:
             record = record if record is not None else self._weights_record(global_weights)
             nodes[district] = node.node_id
             messages[district] = self._message(node.node_id, MessageType.TRAIN, record, task.setup,
-                                               int(task.setup.get("round", 0)), timeout)
-        round_number = int(tasks[0].setup.get("round", 0)) if tasks else 0
+                                               task.setup.round, timeout)
+        round_number = tasks[0].setup.round if tasks else 0
         if used:
             self.echo(f"round {round_number}: {used} SuperNode(s) trained with the previous round's evaluation"
                       + (f"; sending to {len(messages)} more" if messages else ""))
@@ -252,7 +253,7 @@ class FlowerClients:
     def _early_usable(self, early, prefetched: Mapping[str, Prefetched], tasks: Sequence[ClientTask], stream) -> bool:
         """True when the stream opened with the previous round's evaluation holds only updates this round asked
         for: same round and model, each folded district a task of this round with the set-up it was sent."""
-        setups = {task.district: dict(task.setup) for task in tasks}
+        setups = {task.district: task.setup for task in tasks}
         return early.round_number == stream.round_number and early.weights is stream.weights and all(
             district in setups and prefetched[district].setup == setups[district]
             and prefetched[district].node_id not in self.roster.refused for district in early.folded)
@@ -276,9 +277,9 @@ class FlowerClients:
             else:
                 running.append(task)
                 nodes[task.district] = node.node_id
-        dp_clip = float(running[0].setup.get(DP_CLIP_KEY) or 0.0) if running else 0.0
+        dp_clip = running[0].setup.dp_clip if running else 0.0
         expected = {d: 1 if dp_clip else int(node.samples.get("train", 0)) for d, node in self.roster.serving.items()}
-        round_number = int(tasks[0].setup.get("round", 0)) if tasks else 0
+        round_number = tasks[0].setup.round if tasks else 0
         self.echo(f"sending round {round_number} to {len(running)} SuperNode(s) under secure aggregation"
                   + (f", deadline {timeout:g} s per stage" if timeout else ""))
         aggregate = SecureAggregate(None, problem="no SuperNode to aggregate")
@@ -361,9 +362,9 @@ class FlowerClients:
         """Ask every district's node to evaluate (with the next round's training where planned); returns
         district -> (node, reply), district -> why it was not asked, district -> the time it was given."""
         self.refresh()
-        round_number = int(setup.get("round", 0))
+        round_number = setup.round
         if self.keeps_local_state:   # the node merges its own BatchNorm under the run's policy
-            setup = {**setup, norm_policy.NORM_POLICY_KEY: self.norm_policy}
+            setup = setup.replace(norm_policy=self.norm_policy)
         planned = (self.plan(round_number + 1) or {}) if self.plan is not None and split == "val" else {}
         record = self._weights_record(weights)
         messages, nodes, skipped, timeouts, prefetched = {}, {}, {}, {}, {}
@@ -381,7 +382,7 @@ class FlowerClients:
                 timeouts[district] = self.timeout
                 messages[district] = self._message(node.node_id, MessageType.TRAIN, record, planned[district],
                                                    round_number + 1, self.timeout,
-                                                   evaluate={"setup": dict(setup), "split": split})
+                                                   evaluate={"setup": setup.to_dict(), "split": split})
             else:
                 timeouts[district] = self.eval_timeout
                 messages[district] = self._message(node.node_id, MessageType.EVALUATE, record, setup, round_number,
@@ -395,7 +396,7 @@ class FlowerClients:
             evaluation is malformed: the node is left out when it is read); only the result record is kept."""
             if district in planned and reply.error is None and self._readable_evaluation(reply):
                 outcome = early.add(self._train_outcome(district, nodes[district], reply, self.timeout))
-                prefetched[district] = Prefetched(nodes[district], dict(planned[district]), reply, outcome)
+                prefetched[district] = Prefetched(nodes[district], planned[district], reply, outcome)
                 if WEIGHTS_RECORD in reply.message.content:
                     del reply.message.content[WEIGHTS_RECORD]
             return reply
@@ -404,7 +405,7 @@ class FlowerClients:
                            on_reply=arrived if early is not None else None) if messages else {}
         for district in planned:
             if district in replies and district not in prefetched:
-                prefetched[district] = Prefetched(nodes[district], dict(planned[district]), replies[district])
+                prefetched[district] = Prefetched(nodes[district], planned[district], replies[district])
         self._prefetched = (weights, prefetched, early) if prefetched else None
         return {d: (nodes[d], replies[d]) for d in messages}, skipped, timeouts
 
@@ -417,11 +418,11 @@ class FlowerClients:
         return True
 
 
-def round_plan(districts: Sequence[str], train_config, fed_config) -> Callable[[int], dict[str, dict]]:
+def round_plan(districts: Sequence[str], train_config, fed_config) -> Callable[[int], dict[str, RoundSetup]]:
     """round -> district -> the training set-up nfed.federation.server sends in that round (none past the budget):
     what FlowerClients may send ahead, with the previous round's evaluation. The runner checks each set-up
     against the round's real task before using a reply, so a plan that guessed wrong only costs time."""
-    def plan(round_number: int) -> dict[str, dict]:
+    def plan(round_number: int) -> dict[str, RoundSetup]:
         if round_number > fed_config.rounds:
             return {}
         setup = make_round_setup(train_config, round_number, fed_config.local_epochs, prox_mu=fed_config.prox_mu,

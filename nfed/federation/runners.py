@@ -70,7 +70,7 @@ class SequentialRunner:
 
     def run(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None) -> list[ClientOutcome]:
         outcomes = []
-        label = f"round {tasks[0].setup.get('round', '?')}" if tasks else ""
+        label = f"round {tasks[0].setup.round}" if tasks else ""
         for task in progress(tasks, label=label, enabled=self.show_progress):
             started = time.perf_counter()
             try:

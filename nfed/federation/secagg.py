@@ -49,8 +49,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from nfed.common import strict_json
 from nfed.common.errors import DataError, one_line
-from nfed.federation.client import DP_CLIP_KEY, ClientOutcome, ClientResult, ClientTask, clean_metrics, train_round
+from nfed.federation.client import ClientOutcome, ClientResult, ClientTask, clean_metrics, train_round
 from nfed.federation.privacy import SecureAggregate
+from nfed.federation.round_setup import RoundSetup
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +101,18 @@ def secure_train(message: Message, context: Context, pack_of: Callable, env_of: 
     def train(msg: Message, ctx: Context) -> Message:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         manifest = strict_json.loads(str(fitins.config[MANIFEST_KEY]))
-        setup = strict_json.loads(str(fitins.config[SETUP_KEY]))
+        setup = RoundSetup.from_dict(strict_json.loads(str(fitins.config[SETUP_KEY])))
         bound = float(fitins.config[RANGE_KEY])
         global_vector = bytes_to_ndarray(fitins.parameters.tensors[0])
         global_weights = unflatten(global_vector, manifest, {name: np.float32 for name, _ in manifest})
         from nfed.federation.flower import keep_own_tensors, with_own_tensors
 
-        result = train_round(with_own_tensors(global_weights, setup, ctx, int(setup["round"]) - 1), setup,
+        result = train_round(with_own_tensors(global_weights, setup, ctx, setup.round - 1), setup,
                              pack_of(ctx), env=env_of(ctx))
         keep_own_tensors(result, setup, ctx)
         delta = flatten(result.weights, manifest) - global_vector.astype(np.float64)
         metrics = dict(result.metrics, secagg_clipped=int(np.count_nonzero(np.abs(delta) > bound)))
-        weight = 1 if setup.get(DP_CLIP_KEY) else int(result.num_samples)   # DP-FedAvg: every client weighs 1
+        weight = 1 if setup.dp_clip else int(result.num_samples)   # DP-FedAvg: every client weighs 1
         from nfed.runs.packs import describe_pack
 
         metrics["district"] = describe_pack(pack_of(ctx))["district"]
@@ -223,14 +224,14 @@ def secure_round(grid, nodes: Mapping[str, int], global_weights: Mapping[str, np
     tensors = [ndarray_to_bytes(flatten(global_weights, manifest, np.float32))]
     fit_ins = {}
     for task in tasks:
-        config = {SETUP_KEY: strict_json.dumps(task.setup, sort_keys=True), MANIFEST_KEY: json.dumps(manifest),
+        config = {SETUP_KEY: strict_json.dumps(task.setup.to_dict(), sort_keys=True), MANIFEST_KEY: json.dumps(manifest),
                   RANGE_KEY: float(bound)}
         fit_ins[nodes[task.district]] = FitIns(Parameters(tensors, "numpy.ndarray"), config)
     audited = AuditingGrid(grid)
     strategy = _OneRound(fit_ins, audited)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=SimpleClientManager())
-    round_number = int(tasks[0].setup.get("round", 0)) if tasks else 0
+    round_number = tasks[0].setup.round if tasks else 0
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_number})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     problem = None

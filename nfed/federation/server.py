@@ -32,9 +32,8 @@ from nfed.common.atomic import write_json_atomic
 from nfed.common.errors import CheckpointError, ConfigError, DataError, NfedError, TrainingError
 from nfed.federation import compression, norm_policy
 from nfed.federation.aggregator import relative_norm_difference, trainable, update_problem
-from nfed.federation.attacks import choose_attackers
-from nfed.federation.client import (DP_CLIP_KEY, ClientOutcome, ClientTask, evaluate_weights, host_state,
-                                   make_round_setup)
+from nfed.federation.attacks import attack_setup, choose_attackers
+from nfed.federation.client import ClientOutcome, ClientTask, evaluate_weights, host_state
 from nfed.federation.config import FederationConfig, training_districts
 from nfed.federation.heldout import held_out_rows, write_heldout
 from nfed.federation.privacy import PrivacyLedger
@@ -42,6 +41,7 @@ from nfed.federation.resume import check_data, check_history, check_settings, re
 from nfed.federation.robust import build_aggregator, cap_sample_counts, registered_samples
 from nfed.federation.round_record import (add_validation, client_entry, defence_summary, round_line, round_problems,
                                          round_record)
+from nfed.federation.round_setup import make_round_setup
 from nfed.federation.runners import NodeRunner, Runner, SecureRunner, SequentialRunner, TrainFn, select_clients
 from nfed.federation.selection import Selection, describe, selection_of
 from nfed.federation.server_optim import build_server_optimizer
@@ -196,17 +196,14 @@ class Federation:
         feedback = self.config.compress == "int8-ef"
         setup = make_round_setup(self.train_config, round_number, self.config.local_epochs,
                                  keep_optimizer_state=keep, prox_mu=self.config.prox_mu,
-                                 norm_policy=self.config.norm_policy, compress=self.config.compress)
-        if self.config.dp_clip > 0:
-            setup[DP_CLIP_KEY] = float(self.config.dp_clip)
+                                 norm_policy=self.config.norm_policy, compress=self.config.compress,
+                                 dp_clip=self.config.dp_clip)
         tasks = []
         for index, district in enumerate(selected):
             env = self._gpu_envs[index % len(self._gpu_envs)] if self._gpu_envs else self.env
             state = latest_client_state(self.run_dir, district, round_number) if keep else None
             task_setup = setup
             if district in self.attackers:
-                from nfed.federation.attacks import attack_setup
-
                 task_setup = attack_setup(self.config.simulate_attack, setup)
             residual = client_residual(self.run_dir, district, round_number) if feedback else None
             tasks.append(ClientTask(district, self.packs[district], task_setup, state, env, self._local.get(district),

@@ -25,6 +25,7 @@ from nfed.common.errors import CheckpointError, ConfigError, one_line
 from nfed.common.memory import worker_count
 from nfed.federation.client import ClientOutcome, ClientResult, clean_metrics
 from nfed.federation.norm_policy import merge
+from nfed.federation.round_setup import RoundSetup
 from nfed.model.checkpoint import load_checkpoint, save_checkpoint
 from nfed.runs.runfolder import RESIDUAL_PREFIX, residual_extra
 from nfed.training.environment import RunEnvironment
@@ -70,7 +71,7 @@ class WorkerRunner:
         return env
 
     def run(self, global_weights, tasks, deadline: float | None):
-        round_dir = self.work_dir / f"round-{tasks[0].setup.get('round', 0) if tasks else 0}"
+        round_dir = self.work_dir / f"round-{tasks[0].setup.round if tasks else 0}"
         shutil.rmtree(round_dir, ignore_errors=True)
         round_dir.mkdir(parents=True)
         global_path = save_checkpoint(round_dir / "global.h5", global_weights)
@@ -121,7 +122,7 @@ class WorkerRunner:
                                              optimizer_state=task.optimizer_state or None,
                                              extra=residual_extra(task.residual)))
         write_json_atomic(files["task"], {
-            "district": task.district, "pack": str(task.pack_path), "setup": task.setup,
+            "district": task.district, "pack": str(task.pack_path), "setup": task.setup.to_dict(),
             "global": str(global_path), "optimizer_state": state_path,
             "env": task.env.to_dict() if task.env is not None else None,
             "client_function": self.client_function, "parent_pid": os.getpid(),
@@ -222,7 +223,7 @@ def run_task(task_path: str | Path) -> int:
         env = RunEnvironment.from_dict(task["env"]) if task.get("env") else None
         _, residual = update_of({}, kept.extra) if kept is not None else (None, None)
         feedback = {"residual": residual} if residual is not None else {}   # int8-ef
-        result = train(global_weights, task["setup"], task["pack"], optimizer_state=state, env=env, **feedback)
+        result = train(global_weights, RoundSetup.from_dict(task["setup"]), task["pack"], optimizer_state=state, env=env, **feedback)
         save_checkpoint(task["result_weights"], result.weights, optimizer_state=result.optimizer_state,
                         extra=result_extra(result))
         write_json_atomic(task["result_json"], {"num_samples": int(result.num_samples), "metrics": result.metrics,
