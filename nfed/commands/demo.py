@@ -5,9 +5,10 @@ from pathlib import Path
 
 import click
 
-from nfed.commands.options import device_option, field_option, limited, precision_option, run_environment
+from nfed.commands.options import (device_option, field_option, limited, precision_option, run_environment,
+                                   track_option, tracked_run)
 from nfed.common.errors import ConfigError
-from nfed.demo import DemoSettings, run_demo, settings_with
+from nfed.demo import DemoSettings, claim_demo_folder, run_demo, settings_with
 from nfed.federation.config import FederationConfig
 from nfed.runs.runlock import RunLock
 from nfed.training.trainer import TrainConfig
@@ -62,8 +63,9 @@ DEFAULTS = DemoSettings()
               help="districts trained at once in the local and personalised columns (0: one per CPU core)")
 @click.option("--matrix/--no-matrix", default=DEFAULTS.matrix, show_default=True,
               help="score every local model and the global model on every district's test split (RUN/matrix.csv)")
+@track_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def demo(out_dir, seeds, seed, rounds, device, precision, jobs, **settings):
+def demo(out_dir, seeds, seed, rounds, device, precision, jobs, track, **settings):
     """Re-run the whole study on synthetic districts: local, federated, personalised and centralised F1."""
     env = run_environment(device, precision)
     settings = settings_with(DEFAULTS, **settings, seeds=tuple(range(seed, seed + seeds)), max_rounds=rounds,
@@ -71,4 +73,23 @@ def demo(out_dir, seeds, seed, rounds, device, precision, jobs, **settings):
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: is a file; --out needs a folder")
     with RunLock(out_dir):
-        run_demo(out_dir, settings, echo=click.echo, warn=lambda line: click.echo(line, err=True))
+        claim_demo_folder(out_dir)   # before a tracking store beside the run makes the folder non-empty
+        with tracked_run(track, out_dir, "demo", env, demo=settings.to_dict()) as tracker:
+            summary = run_demo(out_dir, settings, echo=click.echo, warn=lambda line: click.echo(line, err=True))
+            if tracker:
+                _track_columns(tracker, out_dir, summary)
+
+
+def _track_columns(tracker, out_dir: Path, summary: dict) -> None:
+    """One tracked run for the whole demo: each column's per-district rows as <column>_<metric>/<district> at
+    step = the seed, and the report."""
+    from nfed.runs.results import FILE_NAMES, read_results, study_table
+
+    for step, run_dir in zip(summary["settings"]["seeds"], summary["runs"]):
+        for kind in FILE_NAMES:
+            if study_table(run_dir, kind).is_file():
+                for district, row in read_results(study_table(run_dir, kind)).items():
+                    tracker.log_district({"district": district, **row}, prefix=kind, step=step)
+    report = out_dir / "report"
+    tracker.log_artifacts([out_dir / "demo.json", report / "summary.json", report / "report.html",
+                           report / "table.md", report / "table.csv"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nfed.commands.options import (config_options, device_option, precision_option, run_environment,
-                                   run_folder_options, training_options)
+                                   run_folder_options, track_option, tracked_run, training_options)
 from nfed.common.errors import ConfigError
 from nfed.common.paths import refuse_output_over_inputs
 from nfed.federation.config import FederationConfig
@@ -31,8 +31,10 @@ CLIENT_TRAINING = ("lr", "batch_size", "width")
 @run_folder_options("--out")
 @device_option
 @precision_option
+@track_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def federate(data_dir, run_dir, train_config, config, client_speeds, resume, overwrite, device, precision, quiet):
+def federate(data_dir, run_dir, train_config, config, client_speeds, resume, overwrite, device, precision, track,
+             quiet):
     """Federated training over district packs (FedAvg weighted by sample count), one line per round.
 
     Writes RUN/rounds.jsonl, an atomic checkpoint RUN/global.h5 after every round (--resume continues from
@@ -58,8 +60,14 @@ def federate(data_dir, run_dir, train_config, config, client_speeds, resume, ove
     plan = (f"federating {len(packs)} district(s) from {data_dir}: {config.aggregator} + {config.server_opt}, up to "
             f"{config.rounds} round(s) of {config.local_epochs} local epoch(s), device {env.device}, precision "
             f"{env.precision}" + (f", deadline {config.deadline:g} s" if config.deadline else ""))
-    result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite, echo=click.echo,
-                            plan=plan, show_progress=not quiet, env=env)
+    with tracked_run(track, run_dir, "federate", env, train=train_config, federation=config) as tracker:
+        result = run_federation(packs, run_dir, train_config, config, resume=resume, overwrite=overwrite,
+                                echo=click.echo, plan=plan, show_progress=not quiet, env=env,
+                                on_round=tracker.log_round if tracker else None)
+        if tracker:
+            for row in result.results:
+                tracker.log_district(row)
+            tracker.log_artifacts(run_dir / name for name in ("summary.json", "federated.csv", "rounds.jsonl"))
     f1 = [row["f1"] for row in result.results]
     click.echo(f"wrote {run_dir / 'federated.csv'}: mean test F1 {sum(f1) / max(len(f1), 1):.4f} over "
                f"{len(f1)} district(s); global weights in {run_dir / 'global.h5'}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, limited, precision_option,
-                                   run_environment, training_setup)
+                                   run_environment, track_option, tracked_run, training_setup)
 from nfed.commands.predict_outputs import describe_regions, output_options
 from nfed.common import strict_json
 from nfed.common.errors import ConfigError
@@ -55,8 +55,9 @@ def model_info(width, classes, as_json):
 @apply_options(TRAINING_OPTIONS)
 @device_option
 @precision_option
+@track_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def train_local(data_path, out_dir, train_all, device, precision, quiet, **options):
+def train_local(data_path, out_dir, train_all, device, precision, track, quiet, **options):
     """Train W-Net-CD on one district's own data (the study's "before FL" column).
 
     Writes OUT/<district>/best.h5 (checkpoint of the best epoch), OUT/<district>/metrics.json (test
@@ -91,8 +92,14 @@ def train_local(data_path, out_dir, train_all, device, precision, quiet, **optio
                    f"{summary['wall_time_s']:.1f}s) -> {out_dir / summary['district']}")
         if train_all:
             click.echo(f"  {countdown.step()}")
+        if tracker:
+            tracker.log_district(summary)
 
-    rows = local_column(packs, out_dir, config, env=env, quiet=quiet, table=train_all, on_row=said)
+    with tracked_run(track, out_dir, "train-local", env, train=config) as tracker:
+        rows = local_column(packs, out_dir, config, env=env, quiet=quiet, table=train_all, on_row=said)
+        if tracker:
+            tracker.log_artifacts([out_dir / "local.csv"] if train_all else
+                                  [out_dir / row["district"] / "metrics.json" for row in rows])
     if train_all:
         click.echo(f"wrote {out_dir / 'local.csv'} ({len(rows)} districts)")
 

@@ -200,3 +200,19 @@ def training_options(*, into: str, only=None):
         return apply_options([profile_option, *(field_option(TrainConfig, name, override=True)
                                                 for name in names)])(wrapper)
     return decorate
+
+
+# --track [URI]: alone, the local store beside the run (RUN/mlruns.db, no server); with a URI, that store.
+track_option = click.option(
+    "--track", default=None, is_flag=False, flag_value="", metavar="[URI]",
+    help="log parameters, metrics per round and per district and the results to MLflow (nfed[track]): alone, a "
+         "store beside the run (RUN/mlruns.db); with a URI, that tracking store")
+
+
+def tracked_run(track, run_dir, command: str, env=None, **configs):
+    """The MLflow run of a command under --track (a context manager yielding its Tracker, or None without
+    --track); its warnings go to stderr."""
+    from nfed.runs.tracking import run_params, tracked
+
+    return tracked(track, run_dir, command, run_params(command, env, **configs) if track is not None else {},
+                   warn=lambda line: click.echo(line, err=True))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from nfed.commands.options import TRAINING_OPTIONS, apply_options, device_option, precision_option, training_setup
+from nfed.commands.options import (TRAINING_OPTIONS, apply_options, device_option, precision_option, track_option,
+                                   tracked_run, training_setup)
 from nfed.common.errors import ConfigError
 from nfed.common.paths import refuse_output_over_inputs
 
@@ -31,13 +32,14 @@ COLUMN_OPTIONS = [
     *TRAINING_OPTIONS,
     device_option,
     precision_option,
+    track_option,
     click.option("--quiet", is_flag=True, help="no progress bars"),
 ]
 
 
 @click.command("train-central")
 @apply_options(COLUMN_OPTIONS)
-def train_central(data_path, out_dir, device, precision, quiet, **options):
+def train_central(data_path, out_dir, device, precision, track, quiet, **options):
     """Train one model on the pooled data of every district (the centralised upper bound).
 
     Early stopping on the pooled validation splits. Writes OUT/best.h5, OUT/epochs.jsonl, OUT/summary.json
@@ -48,7 +50,14 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
 
     config, env = training_setup(device, precision, **options)
     start = time.monotonic()
-    summary, rows = central_column(_packs(data_path, out_dir), out_dir, config, env=env, quiet=quiet)
+    packs = _packs(data_path, out_dir)
+    with tracked_run(track, out_dir, "train-central", env, train=config) as tracker:
+        summary, rows = central_column(packs, out_dir, config, env=env, quiet=quiet)
+        if tracker:
+            tracker.log_metrics(summary)
+            for row in rows:
+                tracker.log_district(row)
+            tracker.log_artifacts([out_dir / "central.csv", out_dir / "summary.json"])
     for row in rows:
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['test_tiles']} test tiles)")
     click.echo(f"centralised model: {summary['epochs_run']} epochs, {summary['steps']} steps, stopped by "
@@ -60,7 +69,7 @@ def train_central(data_path, out_dir, device, precision, quiet, **options):
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="the federation's global model (RUN/best.h5 or RUN/global.h5)")
 @apply_options(COLUMN_OPTIONS)
-def personalise(model_path, data_path, out_dir, device, precision, quiet, **options):
+def personalise(model_path, data_path, out_dir, device, precision, track, quiet, **options):
     """Fine-tune the global model on each district's own data (the personalised column).
 
     Each district starts from the global weights with a fresh optimiser and stops early on its validation
@@ -87,8 +96,13 @@ def personalise(model_path, data_path, out_dir, device, precision, quiet, **opti
         kept = " (global weights kept)" if row["best_epoch"] == 0 else ""
         click.echo(f"{row['district']}: f1 {row['f1']:.4f} ({row['epochs_run']} epochs, {row['steps']} steps, "
                    f"stopped by {row['stop']}){kept}; {countdown.step()}")
+        if tracker:
+            tracker.log_district(row)
 
-    rows = personalised_column(checkpoint.model_state, packs, out_dir, config, env=env, quiet=quiet,
-                               source=str(model_path), on_row=said,
-                               local_states=local_states_of(checkpoint, model_path))
+    with tracked_run(track, out_dir, "personalise", env, train=config, model=str(model_path)) as tracker:
+        rows = personalised_column(checkpoint.model_state, packs, out_dir, config, env=env, quiet=quiet,
+                                   source=str(model_path), on_row=said,
+                                   local_states=local_states_of(checkpoint, model_path))
+        if tracker:
+            tracker.log_artifacts([out_dir / "personalised.csv"])
     click.echo(f"wrote {out_dir / 'personalised.csv'} ({len(rows)} districts)")

@@ -87,7 +87,7 @@ class Federation:
                  echo: Callable[[str], None] | None = None, show_progress: bool = False,
                  data_fingerprint: Mapping[str, str | None] | None = None, tile: int | None = None,
                  train_samples: Mapping[str, int] | None = None, env: RunEnvironment | None = None,
-                 adapt_fn: Callable | None = None):
+                 adapt_fn: Callable | None = None, on_round: Callable[[dict], None] | None = None):
         if not packs:
             raise DataError("no district packs to federate")
         self.packs = dict(packs)
@@ -109,6 +109,7 @@ class Federation:
         self._local: dict[str, dict] = {}   # district -> its own BatchNorm tensors (--norm-policy fedbn / silobn)
         self.show_progress = show_progress
         self.recorder = None   # told each round's progress (default: the held run's RunRecorder, RUN/status.json)
+        self.on_round = on_round   # told each finished round's record once it is on disk (e.g. experiment tracking)
         self._progress: RunRecorder | None = None
         if fed_config.min_clients > len(self.training):
             raise ConfigError(f"--min-clients {fed_config.min_clients} exceeds the {len(self.training)} "
@@ -392,6 +393,8 @@ class Federation:
             self.echo(round_line(record, cfg.rounds, records, stop))
             done = round_number
             self._record_progress(done, stop_reason, round_problems(record))
+            if self.on_round is not None:
+                self.on_round(record)
         if records and not any(record["answered"] for record in records):
             raise TrainingError(f"no district's update was accepted in any of the {done} round(s) (see "
                                 f"{self.run_dir / ROUNDS_NAME}): the global model is the initial one")
