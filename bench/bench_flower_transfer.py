@@ -1,7 +1,7 @@
 """Round trip of W-Net-CD's weights through a real Flower deployment on loopback (issue 7, item 4).
 
 Starts a SuperLink and one SuperNode on 127.0.0.1 (tests/flower_harness.py), then a ServerApp sends the full
-state of a W-Net-CD of the given width to the node, packed by nfed.federation.flower_messages' weights_to_record,
+state of a W-Net-CD of the given width to the node, packed by nfed.federation.flower.messages' weights_to_record,
 and the ClientApp decodes it and sends it back re-encoded, as a client's update travels. The apps are
 nfed.benchmarks.transfer's (`nfed bench transfer` times the serialisation and a plain HTTP copy of the same bytes
 alone, and so does the ServerApp here, on the same machine); this script starts the deployment. The server checks

@@ -64,7 +64,7 @@ class LazyReplyGrid:
     def pull_messages(self, message_ids):
         from flwr.app import Message, RecordDict
 
-        from nfed.federation.flower_messages import RESULT_RECORD, WEIGHTS_RECORD, json_record
+        from nfed.federation.flower.messages import RESULT_RECORD, WEIGHTS_RECORD, json_record
 
         ready = [(self.arrival.index(district), message_id) for message_id, (district, _) in self.waiting.items()
                  if message_id in message_ids]
@@ -86,7 +86,7 @@ def fresh_copies(weights):
     SuperLink); the packing is done once, before the measurement."""
     from flwr.app import Array, ArrayRecord
 
-    from nfed.federation.flower_messages import weights_to_record
+    from nfed.federation.flower.messages import weights_to_record
 
     template = weights_to_record(weights)
     return lambda district: ArrayRecord({key: Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype,
@@ -99,11 +99,11 @@ def measure(width: int, count: int, streams: bool) -> dict:
     import numpy as np
     from flwr.supercore.task_identity import TaskIdentity
 
-    import nfed.federation.flower_exchange as flower_exchange
+    import nfed.federation.flower.exchange as flower_exchange
     from nfed.data.districts import load_districts
     from nfed.federation.client import ClientTask, host_state
     from nfed.federation.config import FederationConfig
-    from nfed.federation.flower_transport import FlowerClients
+    from nfed.federation.flower.transport import FlowerClients
     from nfed.federation.roster import Roster
     from nfed.federation.server import Federation
     from nfed.model.wnet import WNetCD

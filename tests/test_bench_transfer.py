@@ -18,7 +18,7 @@ def _weights():
 
 
 def test_packed_arrays_are_np_save_bytes_and_views_need_no_copy():
-    from nfed.federation.flower_messages import record_to_weights, weights_to_record
+    from nfed.federation.flower.messages import record_to_weights, weights_to_record
 
     weights = _weights()
     record = weights_to_record(weights)
@@ -41,7 +41,7 @@ def test_malformed_packed_bytes_are_refused(spoil):
     from flwr.app import Array
 
     from nfed.common.errors import DataError
-    from nfed.federation.flower_messages import record_to_weights, weights_to_record
+    from nfed.federation.flower.messages import record_to_weights, weights_to_record
 
     record = weights_to_record({"w": np.arange(8, dtype=np.float32)})
     good = record["packed.<f4"]

@@ -204,7 +204,7 @@ def test_flower_with_compression_equals_the_in_process_federation(tmp_path):
     from flwr.supercore.task_identity import TaskIdentity
     from test_flower import WIDTH, LoopbackGrid, flat_run_config, make_tiny_packs
 
-    from nfed.federation.flower import serve
+    from nfed.federation.flower.app import serve
     from nfed.federation.server import federate
     from nfed.training.trainer import profile_config
 

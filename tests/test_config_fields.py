@@ -58,7 +58,7 @@ def _capture_federate(monkeypatch, tmp_path, *args) -> tuple:
 
 def _capture_flower_app(monkeypatch, tmp_path, *args) -> tuple:
     """(FederationConfig, TrainConfig) `nfed flower-app --out APP ARGS` would write."""
-    import nfed.federation.flower_app
+    import nfed.federation.flower.appdir
 
     seen = {}
 
@@ -66,7 +66,7 @@ def _capture_flower_app(monkeypatch, tmp_path, *args) -> tuple:
         seen.update(train=train_config, config=config)
         return Path(app_dir) / "pyproject.toml"
 
-    monkeypatch.setattr(nfed.federation.flower_app, "write_flower_app", fake_write)
+    monkeypatch.setattr(nfed.federation.flower.appdir, "write_flower_app", fake_write)
     result = CliRunner().invoke(cli, ["flower-app", "--out", str(tmp_path / "app"), *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return seen["config"], seen["train"]
@@ -205,7 +205,7 @@ def test_flower_keys_are_the_declared_ones():
     """FEDERATION_KEYS and OPTIONAL_KEYS come from the declarations; every key added after the first Flower
     version is optional (apps written before it still load)."""
     from nfed.common.fields import declared_fields, value_type
-    from nfed.federation.flower_config import FEDERATION_KEYS, OPTIONAL_KEYS
+    from nfed.federation.flower.config import FEDERATION_KEYS, OPTIONAL_KEYS
 
     declared = {found.flower_key: (field.name, value_type(FederationConfig, field.name))
                 for field, found in declared_fields(FederationConfig) if found.flower_key}
@@ -216,7 +216,7 @@ def test_flower_keys_are_the_declared_ones():
 
 def test_a_first_version_flower_run_config_still_loads(tmp_path):
     """A run config holding only the first version's keys loads with every later field at its default."""
-    from nfed.federation.flower_config import OPTIONAL_KEYS, run_config_for, settings_from_run_config
+    from nfed.federation.flower.config import OPTIONAL_KEYS, run_config_for, settings_from_run_config
 
     nested = run_config_for(TrainConfig(), FederationConfig(eps=0.0), run_dir=tmp_path)
     flat = {key: value for key, value in nested.items() if key != "train" and key not in OPTIONAL_KEYS}

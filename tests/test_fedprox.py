@@ -136,7 +136,7 @@ def test_mu_reaches_the_clients_is_recorded_and_a_resume_cannot_change_it(tmp_pa
 
 
 def test_flower_run_config_carries_mu_and_old_apps_still_load(tmp_path):
-    from nfed.federation.flower_config import run_config_for, settings_from_run_config
+    from nfed.federation.flower.config import run_config_for, settings_from_run_config
 
     nested = run_config_for(_tiny(), FederationConfig(prox_mu=0.5), run_dir=tmp_path)
     flat = {k: v for k, v in nested.items() if k != "train"}

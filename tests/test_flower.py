@@ -21,7 +21,7 @@ except ImportError:  # Python 3.10
 from flower_harness import FlowerDeployment, flwr_available, make_supernode_key, make_tls_files
 
 if flwr_available():
-    from nfed.federation.flower import serve
+    from nfed.federation.flower.app import serve
 
 pytestmark = [pytest.mark.flower,
               pytest.mark.skipif(not flwr_available(), reason="flwr is not installed (pip install 'nfed[flower]')")]
@@ -79,7 +79,7 @@ def load_global(run_dir: Path) -> dict[str, np.ndarray]:
 def test_flower_app_writes_a_valid_app_whose_config_round_trips(tmp_path):
     from flwr.common.config import get_fused_config_from_dir, validate_config
 
-    from nfed.federation.flower_config import settings_from_run_config
+    from nfed.federation.flower.config import settings_from_run_config
 
     app = write_app(tmp_path / "app", tmp_path / "run", "--rounds", "3", "--deadline", "12.5",
                     "--min-clients", "2", "--server-opt", "fedadam", "--profile", "demo")
@@ -110,7 +110,7 @@ def test_flower_app_rejects_bad_options(tmp_path):
 
 def test_weights_travel_by_name_packed_as_npy_without_pickle():
     from nfed.common.errors import DataError
-    from nfed.federation.flower_messages import record_to_weights, weights_to_record
+    from nfed.federation.flower.messages import record_to_weights, weights_to_record
 
     weights = {"enc.e1.conv1.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
                "enc.e1.bn1.running_var": np.ones(3, np.float32), "step": np.asarray(4, np.int64),
@@ -134,7 +134,7 @@ def test_weights_travel_by_name_packed_as_npy_without_pickle():
 # ------------------------------------------------------------------------------------------ in-memory grid
 
 class LoopbackGrid:
-    """A Grid double: every message goes straight to nfed.federation.flower's ClientApp in this process.
+    """A Grid double: every message goes straight to nfed.federation.flower.app's ClientApp in this process.
 
     Nodes are node id -> node config; ids in `silent` answer the describe query, then never again (a machine
     that dropped off after joining); ids in `dead` get no answer but, after their delay, the SuperLink's
@@ -167,7 +167,7 @@ class LoopbackGrid:
     def push_messages(self, messages):
         import time
 
-        from nfed.federation.flower import client_app
+        from nfed.federation.flower.app import client_app
 
         ids = []
         for message in messages:
@@ -214,7 +214,7 @@ def task_identity():
 def flat_run_config(train_config, fed_config, run_dir, **options):
     from flwr.common.config import flatten_dict
 
-    from nfed.federation.flower_config import run_config_for
+    from nfed.federation.flower.config import run_config_for
 
     return flatten_dict(run_config_for(train_config, fed_config, run_dir=run_dir, **options))
 
@@ -276,7 +276,7 @@ def _rogue_replies():
     train reply, a malformed evaluation reply (each keyed by the message type it spoils)."""
     from flwr.app import Array, ConfigRecord, Message, RecordDict
 
-    from nfed.federation.flower_messages import RESULT_RECORD, WEIGHTS_RECORD
+    from nfed.federation.flower.messages import RESULT_RECORD, WEIGHTS_RECORD
 
     def reply_with(content):
         return lambda message, honest: Message(RecordDict(content), reply_to=message)

@@ -1,4 +1,4 @@
-"""The Flower app folder (nfed.federation.flower_app) and the allow-list file, without starting Flower."""
+"""The Flower app folder (nfed.federation.flower.appdir) and the allow-list file, without starting Flower."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,7 +8,7 @@ import pytest
 
 from nfed.common.errors import ConfigError
 from nfed.federation.config import FederationConfig
-from nfed.federation.flower_app import pyproject_text, write_flower_app
+from nfed.federation.flower.appdir import pyproject_text, write_flower_app
 from nfed.federation.roster import read_allow_list
 from nfed.training.trainer import TrainConfig
 

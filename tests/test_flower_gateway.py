@@ -18,7 +18,7 @@ from click.testing import CliRunner
 pytest.importorskip("cryptography")
 
 from flower_harness import LOOPBACK, free_port, make_tls_files  # noqa: E402
-from nfed.federation.flower_gateway import FLEET_PATHS, Endpoint, FleetGateway, parse_endpoint  # noqa: E402
+from nfed.federation.flower.gateway import FLEET_PATHS, Endpoint, FleetGateway, parse_endpoint  # noqa: E402
 
 
 class _SuperLink(BaseHTTPRequestHandler):

@@ -13,7 +13,7 @@ from flower_harness import flwr_available
 from test_flower import DISTRICTS, WIDTH, LoopbackGrid, flat_run_config, load_global, make_tiny_packs, task_identity
 
 if flwr_available():
-    from nfed.federation.flower import serve
+    from nfed.federation.flower.app import serve
 
 pytestmark = [pytest.mark.flower,
               pytest.mark.skipif(not flwr_available(), reason="flwr is not installed (the flower extra)")]
@@ -166,7 +166,7 @@ def test_exchange_tells_a_refused_push_from_silence(task_identity):
     """A message the SuperLink refuses (node no longer registered) is reported at once, not as late."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from nfed.federation.flower_exchange import exchange
+    from nfed.federation.flower.exchange import exchange
 
     grid = LoopbackGrid({})
     reply = exchange(grid, {"x": Message(RecordDict({"setup": ConfigRecord({"a": "1"})}), dst_node_id=7,
@@ -179,7 +179,7 @@ def test_flower_app_writes_the_allow_list_and_the_evaluation_deadline(tmp_path):
     from flwr.common.config import get_fused_config_from_dir
 
     from nfed.cli import cli
-    from nfed.federation.flower_config import settings_from_run_config
+    from nfed.federation.flower.config import settings_from_run_config
 
     def flower_app(*options):
         return CliRunner().invoke(cli, ["flower-app", "--out", str(tmp_path / "app"), "--run-dir",

@@ -88,3 +88,40 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
 def test_every_layer_says_what_it_owns_and_may_import(package):
     docstring = ast.get_docstring(ast.parse((PACKAGE_DIR / package / "__init__.py").read_text()))
     assert docstring and "import" in docstring, f"nfed/{package}/__init__.py: say what it owns and may import"
+
+
+FLOWER = "nfed.federation.flower"
+
+
+def flower_violations() -> list[str]:
+    """Imports of the Flower package from the rest of nfed.federation: Flower is an optional extra that sits on top
+    of the federation (its server, clients and runners run without flwr), so only the layers above may use it."""
+    violations = []
+    for path in sorted((PACKAGE_DIR / "federation").rglob("*.py")):
+        importer = module_name(path)
+        if importer == FLOWER or importer.startswith(FLOWER + "."):
+            continue
+        violations += [f"{path.relative_to(PACKAGE_DIR.parent)}:{line}: {importer} imports {imported}"
+                       for line, imported in nfed_imports(path)
+                       if imported == FLOWER or imported.startswith(FLOWER + ".")]
+    return violations
+
+
+def test_the_rest_of_the_federation_never_imports_the_flower_package():
+    violations = flower_violations()
+    assert not violations, "nfed.federation imports its Flower package:\n" + "\n".join(violations)
+
+
+def test_the_flower_rule_can_fail(tmp_path, monkeypatch):
+    fake = tmp_path / "nfed"
+    (fake / "federation" / "flower").mkdir(parents=True)
+    (fake / "federation" / "flower" / "app.py").write_text("from nfed.federation.server import federate\n")
+    (fake / "federation" / "server.py").write_text("def f():\n    from nfed.federation.flower.app import serve\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE_DIR", fake)
+    assert flower_violations() == ["nfed/federation/server.py:2: nfed.federation.server imports "
+                                   "nfed.federation.flower.app"]
+
+
+def test_the_flower_package_says_what_it_owns_and_may_import():
+    docstring = ast.get_docstring(ast.parse((PACKAGE_DIR / "federation" / "flower" / "__init__.py").read_text()))
+    assert docstring and "import" in docstring

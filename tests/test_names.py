@@ -109,7 +109,7 @@ def test_the_cli_error_line_escapes_whatever_the_message_holds(monkeypatch):
 
 def test_the_flower_server_output_escapes_what_nodes_send(capsys):
     pytest.importorskip("flwr")
-    from nfed.federation.flower import _echo
+    from nfed.federation.flower.app import _echo
 
     _echo("SuperNode 7 failed: \x1b]0;owned\x07\x9b2J")
     out = capsys.readouterr().out
@@ -138,7 +138,7 @@ def test_one_rule_for_every_name():
 
 def test_ingest_and_flower_use_the_same_rule(tmp_path):
     from nfed.data import pack
-    from nfed.federation.flower_messages import check_description
+    from nfed.federation.flower.messages import check_description
 
     assert not hasattr(pack, "_SAFE_NAME")
     claim = {"tile": 32, "samples": {"train": 1, "val": 1, "test": 1}}

@@ -181,7 +181,7 @@ def test_robust_and_dp_aggregation_see_only_the_shared_part(tmp_path, options):
 
 def test_combinations_refused_in_one_line(tmp_path):
     # over Flower and with secure aggregation the nodes keep their BatchNorm (tests/test_norm_policy_flower.py)
-    from nfed.federation.flower_config import run_config_for
+    from nfed.federation.flower.config import run_config_for
     from nfed.training.trainer import TrainConfig
 
     assert FederationConfig(norm_policy="fedbn", secure_aggregation=True).norm_policy == "fedbn"

@@ -23,7 +23,7 @@ class Recorder:
         self.replied: list[tuple[str, set]] = []
 
     def __call__(self, message, reply):
-        from nfed.federation.flower_messages import WEIGHTS_RECORD, record_to_weights
+        from nfed.federation.flower.messages import WEIGHTS_RECORD, record_to_weights
 
         kind = message.metadata.message_type
         if WEIGHTS_RECORD in message.content:
@@ -35,7 +35,7 @@ class Recorder:
 
 @pytest.mark.parametrize("policy", ["fedbn", "silobn"])
 def test_only_the_shared_tensors_travel_and_the_run_equals_the_in_process_one(tmp_path, task_identity, policy):
-    from nfed.federation.flower import serve
+    from nfed.federation.flower.app import serve
     from nfed.federation.server import federate
     from nfed.training.trainer import profile_config
 
@@ -70,7 +70,7 @@ def test_only_the_shared_tensors_travel_and_the_run_equals_the_in_process_one(tm
 
 def test_flower_app_takes_the_norm_policy_and_writes_it_into_the_run_config(tmp_path):
     from nfed.cli import cli
-    from nfed.federation.flower_config import run_config_for, settings_from_run_config
+    from nfed.federation.flower.config import run_config_for, settings_from_run_config
     from nfed.training.trainer import TrainConfig
 
     config = run_config_for(TrainConfig(), FederationConfig(norm_policy="fedbn"), run_dir=tmp_path)
@@ -87,7 +87,7 @@ def test_secure_aggregation_sums_the_shared_tensors_alone(tmp_path, task_identit
     fedbn one within the quantisation error."""
     from test_secagg import QUANTISATION_ATOL, WireGrid, configs, serve_secure
 
-    from nfed.federation import secagg
+    from nfed.federation.flower import secagg
     from nfed.federation.server import federate
 
     summed = []

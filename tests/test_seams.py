@@ -160,7 +160,7 @@ def test_precision_travels_in_the_environment_not_in_a_process_setting():
 
 def test_a_flower_node_checks_its_device():
     pytest.importorskip("flwr")
-    from nfed.federation.flower import node_environment
+    from nfed.federation.flower.app import node_environment
 
     assert node_environment(SimpleNamespace(node_config={"device": "cpu", "precision": "bf16"})) == \
         RunEnvironment("cpu", "bf16")

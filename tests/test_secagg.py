@@ -63,7 +63,7 @@ def configs(width=4):
 
 def serve_secure(tmp_path, packs, grid, **options):
     from nfed.federation.config import FederationConfig
-    from nfed.federation.flower import serve
+    from nfed.federation.flower.app import serve
 
     fed = FederationConfig(**{"rounds": 1, "eps": 0.0, "secure_aggregation": True, "deadline": 30.0, **options})
     lines = []
@@ -171,7 +171,7 @@ def test_flower_app_writes_the_defences_into_the_run_config(tmp_path):
         import tomli as tomllib
     from flwr.common.config import flatten_dict
 
-    from nfed.federation.flower_config import OPTIONAL_KEYS, settings_from_run_config
+    from nfed.federation.flower.config import OPTIONAL_KEYS, settings_from_run_config
 
     app = write_app(tmp_path / "app", tmp_path / "run", "--secure-aggregation", "--dp-clip", "0.5",
                     "--dp-noise", "1.2", "--secagg-range", "4")

@@ -37,7 +37,7 @@ UPDATES = {district: _model(index + 1) for index, district in enumerate(SAMPLES)
 def _grid(arrival=None, spoil=None):
     """node i serves district i and answers with its prepared update (or `spoil`'s), one reply per poll in
     `arrival` order (bench/bench_server_memory.py's grid)."""
-    from nfed.federation.flower_messages import weights_to_record
+    from nfed.federation.flower.messages import weights_to_record
 
     spec = importlib.util.spec_from_file_location("bench_server_memory", BENCH)
     bench = importlib.util.module_from_spec(spec)
@@ -48,10 +48,10 @@ def _grid(arrival=None, spoil=None):
 
 def _round(tmp_path: Path, *, streams: bool = True, arrival=None, spoil=None, **options):
     """One round's collection through Federation._collect: (outcomes, new weights, echoed lines, clients)."""
-    import nfed.federation.flower_exchange as flower_exchange
+    import nfed.federation.flower.exchange as flower_exchange
     from nfed.federation.client import ClientTask, make_round_setup
     from nfed.federation.config import FederationConfig
-    from nfed.federation.flower_transport import FlowerClients
+    from nfed.federation.flower.transport import FlowerClients
     from nfed.federation.roster import Roster
     from nfed.federation.server import Federation
     from nfed.training.trainer import profile_config
@@ -75,7 +75,7 @@ def _round(tmp_path: Path, *, streams: bool = True, arrival=None, spoil=None, **
 
 @pytest.fixture(autouse=True)
 def _real_clock():
-    import nfed.federation.flower_exchange as flower_exchange
+    import nfed.federation.flower.exchange as flower_exchange
 
     yield
     flower_exchange.time = time
@@ -118,7 +118,7 @@ def test_malformed_reply_in_the_stream_is_refused_and_the_round_goes_on(tmp_path
 def test_rounds_that_need_every_reply_hold_them(tmp_path, task_identity, options, why, monkeypatch):
     """A robust aggregator or a share cap keeps the held path (said once); the held run's FlowerClients.run is the
     one called, never run_streaming."""
-    from nfed.federation.flower_transport import FlowerClients
+    from nfed.federation.flower.transport import FlowerClients
 
     def refuse(*args, **kwargs):
         raise AssertionError("streamed a round that needs every reply")

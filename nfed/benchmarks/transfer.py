@@ -79,7 +79,7 @@ def _old_decode(record, weights: Mapping[str, np.ndarray]) -> dict:
 
 def serialisation(weights: Mapping[str, np.ndarray], repeats: int = 3) -> dict:
     """Seconds (best of `repeats`) and MB/s to encode and decode `weights`, nfed's way and the way it replaced."""
-    from nfed.federation.flower_messages import record_to_weights, weights_to_record
+    from nfed.federation.flower.messages import record_to_weights, weights_to_record
 
     megabytes = sum(int(v.nbytes) for v in weights.values()) / 1e6
     record = weights_to_record(weights)
@@ -140,7 +140,7 @@ def run_transfer_bench(width: int = 8, repeats: int = 3) -> dict:
     """Serialisation and the plain HTTP copy of W-Net-CD's packed weights at `width`, with the load average."""
     import os
 
-    from nfed.federation.flower_messages import weights_to_record
+    from nfed.federation.flower.messages import weights_to_record
 
     weights = model_weights(width)
     record = weights_to_record(weights)
@@ -169,8 +169,8 @@ def flower_apps():
     from flwr.serverapp import Grid, ServerApp
 
     from nfed.federation.compression import broadcast, decode, encode, received
-    from nfed.federation.flower_exchange import exchange
-    from nfed.federation.flower_messages import (record_bytes, record_to_update, record_to_weights,
+    from nfed.federation.flower.exchange import exchange
+    from nfed.federation.flower.messages import (record_bytes, record_to_update, record_to_weights,
                                                  update_to_record, weights_to_record)
 
     server_app, client_app = ServerApp(), ClientApp()

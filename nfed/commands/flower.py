@@ -1,6 +1,6 @@
 """`nfed flower-app`: write the Flower app folder that runs nfed's federation on a SuperLink + SuperNodes
-(the folder's contents are nfed.federation.flower_app's); `nfed flower-gateway`: the SuperLink's one public door,
-which relays the Fleet API alone (nfed.federation.flower_gateway)."""
+(the folder's contents are nfed.federation.flower.appdir's); `nfed flower-gateway`: the SuperLink's one public door,
+which relays the Fleet API alone (nfed.federation.flower.gateway)."""
 from __future__ import annotations
 
 import dataclasses
@@ -49,7 +49,7 @@ def flower_app(app_dir, run_dir, train_config, config, flower_deadline, eval_dea
     RUN/status.json as `nfed federate`. Run it with `flwr run APP_DIR CONNECTION --stream`, then check
     `nfed status RUN` (flwr run exits 0 even when the run failed).
     """
-    from nfed.federation.flower_app import write_flower_app
+    from nfed.federation.flower.appdir import write_flower_app
     from nfed.federation.roster import read_allow_list
 
     refuse_output_over_inputs(app_dir, {"--districts-file": districts_file})
@@ -93,7 +93,7 @@ def flower_gateway(listen, superlink, ssl_certfile, ssl_keyfile, ca_certfile, ma
     with ca.crt registers nodes and runs code. Start the SuperLink with --host 127.0.0.1 and this gateway on the
     address the districts reach: other requests get 403 (logged on stderr). Stop it with SIGTERM or Ctrl-C.
     """
-    from nfed.federation.flower_gateway import FleetGateway, parse_endpoint
+    from nfed.federation.flower.gateway import FleetGateway, parse_endpoint
 
     gateway = FleetGateway(parse_endpoint(listen, "--listen"), parse_endpoint(superlink, "--superlink"),
                            certfile=ssl_certfile, keyfile=ssl_keyfile, ca_certfile=ca_certfile,

@@ -2,7 +2,7 @@
 
 The click options (nfed.commands.options.config_options), the number checks (`check_declared`, and
 nfed.common.validate.LIMITS, which `declared` fills in) and the Flower run-config keys
-(nfed.federation.flower_config) are all read from these declarations, so a default, a range or a name cannot
+(nfed.federation.flower.config) are all read from these declarations, so a default, a range or a name cannot
 disagree between them.
 """
 from __future__ import annotations

@@ -209,7 +209,7 @@ def check_defences(config: FederationConfig) -> None:
 
 
 def check_norm_policy(config: FederationConfig) -> None:
-    """One of NORM_POLICIES (secure aggregation then sums the shared tensors alone: nfed.federation.secagg)."""
+    """One of NORM_POLICIES (secure aggregation then sums the shared tensors alone: nfed.federation.flower.secagg)."""
     from nfed.federation.norm_policy import NORM_POLICIES
 
     if config.norm_policy not in NORM_POLICIES:

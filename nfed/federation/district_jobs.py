@@ -76,7 +76,8 @@ def run_task(task: Mapping, weights_cache: dict) -> dict:
         return {"row": personalise_district(weights, task["pack"], task["out"], TrainConfig.from_dict(task["config"]),
                                             env=env, quiet=True, source=task["weights"], local_states=local_states)}
     if task["kind"] == "evaluate":
-        return {"metrics": evaluate_weights(weights, RoundSetup.from_dict(task["setup"]), task["pack"], split=task["split"], env=env)}
+        return {"metrics": evaluate_weights(weights, RoundSetup.from_dict(task["setup"]), task["pack"],
+                                            split=task["split"], env=env)}
     from nfed.federation.worker import result_extra, result_manifest
 
     result = train_round(weights, RoundSetup.from_dict(task["setup"]), task["pack"], env=env, residual=residual)
@@ -250,8 +251,9 @@ class PoolRunner:
         if any(task.optimizer_state is not None for task in tasks):
             raise TrainingError("worker processes start each round's optimiser afresh (--client-state reset)")
         weights_path = self._weights_file(global_weights)
-        jobs = [{"kind": "round", "pack": str(task.pack_path), "setup": task.setup.to_dict(), "weights": str(weights_path),
-                 "result": str(self.work_dir / f"client-{index}.h5"), "env": _env_entry(task.env),
+        jobs = [{"kind": "round", "pack": str(task.pack_path), "setup": task.setup.to_dict(),
+                 "weights": str(weights_path), "result": str(self.work_dir / f"client-{index}.h5"),
+                 "env": _env_entry(task.env),
                  "local_state": self._local_file(task.local_state, f"client-{index}.local.h5", task.residual)}
                 for index, task in enumerate(tasks)]
         outcomes = [None] * len(tasks)

@@ -3,7 +3,7 @@
 SuperNodes come and go: a restarted node registers under a new node id, a killed one stays listed by the
 SuperLink until its heartbeats run out (up to a minute), an operator may start a second node for a district or
 one for a district nobody planned. Before every round the ServerApp lists the connected nodes and has each new
-one describe its pack (nfed.federation.flower); the Roster decides what to do with it and logs a reason for
+one describe its pack (nfed.federation.flower.app); the Roster decides what to do with it and logs a reason for
 every node it does not use:
 
 - a district outside the allow-list (`--districts`), or, without one, outside the districts the run started

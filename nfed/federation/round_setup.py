@@ -20,7 +20,6 @@ from nfed.common.errors import ConfigError
 from nfed.common.validate import Limit, check_number
 from nfed.federation.attacks import ATTACK_KEY
 from nfed.federation.compression import COMPRESS_KEY, COMPRESS_MODES
-from nfed.federation import config as _declared  # noqa: F401  (its fields' limits join LIMITS: local_epochs, ...)
 from nfed.federation.norm_policy import NORM_POLICIES, NORM_POLICY_KEY
 from nfed.training.trainer import TrainConfig
 

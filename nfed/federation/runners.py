@@ -3,7 +3,7 @@
 The runners: SequentialRunner (here: in turn, in this process, simulated speeds), nfed.federation.worker's
 WorkerRunner (a fresh subprocess per client and round, killed at a real deadline: `nfed federate --workers`),
 nfed.federation.district_jobs' PoolRunner (a pool of long-lived worker processes shared with the study's other
-columns: the demo) and nfed.federation.flower_transport's FlowerClients (one SuperNode per district)."""
+columns: the demo) and nfed.federation.flower.transport's FlowerClients (one SuperNode per district)."""
 from __future__ import annotations
 
 import math

@@ -223,7 +223,8 @@ def run_task(task_path: str | Path) -> int:
         env = RunEnvironment.from_dict(task["env"]) if task.get("env") else None
         _, residual = update_of({}, kept.extra) if kept is not None else (None, None)
         feedback = {"residual": residual} if residual is not None else {}   # int8-ef
-        result = train(global_weights, RoundSetup.from_dict(task["setup"]), task["pack"], optimizer_state=state, env=env, **feedback)
+        setup = RoundSetup.from_dict(task["setup"])
+        result = train(global_weights, setup, task["pack"], optimizer_state=state, env=env, **feedback)
         save_checkpoint(task["result_weights"], result.weights, optimizer_state=result.optimizer_state,
                         extra=result_extra(result))
         write_json_atomic(task["result_json"], {"num_samples": int(result.num_samples), "metrics": result.metrics,

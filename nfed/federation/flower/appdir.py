@@ -1,6 +1,7 @@
 """The Flower app folder that `nfed flower-app` writes: one pyproject.toml whose [tool.flwr.app.components] name
-nfed.federation.flower's ServerApp and ClientApp (the code lives in the installed nfed package on every machine)
-and whose [tool.flwr.app.config] holds the federation set-up (nfed.federation.flower_config), overridable per run
+nfed.federation.flower's ServerApp and ClientApp (nfed.federation.flower.app's; the code lives in the installed nfed
+package on every machine)
+and whose [tool.flwr.app.config] holds the federation set-up (nfed.federation.flower.config), overridable per run
 with `flwr run APP_DIR CONNECTION --run-config 'rounds=5'`.
 
 The components are the same names since the first written apps, so every app folder written so far still runs.
@@ -15,7 +16,7 @@ from pathlib import Path
 from nfed import __version__
 from nfed.common.atomic import write_text_atomic
 from nfed.common.errors import ConfigError
-from nfed.federation.flower_config import run_config_for
+from nfed.federation.flower.config import run_config_for
 
 APP_NAME = "nfed-flower"
 PUBLISHER = "nfed"

@@ -1,14 +1,14 @@
-"""nfed's federated protocol over Flower: the app module named in a written Flower app's pyproject.toml
-(`nfed.federation.flower:server_app`, `nfed.federation.flower:client_app`).
+"""nfed's federated protocol over Flower: the ServerApp and ClientApp a written Flower app's pyproject.toml names
+(`nfed.federation.flower:server_app`, `nfed.federation.flower:client_app`: the package hands on this module's).
 
 The ServerApp runs nfed's Federation: the rounds, aggregation (FedAvg, FedAvgM, FedAdam), stop rules,
 min-clients, checkpoint/resume and the run folder (global.h5, rounds.jsonl, federated.csv, status.json) are
 nfed.federation.server's and nfed.runs.runfolder's, unchanged. It only supplies the transport
-(nfed.federation.flower_transport.FlowerClients), which plays the role of the in-process runner and evaluation
+(nfed.federation.flower.transport.FlowerClients), which plays the role of the in-process runner and evaluation
 function by sending Flower messages to the SuperNode of each district and waiting for the replies up to the
 deadline. Which node serves which district is nfed.federation.roster's: the nodes are listed again before every
 exchange (a restarted node rejoins, a dead one is noticed), and an allow-list (`districts`) keeps unplanned ones
-out. The run configuration is nfed.federation.flower_config's, the message format nfed.federation.flower_messages'.
+out. The run configuration is nfed.federation.flower.config's, the message format nfed.federation.flower.messages'.
 
 Messages (flwr Message API, one SuperLink, one SuperNode per district):
 - query:    server -> node: "describe"; node -> server: its district, tile size, split sizes (from its pack)
@@ -37,13 +37,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from nfed.common.errors import ConfigError, one_line
 from nfed.common.names import printable
-from nfed.federation.client import evaluate_weights, train_round
 from nfed.federation import norm_policy
+from nfed.federation.client import evaluate_weights, train_round
 from nfed.federation.compression import received
-from nfed.federation.flower_config import settings_from_run_config
-from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, from_json_record, json_record,
+from nfed.federation.flower.config import settings_from_run_config
+from nfed.federation.flower.messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, from_json_record, json_record,
                                              record_to_weights, update_to_record, weights_to_record)
-from nfed.federation.flower_transport import FlowerClients, round_plan
+from nfed.federation.flower.transport import FlowerClients, round_plan
 from nfed.federation.roster import AnnouncedCounts, Roster
 from nfed.federation.round_setup import RoundSetup
 from nfed.federation.server import federate
@@ -125,10 +125,10 @@ def client_describe(message: Message, context: Context) -> Message:
 @client_app.train()
 def client_train(message: Message, context: Context) -> Message:
     """One round of local training on this node's pack with nfed.federation.client.train_round (or, under secure
-    aggregation, one stage of Flower's SecAgg+ protocol around it: nfed.federation.secagg); when the set-up asks for it
-    (`evaluate`: the previous round's evaluation travelling with this round), the received weights are first
-    evaluated on that split, so one message does the work of two."""
-    from nfed.federation.secagg import is_secure_message, secure_train
+    aggregation, one stage of Flower's SecAgg+ protocol around it: nfed.federation.flower.secagg); when the set-up
+    asks for it (`evaluate`: the previous round's evaluation travelling with this round), the received weights are
+    first evaluated on that split, so one message does the work of two."""
+    from nfed.federation.flower.secagg import is_secure_message, secure_train
 
     if is_secure_message(message):
         try:

@@ -16,7 +16,7 @@ error (2 range / 2^22 per coordinate and client). `AuditingGrid` counts what the
 record (`aggregation.individual_array_bytes` is 0 when no reply held an update in clear).
 
 Under --norm-policy fedbn / silobn the vector holds the shared tensors alone: each node trains from them with its own
-BatchNorm kept in its context state (nfed.federation.flower), so the sum never includes a district's BatchNorm.
+BatchNorm kept in its context state (nfed.federation.flower.app), so the sum never includes a district's BatchNorm.
 
 Trade-offs: the server cannot clip, cap or robustly combine what it cannot see, so secure aggregation runs
 with --aggregator fedavg, the clients clip (--dp-clip) and weigh themselves; a claimed sample count other
@@ -105,7 +105,7 @@ def secure_train(message: Message, context: Context, pack_of: Callable, env_of: 
         bound = float(fitins.config[RANGE_KEY])
         global_vector = bytes_to_ndarray(fitins.parameters.tensors[0])
         global_weights = unflatten(global_vector, manifest, {name: np.float32 for name, _ in manifest})
-        from nfed.federation.flower import keep_own_tensors, with_own_tensors
+        from nfed.federation.flower.app import keep_own_tensors, with_own_tensors
 
         result = train_round(with_own_tensors(global_weights, setup, ctx, setup.round - 1), setup,
                              pack_of(ctx), env=env_of(ctx))
@@ -224,8 +224,8 @@ def secure_round(grid, nodes: Mapping[str, int], global_weights: Mapping[str, np
     tensors = [ndarray_to_bytes(flatten(global_weights, manifest, np.float32))]
     fit_ins = {}
     for task in tasks:
-        config = {SETUP_KEY: strict_json.dumps(task.setup.to_dict(), sort_keys=True), MANIFEST_KEY: json.dumps(manifest),
-                  RANGE_KEY: float(bound)}
+        config = {SETUP_KEY: strict_json.dumps(task.setup.to_dict(), sort_keys=True),
+                  MANIFEST_KEY: json.dumps(manifest), RANGE_KEY: float(bound)}
         fit_ins[nodes[task.district]] = FitIns(Parameters(tensors, "numpy.ndarray"), config)
     audited = AuditingGrid(grid)
     strategy = _OneRound(fit_ins, audited)

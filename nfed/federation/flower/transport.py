@@ -1,5 +1,5 @@
 """The transport of nfed's ServerApp: FlowerClients, the districts' SuperNodes seen as a federation runner
-and evaluation function (the messages go out and come back through nfed.federation.flower_exchange).
+and evaluation function (the messages go out and come back through nfed.federation.flower.exchange).
 
 Flower's cost is per message (the SuperNode polls every 3 s and starts a ClientApp process for each), so a
 round's validation travels with the next round's training: one message per node and round instead of two.
@@ -7,7 +7,7 @@ A node that did not answer a round's training is not asked to evaluate it, and e
 (shorter) deadline; a node the SuperLink reports unavailable is recorded as such, with the time it took.
 
 Under --norm-policy fedbn / silobn only the shared tensors travel, both ways: each node keeps its district's own
-BatchNorm in its Flower context state (nfed.federation.flower), so the server neither sends nor holds it.
+BatchNorm in its Flower context state (nfed.federation.flower.app), so the server neither sends nor holds it.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from nfed.federation import norm_policy
 from nfed.federation.client import ClientOutcome, ClientResult, ClientTask, clean_metrics
 from nfed.federation.round_setup import RoundSetup, make_round_setup
 from nfed.federation.compression import broadcast
-from nfed.federation.flower_exchange import POLL_SECONDS, TTL_SLACK_SECONDS, Reply, describe_nodes, exchange
-from nfed.federation.flower_messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, WEIGHTS_SLACK_BYTES,
+from nfed.federation.flower.exchange import POLL_SECONDS, TTL_SLACK_SECONDS, Reply, describe_nodes, exchange
+from nfed.federation.flower.messages import (RESULT_RECORD, SETUP_RECORD, WEIGHTS_RECORD, WEIGHTS_SLACK_BYTES,
                                              evaluation_metrics, from_json_record, is_update_record, json_record,
                                              record_bytes, record_to_update, record_to_weights, weights_to_record)
 from nfed.federation.roster import Roster
@@ -165,7 +165,8 @@ class FlowerClients:
 
     def _message(self, node_id: int, message_type: str, weights_record: ArrayRecord, setup: RoundSetup,
                  round_number: int, timeout: float | None, **extra) -> Message:
-        content = RecordDict({WEIGHTS_RECORD: weights_record, SETUP_RECORD: json_record(setup=setup.to_dict(), **extra)})
+        content = RecordDict({WEIGHTS_RECORD: weights_record,
+                              SETUP_RECORD: json_record(setup=setup.to_dict(), **extra)})
         ttl = timeout + TTL_SLACK_SECONDS if timeout else None   # a message nobody waits for is not delivered
         return Message(content, dst_node_id=int(node_id), message_type=message_type, group_id=str(round_number),
                        ttl=ttl)
@@ -259,10 +260,10 @@ class FlowerClients:
             and prefetched[district].node_id not in self.roster.refused for district in early.folded)
 
     def run_secure(self, global_weights, tasks: Sequence[ClientTask], deadline: float | None):
-        """One round under Flower's SecAgg+ (nfed.federation.secagg): outcomes and the revealed aggregate, never one
-        node's update. A node weighs itself by its described training samples (1 each under DP-FedAvg)."""
+        """One round under Flower's SecAgg+ (nfed.federation.flower.secagg): outcomes and the revealed aggregate, never
+        one node's update. A node weighs itself by its described training samples (1 each under DP-FedAvg)."""
         from nfed.federation.privacy import SecureAggregate
-        from nfed.federation.secagg import secure_round
+        from nfed.federation.flower.secagg import secure_round
 
         timeout = deadline if deadline is not None else self.timeout
         self.refresh()

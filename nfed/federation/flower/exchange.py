@@ -11,7 +11,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from nfed.common.errors import one_line
-from nfed.federation.flower_messages import (DESCRIBE, RESULT_RECORD, SETUP_RECORD, check_description, from_json_record,
+from nfed.federation.flower.messages import (DESCRIBE, RESULT_RECORD, SETUP_RECORD, check_description, from_json_record,
                                              json_record)
 
 POLL_SECONDS = 0.25
