@@ -44,8 +44,8 @@ def main(argv=None) -> int:
     delta = 1.0 / samples
     clip = args.dp_clip
     if clip is None and args.table_only:
-        clip = next((json.loads(path.read_text())["size"]["dp_clip"] for path in sorted(args.out.glob("privacy*.json"))),
-                    None)
+        saved = sorted(args.out.glob("privacy*.json"))
+        clip = next((json.loads(path.read_text())["size"]["dp_clip"] for path in saved), None)
     if clip is None:
         probe = federate(packs, args.out / "runs" / "clip-probe", config,
                          FederationConfig(rounds=1, local_epochs=args.local_epochs, eps=0.0, seed=args.seed,

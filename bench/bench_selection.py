@@ -25,7 +25,6 @@ packed into 3 pseudo-districts (a --district-map, 64 px tiles, split 0.6/0.2/0.2
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import replace

@@ -65,7 +65,8 @@ def test_nfed_bench_transfer_times_serialisation_and_a_plain_http_copy(tmp_path)
     from nfed.cli import cli
 
     out = tmp_path / "transfer.json"
-    result = CliRunner().invoke(cli, ["bench", "transfer", "--width", "4", "--repeat", "1", "--json", "--out", str(out)])
+    result = CliRunner().invoke(cli, ["bench", "transfer", "--width", "4", "--repeat", "1", "--json",
+                                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
     assert shown == json.loads(out.read_text())

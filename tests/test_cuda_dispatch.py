@@ -84,7 +84,8 @@ def patches(path) -> list[str]:
                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nfed") for alias in node.names}
     owners |= {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
     owners |= {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-               and getattr(node.value.func, "attr", getattr(node.value.func, "id", None)) in ("import_module", "getattr")
+               and getattr(node.value.func, "attr", getattr(node.value.func, "id", None))
+               in ("import_module", "getattr")
                for target in node.targets if isinstance(target, ast.Name)}  # modules and classes looked up by name
     found = []
 
@@ -97,7 +98,8 @@ def patches(path) -> list[str]:
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args \
                 and getattr(node.args[0], "id", None) in owners:
             found.append(f"{path.name}:{node.lineno}: setattr({node.args[0].id}, ...)")
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AugAssign) else []
         for target in targets:
             for t in (target.elts if isinstance(target, ast.Tuple) else [target]):
                 if isinstance(t, ast.Attribute) and root(t.value) in owners and not t.attr.isupper() \

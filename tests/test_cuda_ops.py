@@ -252,7 +252,8 @@ def test_softmax_and_log_softmax_forward_backward(rng):
     assert_close(gpu_softmax.log_softmax(gpu(x)), np.log(p))
     gy = randn(rng, *x.shape)
     assert_close(gpu_softmax.softmax_backward(gpu(gy), gpu(p)), p * (gy - (gy * p).sum(axis=1, keepdims=True)))
-    assert_close(gpu_softmax.softmax_backward(gpu(gy), gpu(np.log(p)), log=True), gy - p * gy.sum(axis=1, keepdims=True))
+    assert_close(gpu_softmax.softmax_backward(gpu(gy), gpu(np.log(p)), log=True),
+                 gy - p * gy.sum(axis=1, keepdims=True))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -269,8 +270,8 @@ def test_cross_entropy_matches_cpu(rng, reduction, weighted):
     loss = F.cross_entropy(t, target, weight=weight, reduction=reduction)
     upstream = randn(rng, *loss.shape) if reduction == "none" else np.float32(1.7)
     loss.backward(upstream)
-    value, denominator = gpu_softmax.cross_entropy_forward(gpu(logits), gpu(target), None if weight is None else gpu(weight),
-                                                        -100, reduction)
+    value, denominator = gpu_softmax.cross_entropy_forward(gpu(logits), gpu(target),
+                                                        None if weight is None else gpu(weight), -100, reduction)
     assert_close(value, loss.data)
     grad = gpu_softmax.cross_entropy_backward(gpu(np.asarray(upstream)), gpu(logits), gpu(target),
                                            None if weight is None else gpu(weight), -100, reduction, denominator)

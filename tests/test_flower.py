@@ -139,8 +139,8 @@ class LoopbackGrid:
     Nodes are node id -> node config; ids in `silent` answer the describe query, then never again (a machine
     that dropped off after joining); ids in `dead` get no answer but, after their delay, the SuperLink's
     "Node Unavailable" error (a killed machine whose heartbeats stopped); messages to ids no longer in
-    `contexts` are refused at push (a node that left and unregistered). The server
-    code under test (nfed.federation.flower.serve) is the real one; only the SuperLink/SuperNode transport is skipped.
+    `contexts` are refused at push (a node that left and unregistered). The server code under test
+    (nfed.federation.flower.app.serve) is the real one; only the SuperLink/SuperNode transport is skipped.
     """
 
     def __init__(self, node_configs: dict[int, dict], silent: set[int] = frozenset(), rogue: dict | None = None):
@@ -220,7 +220,8 @@ def flat_run_config(train_config, fed_config, run_dir, **options):
 
 
 def test_serve_equals_in_process_federation_and_resumes(tmp_path, task_identity):
-    """nfed.federation.flower.serve over a Grid: 1 round, then resumed to 2 = an uninterrupted in-process 2-round run."""
+    """nfed.federation.flower.app.serve over a Grid: 1 round, then resumed to 2 = an uninterrupted in-process 2-round
+    run."""
     from nfed.federation.config import FederationConfig
     from nfed.federation.server import federate
     from nfed.training.trainer import profile_config
@@ -239,7 +240,7 @@ def test_serve_equals_in_process_federation_and_resumes(tmp_path, task_identity)
     for name, value in local.global_weights.items():
         np.testing.assert_allclose(result.global_weights[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(saved[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
-    flower_rounds = [json.loads(l) for l in (tmp_path / "flower" / "rounds.jsonl").read_text().splitlines()]
+    flower_rounds = [json.loads(line) for line in (tmp_path / "flower" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in flower_rounds] == [1, 2]
     for mine, theirs in zip(flower_rounds, local.rounds):
         assert mine["answered"] == theirs["answered"] == list(DISTRICTS)

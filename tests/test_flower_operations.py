@@ -1,6 +1,6 @@
-"""Operating nfed over Flower (issue 17), through the real ServerApp code (nfed.federation.flower.serve) over the in-process
-grid of test_flower: nodes that restart, die or were not planned, the evaluation deadline, one message per node
-and round, and RUN/status.json. The same checks on a real SuperLink and SuperNodes are in test_flower.py (slow).
+"""Operating nfed over Flower (issue 17), through the real ServerApp code (nfed.federation.flower.app.serve) over the
+in-process grid of test_flower: nodes that restart, die or were not planned, the evaluation deadline, one message per
+node and round, and RUN/status.json. The same checks on a real SuperLink and SuperNodes are in test_flower.py (slow).
 """
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ def test_an_unknown_district_is_refused_in_one_line(packs, tmp_path):
 def _heldout_run(root: Path, rows: list[tuple[str, float | None, float, float]]) -> Path:
     make_run(root, districts())
     lines = ["district,local_f1,global_f1,adapted_f1"]
-    lines += [f"{d},{'' if l is None else l},{g},{a}" for d, l, g, a in rows]
+    lines += [f"{d},{'' if local is None else local},{g},{a}" for d, local, g, a in rows]
     (root / "federated" / HELDOUT_NAME).write_text("\n".join(lines) + "\n")
     return root
 

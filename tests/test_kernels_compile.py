@@ -1,8 +1,8 @@
 """Every CUDA source in kernels/ compiles with nvcc (sm_80; sm_90 in the slow suite), no GPU needed.
 
-Also checks, from the compiled PTX, that every kernel nfed.gpu launches (nfed.gpu.kernels.KERNELS) exists and takes exactly the
-argument types nfed.gpu.kernels.launch converts to (pointer/int64 -> .u64, int32 -> .u32, float -> .f32, double -> .f64),
-so a signature drift between a .cu file and its Python caller fails here instead of corrupting a launch
+Also checks, from the compiled PTX, that every kernel nfed.gpu launches (nfed.gpu.kernels.KERNELS) exists and takes
+exactly the argument types nfed.gpu.kernels.launch converts to (pointer/int64 -> .u64, int32 -> .u32, float -> .f32,
+double -> .f64), so a signature drift between a .cu file and its Python caller fails here instead of corrupting a launch
 on a GPU. Skipped only where nvcc is absent. Output goes to a temporary folder (nothing cached in the repo).
 """
 from __future__ import annotations

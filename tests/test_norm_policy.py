@@ -288,7 +288,8 @@ def test_personalise_starts_each_district_from_its_own_batchnorm(tiny_packs, tmp
     assert where == (tmp_path / "run", 1)
     started = {}
     monkeypatch.setattr(study, "_train_and_save",
-                        lambda pack, out, config, model, env, **kw: started.setdefault(pack.district, host_state(model)))
+                        lambda pack, out, config, model, env, **kw:
+                        started.setdefault(pack.district, host_state(model)))
     study.personalised_column(checkpoint.model_state, list(tiny_packs.values()), tmp_path / "pers", _tiny_config(),
                               local_states=where)
     for district in tiny_packs:

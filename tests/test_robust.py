@@ -74,7 +74,8 @@ def test_coordinatewise_aggregators_match_numpy_and_scipy(monkeypatch, chunk):
     clients = [{k: (v + rng.normal(scale=0.5, size=v.shape)).astype(np.float32) for k, v in reference.items()}
                for _ in range(9)]
     for aggregator, oracle in ((MedianAggregator(reference), lambda x: np.median(x, axis=0)),
-                               (TrimmedMeanAggregator(reference, beta=0.25), lambda x: stats.trim_mean(x, 0.25, axis=0))):
+                               (TrimmedMeanAggregator(reference, beta=0.25),
+                                lambda x: stats.trim_mean(x, 0.25, axis=0))):
         for index, weights in enumerate(clients):
             aggregator.add(weights, 1, f"c{index}")
         result = aggregator.finish()

@@ -1,4 +1,5 @@
-"""nfed.federation.roster: which SuperNode serves which district as nodes come, go, restart, duplicate or were not planned."""
+"""nfed.federation.roster: which SuperNode serves which district as nodes come, go, restart, duplicate or were not
+planned."""
 from __future__ import annotations
 
 import pytest

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flower_harness import FlowerDeployment, flwr_available
 from test_flower import write_app  # noqa: F401 (task_identity is a fixture)
-from test_flower import LoopbackGrid, flat_run_config, load_global, make_tiny_packs, start_nodes, task_identity
+from test_flower import (LoopbackGrid, flat_run_config, load_global, make_tiny_packs, start_nodes,  # noqa: F401
+                         task_identity)   # task_identity: a fixture
 
 pytestmark = [pytest.mark.flower,
               pytest.mark.skipif(not flwr_available(), reason="flwr is not installed (pip install 'nfed[flower]')")]
@@ -195,7 +196,8 @@ def test_secure_flower_run_equals_fedavg_and_survives_a_killed_node(tmp_path):
     from nfed.federation.server import federate
 
     districts = ("Gangnam-gu", "Gangdong-gu", "Gwangjin-gu", "Gangbuk-gu")
-    packs = make_tiny_packs(tmp_path / "packs", districts=districts, counts=((4, 2, 2), (6, 2, 2), (3, 2, 2), (3, 2, 2)))
+    packs = make_tiny_packs(tmp_path / "packs", districts=districts,
+                            counts=((4, 2, 2), (6, 2, 2), (3, 2, 2), (3, 2, 2)))
     app = write_app(tmp_path / "app", tmp_path / "flower-run", "--rounds", "2", "--min-clients", "3",
                     "--expected-nodes", "4", "--deadline", "40", "--secure-aggregation", "--no-round-eval")
     victim = "Gangbuk-gu"

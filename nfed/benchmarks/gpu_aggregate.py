@@ -80,7 +80,7 @@ def run_aggregate_bench(device: backend.Device, models: int, parameters: int, re
         updates = [({"w": a}, int(c)) for a, c in zip(stack, sample_counts)]
         agg_s = median_seconds(lambda: fedavg(updates), sync, max(1, min(repeat, 2)), 0)
         result.update({"aggregator_s": agg_s, "aggregator_gb_s": moved / agg_s / 1e9})
-        del updates, out
+        updates = out = None   # freed now (not `del`: the closures above read them)
         torch = import_torch() if reference else None
         if torch is not None:
             tdev = torch_setup(torch, device, "fp32")
@@ -98,7 +98,7 @@ def run_aggregate_bench(device: backend.Device, models: int, parameters: int, re
                 torch.cuda.empty_cache()
         else:
             result["reference_note"] = "skipped (--no-reference)" if not reference else "PyTorch is not installed"
-        del stack
+        stack = None
         if device.is_gpu:
             backend.cupy_module().get_default_memory_pool().free_all_blocks()
     return result

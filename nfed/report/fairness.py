@@ -68,7 +68,8 @@ def kept_round(run: Run) -> dict:
     known = rule in RULES and isinstance(window, int) and not isinstance(window, bool) and window >= 1
     kept, top = (summary.get(k) for k in ("best_mean_val_f1", "top_mean_val_f1"))
     best, top_round = summary.get("best_round"), summary.get("top_mean_val_f1_round")
-    return {"round": best if isinstance(best, int) and not isinstance(best, bool) else None, "rule": describe(rule, window) if known else None,
+    return {"round": best if isinstance(best, int) and not isinstance(best, bool) else None,
+            "rule": describe(rule, window) if known else None,
             "val_f1": kept if finite(kept) else None, "top_val_f1": top if finite(top) else None,
             "top_round": top_round if isinstance(top_round, int) and not isinstance(top_round, bool) else None}
 

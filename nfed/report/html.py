@@ -222,11 +222,11 @@ def matrix_html(comparison: Comparison) -> str:
                            for district, value in zip(matrix.districts, row)]
             for name, row in matrix.rows.items()]
     legend = _table([f"{k / 10:.1f}" for k in range(10)], [[_td("", None, f"hm{k}") for k in range(10)]])
-    notes = [f"Rows: each district's local model (named by its district) and the federation's kept global model; "
-             f"columns: the district whose test split it is scored on; cells: F1 of the change class pooled over "
-             f"the split's tiles, blank (-) where a model or pack is missing. Framed: a local model on its own "
-             f"district (in-district). Under --norm-policy fedbn / silobn the global model is scored on each "
-             f"district with that district's own BatchNorm of the kept round, as the district would use it.",
+    notes = ["Rows: each district's local model (named by its district) and the federation's kept global model; "
+             "columns: the district whose test split it is scored on; cells: F1 of the change class pooled over "
+             "the split's tiles, blank (-) where a model or pack is missing. Framed: a local model on its own "
+             "district (in-district). Under --norm-policy fedbn / silobn the global model is scored on each "
+             "district with that district's own BatchNorm of the kept round, as the district would use it.",
              f"In-district: mean of {summary['in_district_cells']} diagonal cells; out-of-district: mean of "
              f"{summary['out_of_district_cells']} other cells of the local models."
              + (f" Cells: the mean over the {seeds} seeds that have a matrix (nfed matrix / nfed demo)."
