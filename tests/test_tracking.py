@@ -10,6 +10,9 @@ from click.testing import CliRunner
 
 from nfed.cli import cli
 
+pytest.importorskip("flwr")
+from test_flower import task_identity  # noqa: E402,F401  (a fixture the ServerApp test uses)
+
 TINY = ("--width", "2", "--batch-size", "4", "--quiet")
 DISTRICTS = ("Gangseo-gu", "Nowon-gu", "Jung-gu")
 
@@ -118,3 +121,36 @@ def test_track_alone_keeps_the_store_beside_the_run(packs_dir, tmp_path, monkeyp
     assert run.info.artifact_uri.startswith((run_dir / "mlartifacts").resolve().as_uri())
     assert "federated.csv" in {item.path for item in client.list_artifacts(run.info.run_id)}
     assert list(work.iterdir()) == []
+
+
+def test_the_flower_serverapp_logs_its_rounds_when_the_app_says_so(store, tmp_path, task_identity):
+    """`nfed flower-app --track URI` writes the URI into the run config; the ServerApp (serve over a loopback grid)
+    logs its rounds and districts there; an app folder without the key (written before it) is not tracked."""
+    from test_flower import WIDTH, LoopbackGrid, flat_run_config, make_tiny_packs
+
+    from nfed.federation.config import FederationConfig
+    from nfed.federation.flower.app import serve
+    from nfed.federation.flower.config import settings_from_run_config
+    from nfed.training.trainer import profile_config
+
+    packs = make_tiny_packs(tmp_path / "packs")
+    grid = LoopbackGrid({20 + i: {"pack": str(path)} for i, path in enumerate(packs.values())})
+    fed = FederationConfig(rounds=2, warmup_rounds=0, seed=1)
+    config = flat_run_config(profile_config("demo", width=WIDTH, batch_size=2), fed, tmp_path / "run", track=store)
+    serve(grid, config, echo=lambda line: None)
+    client, run = _only_run(store, "flower")
+    assert run.info.status == "FINISHED" and run.data.params["federation.rounds"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "mean_val_f1")) == [1, 2]
+    assert {f"test_f1/{d}" for d in packs} <= set(run.data.metrics)
+    untracked = {key: value for key, value in config.items() if key != "track"}
+    assert settings_from_run_config(untracked).track is None
+    assert settings_from_run_config({**config, "track": "beside-run"}).track == ""
+
+
+def test_flower_app_writes_track_into_the_run_config(tmp_path):
+    for options, written in (([], '"off"'), (["--track"], '"beside-run"'), (["--track", "http://mlflow.test:5000"],
+                                                                               '"http://mlflow.test:5000"')):
+        app = tmp_path / f"app{len(options)}"
+        result = CliRunner().invoke(cli, ["flower-app", "--out", str(app), *options])
+        assert result.exit_code == 0, result.output
+        assert f"track = {written}" in (app / "pyproject.toml").read_text()

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from nfed.commands.federation import CLIENT_TRAINING
-from nfed.commands.options import config_options, limited, run_folder_options, training_options
+from nfed.commands.options import config_options, limited, run_folder_options, track_option, training_options
 from nfed.common.paths import refuse_output_over_inputs
 from nfed.federation.config import FederationConfig
 
@@ -39,8 +39,9 @@ IN_PROCESS_ONLY = ("workers", "gpus", "client_state", "simulate_attack", "attack
 @click.option("--connect-timeout", type=limited("connect_timeout"), default=300.0, show_default=True,
               help="seconds to wait for the expected SuperNodes to connect")
 @run_folder_options("--run-dir")
+@track_option
 def flower_app(app_dir, run_dir, train_config, config, flower_deadline, eval_deadline, district_names, districts_file,
-               expected_nodes, connect_timeout, resume, overwrite):
+               expected_nodes, connect_timeout, resume, overwrite, track):
     """Write a Flower app folder that runs `nfed federate`'s protocol on a SuperLink and one SuperNode per
     district.
 
@@ -61,7 +62,7 @@ def flower_app(app_dir, run_dir, train_config, config, flower_deadline, eval_dea
     config = dataclasses.replace(config, deadline=flower_deadline or None)
     path = write_flower_app(app_dir, train_config, config, run_dir=run_dir, resume=resume, overwrite=overwrite,
                             expected_nodes=expected_nodes, connect_timeout=connect_timeout,
-                            eval_deadline=eval_deadline, districts=districts)
+                            eval_deadline=eval_deadline, districts=districts, track=track)
     click.echo(f"wrote {path}: {config.aggregator}" + (" under secure aggregation" if config.secure_aggregation
                                                       else "") + f" + {config.server_opt}, up to {config.rounds} "
                "round(s), deadline " + (f"{config.deadline:g} s" if config.deadline else "none")

@@ -50,6 +50,7 @@ from nfed.federation.server import federate
 from nfed.gpu.precision import parse_precision
 from nfed.runs.packs import describe_pack, pack_district
 from nfed.runs.runfolder import recorded_run
+from nfed.runs.tracking import run_params, tracked
 from nfed.training.environment import RunEnvironment
 
 log = logging.getLogger(__name__)
@@ -210,11 +211,20 @@ def serve(grid: Grid, run_config: Mapping[str, object], echo: Callable[[str], No
         clients.plan = None if fed.secure_aggregation else round_plan(districts, settings.train_config, fed)
         echo(f"federating {len(districts)} district(s) over Flower into {settings.run_dir}"
              + (" (resuming)" if settings.resume else ""))
-        result = federate(clients.pack_labels(), settings.run_dir, settings.train_config, fed,
-                          resume=settings.resume, overwrite=settings.overwrite, echo=echo, held=held, runner=clients,
-                          evaluate_fn=clients.evaluate, data_fingerprint=clients.data_fingerprint(),
-                          tile=clients.tile(),
-                          train_samples=AnnouncedCounts(roster))
+        params = run_params("flower", train=settings.train_config, federation=fed) if settings.track is not None \
+            else {}
+        with tracked(settings.track, settings.run_dir, "flower", params, warn=echo) as tracker:
+            result = federate(clients.pack_labels(), settings.run_dir, settings.train_config, fed,
+                              resume=settings.resume, overwrite=settings.overwrite, echo=echo, held=held,
+                              runner=clients, evaluate_fn=clients.evaluate,
+                              data_fingerprint=clients.data_fingerprint(), tile=clients.tile(),
+                              train_samples=AnnouncedCounts(roster),
+                              on_round=tracker.log_round if tracker else None)
+            if tracker:
+                for row in result.results:
+                    tracker.log_district(row)
+                tracker.log_artifacts(settings.run_dir / name for name in ("summary.json", "federated.csv",
+                                                                            "rounds.jsonl"))
     for row in result.results:
         echo(f"test {row['district']}: F1 {row['f1']:.4f} ({row['samples']} samples)"
              if not math.isnan(row["f1"]) else f"test {row['district']}: no result")

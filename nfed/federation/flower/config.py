@@ -27,6 +27,9 @@ UNSET_AS_ZERO = tuple(field.name for field, found in declared_fields(FederationC
 TRAIN_PREFIX = "train."
 
 
+TRACK_OFF, TRACK_BESIDE_RUN = "off", "beside-run"   # the run config's `track` without a URI
+
+
 @dataclass
 class FlowerRunSettings:
     """Everything a Flower run of nfed needs, read from the run configuration."""
@@ -40,14 +43,15 @@ class FlowerRunSettings:
     federation_config: object
     eval_deadline: float | None = None      # seconds an evaluation waits for the nodes (None: for all)
     districts: list[str] | None = None      # the allow-list (None: any district)
+    track: str | None = None                # MLflow: None not tracked, "" a store beside the run, else a URI
 
 
 def run_config_for(train_config, fed_config, *, run_dir: Path, resume: bool = False, overwrite: bool = False,
                    expected_nodes: int = 0, connect_timeout: float = 300.0, eval_deadline: float | None = None,
-                   districts: Sequence[str] | None = None) -> dict:
+                   districts: Sequence[str] | None = None, track: str | None = None) -> dict:
     """The nested [tool.flwr.app.config] table for a TrainConfig + FederationConfig (TOML-friendly): the
     evaluation deadline defaults to the training deadline, and 0 waits for every node; an empty `districts`
-    admits any district."""
+    admits any district; `track` (--track [URI]) is written as "off", "beside-run" or the URI."""
     federation = fed_config.to_dict()
     if federation.get("client_state", "reset") != "reset":
         raise ConfigError("over Flower each round starts the clients' optimisers afresh (--client-state reset)")
@@ -61,7 +65,8 @@ def run_config_for(train_config, fed_config, *, run_dir: Path, resume: bool = Fa
     config = {"run-dir": str(Path(run_dir).expanduser().resolve()), "resume": bool(resume),
               "overwrite": bool(overwrite), "expected-nodes": int(expected_nodes),
               "connect-timeout": float(connect_timeout), "eval-deadline": float(eval_deadline or 0.0),
-              "districts": ",".join(districts or ())}
+              "districts": ",".join(districts or ()),
+              "track": TRACK_OFF if track is None else track or TRACK_BESIDE_RUN}
     for key, (field_name, kind) in FEDERATION_KEYS.items():
         value = federation[field_name]
         config[key] = kind(0 if value is None else value)
@@ -108,4 +113,10 @@ def settings_from_run_config(run_config: Mapping[str, object]) -> FlowerRunSetti
         federation_config=FederationConfig(**options),
         eval_deadline=eval_deadline or None,
         districts=parse_allow_list(districts.split(","), "Flower run config 'districts'") if districts else None,
+        track=_track(str(get("track", str, TRACK_OFF))),
     )
+
+
+def _track(value: str) -> str | None:
+    """The run config's `track` (optional: app folders written before it are not tracked) as --track's value."""
+    return None if value == TRACK_OFF else "" if value == TRACK_BESIDE_RUN else value
