@@ -30,7 +30,10 @@ def client_entry(outcome: ClientOutcome, capped: Mapping[str, tuple], attack: st
 def round_record(round_number: int, selected: Sequence[str], clients: Mapping[str, dict], aggregator,
                  problem: str | None, kept_previous: bool, norm_difference: float | None) -> dict:
     """The record of a finished round, before its validation (add_validation) and timing."""
-    answered = aggregator.accepted
+    # in the order the districts were selected, whatever order their replies arrived in (a streamed round folds
+    # them as they come): the record reads the same for the same round
+    accepted, chosen = set(aggregator.accepted), set(selected)
+    answered = [d for d in selected if d in accepted] + [d for d in aggregator.accepted if d not in chosen]
     record = {
         "round": round_number, "selected": list(selected), "answered": list(answered), "problem": problem,
         "late": [d for d, e in clients.items() if e["status"] == "late"],
