@@ -67,8 +67,9 @@ def _federation_default(name: str):
 
 @dataclass
 class DemoSettings:
-    """What `nfed demo` runs. Sized so that one seed with all four columns fits in 15 minutes on a 2-core CPU
-    (measured figures in the README); the model and optimiser are training.PROFILES["demo"]."""
+    """What `nfed demo` runs. Sized so that one seed with all four columns took about 15 minutes on a 2-core CPU
+    under the earlier federation protocol; today's (patience 10) runs longer (measured figures in the README); the
+    model and optimiser are training.PROFILES["demo"]."""
 
     scale: float = 0.008           # share of the study's sample count generated per district (training tiles)
     min_train_tiles: int = 4       # at least half a batch of training tiles per district
