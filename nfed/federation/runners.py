@@ -37,10 +37,18 @@ class SecureRunner(Runner, Protocol):
 
 @runtime_checkable
 class NodeRunner(Runner, Protocol):
-    """A runner over nodes that can be refused before any task reaches them (Flower's SuperNodes)."""
+    """A runner over nodes that can be refused before any task reaches them (Flower's SuperNodes), and that may
+    stream replies, encode the broadcast itself and leave each district's local tensors on its node."""
+
+    streams: bool               # hands each reply to the round's RoundStream as it arrives (run_streaming)
+    encodes_broadcast: bool     # takes the float32 model and applies --broadcast itself
+    bytes_down: int | None      # bytes of the last weights message it sent (None: not known)
 
     @property
     def refused_nodes(self) -> Mapping[object, str]: ...   # node -> why it was left out of the last round
+
+    @property
+    def keeps_local_state(self) -> bool: ...   # a district's BatchNorm (fedbn / silobn) stays on its node
 
 
 def select_clients(districts: Sequence[str], fraction: float, seed: int, round_number: int) -> list[str]:

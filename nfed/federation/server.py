@@ -262,7 +262,8 @@ class Federation:
             outcomes, aggregate = runner.run_secure(weights, tasks, cfg.deadline)
             return outcomes, {}, SecureSumAggregator(shared, aggregate, cfg.dp_clip, cfg.dp_noise)
         # a transport that encodes the broadcast itself (Flower) gets the float32 model
-        sent = weights if getattr(runner, "encodes_broadcast", False) else compression.broadcast(weights, cfg.broadcast)
+        encodes = isinstance(runner, NodeRunner) and runner.encodes_broadcast
+        sent = weights if encodes else compression.broadcast(weights, cfg.broadcast)
         stream = self._stream(runner, weights, round_number)
         if stream is not None:   # each reply is folded in as it arrives (nfed.federation.streaming)
             outcomes, stream = runner.run_streaming(sent, tasks, cfg.deadline, stream)
@@ -274,7 +275,7 @@ class Federation:
     def _stream(self, runner, weights, round_number: int) -> RoundStream | None:
         """The round's RoundStream when the runner streams and the aggregation allows it (None: hold every reply;
         said once). The runner may open the next round's early, for replies that come with an evaluation."""
-        if not getattr(runner, "streams", False):
+        if not (isinstance(runner, NodeRunner) and runner.streams):
             return None
         shared = norm_policy.split(weights, self.config.norm_policy)[0]
         aggregator = build_aggregator(self.config, shared)
@@ -296,7 +297,7 @@ class Federation:
         or whose local tensors do not fit, is marked rejected): district -> (weight, why) of each capped claim."""
         cfg = self.config
         local_reference = norm_policy.split(weights, cfg.norm_policy)[1]
-        at_nodes = getattr(runner, "keeps_local_state", False)
+        at_nodes = isinstance(runner, NodeRunner) and runner.keeps_local_state
         claims = {o.district: o.result.num_samples for o in outcomes if o.status == "ok" and o.result is not None}
         caps, reasons = cap_sample_counts(claims, self.registered, max_share, self.announced)
         for outcome in outcomes:
@@ -485,15 +486,16 @@ class Federation:
         tasks = self._tasks(round_number, selected)
         residuals = {task.district: task.residual for task in tasks}
         outcomes, capped, aggregator = self._collect(runner, weights, tasks, round_number)
-        down = getattr(runner, "bytes_down", None) or compression.broadcast_bytes(shared, cfg.broadcast)
+        sent = runner.bytes_down if isinstance(runner, NodeRunner) else None
+        down = sent or compression.broadcast_bytes(shared, cfg.broadcast)
         clients = {}
         for outcome in outcomes:
             entry = client_entry(outcome, capped, cfg.simulate_attack if outcome.district in self.attackers else None)
             result = outcome.result
             # a district keeps the local tensors of its accepted update (they never reach the average); over Flower
             # its node keeps them
-            own = cfg.norm_policy != "shared" and entry["status"] == "ok" and not getattr(runner, "keeps_local_state",
-                                                                                           False)
+            at_nodes = isinstance(runner, NodeRunner) and runner.keeps_local_state
+            own = cfg.norm_policy != "shared" and entry["status"] == "ok" and not at_nodes
             if own:
                 self._local[outcome.district] = norm_policy.split(result.weights, cfg.norm_policy)[1]
             # a client keeps its own optimiser state whether or not it made the deadline (not when it broke)
