@@ -253,3 +253,14 @@ def test_no_command_module_repeats_a_declared_field():
                 if re.search(rf"\b{field.name}={field.name}\b", text):
                     found.append(f"{path.name}: {field.name}={field.name}")
     assert not found, found
+
+
+def test_every_command_loads_on_its_own_before_any_config_module():
+    """A command module that asks for a field's range when it loads (bench round: --min-clients, --rounds) must not
+    depend on another module having imported the config classes first (a fresh process, like the CLI's)."""
+    import subprocess
+    import sys
+
+    for args in (["-c", "import nfed.commands.bench_round"], ["-m", "nfed.cli", "bench", "round", "--help"]):
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr

@@ -62,7 +62,10 @@ class LimitedNumber(click.ParamType):
 
 
 def limited(key: str) -> LimitedNumber:
-    """The click type of a numeric option whose accepted range is LIMITS[key]."""
+    """The click type of a numeric option whose accepted range is LIMITS[key]; the config modules are imported
+    first, since their declared fields add their ranges to LIMITS (a command may be loaded before any of them)."""
+    import nfed.federation.config  # noqa: F401
+    import nfed.training.trainer  # noqa: F401
     from nfed.common.validate import LIMITS
 
     return LimitedNumber(LIMITS[key])
