@@ -53,6 +53,8 @@ class _Pooled:
 def adapt_batchnorm(model: WNetCD, pack, split: str = "train", batch_size: int = 8, *, device=None) -> int:
     """Set every BatchNorm layer's running mean and variance to the statistics of its input over the pack's
     `split` (module docstring); nothing else of the model changes. Returns the number of tiles used."""
+    if device is None:   # the batches go where the model is (not to $NFED_DEVICE's default)
+        device = backend.device_of(next(iter(model.parameters())).data)
     tiles = pack.num_samples(split)
     if tiles == 0:
         raise DataError(f"{pack.path}: the pack has no {split} tiles to adapt on")
