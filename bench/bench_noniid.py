@@ -131,6 +131,10 @@ def cell_facts(run_dirs: list[Path]) -> dict:
                              for d in run_dirs if (d / "cell.json").is_file()]}
 
 
+def _f1(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def _cell(value: dict) -> str:
     if value.get("mean") is None:
         return "–"
@@ -148,8 +152,8 @@ def table(results: dict) -> str:
         lines.append(
             f"| {name} | {facts['seeds']} | {_cell(facts['f1_local'])} | {_cell(facts['f1_federated'])} | "
             f"{_cell(facts['f1_personalised'])} | {_cell(facts['f1_centralised'])} | {_cell(facts['rounds'])} | "
-            f"{'–' if shared is None else f'{shared / 1e6:.3f}'} | {facts['worst']} ({facts['worst_f1']:.3f}) | "
-            f"{facts['best']} ({facts['best_f1']:.3f}) | {facts['federated_ge_local_minus_0.01']}/"
+            f"{'–' if shared is None else f'{shared / 1e6:.3f}'} | {facts['worst']} ({_f1(facts['worst_f1'])}) | "
+            f"{facts['best']} ({_f1(facts['best_f1'])}) | {facts['federated_ge_local_minus_0.01']}/"
             f"{facts['districts']} |")
     return "\n".join(lines) + "\n"
 

@@ -230,8 +230,11 @@ def cap_sample_counts(claims: Mapping[str, object], registered: Mapping[str, int
     reasons: dict[str, str] = {}
     valid = [d for d, n in claims.items() if sample_count_problem(n) is None]
     for district in valid:
-        limits = [(int(n), "announced") for n in [(announced or {}).get(district)] if n is not None]
-        limits += [(int(n), "registered") for n in [registered.get(district)] if n is not None]
+        limits = []
+        if (count := (announced or {}).get(district)) is not None:
+            limits.append((int(count), "announced"))
+        if (count := registered.get(district)) is not None:
+            limits.append((int(count), "registered"))
         if limits:
             limit, source = min(limits)
             if claims[district] > limit:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from nfed.common.errors import ConfigError
+from nfed.common.strict_json import is_finite_number as finite
 
 RULES = ("loss", "f1", "loss-ma", "f1-ma")
 METRICS = {"loss": "mean_val_loss", "f1": "mean_val_f1"}
@@ -91,11 +92,6 @@ class Selection:
         for record in records:
             selection.update(record)
         return selection
-
-
-def finite(value) -> bool:
-    """A real, finite number (not a bool, None, NaN or inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def selection_of(config) -> Selection:
