@@ -3,14 +3,15 @@
 A fake grid stands for the SuperLink: it answers each train message with a W-Net-CD update of the given width,
 built when it is pulled, one reply per poll, so the grid itself holds none. The server code is the real one
 (Federation._collect over FlowerClients, FedAvg). Each mode runs in a child process of its own; the figure is
-the child's peak resident memory (ru_maxrss) above its resident memory once the global model is built, also
-in models' worth (the model's float32 bytes).
+the child's peak resident memory during the round (VmHWM, reset when the round starts, so building the model and
+the replies' template is not counted) above its resident memory once the global model is built, also in models'
+worth (the model's float32 bytes).
 
     .venv/bin/python bench/bench_server_memory.py --width 32 --districts 25       # ~67 MB a model
     .venv/bin/python bench/bench_server_memory.py --width 64 --districts 25       # the study's 269 MB a model
 
 Held: every reply's message stays until the round's last (n models) and then the float64 sum (2 models);
-streamed: the float64 sum and the reply in flight (about 3 models), whatever n.
+streamed: the float64 sum and the reply in flight (3 models, plus a 2 MB block the CPU sums through), whatever n.
 """
 from __future__ import annotations
 
@@ -27,15 +28,30 @@ from types import SimpleNamespace
 DISTRICT_TABLE_SAMPLES = 60   # each district's claim (below every registered count)
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _reset_peak() -> bool:
+    """Start the peak resident set (VmHWM) afresh at the current one (Linux: clear_refs 5), so the set-up's own
+    peak (building the model and the replies' template) is not counted; False where the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb(reset: bool) -> float:
+    """The peak resident set since `_reset_peak` (VmHWM), else over the process's life (ru_maxrss)."""
+    return _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class LazyReplyGrid:
@@ -105,6 +121,7 @@ def measure(width: int, count: int, streams: bool) -> dict:
     from nfed.federation.config import FederationConfig
     from nfed.federation.flower.transport import FlowerClients
     from nfed.federation.roster import Roster
+    from nfed.federation.round_setup import make_round_setup
     from nfed.federation.server import Federation
     from nfed.model.wnet import WNetCD
     from nfed.training.trainer import profile_config
@@ -124,13 +141,14 @@ def measure(width: int, count: int, streams: bool) -> dict:
                                 FederationConfig(rounds=1), initial_weights=weights, runner=clients, tile=32,
                                 train_samples={d: DISTRICT_TABLE_SAMPLES for d in districts},
                                 data_fingerprint={d: None for d in districts})
-        tasks = [ClientTask(d, federation.packs[d], {"round": 1}) for d in districts]
-        before, started = _rss_mb(), time.perf_counter()
+        setup = make_round_setup(federation.train_config, 1, federation.config.local_epochs)
+        tasks = [ClientTask(d, federation.packs[d], setup) for d in districts]
+        before, reset, started = _rss_mb(), _reset_peak(), time.perf_counter()
         outcomes, _, aggregator = federation._collect(clients, weights, tasks, 1)
         average = aggregator.finish()
         seconds = time.perf_counter() - started
     assert average is not None and all(o.status == "ok" for o in outcomes), [o.reason for o in outcomes]
-    peak = _peak_mb() - before
+    peak = _peak_mb(reset) - before
     return {"mode": "streamed" if streams else "held", "width": width, "districts": len(districts),
             "model_mb": round(model_mb, 1), "peak_above_start_mb": round(peak, 1),
             "models_worth": round(peak / model_mb, 2), "seconds": round(seconds, 2)}

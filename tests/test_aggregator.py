@@ -185,3 +185,21 @@ def test_no_stop_rule_fires_or_counts_during_the_warm_up():
     assert loss_only.best_val_loss == 0.36
     budget = StopRules(max_rounds=3, patience_rounds=1, warmup_rounds=10)
     assert [budget.check(r, None, 1.0) for r in (1, 2, 3)][-1] == "round budget of 3 spent"
+
+
+def test_fedavg_sums_a_block_at_a_time_bit_identically_to_one_float64_copy(monkeypatch):
+    """The CPU running sum goes through a small float64 block (the server's peak memory, issue 26); the result is
+    the same float64 sum, bit for bit, as float64(value) * weight added whole, for tensors spanning several
+    blocks, a block's exact multiple, a scalar, an empty and a non-contiguous one."""
+    import nfed.federation.aggregator as aggregator_module
+
+    monkeypatch.setattr(aggregator_module, "_ACCUMULATE_BLOCK", 64)
+    rng = np.random.default_rng(3)
+    values = [rng.standard_normal((7, 5, 3)).astype(np.float32), rng.standard_normal(128).astype(np.float32),
+              np.float32(rng.standard_normal()) * np.ones((), np.float32), np.zeros((0, 4), np.float32),
+              rng.standard_normal((20, 9)).astype(np.float32)[:, ::2]]
+    for value in values:
+        total = rng.standard_normal(value.shape)
+        expected = total + value.astype(np.float64) * 37.0
+        aggregator_module._accumulate(total, value, 37.0)
+        assert total.dtype == np.float64 and np.array_equal(total, expected)

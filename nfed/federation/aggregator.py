@@ -187,8 +187,13 @@ class FedAvgAggregator(Aggregator):
         return self._usable(aggregate)
 
 
+_ACCUMULATE_BLOCK = 1 << 18   # elements: the CPU's float64 temporary is 2 MB, not a copy of the largest tensor
+
+
 def _accumulate(total, value, weight: float) -> None:
-    """total += weight * value in place (float64 total): one kernel pass on a GPU, no float64 copy of value."""
+    """total += weight * value in place (float64 total): one kernel pass on a GPU; on the CPU a block at a time,
+    so the server's peak stays the running sums and the reply in flight (a w64 model's largest tensor in float64
+    is 0.28 models' worth, issue 26's memory goal)."""
     if backend.is_gpu_array(total) and backend.is_gpu_array(value):
         from nfed.gpu import fedavg as gpu_fedavg  # noqa: PLC0415 - GPU only: importing nfed never loads CuPy
 
@@ -197,9 +202,20 @@ def _accumulate(total, value, weight: float) -> None:
             return
         except backend.Unsupported:  # dtypes the kernel does not take
             pass
-    product = value.astype(array_module(value).float64)   # one float64 temporary of the tensor, not two
-    product *= weight
-    total += product
+    xp = array_module(value)
+    if xp is not np:   # a device array of a dtype the kernel does not take: one float64 temporary of the tensor
+        product = value.astype(xp.float64)
+        product *= weight
+        total += product
+        return
+    flat_total, flat_value = total.reshape(-1), np.asarray(value).reshape(-1)
+    block = np.empty(min(flat_value.size, _ACCUMULATE_BLOCK), dtype=np.float64)
+    for start in range(0, flat_value.size, _ACCUMULATE_BLOCK):
+        stop = min(start + _ACCUMULATE_BLOCK, flat_value.size)
+        product = block[:stop - start]
+        product[...] = flat_value[start:stop]   # float64(value) * weight, as before, a block at a time
+        product *= weight
+        flat_total[start:stop] += product
 
 
 def fedavg(updates, reference: Mapping[str, object] | None = None) -> dict[str, object] | None:
