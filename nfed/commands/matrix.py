@@ -8,10 +8,7 @@ import click
 from nfed.commands.options import device_option, precision_option, run_environment
 from nfed.common.errors import ConfigError
 from nfed.common.paths import refuse_output_over_inputs
-
-
-def _f1(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
+from nfed.runs.results import f1_text
 
 
 @click.command("matrix")
@@ -54,6 +51,6 @@ def matrix(run_dir, data_path, split, out_dir, device, precision):
                                   else "no model (blank row)"))
 
     _, summary = run_matrix(run_dir, packs, split, out_dir=out_dir, env=env, on_row=said)
-    click.echo(f"in-district F1 {_f1(summary['in_district_f1'])}, out-of-district F1 "
-               f"{_f1(summary['out_of_district_f1'])}, gap {_f1(summary['gap'])}; global model "
-               f"{_f1(summary['global_f1'])} ({summary['seconds']:.1f} s) -> {target / MATRIX_NAME}")
+    click.echo(f"in-district F1 {f1_text(summary['in_district_f1'])}, out-of-district F1 "
+               f"{f1_text(summary['out_of_district_f1'])}, gap {f1_text(summary['gap'])}; global model "
+               f"{f1_text(summary['global_f1'])} ({summary['seconds']:.1f} s) -> {target / MATRIX_NAME}")

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 from nfed.common.atomic import write_text_atomic
 from nfed.common.csvtable import read_csv_rows
-from nfed.runs.results import results_csv_text
+from nfed.runs.results import read_f1, results_csv_text
 
 HELDOUT_NAME = "heldout.csv"
 HELDOUT_COLUMNS = ("district", "local_f1", "global_f1", "adapted_f1")
@@ -37,7 +37,7 @@ def write_heldout(run_dir: str | Path, rows: Sequence[Mapping]) -> Path:
 def read_heldout(path: str | Path) -> list[dict]:
     """The rows of a heldout.csv; DataError naming the file and line on bad content."""
     def convert(row: dict) -> dict:
-        return {"district": row["district"], **{column: _f1_cell(row[column]) for column in F1_COLUMNS}}
+        return {"district": row["district"], **{column: read_f1(row[column]) for column in F1_COLUMNS}}
 
     return read_csv_rows(path, HELDOUT_COLUMNS, convert)
 
@@ -56,10 +56,3 @@ def _f1(value) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
-def _f1_cell(text: str | None) -> float | None:
-    if text is None or not text.strip():
-        return None
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"F1 {text} is not in [0, 1]")
-    return value

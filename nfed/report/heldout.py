@@ -8,6 +8,7 @@ from typing import Sequence
 
 from nfed.report.run import Run
 from nfed.report.stats import finite_mean, mean_interval
+from nfed.runs.results import f1_text
 
 GOAL_GAIN = 0.05   # issue 24: AdaBN on an unseen district >= +0.05 F1 over the unadapted global model
 
@@ -36,10 +37,6 @@ def heldout_summary(runs: Sequence[Run]) -> dict | None:
             "goal_met": None if gain["mean"] is None else gain["mean"] >= GOAL_GAIN}
 
 
-def _f1(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def heldout_line(summary: dict) -> str:
     """One line: the held-out districts' F1 before and after adaptation, the gain against the goal, their local
     models."""
@@ -52,6 +49,7 @@ def heldout_line(summary: dict) -> str:
         verdict = f"goal >= +{summary['goal_gain']:.2f} {'met' if summary['goal_met'] else 'missed'}"
     gain = "-" if summary["gain"] is None else f"{summary['gain']:+.4f}"
     return (f"Districts that never trained ({len(summary['districts'])} held out{seeds}): global model test F1 "
-            f"{_f1(summary['global_f1'])}, after AdaBN on their own training tiles {_f1(summary['adapted_f1'])} "
+            f"{f1_text(summary['global_f1'])}, after AdaBN on their own training tiles "
+            f"{f1_text(summary['adapted_f1'])} "
             f"(gain {gain}{interval}, {summary['improved']} of {summary['pairs']} up; {verdict}); their own local "
-            f"models {_f1(summary['local_f1'])}")
+            f"models {f1_text(summary['local_f1'])}")

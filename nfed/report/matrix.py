@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from nfed.report.run import Run
+from nfed.runs.results import f1_text
 from nfed.training.matrix import DistrictMatrix, mean_matrix
 
 # Below this gap between in-district and out-of-district F1 the districts do not differ for these models.
@@ -24,16 +25,13 @@ def matrix_summary(runs: Sequence[Run]) -> dict | None:
     return None if matrix is None else {**matrix.summary(), "seeds": seeds, "runs": len(runs)}
 
 
-def _f1(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def matrix_line(summary: dict) -> str:
     """One line: in-district vs out-of-district F1, the gap, the global model's mean."""
     seeds = f", mean over {summary['seeds']} seeds" if summary["seeds"] > 1 else ""
-    line = (f"Cross-district matrix (test F1{seeds}): in-district {_f1(summary['in_district_f1'])}, out-of-district "
-            f"{_f1(summary['out_of_district_f1'])}, gap {_f1(summary['gap'])}; global model "
-            f"{_f1(summary['global_f1'])}")
+    line = (f"Cross-district matrix (test F1{seeds}): in-district {f1_text(summary['in_district_f1'])}, "
+            f"out-of-district "
+            f"{f1_text(summary['out_of_district_f1'])}, gap {f1_text(summary['gap'])}; global model "
+            f"{f1_text(summary['global_f1'])}")
     if summary["gap"] is not None and summary["gap"] < NO_GAP:
         line += " (no in-district advantage: the districts' data do not differ for these models)"
     return line

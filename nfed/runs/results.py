@@ -62,6 +62,21 @@ def format_value(value) -> str:
     return str(value)
 
 
+def f1_text(value) -> str:
+    """An F1 for a line or a table cell: 4 decimals, '-' when there is none."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def read_f1(text: str | None) -> float | None:
+    """An F1 cell of a results CSV: empty is None, else a number in [0, 1] (ValueError otherwise)."""
+    if text is None or not text.strip():
+        return None
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"F1 {text} is not in [0, 1]")
+    return value
+
+
 def results_csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     """The table's CSV text: numbers by format_value, text guarded against formula injection (csv_cell)."""
     return csv_text(columns, ([csv_cell(row.get(column), format_value) for column in columns] for row in rows))

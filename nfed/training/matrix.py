@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 from nfed.common.atomic import write_json_atomic, write_text_atomic
 from nfed.common.csvtable import csv_cell, csv_text, read_cell, read_csv_rows
 from nfed.common.errors import DataError
-from nfed.runs.results import format_value, study_table
+from nfed.runs.results import format_value, read_f1, study_table
 from nfed.runs.runfolder import BEST_NAME, client_local_state
 from nfed.training.environment import RunEnvironment, default_environment
 
@@ -157,15 +157,6 @@ def remove_matrix(run_dir: str | Path) -> None:
         (Path(run_dir) / name).unlink(missing_ok=True)
 
 
-def _f1_cell(text: str) -> float | None:
-    if not text.strip():
-        return None
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"F1 {text} is not in [0, 1]")
-    return value
-
-
 def read_matrix(path: str | Path) -> DistrictMatrix:
     """A matrix.csv as write_matrix wrote it; DataError naming the file (and line) on bad content."""
     import csv
@@ -183,7 +174,7 @@ def read_matrix(path: str | Path) -> DistrictMatrix:
     def convert(row: dict) -> tuple[str, list[float | None]]:
         if any(row.get(d) is None for d in districts):
             raise ValueError("too few cells")
-        return row[MODEL_COLUMN], [_f1_cell(row[d]) for d in districts]
+        return row[MODEL_COLUMN], [read_f1(row[d]) for d in districts]
 
     rows = read_csv_rows(path, (MODEL_COLUMN,), convert)
     names = [name for name, _ in rows]
