@@ -154,3 +154,15 @@ def test_flower_app_writes_track_into_the_run_config(tmp_path):
         result = CliRunner().invoke(cli, ["flower-app", "--out", str(app), *options])
         assert result.exit_code == 0, result.output
         assert f"track = {written}" in (app / "pyproject.toml").read_text()
+
+
+def test_more_parameters_and_metrics_than_one_mlflow_batch_takes_are_all_logged(store):
+    """MLflow refuses a log_batch call with over 100 parameters or 1,000 metrics: the tracker splits them."""
+    from nfed.runs.tracking import Tracker
+
+    tracker = Tracker(store, "many-values").start({f"p{i:03d}": i for i in range(250)})
+    tracker.log_metrics({f"m{i:04d}": float(i) for i in range(2100)}, step=3)
+    tracker.end()
+    _, run = _only_run(store, "many-values")
+    assert len(run.data.params) == 250 and run.data.params["p249"] == "249"
+    assert len(run.data.metrics) == 2100 and run.data.metrics["m2099"] == 2099.0

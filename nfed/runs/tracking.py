@@ -24,8 +24,8 @@ STORE_NAME = "mlruns.db"   # the default store: one SQLite file beside the run (
 ARTIFACTS_NAME = "mlartifacts"   # the default store's artefacts, beside it
 EXPERIMENT = "nfed"
 _UNSAFE_KEY = re.compile(r"[^\w.\- /:]")   # what MLflow refuses in a parameter or metric name
-_BATCH = 100   # parameters per log_batch call (MLflow's limit)
-
+_PARAMS_PER_BATCH = 100      # MLflow refuses a log_batch call with more parameters or metrics than these
+_METRICS_PER_BATCH = 1000
 
 def tracking_uri(track: str, run_dir: str | Path) -> str:
     """The store of `--track [URI]`: the URI given, or (`--track` alone, '') SQLite in RUN/mlruns.db."""
@@ -117,7 +117,9 @@ class Tracker:
         except Exception as exc:   # noqa: BLE001
             raise ConfigError(f"--track {self.uri}: cannot start a run: {one_line(exc)}") from None
         self.client = client
-        self._call("log_batch", params=_params(params))
+        logged = _params(params)
+        for start in range(0, len(logged), _PARAMS_PER_BATCH):
+            self._call("log_batch", params=logged[start:start + _PARAMS_PER_BATCH])
         return self
 
     def log_metrics(self, metrics: Mapping[str, object], step: int = 0) -> None:
@@ -126,8 +128,9 @@ class Tracker:
 
         now = int(time.time() * 1000)
         numbers = [(key, _number(value)) for key, value in metrics.items()]
-        self._call("log_batch", metrics=[Metric(metric_key(key), value, now, int(step))
-                                         for key, value in numbers if value is not None])
+        logged = [Metric(metric_key(key), value, now, int(step)) for key, value in numbers if value is not None]
+        for start in range(0, len(logged), _METRICS_PER_BATCH):
+            self._call("log_batch", metrics=logged[start:start + _METRICS_PER_BATCH])
 
     def log_round(self, record: Mapping) -> None:
         """A round of rounds.jsonl at step = its round: its numbers (mean_val_f1, norm_difference, ...), how many
