@@ -52,9 +52,9 @@ from nfed.model.checkpoint import check_state_matches, checkpoint_kind, load_che
 from nfed.runs.packs import pack_fingerprint, shared_tile, train_counts
 from nfed.runs.results import federated_row, write_results_csv
 from nfed.runs.runfolder import (BEST_NAME, CHECKPOINT_NAME, RESULTS_NAME, ROUNDS_NAME, SUMMARY_NAME, WORK_NAME,
-                                 RunRecorder, clear_run_folder, client_local_state, client_residual,
-                                 client_work, latest_client_state, prune_client_states, read_rounds, recorded_run,
-                                 residual_extra, rounds_digest, state_file, write_rounds)
+                                 RunRecorder, clear_run_folder, client_local_state, client_work, latest_state,
+                                 prune_client_states, read_rounds, recorded_run, residual_extra, residual_of,
+                                 rounds_digest, state_file, write_rounds)
 from nfed.training.environment import RunEnvironment, default_environment
 from nfed.training.trainer import build_model
 
@@ -202,11 +202,12 @@ class Federation:
         tasks = []
         for index, district in enumerate(selected):
             env = self._gpu_envs[index % len(self._gpu_envs)] if self._gpu_envs else self.env
-            state = latest_client_state(self.run_dir, district, round_number) if keep else None
+            saved = latest_state(self.run_dir, district, round_number) if keep or feedback else None
+            state = saved.optimizer_state if keep and saved is not None else None
+            residual = residual_of(saved) if feedback else None
             task_setup = setup
             if district in self.attackers:
                 task_setup = attack_setup(self.config.simulate_attack, setup)
-            residual = client_residual(self.run_dir, district, round_number) if feedback else None
             tasks.append(ClientTask(district, self.packs[district], task_setup, state, env, self._local.get(district),
                                     residual))
         return tasks

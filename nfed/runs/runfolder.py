@@ -57,7 +57,9 @@ def _client_state_files(run_dir: Path, district: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _latest_state(run_dir: Path, district: str, before_round: int):
+def latest_state(run_dir: Path, district: str, before_round: int):
+    """The district's state checkpoint of its last round before `before_round` (None: it has none), loaded once
+    for what a round needs of it (optimiser state, own BatchNorm tensors, error-feedback residual)."""
     candidates = [(r, p) for r, p in _client_state_files(run_dir, district) if r < before_round]
     if not candidates:
         return None
@@ -65,16 +67,10 @@ def _latest_state(run_dir: Path, district: str, before_round: int):
     return load_checkpoint(candidates[-1][1])
 
 
-def latest_client_state(run_dir: Path, district: str, before_round: int) -> dict | None:
-    """The district's kept optimiser state of its last round before `before_round` (--client-state keep)."""
-    state = _latest_state(run_dir, district, before_round)
-    return None if state is None else state.optimizer_state
-
-
 def client_local_state(run_dir: Path, district: str, before_round: int) -> dict | None:
     """The district's own BatchNorm tensors (a norm policy's local part) after its last round before
     `before_round`; None when it has none (it starts from the global model's)."""
-    state = _latest_state(run_dir, district, before_round)
+    state = latest_state(run_dir, district, before_round)
     return (state.model_state or None) if state is not None else None
 
 
@@ -89,7 +85,11 @@ def residual_extra(residual: Mapping[str, object] | None) -> dict:
 def client_residual(run_dir: Path, district: str, before_round: int) -> dict | None:
     """The district's error-feedback residual (--compress int8-ef) after its last round before `before_round`;
     None when it has none (it starts from zero)."""
-    state = _latest_state(run_dir, district, before_round)
+    return residual_of(latest_state(run_dir, district, before_round))
+
+
+def residual_of(state) -> dict | None:
+    """The error-feedback residual kept in a loaded client state (None: none, or no state)."""
     if state is None:
         return None
     residual = {k[len(RESIDUAL_PREFIX):]: v for k, v in (state.extra or {}).items() if k.startswith(RESIDUAL_PREFIX)}
