@@ -243,3 +243,23 @@ def test_the_report_says_what_a_paper_size_round_costs_at_20_mbit():
     line = traffic_line(traffic)
     assert "--compress int8" in line and "20 Mbit/s takes 81 s per district" in line
     assert "takes" not in traffic_line(traffic_summary([], "none", "fp32"))
+
+
+def test_a_late_compressed_reply_is_counted_but_never_decoded(monkeypatch):
+    """A reply past the deadline is never averaged: its bytes are recorded, its payload is not decoded (so even a
+    malformed one costs no decoding and is not called rejected), and it holds no weights afterwards."""
+    from nfed.federation.client import ClientOutcome, ClientResult
+    from nfed.federation.server import Federation
+
+    late = ClientOutcome("Jung-gu", "late", result=ClientResult({}, 5, update=_malformed(MALFORMED["wrong shape"])))
+    good = ClientOutcome("Mapo-gu", "ok", result=ClientResult({}, 5, update=encode(DELTA, "int8", 64)))
+    bad = ClientOutcome("Guro-gu", "ok", result=ClientResult({}, 5, update=_malformed(MALFORMED["wrong shape"])))
+    import nfed.federation.compression as compression
+
+    decoded = []
+    monkeypatch.setattr(compression, "decode", lambda payload, *args: decoded.append(payload) or decode(payload, *args))
+    Federation._decoded(None, [late, good, bad], DELTA)
+    assert len(decoded) == 2 and late.result.update is None
+    assert late.status == "late" and late.result.weights == {} and late.result.bytes_up > 0
+    assert good.status == "ok" and sorted(good.result.weights) == sorted(DELTA)
+    assert bad.status == "rejected" and bad.reason.startswith("malformed compressed update")

@@ -225,12 +225,14 @@ class Federation:
                 continue
             payload, result.update = result.update, None
             result.bytes_up = result.bytes_up or compression.payload_bytes(payload)
+            if outcome.status != "ok":   # a late reply is never averaged: its update is counted, not decoded
+                result.weights = {}
+                continue
             try:
                 delta = compression.decode(payload, shared, plain + compression.MANIFEST_SLACK_BYTES)
             except DataError as exc:
-                if outcome.status == "ok":
-                    log.warning("rejected update from %s: %s", outcome.district, exc)
-                    outcome.status, outcome.reason = "rejected", str(exc)
+                log.warning("rejected update from %s: %s", outcome.district, exc)
+                outcome.status, outcome.reason = "rejected", str(exc)
                 result.weights = {}
                 continue
             result.weights = norm_policy.merge(compression.apply_delta(shared, delta), result.weights)
