@@ -3,13 +3,15 @@
     python bench/bench_noniid.py --out DIR [--seeds 0 1 2] [--policies shared fedbn silobn] [--prox-mu 0 0.01]
     python bench/bench_noniid.py --out DIR --test      # 3 districts, tiny scale: checks the script in a minute
     python bench/bench_noniid.py --out DIR --hold-out-grid [--policies shared]   # + districts that never trained
+    python bench/bench_noniid.py --out DIR --table-only [--seeds ...]   # table and figure of the cells finished
 
 Every cell of the grid runs under `nfed demo`'s fair protocol (nfed.demo.DemoSettings) on the same synthetic
 data. Per seed the local and centralised columns do not depend on the federation, so they are trained once (in
 the grid's first cell, shared FedAvg) and copied into the other cells, which train only their federated and
 personalised columns. A finished cell (its report/summary.json exists) is not run again: the grid can be
 stopped and continued. DIR/noniid.json and DIR/noniid.md hold, per cell: mean F1 of the four columns with 95 %
-t-intervals over seeds, rounds to the stop rule, bytes each client sends per round, the best and worst district
+t-intervals over seeds (DIR/noniid.png: a bar per column and cell, the intervals as whiskers), rounds to the
+stop rule, bytes each client sends per round, the best and worst district
 (federated F1, seed means), and the districts whose federated F1 >= local - 0.01.
 
 --hold-out-grid adds, per seed and policy (FedAvg), a cell with 5 districts held out together (seeded by the seed,
@@ -119,7 +121,10 @@ def cell_facts(run_dirs: list[Path]) -> dict:
     by_federated = sorted((r for r in rows if r.get("f1_federated") is not None), key=lambda r: r["f1_federated"])
     kept = sum(1 for r in rows if None not in (r.get("f1_federated"), r.get("f1_local"))
                and r["f1_federated"] >= r["f1_local"] - 0.01)
-    return {"seeds": len(run_dirs), "districts": len(rows),
+    per_seed = {d.parent.name: {c: json.loads((d / "report" / SUMMARY_NAME).read_text()).get(f"mean_f1_{c}")
+                                for c in COLUMNS} for d in run_dirs}
+    return {"seeds": len(run_dirs), "districts": len(rows), "per_seed": per_seed,
+            "rounds_per_seed": dict(zip((d.parent.name for d in run_dirs), rounds)),
             **{f"f1_{c}": interval(f"mean_f1_{c}") for c in COLUMNS},
             "rounds": mean_interval(rounds), "stop_rules": stop_rules, "shared_bytes_per_client_round": shared[0],
             "worst": by_federated[0]["district"] if by_federated else None,
@@ -135,12 +140,68 @@ def _f1(value) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def _cell(value: dict) -> str:
+def _cell(value: dict, digits: int = 3) -> str:
     if value.get("mean") is None:
         return "–"
     if value.get("low") is None:
-        return f"{value['mean']:.3f}"
-    return f"{value['mean']:.3f} ± {(value['high'] - value['low']) / 2:.3f}"
+        return f"{value['mean']:.{digits}f}"
+    return f"{value['mean']:.{digits}f} ± {(value['high'] - value['low']) / 2:.{digits}f}"
+
+
+BASE_CELL = cell_name("shared", 0.0)   # the study's FedAvg, what every other cell is compared with
+
+
+def paired(results: dict) -> dict:
+    """Per cell against the base cell on the seeds both finished (mean with a 95 % t interval over seeds): the
+    federated F1 and the personalised F1 against the base's federated, the federated and the personalised F1
+    against the same seed's centralised model, and the ratio of rounds to the stop rule."""
+    base = results.get(BASE_CELL)
+    if base is None:
+        return {}
+    out = {}
+    for name, facts in results.items():
+        seeds = [seed for seed in facts["per_seed"] if seed in base["per_seed"]]
+        if name == BASE_CELL or not seeds:
+            continue
+        mine, theirs = facts["per_seed"], base["per_seed"]
+
+        def diffs(column: str, against: dict, against_column: str) -> dict:
+            values = [mine[seed][column] - against[seed][against_column] for seed in seeds
+                      if None not in (mine[seed][column], against[seed][against_column])]
+            return {**mean_interval(values), "per_seed": values}
+
+        ratios = [facts["rounds_per_seed"][seed] / base["rounds_per_seed"][seed] for seed in seeds
+                  if facts["rounds_per_seed"].get(seed) and base["rounds_per_seed"].get(seed)]
+        out[name] = {"seeds": seeds, "federated_minus_base": diffs("federated", theirs, "federated"),
+                     "personalised_minus_base": diffs("personalised", theirs, "federated"),
+                     "federated_minus_centralised": diffs("federated", mine, "centralised"),
+                     "personalised_minus_centralised": diffs("personalised", mine, "centralised"),
+                     "rounds_ratio": {**mean_interval(ratios), "per_seed": ratios}}
+    return out
+
+
+def _diff(value: dict) -> str:
+    shown = ", ".join(f"{v:+.3f}" for v in value["per_seed"])
+    if value.get("mean") is None:
+        return "–"
+    interval = "" if value.get("low") is None else f" [{value['low']:+.3f}, {value['high']:+.3f}]"
+    return f"{value['mean']:+.3f}{interval} ({shown})"
+
+
+def paired_table(comparisons: dict) -> str:
+    lines = [f"| cell vs {BASE_CELL} (paired by seed) | seeds | federated − base federated | "
+             "personalised − base federated | federated − centralised | personalised − centralised | "
+             "rounds / base rounds |",
+             "|---|---|---|---|---|---|---|"]
+    for name, facts in comparisons.items():
+        ratio = facts["rounds_ratio"]
+        shown = "–" if ratio.get("mean") is None else f"{ratio['mean']:.2f} (" + ", ".join(
+            f"{v:.2f}" for v in ratio["per_seed"]) + ")"
+        lines.append(f"| {name} | {len(facts['seeds'])} | {_diff(facts['federated_minus_base'])} | "
+                     f"{_diff(facts['personalised_minus_base'])} | {_diff(facts['federated_minus_centralised'])} | "
+                     f"{_diff(facts['personalised_minus_centralised'])} | "
+                     f"{shown} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(results: dict) -> str:
@@ -151,7 +212,7 @@ def table(results: dict) -> str:
         shared = facts["shared_bytes_per_client_round"]
         lines.append(
             f"| {name} | {facts['seeds']} | {_cell(facts['f1_local'])} | {_cell(facts['f1_federated'])} | "
-            f"{_cell(facts['f1_personalised'])} | {_cell(facts['f1_centralised'])} | {_cell(facts['rounds'])} | "
+            f"{_cell(facts['f1_personalised'])} | {_cell(facts['f1_centralised'])} | {_cell(facts['rounds'], 1)} | "
             f"{'–' if shared is None else f'{shared / 1e6:.3f}'} | {facts['worst']} ({_f1(facts['worst_f1'])}) | "
             f"{facts['best']} ({_f1(facts['best_f1'])}) | {facts['federated_ge_local_minus_0.01']}/"
             f"{facts['districts']} |")
@@ -170,6 +231,36 @@ def holdout_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(results: dict, path: Path) -> Path | None:
+    """noniid.png: each cell's mean test F1 per column, with the 95 % interval over seeds as whiskers."""
+    from nfed.report.plots import bar_chart
+
+    if not results:
+        return None
+    names = list(results)
+    series = {column: [results[n][f"f1_{column}"].get("mean") for n in names] for column in COLUMNS}
+    whiskers = {column: [None if results[n][f"f1_{column}"].get("low") is None else
+                         (results[n][f"f1_{column}"]["low"], results[n][f"f1_{column}"]["high"]) for n in names]
+                for column in COLUMNS}
+    seeds = sorted({results[n]["seeds"] for n in names})
+    return bar_chart(path, [f"{n} ({results[n]['seeds']} seeds)" for n in names], series, whiskers=whiskers,
+                     title=f"Districts that differ: mean test F1 over 25 districts ({'/'.join(map(str, seeds))} "
+                           "seeds, 95 % intervals)", y_label="mean test F1", y_max=1.0)
+
+
+def write_outputs(out: Path, settings: DemoSettings, results: dict, held_results: dict) -> str:
+    """noniid.json, noniid.md and noniid.png from the cells' facts; the markdown is returned."""
+    comparisons = paired(results)
+    write_json_atomic(out / "noniid.json", {"settings": settings.to_dict(), "cells": results,
+                                            "paired_with_base": comparisons,
+                                            **({"held_out": held_results} if held_results else {})})
+    text = (table(results) + (f"\n{paired_table(comparisons)}" if comparisons else "")
+            + (f"\n{holdout_table(held_results)}" if held_results else ""))
+    write_text_atomic(out / "noniid.md", text)
+    figure(results, out / "noniid.png")
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -180,6 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hold-out-grid", action="store_true",
                         help=f"add a cell per seed and policy with {HOLD_OUT} districts held out together (AdaBN "
                              "before/after vs local)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: the table, JSON and figure of the cells finished so far")
     parser.add_argument("--test", action="store_true", help="3 districts at a tiny scale (checks the script)")
     args = parser.parse_args(argv)
     settings = DemoSettings(quiet=True)
@@ -196,24 +289,36 @@ def main(argv=None) -> int:
     def echo(text: str) -> None:
         print(text, flush=True)
 
-    packs = find_packs(out / "packs") if (out / "packs").is_dir() else make_data(out, settings, echo)
-    runs: dict[str, list[Path]] = {cell_name(p, m): [] for p, m in grid}
+    if args.table_only:
+        packs = find_packs(out / "packs") if (out / "packs").is_dir() else {}
+    else:
+        packs = find_packs(out / "packs") if (out / "packs").is_dir() else make_data(out, settings, echo)
+    runs: dict[str, list[Path]] = {}
     held: dict[str, list[Path]] = {}
+    results: dict[str, dict] = {}
+    held_results: dict[str, dict] = {}
+    text = ""
     for seed in args.seeds:
         base = None
-        hold_out = held_out_districts(list(packs), seed) if args.hold_out_grid else ()
+        hold_out = held_out_districts(list(packs), seed) if args.hold_out_grid and packs else ()
         cells = [(p, m, ()) for p, m in grid] + [(p, 0.0, hold_out) for p in args.policies if hold_out]
         for policy, mu, held_out in cells:
-            run_dir = run_cell(out, packs, settings, seed, policy, mu, base, echo, held_out)
-            base = base or run_dir
-            (held if held_out else runs).setdefault(cell_name(policy, mu, len(held_out)), []).append(run_dir)
-            results = {name: cell_facts(dirs) for name, dirs in runs.items() if dirs}
-            held_results = {name: holdout_facts(dirs) for name, dirs in held.items()}
-            write_json_atomic(out / "noniid.json", {"settings": settings.to_dict(), "cells": results,
-                                                    **({"held_out": held_results} if held_results else {})})
-            write_text_atomic(out / "noniid.md", table(results) + (f"\n{holdout_table(held_results)}"
-                                                                   if held_results else ""))
-    print(table(results) + (f"\n{holdout_table(held_results)}" if held_results else ""))
+            name = cell_name(policy, mu, len(held_out))
+            if args.table_only:
+                run_dir = out / f"seed-{seed}" / name
+                if not (run_dir / "report" / "summary.json").is_file():
+                    echo(f"[noniid] seed {seed} {name}: not finished, left out of the table")
+                    continue
+            else:
+                run_dir = run_cell(out, packs, settings, seed, policy, mu, base, echo, held_out)
+                base = base or run_dir
+            (held if held_out else runs).setdefault(name, []).append(run_dir)
+            if held_out:   # only the cell that changed is summarised again
+                held_results[name] = holdout_facts(held[name])
+            else:
+                results[name] = cell_facts(runs[name])
+            text = write_outputs(out, settings, results, held_results)
+    print(text)
     return 0
 
 

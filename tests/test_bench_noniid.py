@@ -28,3 +28,37 @@ def test_noniid_grid_reuses_local_and_central_and_continues(tmp_path, capsys):
     assert bench.main(["--out", str(out), "--test", "--seeds", "0", "--policies", "shared", "fedbn"]) == 0
     assert (fedbn / "cell.json").stat().st_mtime_ns == before          # finished cells are kept
     assert "| fedbn-mu0 | 1 |" in (out / "noniid.md").read_text()
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_noniid", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _facts(per_seed: dict, rounds: dict) -> dict:
+    from nfed.report.stats import mean_interval
+
+    columns = ("local", "federated", "personalised", "centralised")
+    return {"seeds": len(per_seed), "per_seed": per_seed, "rounds_per_seed": rounds,
+            **{f"f1_{c}": mean_interval([v[c] for v in per_seed.values()]) for c in columns}}
+
+
+def test_cells_are_paired_with_the_base_by_seed_and_drawn(tmp_path):
+    """The paired table compares a cell with shared FedAvg seed by seed (only seeds both finished), and the
+    figure is written."""
+    bench = _bench()
+    row = lambda fed, pers, cen: {"local": 0.4, "federated": fed, "personalised": pers, "centralised": cen}  # noqa: E731
+    results = {"shared-mu0": _facts({"seed-0": row(0.60, 0.69, 0.70), "seed-1": row(0.62, 0.68, 0.72),
+                                     "seed-2": row(0.61, 0.70, 0.69)}, {"seed-0": 40, "seed-1": 90, "seed-2": 60}),
+               "fedbn-mu0": _facts({"seed-0": row(0.68, 0.71, 0.70), "seed-1": row(0.70, 0.72, 0.72)},
+                                   {"seed-0": 50, "seed-1": 45})}
+    comparison = bench.paired(results)["fedbn-mu0"]
+    assert comparison["seeds"] == ["seed-0", "seed-1"]
+    assert comparison["federated_minus_base"]["per_seed"] == pytest.approx([0.08, 0.08])
+    assert comparison["federated_minus_centralised"]["per_seed"] == pytest.approx([-0.02, -0.02])
+    assert comparison["personalised_minus_centralised"]["per_seed"] == pytest.approx([0.01, 0.0])
+    assert comparison["rounds_ratio"]["per_seed"] == pytest.approx([1.25, 0.5])
+    assert "| fedbn-mu0 | 2 | +0.080 [" in bench.paired_table(bench.paired(results))
+    assert bench.figure(results, tmp_path / "noniid.png").stat().st_size > 1000
