@@ -301,6 +301,18 @@ def test_personalise_starts_each_district_from_its_own_batchnorm(tiny_packs, tmp
         (tmp_path / "elsewhere").mkdir()
         (tmp_path / "elsewhere" / "best.h5").write_bytes((tmp_path / "run" / "best.h5").read_bytes())
         study.local_states_of(checkpoint, tmp_path / "elsewhere" / "best.h5")
+    # a district's own tensors that do not fit the model are refused in one line naming the folder
+    from nfed.common.errors import CheckpointError
+    from nfed.model.checkpoint import save_checkpoint
+    from nfed.runs.runfolder import state_file
+
+    district = next(iter(tiny_packs))
+    spoilt = {name: np.zeros(value.shape[0] + 1, value.dtype) for name, value in
+              client_local_state(tmp_path / "run", district, 2).items()}
+    save_checkpoint(state_file(tmp_path / "run", district, 1), spoilt, round=1)
+    with pytest.raises(CheckpointError, match="client_state.*shape mismatch"):
+        study.personalise_district(checkpoint.model_state, tiny_packs[district], tmp_path / "pers2", _tiny_config(),
+                                   local_states=where)
 
 
 def test_the_demos_worker_pool_trains_and_scores_each_district_with_its_own_batchnorm(tiny_packs, tmp_path):

@@ -119,13 +119,15 @@ def personalise_district(global_weights: Mapping, pack_path: str | Path, out_dir
 
     env = env or default_environment()
     model = build_model(config, env.device)
-    check_state_matches(model.state_dict(), global_weights, source)
-    own = None
-    if local_states is not None:
-        with DistrictPack(pack_path) as pack:
-            own = client_local_state(local_states[0], pack.district, local_states[1] + 1)
-    model.load_state_dict({**global_weights, **(own or {})})
+    expected = model.state_dict()
+    check_state_matches(expected, global_weights, source)
     with env.active(), DistrictPack(pack_path) as pack:
+        own = {}
+        if local_states is not None:   # the district's own BatchNorm: only names and shapes the model has
+            own = client_local_state(local_states[0], pack.district, local_states[1] + 1) or {}
+            check_state_matches({name: expected[name] for name in own if name in expected}, own,
+                                local_states[0] / CLIENT_STATE_NAME)
+        model.load_state_dict({**global_weights, **own})
         return _train_and_save(pack, Path(out_dir), config, model, env, quiet=quiet, validate_start=True,
                                extra_config={"personalised_from": "global"})
 
