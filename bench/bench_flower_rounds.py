@@ -12,6 +12,13 @@ into the training phase (in-process: the clients' times one after the other; Flo
 round waits for all) and the rest (aggregation and the evaluation of the new global model).
 
     .venv/bin/python bench/bench_flower_rounds.py --out /tmp/nfed-flower-rounds --rounds 3 --repeats 2
+    .venv/bin/python bench/bench_flower_rounds.py --out /tmp/nfed-w64 --width 64 --districts 1 --rounds 1 \
+        --flower-only --wire both      # the study's width, with and without compression (issue 26)
+
+--wire compressed sends updates as int8 with error feedback and the global model in float16 (`--compress int8-ef
+--broadcast fp16`); `both` runs plain then compressed in each repeat. Each run's bytes per round (down and up, all
+districts, from rounds.jsonl) are reported with the round's wall time and the payload moved per second of the
+round's time outside training (the transfers, the encoding and decoding, the aggregation and the evaluation).
 """
 from __future__ import annotations
 
@@ -41,19 +48,32 @@ def prepare_packs(out: Path, districts: list[str], scale: float) -> Path:
     return packs
 
 
-def protocol_args(rounds: int, local_epochs: int) -> list[str]:
+WIRE = {"plain": [], "compressed": ["--compress", "int8-ef", "--broadcast", "fp16"]}
+
+
+def protocol_args(rounds: int, local_epochs: int, width: int | None = None, wire: str = "plain") -> list[str]:
     """The options both runs share (nfed federate and nfed flower-app take the same protocol options)."""
     return ["--profile", "demo", "--rounds", str(rounds), "--local-epochs", str(local_epochs), "--eps", "0",
-            "--seed", "0"]
+            "--seed", "0", *([] if width is None else ["--width", str(width)]), *WIRE[wire]]
+
+
+def traffic(records: list[dict]) -> dict:
+    """Bytes per round down and up over all districts (as each round record's clients say), and the payload moved
+    per second of the round outside its training phase."""
+    down = [sum(c.get("bytes_down") or 0 for c in r["clients"].values()) for r in records]
+    up = [sum(c.get("bytes_up") or 0 for c in r["clients"].values()) for r in records]
+    rest = [r["seconds"] - max(c["seconds"] for c in r["clients"].values()) for r in records]
+    return {"bytes_down": down, "bytes_up": up, "non_training_s": rest,
+            "payload_mb_per_s": [(d + u) / 1e6 / t if t > 0 else None for d, u, t in zip(down, up, rest)]}
 
 
 def read_rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
 
 
-def in_process(packs: Path, run_dir: Path, rounds: int, local_epochs: int) -> dict:
+def in_process(packs: Path, run_dir: Path, protocol: list[str]) -> dict:
     command = [sys.executable, "-m", "nfed.cli", "federate", "--data", str(packs), "--out", str(run_dir),
-               "--overwrite", *protocol_args(rounds, local_epochs)]
+               "--overwrite", *protocol]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
@@ -106,13 +126,13 @@ class TreeSampler:
         return self.peaks
 
 
-def over_flower(packs: Path, work: Path, run_dir: Path, rounds: int, local_epochs: int, env: dict) -> dict:
+def over_flower(packs: Path, work: Path, run_dir: Path, protocol: list[str], env: dict) -> dict:
     from flower_harness import FlowerDeployment
 
     app = work / "app"
     subprocess.run([sys.executable, "-m", "nfed.cli", "flower-app", "--out", str(app), "--run-dir", str(run_dir),
                     "--overwrite", "--deadline", "600", "--expected-nodes", str(len(list(packs.glob("*.h5")))),
-                    *protocol_args(rounds, local_epochs)], check=True, stdout=subprocess.DEVNULL)
+                    *protocol], check=True, stdout=subprocess.DEVNULL)
     with FlowerDeployment(work / "flower") as flower:
         flower.env.update(env)
         flower.start_superlink()
@@ -126,7 +146,7 @@ def over_flower(packs: Path, work: Path, run_dir: Path, rounds: int, local_epoch
     records = read_rounds(run_dir)
     return {"wall_s": result.seconds, "round_s": [r["seconds"] for r in records],
             "train_s": [max(c["seconds"] for c in r["clients"].values()) for r in records],
-            "server_peak_pss_mb": peaks.pop("server"), "district_peak_pss_mb": peaks}
+            "server_peak_pss_mb": peaks.pop("server"), "district_peak_pss_mb": peaks, **traffic(records)}
 
 
 def summarise(values: list[float]) -> str:
@@ -141,6 +161,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--width", type=int, default=None, help="W-Net base width (default: the demo profile's)")
+    parser.add_argument("--wire", choices=("plain", "compressed", "both"), default="plain",
+                        help="compressed: --compress int8-ef --broadcast fp16; both: plain, then compressed")
+    parser.add_argument("--flower-only", action="store_true", help="skip the in-process runs")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the Flower processes (e.g. FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2)")
     args = parser.parse_args(argv)
@@ -151,17 +175,29 @@ def main(argv=None) -> int:
     env = dict(item.split("=", 1) for item in args.env)
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "cpus": os.cpu_count(), "load_before": os.getloadavg(), "repeats": []}
+    wires = ["plain", "compressed"] if args.wire == "both" else [args.wire]
     for repeat in range(args.repeats):
-        local = in_process(packs, args.out / f"in-process-{repeat}", args.rounds, args.local_epochs)
-        print(f"[{repeat}] in-process: rounds {summarise(local['round_s'])}, training {summarise(local['train_s'])}; "
-              f"peak RSS {local['peak_rss_mb']:.0f} MB", flush=True)
-        flower = over_flower(packs, args.out / f"flower-{repeat}", args.out / f"flower-run-{repeat}", args.rounds,
-                             args.local_epochs, env)
-        print(f"[{repeat}] Flower: rounds {summarise(flower['round_s'])}, training {summarise(flower['train_s'])}; "
-              f"peak PSS server {flower['server_peak_pss_mb']:.0f} MB, "
-              f"districts {summarise(list(flower['district_peak_pss_mb'].values())).replace(' s', ' MB')}",
-              flush=True)
-        report["repeats"].append({"in_process": local, "flower": flower})
+        row = {}
+        for wire in wires:
+            protocol = protocol_args(args.rounds, args.local_epochs, args.width, wire)
+            tag = f"{repeat}" if wire == "plain" else f"{repeat}-{wire}"
+            if not args.flower_only:
+                local = in_process(packs, args.out / f"in-process-{tag}", protocol)
+                print(f"[{tag}] in-process: rounds {summarise(local['round_s'])}, training "
+                      f"{summarise(local['train_s'])}; peak RSS {local['peak_rss_mb']:.0f} MB", flush=True)
+                row[f"in_process_{wire}"] = local
+            flower = over_flower(packs, args.out / f"flower-{tag}", args.out / f"flower-run-{tag}", protocol, env)
+            print(f"[{tag}] Flower ({wire}): rounds {summarise(flower['round_s'])}, training "
+                  f"{summarise(flower['train_s'])}; {sum(flower['bytes_down']) / 1e6 / args.rounds:.1f} MB down, "
+                  f"{sum(flower['bytes_up']) / 1e6 / args.rounds:.1f} MB up per round; "
+                  f"{summarise([v for v in flower['payload_mb_per_s'] if v]).replace(' s', ' MB/s')} of payload per "
+                  f"second outside training; peak PSS server {flower['server_peak_pss_mb']:.0f} MB, "
+                  f"districts {summarise(list(flower['district_peak_pss_mb'].values())).replace(' s', ' MB')}",
+                  flush=True)
+            row[f"flower_{wire}" if args.wire == "both" else "flower"] = flower
+            if not args.flower_only and args.wire != "both":
+                row["in_process"] = row.pop(f"in_process_{wire}")
+        report["repeats"].append(row)
     report["load_after"] = os.getloadavg()
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
