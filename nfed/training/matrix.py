@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -80,7 +81,10 @@ def cross_district_matrix(model_paths: Mapping[str, str | Path | None], packs: M
     if MODEL_COLUMN in districts:
         raise DataError(f"a district named '{MODEL_COLUMN}' clashes with the matrix's first column")
     rows: dict[str, list[float | None]] = {}
-    with env.active():
+    with env.active(), ExitStack() as opened:
+        # each pack opened (and its HDF5 checked) once for all the models, not once per model
+        columns = {district: opened.enter_context(DistrictPack(packs[district]))
+                   for district in districts if district in packs}
         for name, path in model_paths.items():
             row: list[float | None] = [None] * len(districts)
             if path is not None and Path(path).is_file():
@@ -88,15 +92,15 @@ def cross_district_matrix(model_paths: Mapping[str, str | Path | None], packs: M
                 weights = checkpoint.model_state
                 states = (local_states or {}).get(name)
                 for j, district in enumerate(districts):
-                    if district not in packs:
+                    pack = columns.get(district)
+                    if pack is None:
                         continue
                     if states is not None:   # the district's own BatchNorm of the kept round in place
                         own = client_local_state(states[0], district, states[1] + 1) or {}
                         check_state_matches(weights, {**weights, **own}, states[0])
                         model.load_state_dict({**weights, **own})
-                    with DistrictPack(packs[district]) as pack:
-                        if pack.num_samples(split):
-                            row[j] = float(evaluate(model, pack, split, batch_size)["f1"])
+                    if pack.num_samples(split):
+                        row[j] = float(evaluate(model, pack, split, batch_size)["f1"])
             rows[name] = row
             on_row(name, row)
     return DistrictMatrix(districts, rows)
