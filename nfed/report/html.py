@@ -216,7 +216,7 @@ def matrix_html(comparison: Comparison) -> str:
     matrix, seeds = study_matrix(comparison.runs)
     if matrix is None:
         return ""
-    summary = matrix_summary(comparison.runs)
+    summary = comparison.summary.get("matrix") or matrix_summary(comparison.runs)   # build_report's, once
     rows = [[_td(name)] + [_td("-" if value is None else f"{value:.2f}", None,
                                " ".join(c for c in (_heat_class(value), "diag" if district == name else "") if c))
                            for district, value in zip(matrix.districts, row)]
@@ -253,7 +253,8 @@ def heldout_html(comparison: Comparison) -> str:
     note = ("Held out with --hold-out: never selected, never averaged, not in the stop rules' validation mean. "
             "Global: the federation's kept model; adapted: the same model with its BatchNorm statistics "
             "re-estimated on the district's own training tiles (AdaBN, no labels); local: the district's own model.")
-    return (_list([heldout_line(heldout_summary(comparison.runs))]) + f"<p class=\"note\">{_e(note)}</p>"
+    summary = comparison.summary.get("held_out") or heldout_summary(comparison.runs)   # build_report's, once
+    return (_list([heldout_line(summary)]) + f"<p class=\"note\">{_e(note)}</p>"
             + _table(["run", "district", "local F1", "global F1", "adapted F1", "gain"], rows, sortable=True,
                      table_id="heldout-table"))
 
