@@ -12,7 +12,8 @@ the stop round, the kept round and its test F1 per seed, and the paired differen
 validation loss, patience 3) with a 95 % t interval over seeds. Two kinds of stop rule are replayed: the
 validation-loss rule (`stop loss pP`) and "no new kept round under the selection rule for P rounds after the
 warm-up" (`stop <rule>/<window> pP`, with that rule keeping the round); a stop the recorded run did not reach is
-marked '+' (censored: the recorded run ended first).
+marked '+' (censored: the recorded run ended first). A `record` cut short continues from its last checkpoint
+when run again.
 
 Data: `demo` = nfed demo's 25 synthetic districts (nfed.demo.make_data); `levir` = the real LEVIR-CD sample tiles
 packed into 3 pseudo-districts (a --district-map, 64 px tiles, split 0.6/0.2/0.2), as the README's LEVIR section.
@@ -81,8 +82,8 @@ def levir_packs(out: Path, levir: Path) -> dict[str, Path]:
 
 
 def federation_settings(settings: DemoSettings, seed: int, patience: int) -> FederationConfig:
-    """nfed demo's federation (nfed.demo.federation_config) at another stop patience."""
-    return replace(federation_config(settings, seed), patience_rounds=patience)
+    """nfed demo's federation (nfed.demo.federation_config) at another stop patience, under the bench's budget."""
+    return replace(federation_config(settings, seed), patience_rounds=patience, rounds=BUDGET)
 
 
 def record(out: Path, data: str, seeds: list[int], levir: Path | None) -> None:
@@ -104,7 +105,9 @@ def record(out: Path, data: str, seeds: list[int], levir: Path | None) -> None:
                                              evaluate_fn=runner.evaluate)
             federation.weights_dir = run_dir / "weights"
             federation.weights_dir.mkdir(parents=True, exist_ok=True)
-            result = federation.run(overwrite=True)
+            # a recording cut short (killed, machine gone) continues from its last round's checkpoint
+            resume = (run_dir / "run" / "global.h5").is_file()
+            result = federation.run(resume=True) if resume else federation.run(overwrite=True)
         write_json_atomic(run_dir / "recorded.json", {"seed": seed, "data": data, "rounds": len(result.rounds),
                                                       "stop_reason": result.stop_reason,
                                                       "seconds": round(time.perf_counter() - started, 1)})
