@@ -4,6 +4,8 @@
     python bench/bench_noniid.py --out DIR --test      # 3 districts, tiny scale: checks the script in a minute
     python bench/bench_noniid.py --out DIR --hold-out-grid [--policies shared]   # + districts that never trained
     python bench/bench_noniid.py --out DIR --table-only [--seeds ...]   # table and figure of the cells finished
+    python bench/bench_noniid.py --out DIR --policies shared --compress int8-ef \
+        [--protocol patience_rounds=3 --protocol select_by=loss ...]   # compressed updates, another protocol
 
 Every cell of the grid runs under `nfed demo`'s fair protocol (nfed.demo.DemoSettings) on the same synthetic
 data. Per seed the local and centralised columns do not depend on the federation, so they are trained once (in
@@ -19,6 +21,13 @@ the same for every policy; `nfed demo --hold-out`): it trains only its federatio
 and its heldout.csv gives each held-out district's test F1 under the global model before and after AdaBN on its own
 training tiles, beside its local model; noniid.json's "held_out" and a second table in noniid.md hold the means
 over seeds and the adaptation's gain with its 95 % interval (the issue's goal: >= +0.05).
+
+--compress adds a cell per policy and mode other than none (`nfed demo --compress`: the clients' updates int8 or
+float16, issue 26): it trains only its federation, reusing the seed's local and centralised columns, and its row
+gives the bytes each client sent and received per round beside the F1. --protocol KEY=VALUE sets a field of the
+federation's protocol (max_rounds, local_epochs, patience_rounds, warmup_rounds, eps, select_by, select_window),
+e.g. to add cells to a folder made under an earlier default; every cell records the settings it ran with
+(cell.json), and a call whose protocol differs from the recorded one of a cell in DIR is refused.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from pathlib import Path
 
 from nfed.common.atomic import write_json_atomic, write_text_atomic
 from nfed.demo import DemoSettings, _Stages, make_data, run_columns
+from nfed.federation.compression import COMPRESS_MODES
 from nfed.report.build import make_study_report
 from nfed.report.stats import mean_interval
 from nfed.runs.packs import find_packs
@@ -42,10 +52,42 @@ from nfed.runs.runfolder import ROUNDS_NAME, SUMMARY_NAME, read_rounds
 COLUMNS = ("local", "federated", "personalised", "centralised")   # the report's names
 REUSED = ("local", "central")   # folders trained once per seed, copied into every other cell
 HOLD_OUT = 5                    # districts held out together in a --hold-out-grid cell
+PROTOCOL = ("max_rounds", "local_epochs", "patience_rounds", "warmup_rounds", "eps", "select_by", "select_window")
 
 
-def cell_name(policy: str, mu: float, held_out: int = 0) -> str:
-    return f"{policy}-mu{mu:g}" + (f"-holdout{held_out}" if held_out else "")
+def cell_name(policy: str, mu: float, held_out: int = 0, compress: str = "none") -> str:
+    return (f"{policy}-mu{mu:g}" + (f"-holdout{held_out}" if held_out else "")
+            + ("" if compress == "none" else f"-{compress}"))
+
+
+def protocol_settings(settings: DemoSettings, assignments: list[str]) -> DemoSettings:
+    """`settings` with the federation protocol's fields set from KEY=VALUE strings (typed like the field)."""
+    changes = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or key not in PROTOCOL:
+            raise SystemExit(f"--protocol {assignment}: expected KEY=VALUE with KEY one of {', '.join(PROTOCOL)}")
+        kind = type(getattr(settings, key))
+        try:
+            changes[key] = kind(value)
+        except ValueError:
+            raise SystemExit(f"--protocol {assignment}: {key} takes a {kind.__name__}") from None
+    return replace(settings, **changes)
+
+
+def check_protocol(run_dir: Path, settings: DemoSettings) -> None:
+    """Refuse a call whose protocol differs from the one a finished cell in the folder recorded (a table mixing
+    protocols would compare unlike runs); cells from before settings were recorded are not checked."""
+    recorded = json.loads((run_dir / "cell.json").read_text()).get("settings") if (run_dir / "cell.json").is_file() \
+        else None
+    if recorded is None:
+        return
+    mine = settings.to_dict()
+    differ = [f"{key}={recorded.get(key)!r} (this call: {mine[key]!r})" for key in PROTOCOL
+              if recorded.get(key) != mine[key]]
+    if differ:
+        raise SystemExit(f"{run_dir} ran under another protocol: {', '.join(differ)}; pass the same --protocol "
+                         "or use another --out")
 
 
 def held_out_districts(districts: list[str], seed: int, count: int = HOLD_OUT) -> tuple[str, ...]:
@@ -55,11 +97,12 @@ def held_out_districts(districts: list[str], seed: int, count: int = HOLD_OUT) -
 
 
 def run_cell(out: Path, packs: dict, settings: DemoSettings, seed: int, policy: str, mu: float, base: Path | None,
-             echo, hold_out: tuple[str, ...] = ()) -> Path:
-    """One seed of one grid cell into OUT/seed-<k>/<cell>/ (skipped when already finished); with `hold_out` only
-    its federation is trained (the held-out districts' local models come from `base`)."""
-    name = cell_name(policy, mu, len(hold_out))
+             echo, hold_out: tuple[str, ...] = (), compress: str = "none") -> Path:
+    """One seed of one grid cell into OUT/seed-<k>/<cell>/ (skipped when already finished); with `hold_out` or a
+    `compress` mode only its federation is trained (the local models come from `base`)."""
+    name = cell_name(policy, mu, len(hold_out), compress)
     run_dir = out / f"seed-{seed}" / name
+    check_protocol(run_dir, settings)
     if (run_dir / "report" / "summary.json").is_file():
         echo(f"[noniid] seed {seed} {name}: finished before, kept")
         return run_dir
@@ -69,15 +112,16 @@ def run_cell(out: Path, packs: dict, settings: DemoSettings, seed: int, policy: 
         for column in REUSED:
             shutil.rmtree(run_dir / column, ignore_errors=True)
             shutil.copytree(base / column, run_dir / column)
-        columns = ("federated",) if hold_out else ("federated", "personalised")
+        columns = ("federated",) if hold_out or compress != "none" else ("federated", "personalised")
     else:   # the seed's base cell: a local or centralised column finished by an interrupted call is kept
         columns = tuple(c for c in columns if c not in REUSED or not study_table(run_dir, c).is_file())
     started = time.perf_counter()
-    cell = replace(settings, norm_policy=policy, prox_mu=mu, seeds=(seed,), hold_out=tuple(hold_out))
+    cell = replace(settings, norm_policy=policy, prox_mu=mu, seeds=(seed,), hold_out=tuple(hold_out),
+                   compress=compress)
     run_columns(run_dir, packs, cell, seed, _Stages(echo), echo, columns=columns)
     make_study_report([run_dir], run_dir / "report", figures=False)
     write_json_atomic(run_dir / "cell.json", {"policy": policy, "prox_mu": mu, "seed": seed, "columns": columns,
-                                              "hold_out": list(hold_out),
+                                              "hold_out": list(hold_out), "settings": cell.to_dict(),
                                               "wall_seconds": round(time.perf_counter() - started, 1)})
     return run_dir
 
@@ -110,13 +154,17 @@ def cell_facts(run_dirs: list[Path]) -> dict:
     def interval(key: str) -> dict:
         return over[key] if key in over else mean_interval([summary.get(key)])
 
-    rounds, stop_rules, shared = [], [], []
+    rounds, stop_rules, shared, up, down = [], [], [], [], []
     for run_dir in run_dirs:
         federation = json.loads((run_dir / "federated" / SUMMARY_NAME).read_text())
         rounds.append(federation.get("rounds"))
         stop_rules.append(federation.get("stop_rule"))
         records = read_rounds(run_dir / "federated" / ROUNDS_NAME)
         shared.append(records[0].get("shared_bytes") if records else None)
+        replies = sum(len(r.get("answered", ())) for r in records)
+        if replies:   # what went over the wire, after encoding, per district and round
+            up.append(sum(r.get("bytes_up", 0) for r in records) / replies)
+            down.append(sum(r.get("bytes_down", 0) for r in records) / replies)
     rows = comparison.rows
     by_federated = sorted((r for r in rows if r.get("f1_federated") is not None), key=lambda r: r["f1_federated"])
     kept = sum(1 for r in rows if None not in (r.get("f1_federated"), r.get("f1_local"))
@@ -127,13 +175,18 @@ def cell_facts(run_dirs: list[Path]) -> dict:
             "rounds_per_seed": dict(zip((d.parent.name for d in run_dirs), rounds)),
             **{f"f1_{c}": interval(f"mean_f1_{c}") for c in COLUMNS},
             "rounds": mean_interval(rounds), "stop_rules": stop_rules, "shared_bytes_per_client_round": shared[0],
+            "bytes_up_per_client_round": sum(up) / len(up) if up else None,
+            "bytes_down_per_client_round": sum(down) / len(down) if down else None,
             "worst": by_federated[0]["district"] if by_federated else None,
             "worst_f1": by_federated[0]["f1_federated"] if by_federated else None,
             "best": by_federated[-1]["district"] if by_federated else None,
             "best_f1": by_federated[-1]["f1_federated"] if by_federated else None,
             "federated_ge_local_minus_0.01": kept,
             "wall_seconds": [json.loads((d / "cell.json").read_text())["wall_seconds"]
-                             for d in run_dirs if (d / "cell.json").is_file()]}
+                             for d in run_dirs if (d / "cell.json").is_file()],
+            # what the cell ran under (None: a cell from before cell.json recorded it)
+            "settings": {d.parent.name: json.loads((d / "cell.json").read_text()).get("settings")
+                         for d in run_dirs if (d / "cell.json").is_file()}}
 
 
 def _f1(value) -> str:
@@ -205,15 +258,16 @@ def paired_table(comparisons: dict) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| cell | seeds | local | federated | personalised | centralised | rounds | MB/client/round "
+    lines = ["| cell | seeds | local | federated | personalised | centralised | rounds | MB up / down per client-round "
              "| worst (fed F1) | best (fed F1) | fed >= local - 0.01 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, facts in results.items():
-        shared = facts["shared_bytes_per_client_round"]
+        up, down = facts.get("bytes_up_per_client_round"), facts.get("bytes_down_per_client_round")
+        traffic = "–" if up is None else f"{up / 1e6:.3f} / {down / 1e6:.3f}"
         lines.append(
             f"| {name} | {facts['seeds']} | {_cell(facts['f1_local'])} | {_cell(facts['f1_federated'])} | "
             f"{_cell(facts['f1_personalised'])} | {_cell(facts['f1_centralised'])} | {_cell(facts['rounds'], 1)} | "
-            f"{'–' if shared is None else f'{shared / 1e6:.3f}'} | {facts['worst']} ({_f1(facts['worst_f1'])}) | "
+            f"{traffic} | {facts['worst']} ({_f1(facts['worst_f1'])}) | "
             f"{facts['best']} ({_f1(facts['best_f1'])}) | {facts['federated_ge_local_minus_0.01']}/"
             f"{facts['districts']} |")
     return "\n".join(lines) + "\n"
@@ -251,7 +305,7 @@ def figure(results: dict, path: Path) -> Path | None:
 def write_outputs(out: Path, settings: DemoSettings, results: dict, held_results: dict) -> str:
     """noniid.json, noniid.md and noniid.png from the cells' facts; the markdown is returned."""
     comparisons = paired(results)
-    write_json_atomic(out / "noniid.json", {"settings": settings.to_dict(), "cells": results,
+    write_json_atomic(out / "noniid.json", {"call_settings": settings.to_dict(), "cells": results,
                                             "paired_with_base": comparisons,
                                             **({"held_out": held_results} if held_results else {})})
     text = (table(results) + (f"\n{paired_table(comparisons)}" if comparisons else "")
@@ -273,12 +327,18 @@ def main(argv=None) -> int:
                              "before/after vs local)")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing: the table, JSON and figure of the cells finished so far")
+    parser.add_argument("--compress", nargs="+", default=["none"], choices=COMPRESS_MODES,
+                        help="add a cell per policy and mode other than none: the clients' updates compressed "
+                             "(federation only, the seed's local and centralised columns reused)")
+    parser.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"set a field of the federation's protocol ({', '.join(PROTOCOL)}); repeatable")
     parser.add_argument("--test", action="store_true", help="3 districts at a tiny scale (checks the script)")
     args = parser.parse_args(argv)
     settings = DemoSettings(quiet=True)
     if args.test:
         settings = replace(settings, districts="Gangnam-gu,Jung-gu,Nowon-gu", max_rounds=4, warmup_rounds=1,
                            val_tiles=2, test_tiles=2, epochs=3, scale=0.002)
+    settings = protocol_settings(settings, args.protocol)
     grid = [(policy, mu) for mu in args.prox_mu for policy in args.policies]
     if ("shared", 0.0) in grid:   # the study's method first: the other cells reuse its local and centralised
         grid.remove(("shared", 0.0))
@@ -301,16 +361,18 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         base = None
         hold_out = held_out_districts(list(packs), seed) if args.hold_out_grid and packs else ()
-        cells = [(p, m, ()) for p, m in grid] + [(p, 0.0, hold_out) for p in args.policies if hold_out]
-        for policy, mu, held_out in cells:
-            name = cell_name(policy, mu, len(held_out))
+        cells = ([(p, m, (), "none") for p, m in grid]
+                 + [(p, 0.0, (), c) for p in args.policies for c in args.compress if c != "none"]
+                 + [(p, 0.0, hold_out, "none") for p in args.policies if hold_out])
+        for policy, mu, held_out, compress in cells:
+            name = cell_name(policy, mu, len(held_out), compress)
             if args.table_only:
                 run_dir = out / f"seed-{seed}" / name
                 if not (run_dir / "report" / "summary.json").is_file():
                     echo(f"[noniid] seed {seed} {name}: not finished, left out of the table")
                     continue
             else:
-                run_dir = run_cell(out, packs, settings, seed, policy, mu, base, echo, held_out)
+                run_dir = run_cell(out, packs, settings, seed, policy, mu, base, echo, held_out, compress)
                 base = base or run_dir
             (held if held_out else runs).setdefault(name, []).append(run_dir)
             if held_out:   # only the cell that changed is summarised again

@@ -62,3 +62,38 @@ def test_cells_are_paired_with_the_base_by_seed_and_drawn(tmp_path):
     assert comparison["rounds_ratio"]["per_seed"] == pytest.approx([1.25, 0.5])
     assert "| fedbn-mu0 | 2 | +0.080 [" in bench.paired_table(bench.paired(results))
     assert bench.figure(results, tmp_path / "noniid.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_compressed_cells_train_only_their_federation_under_the_recorded_protocol(tmp_path):
+    """--compress adds a federation-only cell whose row reports the bytes that travelled; --protocol sets the
+    federation's rules, recorded per cell, and a later call under another protocol is refused."""
+    bench = _bench()
+    out = tmp_path / "grid"
+    call = ["--out", str(out), "--test", "--seeds", "0", "--policies", "shared", "--compress", "int8-ef",
+            "--protocol", "patience_rounds=2", "--protocol", "select_by=loss"]
+    assert bench.main(call) == 0
+    cell = out / "seed-0" / "shared-mu0-int8-ef"
+    facts = json.loads((cell / "cell.json").read_text())
+    assert facts["columns"] == ["federated"]
+    assert facts["settings"]["patience_rounds"] == 2 and facts["settings"]["compress"] == "int8-ef"
+    rounds = [json.loads(line) for line in (cell / "federated" / "rounds.jsonl").read_text().splitlines()]
+    assert {r["compress"] for r in rounds} == {"int8-ef"}
+    cells = json.loads((out / "noniid.json").read_text())["cells"]
+    plain, packed = cells["shared-mu0"], cells["shared-mu0-int8-ef"]
+    assert packed["bytes_up_per_client_round"] < 0.3 * plain["bytes_up_per_client_round"]
+    assert packed["bytes_down_per_client_round"] == plain["bytes_down_per_client_round"]
+    assert "| shared-mu0-int8-ef | 1 |" in (out / "noniid.md").read_text()
+    with pytest.raises(SystemExit, match="ran under another protocol: patience_rounds=2"):
+        bench.main(call[:-4] + ["--protocol", "patience_rounds=3"])
+
+
+def test_protocol_assignments_are_typed_and_checked():
+    from nfed.demo import DemoSettings
+
+    bench = _bench()
+    settings = bench.protocol_settings(DemoSettings(), ["patience_rounds=3", "eps=0", "select_by=loss"])
+    assert (settings.patience_rounds, settings.eps, settings.select_by) == (3, 0.0, "loss")
+    for bad, said in (("lr=1", "KEY one of"), ("patience_rounds", "KEY=VALUE"), ("patience_rounds=x", "takes a int")):
+        with pytest.raises(SystemExit, match=said):
+            bench.protocol_settings(DemoSettings(), [bad])
