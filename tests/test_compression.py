@@ -9,8 +9,8 @@ import pytest
 from test_norm_policy import _tiny_config, tiny_packs  # noqa: F401 - the module's fixture, shared
 
 from nfed.common.errors import ConfigError, DataError
-from nfed.federation.compression import (BLOCK, ErrorFeedback, apply_delta, broadcast, broadcast_bytes, decode,
-                                         encode, payload_bytes, received)
+from nfed.federation.compression import (BLOCK, ErrorFeedback, _blocks, apply_delta, broadcast, broadcast_bytes,
+                                         decode, encode, payload_bytes, received)
 from nfed.federation.config import FederationConfig
 
 RNG = np.random.default_rng(0)
@@ -52,6 +52,19 @@ def test_int8_sends_a_quarter_of_the_bytes_and_fp16_half():
     assert payload_bytes(encode(big, "fp16")) <= 0.501 * full
 
 
+def test_the_manifest_does_not_grow_with_the_model():
+    """Names, shapes and encodings follow from the receiver's model, so a payload is its arrays and a header of a
+    few dozen bytes, however many tensors the model has (version 1 listed them all: 3 % of an int8 update at the
+    demo's width)."""
+    many = {f"layer{i}.weight": RNG.standard_normal(300).astype(np.float32) for i in range(500)}
+    for mode in ("int8", "fp16"):
+        payload = encode(many, mode)
+        arrays = sum(a.nbytes for a in payload["arrays"].values())
+        assert payload_bytes(payload) - arrays < 100, mode
+        back = decode(payload, many)
+        assert list(back) == list(many)
+
+
 def test_error_feedback_sends_the_sum_of_the_deltas_over_rounds():
     """Over rounds, what int8-ef sent sums to the uncompressed deltas' sum minus the last residual (which stays
     bounded by half a scale): nothing is lost, only late."""
@@ -79,23 +92,34 @@ def _malformed(change):
     return payload
 
 
+def _quantised_statistic(arrays):
+    """enc.bn1.running_mean sent as int8 (as if it were a weight) instead of float32."""
+    value = arrays.pop("v.enc.bn1.running_mean")
+    arrays["q.enc.bn1.running_mean"] = np.zeros(value.size, np.int8)
+    arrays["s.enc.bn1.running_mean"] = np.ones(_blocks(value.size, 64), np.float32)
+
+
 MALFORMED = {
-    "wrong shape": lambda m, a: m["entries"][0].update(shape=[64, 32, 3, 2]),
-    "missing tensor": lambda m, a: m["entries"].pop(),
-    "repeated tensor": lambda m, a: m["entries"].append(m["entries"][0]),
-    "unknown tensor": lambda m, a: m["entries"][0].update(name="enc.evil.weight"),
+    "missing tensor": lambda m, a: (a.pop("q.enc.conv.weight"), a.pop("s.enc.conv.weight")),
+    "missing scales": lambda m, a: a.pop("s.head.weight"),
+    "unknown tensor": lambda m, a: a.update({"q.enc.evil.weight": a["q.enc.conv.weight"],
+                                             "s.enc.evil.weight": a["s.enc.conv.weight"]}),
     "extra array": lambda m, a: a.update({"x.extra": np.zeros(3, np.float32)}),
     "short array": lambda m, a: a.update({"q.enc.conv.weight": a["q.enc.conv.weight"][:-1]}),
+    "2-D array": lambda m, a: a.update({"q.enc.conv.weight": a["q.enc.conv.weight"].reshape(64, -1)}),
     "wrong dtype": lambda m, a: a.update({"q.enc.conv.weight": a["q.enc.conv.weight"].astype(np.int16)}),
+    "float16 in an int8 update": lambda m, a: a.update({"v.head.weight": np.zeros(10000, np.float16)}),
     "NaN scale": lambda m, a: a["s.enc.conv.weight"].__setitem__(0, np.nan),
     "negative scale": lambda m, a: a["s.enc.conv.weight"].__setitem__(0, -1.0),
     "infinite float32": lambda m, a: a.update({"v.enc.conv.bias": np.full(64, np.inf, np.float32)}),
-    "statistic quantised": lambda m, a: m["entries"][2].update(encoding="int8"),
+    "statistic quantised": lambda m, a: _quantised_statistic(a),
     "unknown mode": lambda m, a: m.update(mode="int4"),
     "bad block": lambda m, a: m.update(block=-1),
+    "block unlike the scales": lambda m, a: m.update(block=128),
     "foreign format": lambda m, a: m.update(format="pickle"),
-    "entries not a list": lambda m, a: m.update(entries={"a": 1}),
-    "name not a string": lambda m, a: m["entries"][0].update(name=["x"]),
+    "version 1 (names in the manifest)": lambda m, a: m.update(version=1),
+    "unknown manifest field": lambda m, a: m.update(entries=[{"name": "enc.conv.weight"}]),
+    "not an array": lambda m, a: a.update({"s.enc.conv.weight": [1.0] * 288}),
 }
 
 
@@ -251,9 +275,9 @@ def test_a_late_compressed_reply_is_counted_but_never_decoded(monkeypatch):
     from nfed.federation.client import ClientOutcome, ClientResult
     from nfed.federation.server import Federation
 
-    late = ClientOutcome("Jung-gu", "late", result=ClientResult({}, 5, update=_malformed(MALFORMED["wrong shape"])))
+    late = ClientOutcome("Jung-gu", "late", result=ClientResult({}, 5, update=_malformed(MALFORMED["short array"])))
     good = ClientOutcome("Mapo-gu", "ok", result=ClientResult({}, 5, update=encode(DELTA, "int8", 64)))
-    bad = ClientOutcome("Guro-gu", "ok", result=ClientResult({}, 5, update=_malformed(MALFORMED["wrong shape"])))
+    bad = ClientOutcome("Guro-gu", "ok", result=ClientResult({}, 5, update=_malformed(MALFORMED["short array"])))
     import nfed.federation.compression as compression
 
     decoded = []
