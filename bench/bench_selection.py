@@ -41,10 +41,11 @@ from nfed.runs.packs import find_packs
 from nfed.runs.runfolder import ROUNDS_NAME, read_rounds
 from nfed.training.trainer import profile_config
 
+from federation_grid import levir_packs   # noqa: E402 - bench/ is the script's folder
+
 PATIENCES = (3, 5, 10)
 RECORD_PATIENCE = max(PATIENCES)
 TODAY = "stop loss p3 | keep loss/1 warm-up 0"   # the rule before issue 30
-LEVIR_DISTRICTS = 3
 
 
 class RecordingFederation(Federation):
@@ -62,23 +63,6 @@ def demo_packs(out: Path) -> dict[str, Path]:
     if (folder / "packs").is_dir():
         return find_packs(folder / "packs")
     return make_data(folder, DemoSettings(quiet=True), print)
-
-
-def levir_packs(out: Path, levir: Path) -> dict[str, Path]:
-    """The labelled LEVIR-CD pairs dealt round-robin into pseudo-districts (a district map), 64 px tiles."""
-    from nfed.data.pack import pack_folder
-
-    folder = out / "levir-data"
-    if (folder / "packs").is_dir():
-        return find_packs(folder / "packs")
-    stems = sorted(p.stem for p in (levir / "label").glob("*.png"))
-    folder.mkdir(parents=True, exist_ok=True)
-    mapping = folder / "district-map.csv"
-    write_text_atomic(mapping, "stem,district\n" + "".join(f"{stem},levir-{i % LEVIR_DISTRICTS}\n"
-                                                           for i, stem in enumerate(stems)))
-    pack_folder(levir, folder / "packs", fmt="levir", tile=64, split=(0.6, 0.2, 0.2), seed=0,
-                district_map=mapping, skip_bad=True)
-    return find_packs(folder / "packs")
 
 
 def federation_settings(settings: DemoSettings, seed: int, patience: int) -> FederationConfig:

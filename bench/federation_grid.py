@@ -1,5 +1,6 @@
-"""Shared by bench_attacks.py and bench_privacy.py: demo packs of a chosen size and one federated run per cell
-of a grid, kept in a JSON file as it goes (a rerun skips finished cells; --fresh starts over)."""
+"""Shared by the federation benches: demo packs of a chosen size and one federated run per cell of a grid, kept in
+a JSON file as it goes (a rerun skips finished cells; --fresh starts over; bench_attacks.py, bench_privacy.py), and
+the real LEVIR-CD sample tiles packed into pseudo-districts (bench_selection.py, bench_wire.py)."""
 from __future__ import annotations
 
 import argparse
@@ -92,3 +93,26 @@ class Grid:
         print(f"{key}: mean test F1 {cell['mean_test_f1']:.4f}, loss {cell['mean_test_loss']:.4f} "
               f"({cell['seconds']:.0f} s)", flush=True)
         return cell
+
+
+LEVIR_DISTRICTS = 3
+
+
+def levir_packs(out: Path, levir: Path) -> dict[str, Path]:
+    """OUT/levir-data/packs: the labelled LEVIR-CD pairs dealt round-robin into pseudo-districts (a district map),
+    64 px tiles, split 0.6/0.2/0.2 (made once, then reused)."""
+    from nfed.common.atomic import write_text_atomic
+    from nfed.data.pack import pack_folder
+    from nfed.runs.packs import find_packs
+
+    folder = out / "levir-data"
+    if (folder / "packs").is_dir():
+        return find_packs(folder / "packs")
+    stems = sorted(p.stem for p in (levir / "label").glob("*.png"))
+    folder.mkdir(parents=True, exist_ok=True)
+    mapping = folder / "district-map.csv"
+    write_text_atomic(mapping, "stem,district\n" + "".join(f"{stem},levir-{i % LEVIR_DISTRICTS}\n"
+                                                           for i, stem in enumerate(stems)))
+    pack_folder(levir, folder / "packs", fmt="levir", tile=64, split=(0.6, 0.2, 0.2), seed=0,
+                district_map=mapping, skip_bad=True)
+    return find_packs(folder / "packs")
