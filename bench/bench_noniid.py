@@ -41,7 +41,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from nfed.common.atomic import write_json_atomic, write_text_atomic
-from nfed.demo import DemoSettings, _Stages, make_data, run_columns
+from nfed.common.errors import ConfigError
+from nfed.demo import DemoSettings, _Stages, federation_config, make_data, run_columns
 from nfed.federation.compression import COMPRESS_MODES
 from nfed.report.build import make_study_report
 from nfed.report.stats import mean_interval
@@ -72,7 +73,12 @@ def protocol_settings(settings: DemoSettings, assignments: list[str]) -> DemoSet
             changes[key] = kind(value)
         except ValueError:
             raise SystemExit(f"--protocol {assignment}: {key} takes a {kind.__name__}") from None
-    return replace(settings, **changes)
+    try:   # the demo's and the federation's checks, before any cell trains
+        changed = replace(settings, **changes)
+        federation_config(changed, seed=0)
+    except ConfigError as exc:
+        raise SystemExit(f"--protocol {' '.join(assignments)}: {exc}") from None
+    return changed
 
 
 def check_protocol(run_dir: Path, settings: DemoSettings) -> None:

@@ -102,6 +102,7 @@ def levir_packs(out: Path, levir: Path) -> dict[str, Path]:
     """OUT/levir-data/packs: the labelled LEVIR-CD pairs dealt round-robin into pseudo-districts (a district map),
     64 px tiles, split 0.6/0.2/0.2 (made once, then reused)."""
     from nfed.common.atomic import write_text_atomic
+    from nfed.common.errors import NfedError
     from nfed.data.pack import pack_folder
     from nfed.runs.packs import find_packs
 
@@ -109,10 +110,16 @@ def levir_packs(out: Path, levir: Path) -> dict[str, Path]:
     if (folder / "packs").is_dir():
         return find_packs(folder / "packs")
     stems = sorted(p.stem for p in (levir / "label").glob("*.png"))
+    if len(stems) < LEVIR_DISTRICTS:
+        raise SystemExit(f"{levir}: {len(stems)} labelled LEVIR-CD pairs (label/*.png), "
+                         f"{LEVIR_DISTRICTS} pseudo-districts need at least {LEVIR_DISTRICTS}")
     folder.mkdir(parents=True, exist_ok=True)
     mapping = folder / "district-map.csv"
     write_text_atomic(mapping, "stem,district\n" + "".join(f"{stem},levir-{i % LEVIR_DISTRICTS}\n"
                                                            for i, stem in enumerate(stems)))
-    pack_folder(levir, folder / "packs", fmt="levir", tile=64, split=(0.6, 0.2, 0.2), seed=0,
-                district_map=mapping, skip_bad=True)
+    try:
+        pack_folder(levir, folder / "packs", fmt="levir", tile=64, split=(0.6, 0.2, 0.2), seed=0,
+                    district_map=mapping, skip_bad=True)
+    except NfedError as exc:
+        raise SystemExit(f"packing LEVIR-CD for the benchmark: {exc}") from None
     return find_packs(folder / "packs")

@@ -94,6 +94,8 @@ def test_protocol_assignments_are_typed_and_checked():
     bench = _bench()
     settings = bench.protocol_settings(DemoSettings(), ["patience_rounds=3", "eps=0", "select_by=loss"])
     assert (settings.patience_rounds, settings.eps, settings.select_by) == (3, 0.0, "loss")
-    for bad, said in (("lr=1", "KEY one of"), ("patience_rounds", "KEY=VALUE"), ("patience_rounds=x", "takes a int")):
+    for bad, said in (("lr=1", "KEY one of"), ("patience_rounds", "KEY=VALUE"), ("patience_rounds=x", "takes a int"),
+                      ("max_rounds=-1", "must be >= 1"), ("select_by=median", "one of loss"),
+                      ("eps=nan", "finite"), ("select_window=0", "select_window 0")):
         with pytest.raises(SystemExit, match=said):
             bench.protocol_settings(DemoSettings(), [bad])

@@ -47,3 +47,16 @@ def test_a_cell_names_a_compression_and_a_broadcast():
     for bad in ("int4/fp32", "int8", "none/bf16"):
         with pytest.raises(SystemExit, match="expected COMPRESS/BROADCAST"):
             bench.parse_cell(bad)
+
+
+def test_a_levir_folder_without_enough_labelled_pairs_is_refused_in_one_line(tmp_path):
+    bench = _bench()
+    (tmp_path / "levir" / "label").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="0 labelled LEVIR-CD pairs"):
+        bench.main(["--out", str(tmp_path / "wire"), "--levir", str(tmp_path / "levir"), "--test"])
+    for folder in ("A", "B", "label"):   # files that are not images: nothing can be packed
+        (tmp_path / "levir" / folder).mkdir(exist_ok=True)
+        for stem in ("a", "b", "c"):
+            (tmp_path / "levir" / folder / f"{stem}.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="packing LEVIR-CD for the benchmark: .*nothing to pack"):
+        bench.main(["--out", str(tmp_path / "wire"), "--levir", str(tmp_path / "levir"), "--test"])
