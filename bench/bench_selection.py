@@ -1,10 +1,11 @@
 """Which round a federation keeps, and when it stops: every selection rule and stop patience on recorded curves.
 
 `record` runs the demo-profile federation (nfed demo's data, model, optimiser and protocol: 3 local epochs per
-round, warm-up 10, budget 100, the demo's worker pool) once per seed with the validation-loss stop rule at the
-largest patience measured (10), and keeps every round's global weights beside the run (OUT/<data>/seed-<k>/
-weights/round-N.h5, the bench's own side files: no rule ever sees a test split). Smaller patiences stop no later
-than the recorded run, so one run per seed gives every (rule, patience) pair exactly. `analyse` then replays the
+round, warm-up 10, budget 200 as `nfed federate`, the demo's worker pool) once per seed with the validation-loss
+stop rule at the largest patience measured (10), and keeps every round's global weights beside the run
+(OUT/<data>/seed-<k>/weights/round-N.h5, the bench's own side files: no rule ever sees a test split). Smaller
+patiences stop no later than the recorded run, so one run per seed gives every (rule, patience) pair exactly.
+`analyse` then replays the
 stop rule (nfed.federation.stop_rules.StopRules) and every selection rule (nfed.federation.selection) on the
 recorded rounds.jsonl, scores each kept round's weights on every district's test split (mean per-district test
 F1, as the report's federated column) and writes OUT/selection.json and OUT/selection.md: per rule and patience,
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
 
 
 RULES = (("loss", 1), ("f1", 1), ("loss-ma", 3), ("f1-ma", 3), ("loss-ma", 5), ("f1-ma", 5))
-WARMUP, BUDGET = 10, 100
+# the demo's (and nfed federate's) warm-up and round budget: the recording's run is the default federation
+WARMUP, BUDGET = DemoSettings().warmup_rounds, DemoSettings().max_rounds
 
 
 def stop_round(records: list[dict], patience: int, rule: str | None = None, window: int = 1) -> int | None:
