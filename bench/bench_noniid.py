@@ -303,7 +303,9 @@ def figure(results: dict, path: Path) -> Path | None:
                          (results[n][f"f1_{column}"]["low"], results[n][f"f1_{column}"]["high"]) for n in names]
                 for column in COLUMNS}
     seeds = sorted({results[n]["seeds"] for n in names})
-    return bar_chart(path, [f"{n} ({results[n]['seeds']} seeds)" for n in names], series, whiskers=whiskers,
+    # the seed count goes into the title when every cell has the same (long labels are cut at the figure's foot)
+    labels = names if len(seeds) == 1 else [f"{n} ({results[n]['seeds']} seeds)" for n in names]
+    return bar_chart(path, labels, series, whiskers=whiskers,
                      title=f"Districts that differ: mean test F1 over 25 districts ({'/'.join(map(str, seeds))} "
                            "seeds, 95 % intervals)", y_label="mean test F1", y_max=1.0)
 
