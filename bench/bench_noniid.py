@@ -40,6 +40,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from federation_grid import difference_text, interval_text, traffic_per_reply   # noqa: E402 - bench/ on the path
+
 from nfed.common.atomic import write_json_atomic, write_text_atomic
 from nfed.common.errors import ConfigError
 from nfed.demo import DemoSettings, _Stages, federation_config, make_data, run_columns
@@ -167,10 +169,10 @@ def cell_facts(run_dirs: list[Path]) -> dict:
         stop_rules.append(federation.get("stop_rule"))
         records = read_rounds(run_dir / "federated" / ROUNDS_NAME)
         shared.append(records[0].get("shared_bytes") if records else None)
-        replies = sum(len(r.get("answered", ())) for r in records)
-        if replies:   # what went over the wire, after encoding, per district and round
-            up.append(sum(r.get("bytes_up", 0) for r in records) / replies)
-            down.append(sum(r.get("bytes_down", 0) for r in records) / replies)
+        traffic = traffic_per_reply(records)
+        if traffic:
+            up.append(traffic[0])
+            down.append(traffic[1])
     rows = comparison.rows
     by_federated = sorted((r for r in rows if r.get("f1_federated") is not None), key=lambda r: r["f1_federated"])
     kept = sum(1 for r in rows if None not in (r.get("f1_federated"), r.get("f1_local"))
@@ -197,14 +199,6 @@ def cell_facts(run_dirs: list[Path]) -> dict:
 
 def _f1(value) -> str:
     return "–" if value is None else f"{value:.3f}"
-
-
-def _cell(value: dict, digits: int = 3) -> str:
-    if value.get("mean") is None:
-        return "–"
-    if value.get("low") is None:
-        return f"{value['mean']:.{digits}f}"
-    return f"{value['mean']:.{digits}f} ± {(value['high'] - value['low']) / 2:.{digits}f}"
 
 
 BASE_CELL = cell_name("shared", 0.0)   # the study's FedAvg, what every other cell is compared with
@@ -240,11 +234,10 @@ def paired(results: dict) -> dict:
 
 
 def _diff(value: dict) -> str:
-    shown = ", ".join(f"{v:+.3f}" for v in value["per_seed"])
+    """The paired difference with its per-seed values."""
     if value.get("mean") is None:
         return "–"
-    interval = "" if value.get("low") is None else f" [{value['low']:+.3f}, {value['high']:+.3f}]"
-    return f"{value['mean']:+.3f}{interval} ({shown})"
+    return f"{difference_text(value)} ({', '.join(f'{v:+.3f}' for v in value['per_seed'])})"
 
 
 def paired_table(comparisons: dict) -> str:
@@ -271,8 +264,9 @@ def table(results: dict) -> str:
         up, down = facts.get("bytes_up_per_client_round"), facts.get("bytes_down_per_client_round")
         traffic = "–" if up is None else f"{up / 1e6:.3f} / {down / 1e6:.3f}"
         lines.append(
-            f"| {name} | {facts['seeds']} | {_cell(facts['f1_local'])} | {_cell(facts['f1_federated'])} | "
-            f"{_cell(facts['f1_personalised'])} | {_cell(facts['f1_centralised'])} | {_cell(facts['rounds'], 1)} | "
+            f"| {name} | {facts['seeds']} | "
+            + "".join(f"{interval_text(facts[f'f1_{column}'])} | " for column in COLUMNS)
+            + f"{interval_text(facts['rounds'], 1)} | "
             f"{traffic} | {facts['worst']} ({_f1(facts['worst_f1'])}) | "
             f"{facts['best']} ({_f1(facts['best_f1'])}) | {facts['federated_ge_local_minus_0.01']}/"
             f"{facts['districts']} |")
@@ -283,11 +277,9 @@ def holdout_table(results: dict) -> str:
     lines = ["| cell | seeds | held-out local | global | global + AdaBN | gain (95 % CI) | up |",
              "|---|---|---|---|---|---|---|"]
     for name, facts in results.items():
-        gain = facts["gain"]
-        shown = "–" if gain["mean"] is None else f"{gain['mean']:+.3f}" + (
-            "" if gain["low"] is None else f" [{gain['low']:+.3f}, {gain['high']:+.3f}]")
-        lines.append(f"| {name} | {facts['seeds']} | {_cell(facts['f1_local'])} | {_cell(facts['f1_global'])} | "
-                     f"{_cell(facts['f1_adapted'])} | {shown} | {facts['improved']}/{facts['pairs']} |")
+        lines.append(f"| {name} | {facts['seeds']} | {interval_text(facts['f1_local'])} | "
+                     f"{interval_text(facts['f1_global'])} | {interval_text(facts['f1_adapted'])} | "
+                     f"{difference_text(facts['gain'])} | {facts['improved']}/{facts['pairs']} |")
     return "\n".join(lines) + "\n"
 
 

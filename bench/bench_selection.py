@@ -5,16 +5,15 @@ round, warm-up 10, budget 200 as `nfed federate`, the demo's worker pool) once p
 stop rule at the largest patience measured (10), and keeps every round's global weights beside the run
 (OUT/<data>/seed-<k>/weights/round-N.h5, the bench's own side files: no rule ever sees a test split). Smaller
 patiences stop no later than the recorded run, so one run per seed gives every (rule, patience) pair exactly.
-`analyse` then replays the
-stop rule (nfed.federation.stop_rules.StopRules) and every selection rule (nfed.federation.selection) on the
-recorded rounds.jsonl, scores each kept round's weights on every district's test split (mean per-district test
-F1, as the report's federated column) and writes OUT/selection.json and OUT/selection.md: per rule and patience,
-the stop round, the kept round and its test F1 per seed, and the paired difference against today's rule (lowest
-validation loss, patience 3) with a 95 % t interval over seeds. Two kinds of stop rule are replayed: the
-validation-loss rule (`stop loss pP`) and "no new kept round under the selection rule for P rounds after the
-warm-up" (`stop <rule>/<window> pP`, with that rule keeping the round); a stop the recorded run did not reach is
-marked '+' (censored: the recorded run ended first). A `record` cut short continues from its last checkpoint
-when run again.
+`analyse` then replays the stop rule (nfed.federation.stop_rules.StopRules) and every selection rule
+(nfed.federation.selection) on the recorded rounds.jsonl, scores each kept round's weights on every district's test
+split (mean per-district test F1, as the report's federated column) and writes OUT/selection.json and
+OUT/selection.md: per rule and patience, the stop round, the kept round and its test F1 per seed, and the paired
+difference against today's rule (lowest validation loss, patience 3) with a 95 % t interval over seeds. Two kinds of
+stop rule are replayed: the validation-loss rule (`stop loss pP`) and "no new kept round under the selection rule
+for P rounds after the warm-up" (`stop <rule>/<window> pP`, with that rule keeping the round); a stop the recorded
+run did not reach is marked '+' (censored: the recorded run ended first). A `record` cut short continues from its
+last checkpoint when run again.
 
 Data: `demo` = nfed demo's 25 synthetic districts (nfed.demo.make_data); `levir` = the real LEVIR-CD sample tiles
 packed into 3 pseudo-districts (a --district-map, 64 px tiles, split 0.6/0.2/0.2), as the README's LEVIR section.

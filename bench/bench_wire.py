@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from federation_grid import levir_packs   # noqa: E402 - bench/ is the script's folder
+from federation_grid import difference_text, interval_text, levir_packs, traffic_per_reply   # noqa: E402
 
 from nfed.common.atomic import write_json_atomic, write_text_atomic
 from nfed.federation.compression import BROADCAST_MODES, COMPRESS_MODES
@@ -75,10 +75,9 @@ def cell_facts(out: Path, seeds: list[int], cell: str) -> dict | None:
         rows = read_results(folder / "federated.csv")
         f1[seed] = sum(row["f1"] for row in rows.values()) / len(rows)
         rounds[seed] = json.loads((folder / SUMMARY_NAME).read_text())["rounds"]
-        records = read_rounds(folder / ROUNDS_NAME)
-        replies = sum(len(r.get("answered", ())) for r in records)
-        up.append(sum(r.get("bytes_up", 0) for r in records) / replies)
-        down.append(sum(r.get("bytes_down", 0) for r in records) / replies)
+        sent, received = traffic_per_reply(read_rounds(folder / ROUNDS_NAME)) or (0.0, 0.0)
+        up.append(sent)
+        down.append(received)
     if not f1:
         return None
     return {"seeds": sorted(f1), "f1_per_seed": f1, "f1": mean_interval(list(f1.values())), "rounds_per_seed": rounds,
@@ -96,17 +95,15 @@ def write_outputs(out: Path, results: dict) -> str:
     lines = ["| updates / broadcast | seeds | MB up / down per district-round | rounds | test F1 per seed | "
              "mean ± 95 % | paired − none/fp32 [95 % t] |", "|---|---:|---:|---|---|---:|---|"]
     for cell, facts in results.items():
-        f1 = facts["f1"]
-        mean = f"{f1['mean']:.3f}" + ("" if f1.get("low") is None else f" ± {(f1['high'] - f1['low']) / 2:.3f}")
         diff = "–"
         if base is not None and cell != BASE:
-            facts["paired_with_base"] = d = paired(facts, base)
-            if d.get("mean") is not None:
-                diff = f"{d['mean']:+.3f}" + ("" if d.get("low") is None else f" [{d['low']:+.3f}, {d['high']:+.3f}]")
+            facts["paired_with_base"] = paired(facts, base)
+            diff = difference_text(facts["paired_with_base"])
         lines.append(f"| {cell} | {len(facts['seeds'])} | {facts['mb_up_per_client_round']:.3f} / "
                      f"{facts['mb_down_per_client_round']:.3f} | "
                      f"{', '.join(str(facts['rounds_per_seed'][s]) for s in facts['seeds'])} | "
-                     f"{', '.join(format(facts['f1_per_seed'][s], '.3f') for s in facts['seeds'])} | {mean} | {diff} |")
+                     f"{', '.join(format(facts['f1_per_seed'][s], '.3f') for s in facts['seeds'])} | "
+                     f"{interval_text(facts['f1'])} | {diff} |")
     text = "\n".join(lines) + "\n"
     write_json_atomic(out / "wire.json", results)
     write_text_atomic(out / "wire.md", text)

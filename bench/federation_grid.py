@@ -1,6 +1,7 @@
 """Shared by the federation benches: demo packs of a chosen size and one federated run per cell of a grid, kept in
 a JSON file as it goes (a rerun skips finished cells; --fresh starts over; bench_attacks.py, bench_privacy.py), and
-the real LEVIR-CD sample tiles packed into pseudo-districts (bench_selection.py, bench_wire.py)."""
+the real LEVIR-CD sample tiles packed into pseudo-districts (bench_selection.py, bench_wire.py); the table cells and
+the traffic per reply that bench_noniid.py and bench_wire.py both show."""
 from __future__ import annotations
 
 import argparse
@@ -123,3 +124,29 @@ def levir_packs(out: Path, levir: Path) -> dict[str, Path]:
     except NfedError as exc:
         raise SystemExit(f"packing LEVIR-CD for the benchmark: {exc}") from None
     return find_packs(folder / "packs")
+
+
+def interval_text(value: dict, digits: int = 3) -> str:
+    """A mean_interval as a table cell: "mean ± half-width" (the mean alone from one seed, "–" from none)."""
+    if value.get("mean") is None:
+        return "–"
+    if value.get("low") is None:
+        return f"{value['mean']:.{digits}f}"
+    return f"{value['mean']:.{digits}f} ± {(value['high'] - value['low']) / 2:.{digits}f}"
+
+
+def difference_text(value: dict) -> str:
+    """A paired difference's mean_interval as a table cell: "+mean [+low, +high]" ("–" from no seed)."""
+    if value.get("mean") is None:
+        return "–"
+    interval = "" if value.get("low") is None else f" [{value['low']:+.3f}, {value['high']:+.3f}]"
+    return f"{value['mean']:+.3f}{interval}"
+
+
+def traffic_per_reply(records: list[dict]) -> tuple[float, float] | None:
+    """Bytes up and down per district and round, after encoding, over a run's rounds.jsonl (None: no reply)."""
+    replies = sum(len(r.get("answered", ())) for r in records)
+    if not replies:
+        return None
+    return (sum(r.get("bytes_up", 0) for r in records) / replies,
+            sum(r.get("bytes_down", 0) for r in records) / replies)

@@ -1,22 +1,15 @@
 """bench/bench_layers.py: the units it reads off the model and its report (tiny sizes: plumbing, not speed)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 from nfed.model import wnet
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_layers.py"
-
-
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_layers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_layers")
 
 
 def test_units_are_every_conv_bn_relu_of_the_model_in_forward_order():

@@ -1,19 +1,14 @@
 """bench/bench_noniid.py: the grid's cells reuse one seed's local and centralised columns and train only their own
 federation, a finished cell is kept on a second call, and the table reads the cells' own numbers."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_noniid.py"
+from bench_scripts import load_bench
 
 
 @pytest.mark.slow
 def test_noniid_grid_reuses_local_and_central_and_continues(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_noniid", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_noniid")
     out = tmp_path / "grid"
     assert bench.main(["--out", str(out), "--test", "--seeds", "0", "--policies", "shared", "fedbn"]) == 0
     shared, fedbn = out / "seed-0" / "shared-mu0", out / "seed-0" / "fedbn-mu0"
@@ -31,10 +26,7 @@ def test_noniid_grid_reuses_local_and_central_and_continues(tmp_path, capsys):
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_noniid", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_bench("bench_noniid")
 
 
 def _facts(per_seed: dict, rounds: dict) -> dict:

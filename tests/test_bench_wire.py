@@ -1,25 +1,14 @@
 """bench/bench_wire.py: each encoding's federation runs through the command line once per seed, a finished run is
 kept, and the table pairs every cell with the uncompressed run."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 from test_norm_policy import tiny_packs  # noqa: F401 - the module's fixture, shared
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_wire.py"
 
 
 def _bench():
-    sys.path.insert(0, str(BENCH.parent))   # as when run as a script: bench/ holds its shared helpers
-    try:
-        spec = importlib.util.spec_from_file_location("bench_wire", BENCH)
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    return bench
+    return load_bench("bench_wire")
 
 
 def test_wire_bench_runs_each_cell_and_pairs_it_with_the_uncompressed_run(tmp_path, tiny_packs):  # noqa: F811

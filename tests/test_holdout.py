@@ -195,12 +195,9 @@ def test_the_demos_federated_column_writes_heldout_csv_with_the_local_models_f1(
 
 @pytest.mark.slow
 def test_the_noniid_bench_holds_districts_out_together(tmp_path):
-    import importlib.util
+    from bench_scripts import load_bench
 
-    spec = importlib.util.spec_from_file_location("bench_noniid", Path(__file__).parent.parent / "bench" /
-                                                  "bench_noniid.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_noniid")
     out = tmp_path / "grid"
     assert bench.main(["--out", str(out), "--test", "--seeds", "0", "--policies", "shared", "--hold-out-grid"]) == 0
     cell = out / "seed-0" / "shared-mu0-holdout2"   # 3 districts at --test: all but one held out

@@ -6,7 +6,6 @@ The SuperNodes are a Grid double that answers with prepared updates, one reply p
 server code under test (Federation._collect, FlowerClients, nfed.federation.streaming) is the real one."""
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,9 +15,9 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from bench_scripts import load_bench  # noqa: E402
 from test_flower import task_identity  # noqa: E402,F401 - Flower's per-process task identity, as a ServerApp's
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_server_memory.py"
 SAMPLES = {"Gangnam-gu": 40, "Gangdong-gu": 25, "Gangbuk-gu": 70, "Gangseo-gu": 9}
 
 
@@ -39,9 +38,7 @@ def _grid(arrival=None, spoil=None):
     `arrival` order (bench/bench_server_memory.py's grid)."""
     from nfed.federation.flower.messages import weights_to_record
 
-    spec = importlib.util.spec_from_file_location("bench_server_memory", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_server_memory")
     spoil = dict(spoil or {})
     return bench.LazyReplyGrid(list(SAMPLES), SAMPLES, lambda d: weights_to_record(spoil.get(d, UPDATES[d])), arrival)
 
